@@ -1,0 +1,67 @@
+"""Typed model configuration shared by FuXi-alpha, its ablations and the baselines.
+
+Every value the forward pass reads lives here, so a run is fully described by one dataclass.
+Defaults are the official ML-1M FuXi-alpha configuration (fuxi-sampled-softmax-n128-final.gin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Architecture = Literal["fuxi", "hstu", "sasrec", "llama"]
+Channel = Literal["pos", "ts", "sem"]
+
+
+@dataclass
+class ModelConfig:
+    architecture: Architecture = "fuxi"
+    num_items: int = 3953  # rows in the item table = max item id + 1; id 0 is padding
+    embedding_dim: int = 50  # D
+    num_layers: int = 2
+    num_heads: int = 1  # H
+    dqk: int = 50  # per-head query/key width
+    dv: int = 50  # per-head value width
+    ffn_multiply: float = 1.0  # d_FFN = int(D * ffn_multiply); 1 on ML-1M, 4 on ML-20M
+    max_sequence_length: int = 200  # history kept per user
+    # The official code pads to max_sequence_length + gr_output_length (10) + 1 = 211 slots. That
+    # constant is N: the size of the position tables and, by default, the 1/n of the semantic channel.
+    padded_length: int = 211
+    num_time_buckets: int = 128
+    time_bucket_divisor: float = 0.301  # b = floor(ln(max(|dt|,1)) / 0.301), as in the official code
+    input_dropout: float = 0.2
+    linear_dropout: float = 0.2
+    # --- FuXi-alpha switches (official code by default, the paper's reading as the alternative) ---
+    channels: tuple[Channel, ...] = ("pos", "ts", "sem")  # drop "ts" for the no-temporal-channel ablation
+    # "next": dt(i, j) = t[i+1] - t[j] (official: the timestamp of the item being predicted);
+    # "query": dt(i, j) = t[i] - t[j] (the paper's Eq. 3).
+    time_delta: Literal["next", "query"] = "next"
+    # "padded": SiLU(qk)/N with N = padded_length (official); "length": divide by the true sequence length.
+    attn_norm: Literal["padded", "length"] = "padded"
+    ffn_single_stage: bool = False  # paper's "w/o MFFN": stage 1 only
+    # "ams": multi-channel AMS; "vanilla": one HSTU-style channel with the position/time biases added to
+    # the logits (paper's "w/o AMS"; with ffn_single_stage it is the paper's "Base").
+    attention: Literal["ams", "vanilla"] = "ams"
+    # --- baselines ---
+    sasrec_ffn_hidden: int = 50
+    llama_positions: Literal["rope", "learned"] = "rope"
+    # --- output ---
+    l2_norm_eps: float = 1e-6
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def d_ffn(self) -> int:
+        return int(self.embedding_dim * self.ffn_multiply)
+
+    def __post_init__(self) -> None:
+        if self.num_items < 2:
+            raise ValueError(f"num_items must be >= 2 (id 0 is padding), got {self.num_items}")
+        if self.padded_length < self.max_sequence_length + 1:
+            raise ValueError(
+                f"padded_length ({self.padded_length}) must hold max_sequence_length + 1 "
+                f"({self.max_sequence_length + 1}) positions"
+            )
+        unknown = set(self.channels) - {"pos", "ts", "sem"}
+        if unknown or not self.channels:
+            raise ValueError(f"channels must be a non-empty subset of pos, ts, sem; got {self.channels}")
+        self.channels = tuple(self.channels)

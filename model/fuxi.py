@@ -1,0 +1,137 @@
+"""FuXi-alpha (arXiv 2502.03036): Adaptive Multi-channel Self-attention + Multi-stage FFN.
+
+All of FuXi-alpha's encoder is in this file. It follows the official code (USTC-StarTeam/FuXi-alpha)
+where the paper is vague; where they differ the paper's reading is a ModelConfig switch
+(`time_delta`, `attn_norm`). No parallelism here: sharding is applied from outside.
+
+Shapes: B batch, L longest history in the batch, D width, H heads, C active channels (3 by default).
+Padding is right-sided; padded rows are zero on the way in and on the way out of every block.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.layers import (
+    RelativePositionWeights,
+    RelativeTimeWeights,
+    SwiGLU,
+    attention_denominator,
+    causal_mask,
+    rms_norm,
+    xavier_uniform_linear,
+)
+
+
+class AMS(nn.Module):
+    """Adaptive Multi-channel Self-attention.
+
+    One fused projection gives u (one slice per channel), a single v shared by the channels, q and k;
+    all go through SiLU after a gain-free RMSNorm of the input.
+      semantic:   A_sem[h] = SiLU(q_h k_h^T) / n   (no 1/sqrt(d), no softmax)
+      positional: A_pos    = w_pos[(N-1) + j - i]  (raw learned scalars, shared by heads)
+      temporal:   A_ts     = w_ts[bucket(dt(i,j))] (raw learned scalars, shared by heads)
+    each times the causal mask (diagonal included). Per head the channel outputs A v_h are concatenated
+    in the official order [pos, ts, sem], then h = u * RMSNorm(concat).
+
+    `attention="vanilla"` replaces the channels by one HSTU-style channel,
+    SiLU(q k^T + w_pos + w_ts) / n, which is the paper's "w/o AMS" ablation.
+    """
+
+    ORDER = ("pos", "ts", "sem")
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vanilla = cfg.attention == "vanilla"
+        self.channels = ("sem",) if self.vanilla else tuple(c for c in self.ORDER if c in cfg.channels)
+        h, dv, dqk = cfg.num_heads, cfg.dv, cfg.dqk
+        self.u_width = len(self.channels) * h * dv
+        self.split = (self.u_width, h * dv, h * dqk, h * dqk)  # u, v, q, k
+        self.uvqk = nn.Parameter(torch.empty(cfg.embedding_dim, sum(self.split)).normal_(0, 0.02))
+        needs_pos = self.vanilla or "pos" in self.channels
+        needs_ts = self.vanilla or "ts" in self.channels
+        self.pos_weights = RelativePositionWeights(cfg.padded_length) if needs_pos else None
+        self.time_weights = (
+            RelativeTimeWeights(cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.time_delta)
+            if needs_ts
+            else None
+        )
+
+    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+        cfg = self.cfg
+        b, length, _ = x_BLD.shape
+        h, dv, dqk = cfg.num_heads, cfg.dv, cfg.dqk
+        u, v, q, k = torch.split(F.silu(rms_norm(x_BLD) @ self.uvqk), self.split, dim=-1)
+        v_BLHd = (v * valid_BL[..., None]).view(b, length, h, dv)
+        q_BLHd, k_BLHd = q.view(b, length, h, dqk), k.view(b, length, h, dqk)
+        mask_BLL = causal_mask(valid_BL)
+        denom = attention_denominator(valid_BL, cfg.padded_length, cfg.attn_norm)
+
+        scores_BHLL = torch.einsum("bihd,bjhd->bhij", q_BLHd, k_BLHd)
+        if self.vanilla:
+            scores_BHLL = scores_BHLL + self.pos_weights(length) + self.time_weights(ts_BL1, length)[:, None]
+            a_BHLL = F.silu(scores_BHLL) / denom * mask_BLL[:, None]
+            out = torch.einsum("bhij,bjhd->bihd", a_BHLL, v_BLHd)
+            return u * rms_norm(out.reshape(b, length, h * dv))
+
+        outs = []
+        for channel in self.channels:
+            if channel == "pos":
+                a_BLL = self.pos_weights(length)[None] * mask_BLL
+                outs.append(torch.einsum("bij,bjhd->bihd", a_BLL, v_BLHd))
+            elif channel == "ts":
+                a_BLL = self.time_weights(ts_BL1, length) * mask_BLL
+                outs.append(torch.einsum("bij,bjhd->bihd", a_BLL, v_BLHd))
+            else:
+                a_BHLL = F.silu(scores_BHLL) / denom * mask_BLL[:, None]
+                outs.append(torch.einsum("bhij,bjhd->bihd", a_BHLL, v_BLHd))
+        concat = torch.cat(outs, dim=-1).reshape(b, length, self.u_width)  # [B, L, H*C*dv], head-major
+        return u * rms_norm(concat)
+
+
+class MFFN(nn.Module):
+    """Multi-stage FFN.
+
+    stage 1: o = Linear(Dropout(h)) + x                      (C*H*dv -> D, with bias)
+    stage 2: out = SwiGLU(Dropout(RMSNorm(o))) + o            (skipped when ffn_single_stage)
+    """
+
+    def __init__(self, cfg: ModelConfig, in_width: int) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.proj = xavier_uniform_linear(in_width, cfg.embedding_dim, bias=True)
+        self.swiglu = None if cfg.ffn_single_stage else SwiGLU(cfg.embedding_dim, cfg.d_ffn)
+
+    def forward(self, h_BLX: Tensor, x_BLD: Tensor) -> Tensor:
+        o = self.proj(self.dropout(h_BLX)) + x_BLD
+        if self.swiglu is None:
+            return o
+        return self.swiglu(self.dropout(rms_norm(o))) + o
+
+
+class FuXiBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.ams = AMS(cfg)
+        self.mffn = MFFN(cfg, self.ams.u_width)
+
+    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+        out = self.mffn(self.ams(x_BLD, valid_BL, ts_BL1), x_BLD)
+        return out * valid_BL[..., None]
+
+
+class FuXiStack(nn.Module):
+    """num_layers FuXi blocks; no final norm (the output goes straight to L2 normalisation)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(FuXiBlock(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+        for block in self.blocks:
+            x_BLD = block(x_BLD, valid_BL, ts_BL1)
+        return x_BLD

@@ -1,0 +1,139 @@
+"""Small building blocks shared by FuXi-alpha and HSTU.
+
+Shapes: B batch, L longest history in the batch, D model width, N = padded_length (the size of the
+official code's fixed position tables, 211 on MovieLens).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """RMSNorm over the last dim with no learnable gain (the official code calls F.rms_norm bare)."""
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def layer_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the last dim with no affine parameters (HSTU)."""
+    return F.layer_norm(x, (x.shape[-1],), eps=eps)
+
+
+def time_buckets(dt: Tensor, num_buckets: int = 128, divisor: float = 0.301) -> Tensor:
+    """b(dt) = clamp(floor(ln(max(|dt|, 1)) / divisor), 0, num_buckets); no gradient.
+
+    The official code divides the *natural* log by 0.301 (~log10 2), so the effective base is
+    e^0.301 ~ 1.351: 10 s -> 7, 1 min -> 13, 1 h -> 27, 1 day -> 37, 30 days -> 49, 1 year -> 57.
+    """
+    dt = dt.detach().abs().clamp(min=1).to(torch.float64)
+    return torch.floor(torch.log(dt) / divisor).clamp(0, num_buckets).long()
+
+
+def time_deltas(ts_BL1: Tensor, length: int, mode: str) -> Tensor:
+    """Pairwise time differences [B, L, L] for queries i and keys j.
+
+    ts_BL1 holds each history's timestamps followed by the target's (the official code writes the target
+    timestamp at index `history_length`), zero-padded to L + 1 columns.
+    mode "next":  dt(i, j) = t[i+1] - t[j]  (official code: the time of the item being predicted)
+    mode "query": dt(i, j) = t[i]   - t[j]  (the paper's Eq. 3)
+    """
+    ts = ts_BL1.long()
+    keys = ts[:, None, :length]
+    if mode == "next":
+        queries = ts[:, 1 : length + 1, None]
+    elif mode == "query":
+        queries = ts[:, :length, None]
+    else:
+        raise ValueError(f"unknown time_delta mode {mode!r}; expected 'next' or 'query'")
+    return queries - keys
+
+
+class RelativePositionWeights(nn.Module):
+    """Learned scalar per relative distance, shared by all heads: w(i, j) = w[(N-1) + (j - i)].
+
+    The table has 2N - 1 entries as in the official code; under the causal mask only the N entries
+    for distances i - j in [0, N-1] are reachable.
+    """
+
+    def __init__(self, padded_length: int) -> None:
+        super().__init__()
+        self.padded_length = padded_length
+        self.weight = nn.Parameter(torch.empty(2 * padded_length - 1).normal_(0, 0.02))
+
+    def forward(self, length: int) -> Tensor:
+        n = self.padded_length
+        idx = torch.arange(length, device=self.weight.device)
+        rel = idx[None, :] - idx[:, None]  # j - i, [L, L]
+        return self.weight[(n - 1) + rel]
+
+
+class RelativeTimeWeights(nn.Module):
+    """Learned scalar per log-bucketed time gap, shared by all heads: w(i, j) = w[b(dt(i, j))]."""
+
+    def __init__(self, num_buckets: int, divisor: float, mode: str) -> None:
+        super().__init__()
+        self.num_buckets = num_buckets
+        self.divisor = divisor
+        self.mode = mode
+        self.weight = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
+
+    def forward(self, ts_BL1: Tensor, length: int) -> Tensor:
+        buckets = time_buckets(time_deltas(ts_BL1, length, self.mode), self.num_buckets, self.divisor)
+        return self.weight[buckets]  # [B, L, L]
+
+
+def causal_mask(valid_BL: Tensor) -> Tensor:
+    """[B, L, L] float mask: key j visible to query i iff j <= i and key j is a real item."""
+    length = valid_BL.shape[1]
+    tril = torch.ones(length, length, dtype=torch.bool, device=valid_BL.device).tril()
+    return (tril[None] & valid_BL[:, None, :]).to(torch.float32)
+
+
+def attention_denominator(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
+    """The n of SiLU(qk)/n, broadcastable to [B, H, L, L]."""
+    if mode == "padded":
+        return torch.full((1, 1, 1, 1), float(padded_length), device=valid_BL.device)
+    if mode == "length":
+        return valid_BL.sum(1).clamp(min=1).to(torch.float32).view(-1, 1, 1, 1)
+    raise ValueError(f"unknown attn_norm {mode!r}; expected 'padded' or 'length'")
+
+
+def xavier_uniform_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=bias)
+    nn.init.xavier_uniform_(layer.weight)
+    return layer
+
+
+class SwiGLU(nn.Module):
+    """W2(SiLU(W1 z) * W3 z), no biases, xavier-uniform weights (the official MFFN stage 2)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = xavier_uniform_linear(dim, hidden, bias=False)
+        self.w3 = xavier_uniform_linear(dim, hidden, bias=False)
+        self.w2 = xavier_uniform_linear(hidden, dim, bias=False)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(z)) * self.w3(z))
+
+
+def rotary(x_BLHd: Tensor, base: float = 10000.0) -> Tensor:
+    """Rotary position embedding (LLaMa) on the last dim of [B, L, H, d]; d must be even."""
+    _, length, _, d = x_BLHd.shape
+    half = d // 2
+    freqs = base ** (-torch.arange(half, device=x_BLHd.device, dtype=torch.float32) / half)
+    angles = torch.arange(length, device=x_BLHd.device, dtype=torch.float32)[:, None] * freqs[None]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    x1, x2 = x_BLHd[..., :half], x_BLHd[..., half : 2 * half]
+    rotated = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    if d % 2:
+        rotated = torch.cat([rotated, x_BLHd[..., -1:]], dim=-1)
+    return rotated
+
+
+def sqrt_dim(dim: int) -> float:
+    return math.sqrt(dim)

@@ -1,0 +1,44 @@
+"""Full-ranking metrics: rank every catalogue item, filter what the user has seen, score the target.
+
+rank r is 1-based among the candidates that survive filtering; a target that is itself filtered (it is
+in the history) is a miss, as in the official code. HR@K = 1[r <= K], NDCG@K = 1/log2(r + 1) if r <= K,
+MRR = 1/r (untruncated). Metric names avoid '@' (MLflow rejects it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+KS = (10, 50)
+
+
+def full_ranks(
+    scores_BV: Tensor, target_B: Tensor, history_ids_BL: Tensor | None, exclude_ids: Tensor | None = None
+) -> Tensor:
+    """1-based rank of each target among all candidates; inf when the target was filtered out.
+
+    scores_BV: every item's score (column = item id). history_ids_BL: seen ids, 0-padded (0 is never a
+    candidate). exclude_ids: ids that are never candidates (e.g. padding id 0).
+    """
+    scores = scores_BV.clone().float()
+    if exclude_ids is not None:
+        scores[:, exclude_ids] = -math.inf
+    if history_ids_BL is not None:
+        scores.scatter_(1, history_ids_BL.long(), -math.inf)
+    target_scores = scores.gather(1, target_B.long()[:, None])
+    ranks = (scores > target_scores).sum(1).float() + 1
+    return torch.where(torch.isinf(target_scores[:, 0]), torch.full_like(ranks, math.inf), ranks)
+
+
+def ranking_metrics(ranks_B: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    ranks = ranks_B.double()
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = ranks <= k
+        out[f"hr_at_{k}"] = hit.double().mean().item()
+        out[f"ndcg_at_{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks)).mean().item()
+    out["mrr"] = (1.0 / ranks).mean().item()
+    return out

@@ -1,0 +1,158 @@
+"""SequentialRecommender: TorchRec item table + shared input/output + one of the encoder stacks.
+
+The item table is an unsharded torchrec `EmbeddingCollection` (table `item_table`, features `item_id`
+for the sequences and `neg_id` for sampled negatives), so `pipeline/parallelize.py` can shard it from
+outside without touching this file.
+
+Input: a `KeyedJaggedTensor` with keys ("item_id", "timestamp"); each user's row holds its history
+followed by its target (length L_b + 1). The encoder sees the history only; position i predicts the item
+at i + 1; the temporal channel may read the target's timestamp (official Δt = t[i+1] - t[j]).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
+
+from model.config import ModelConfig
+from model.fuxi import FuXiStack
+from model.hstu import HSTUStack
+from model.jagged import jagged_to_padded
+from model.llama import LlamaStack
+from model.sasrec import SASRecStack
+
+ITEM_TABLE = "item_table"  # not "items": that collides with nn.ModuleDict.items
+ITEM_FEATURE = "item_id"
+NEG_FEATURE = "neg_id"
+TIME_FEATURE = "timestamp"
+
+ENCODERS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
+
+
+@dataclass
+class SequenceOutput:
+    """Everything the loss needs, at the supervised positions only (T = sum of history lengths)."""
+
+    user_TD: Tensor  # L2-normalised encoder output at each history position
+    target_TD: Tensor  # L2-normalised embedding of the next item
+    target_ids_T: Tensor
+    negatives_XD: Tensor | None  # L2-normalised negatives, as laid out by the sampler
+    history_lengths_B: Tensor
+
+
+def l2_normalize(x: Tensor, eps: float) -> Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=eps)
+
+
+class SequentialRecommender(nn.Module):
+    def __init__(self, cfg: ModelConfig, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embedding_dim
+        std = 0.02
+        self.item_embedding = EmbeddingCollection(
+            tables=[
+                EmbeddingConfig(
+                    name=ITEM_TABLE,
+                    num_embeddings=cfg.num_items,
+                    embedding_dim=d,
+                    feature_names=[ITEM_FEATURE, NEG_FEATURE],
+                    init_fn=partial(nn.init.trunc_normal_, std=std, a=-2 * std, b=2 * std),
+                )
+            ],
+            device=torch.device(device) if device is not None else None,
+        )
+        self.use_abs_positions = not (cfg.architecture == "llama" and cfg.llama_positions == "rope")
+        self.position_embedding = nn.Embedding(cfg.padded_length, d, device=device)
+        if cfg.architecture == "sasrec":
+            nn.init.trunc_normal_(self.position_embedding.weight, std=(1.0 / d) ** 0.5)
+        else:  # the official reset_params leaves the positional table xavier-normal
+            nn.init.xavier_normal_(self.position_embedding.weight)
+        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.encoder = ENCODERS[cfg.architecture](cfg)
+        if device is not None:
+            self.encoder.to(device)
+
+    # ------------------------------------------------------------------------------------------
+    def _lookup(self, seq: KeyedJaggedTensor, negatives: JaggedTensor | None) -> tuple[Tensor, Tensor | None]:
+        """One embedding lookup for the sequences and the negatives (one all-to-all when sharded)."""
+        ids = seq[ITEM_FEATURE]
+        neg_values = negatives.values() if negatives is not None else ids.values()[:0]
+        neg_lengths = negatives.lengths() if negatives is not None else torch.zeros_like(ids.lengths())
+        kjt = KeyedJaggedTensor.from_lengths_sync(
+            keys=[ITEM_FEATURE, NEG_FEATURE],
+            values=torch.cat([ids.values(), neg_values]),
+            lengths=torch.cat([ids.lengths(), neg_lengths]).int(),
+        )
+        out = self.item_embedding(kjt)
+        negs = out[NEG_FEATURE].values() if negatives is not None else None
+        return out[ITEM_FEATURE].values(), negs
+
+    def _encode(self, seq: KeyedJaggedTensor, emb_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Returns normalised encoder output [B, L, D], the history mask [B, L] and the padded ids."""
+        cfg = self.cfg
+        ids = seq[ITEM_FEATURE]
+        lengths_B = ids.lengths().long()  # history + target
+        width = int(lengths_B.max().item()) if lengths_B.numel() else 1  # L + 1
+        emb_BWD = jagged_to_padded(emb_TD, lengths_B, width)
+        ts_BW = jagged_to_padded(seq[TIME_FEATURE].values()[:, None], lengths_B, width)[..., 0]
+        ids_BW = jagged_to_padded(ids.values()[:, None], lengths_B, width)[..., 0]
+        length = width - 1
+        hist_BL = lengths_B - 1
+        valid_BL = torch.arange(length, device=emb_TD.device)[None, :] < hist_BL[:, None]
+        x = emb_BWD[:, :length] * (cfg.embedding_dim**0.5)
+        if self.use_abs_positions:
+            x = x + self.position_embedding.weight[:length][None]
+        x = self.input_dropout(x) * valid_BL[..., None]
+        y = self.encoder(x, valid_BL, ts_BW)
+        return l2_normalize(y, cfg.l2_norm_eps), valid_BL, ids_BW
+
+    def forward(self, seq: KeyedJaggedTensor, negatives: JaggedTensor | None = None) -> SequenceOutput:
+        emb_TD, neg_XD = self._lookup(seq, negatives)
+        user_BLD, valid_BL, ids_BW = self._encode(seq, emb_TD)
+        lengths_B = seq[ITEM_FEATURE].lengths().long()
+        width = ids_BW.shape[1]
+        emb_BWD = jagged_to_padded(emb_TD, lengths_B, width)
+        targets_BLD = l2_normalize(emb_BWD[:, 1:], self.cfg.l2_norm_eps)
+        return SequenceOutput(
+            user_TD=user_BLD[valid_BL],
+            target_TD=targets_BLD[valid_BL],
+            target_ids_T=ids_BW[:, 1:][valid_BL],
+            negatives_XD=l2_normalize(neg_XD, self.cfg.l2_norm_eps) if neg_XD is not None else None,
+            history_lengths_B=lengths_B - 1,
+        )
+
+    @torch.no_grad()
+    def encode_last(self, seq: KeyedJaggedTensor) -> Tensor:
+        """User vectors [B, D] at each history's last position (they predict the target)."""
+        emb_TD, _ = self._lookup(seq, None)
+        user_BLD, valid_BL, _ = self._encode(seq, emb_TD)
+        last = valid_BL.sum(1) - 1
+        return user_BLD[torch.arange(user_BLD.shape[0], device=user_BLD.device), last]
+
+    def item_table_weight(self) -> Tensor:
+        """The raw (unsharded) item table [num_items, D]."""
+        return self.item_embedding.embeddings[ITEM_TABLE].weight
+
+    def normalized_item_embeddings(self) -> Tensor:
+        return l2_normalize(self.item_table_weight(), self.cfg.l2_norm_eps)
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str | None = None) -> SequentialRecommender:
+    return SequentialRecommender(cfg, device=device)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "SequentialRecommender",
+    "SequenceOutput",
+    "build_model",
+    "count_parameters",
+]

@@ -1,0 +1,228 @@
+"""The `fuxi` command: `fuxi data ...`, `fuxi train ...`, `fuxi eval ...`, `fuxi presets`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+METRIC_ORDER = ("hr_at_10", "ndcg_at_10", "hr_at_50", "ndcg_at_50", "mrr")
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    print(title)
+    for key in METRIC_ORDER:
+        if key in metrics:
+            print(f"  {key.replace('_at_', '@'):10s} {metrics[key]:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import apply_overrides, get_preset
+    from pipeline.train import run
+
+    cfg = get_preset(args.preset)
+    if args.data:
+        cfg.data.source = args.data
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.no_tracking:
+        cfg.tracking.enabled = False
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    if args.resume:
+        cfg.resume = True
+    if args.init_checkpoint:
+        cfg.init_checkpoint = args.init_checkpoint
+    if args.parent_run_id:
+        cfg.tracking.parent_run_id = args.parent_run_id
+    apply_overrides(cfg, args.set or [])
+    report = run(cfg, device=args.device)
+    print(f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
+          f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch ==")
+    _print_metrics(f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
+                   report["test"])
+    print(f"checkpoint: {report['checkpoint']}")
+    if report.get("run_id"):
+        print(f"mlflow run: {report['run_id']}")
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from model.recommender import build_model
+    from pipeline.checkpoint import read_meta, resolve_checkpoint
+    from pipeline.config import TrainConfig, from_dict
+    from pipeline.evaluate import evaluate
+    from pipeline.train import build_batches, load_data, load_model_weights
+
+    path = resolve_checkpoint(args.checkpoint)
+    cfg: TrainConfig = from_dict(TrainConfig, read_meta(path)["config"])
+    if args.data:
+        cfg.data.source = args.data
+    data = load_data(cfg)
+    model = build_model(cfg.model)
+    load_model_weights(model, path)
+    batches = build_batches(cfg, data)
+    if args.split not in batches:
+        raise SystemExit(f"split {args.split!r} does not exist under protocol {cfg.data.protocol!r}: {sorted(batches)}")
+    metrics = evaluate(model, batches[args.split].epoch(), torch.device("cpu"))
+    _print_metrics(f"{args.split} metrics of {path} ({int(metrics['num_users'])} users):", metrics)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from pipeline.config import PRESETS, apply_overrides, get_preset, to_flat_dict
+
+    if args.show:
+        cfg = apply_overrides(get_preset(args.show), args.set or [])
+        for key, value in to_flat_dict(cfg).items():
+            print(f"{key} = {value!r}")
+        return 0
+    for name, fn in PRESETS.items():
+        print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+    return 0
+
+
+# --- data ------------------------------------------------------------------------------------------
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pipeline.sequences import write_sequences
+    from pipeline.synthetic import SyntheticConfig, synthetic_sequences
+
+    cfg = SyntheticConfig(num_users=args.users, num_items=args.items, mean_length=args.mean_length, seed=args.seed)
+    data = synthetic_sequences(cfg)
+    write_sequences(data, args.out)
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, {cfg.num_items} items")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pipeline.readers import prepare_sequences
+
+    data, report = prepare_sequences(args.input, args.out, layout=args.layout, min_length=args.min_length)
+    print(report.summary())
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from pipeline.download import download_movielens
+
+    path = download_movielens(args.dataset, args.dest)
+    print(f"ratings file: {path}")
+    if args.out:
+        args.input, args.layout, args.min_length = path, "auto", 2
+        return cmd_data_prepare(args)
+    return 0
+
+
+def cmd_data_kuairand(args: argparse.Namespace) -> int:
+    from pipeline.kuairand import preprocess_kuairand
+
+    data, report = preprocess_kuairand(args.logs, args.out, positive=args.positive, min_length=args.min_length)
+    print(report.summary())
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from pipeline.sequences import read_sequences
+
+    data = read_sequences(args.path)
+    lengths = data.lengths()
+    print(json.dumps({
+        "users": data.num_users, "interactions": data.num_interactions, "num_items": data.num_items,
+        "mean_length": float(lengths.mean()) if len(lengths) else 0.0, "max_length": int(lengths.max()) if len(lengths) else 0,
+        "meta": data.meta,
+    }, indent=1, default=str))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuxi", description="Train and evaluate FuXi-alpha and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a preset (+ overrides), evaluate, checkpoint, track")
+    p.add_argument("--preset", default="cpu-demo", help="named config (see `fuxi presets`)")
+    p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output-dir")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--run-dir", help="checkpoint directory (shared by retries of one job)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    p.add_argument("--init-checkpoint", help="warm start: load model weights from this checkpoint")
+    p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
+    p.add_argument("--report-json", help="also write the final report here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="full-ranking evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a checkpoints root with 'latest'")
+    p.add_argument("--data", help="sequence Parquet (default: the data the run trained on)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list presets, or --show NAME to print a resolved config")
+    p.add_argument("--show")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_presets)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the embedded synthetic data set as sequence Parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=1000)
+    p.add_argument("--mean-length", type=float, default=40.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data.add_parser("prepare", help="MovieLens ratings.dat / u.data / ratings.csv or event Parquet -> sequences")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", default="auto", choices=["auto", "ml-dat", "ml-tsv", "ml-csv", "parquet"])
+    p.add_argument("--min-length", type=int, default=2)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("download", help="download MovieLens from the GroupLens site (needs internet)")
+    p.add_argument("--dataset", required=True, choices=["ml-100k", "ml-1m", "ml-20m"])
+    p.add_argument("--dest", default="data/raw")
+    p.add_argument("--out", help="also prepare the sequence Parquet here")
+    p.set_defaults(func=cmd_data_download)
+
+    p = data.add_parser("kuairand", help="KuaiRand-1K / Pure logs -> sequences")
+    p.add_argument("--logs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--positive", default="is_click")
+    p.add_argument("--min-length", type=int, default=5)
+    p.set_defaults(func=cmd_data_kuairand)
+
+    p = data.add_parser("stats", help="summary of a sequence Parquet file")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_data_stats)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"fuxi: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser"]

@@ -1,0 +1,272 @@
+"""Run configuration: one typed tree, named presets, and `section.field=value` overrides.
+
+A preset is a function returning a full `TrainConfig`; the CLI picks one by name and applies dotted
+overrides (`--set model.num_layers=8 --set loss.num_negatives=256`), which is also how sweeps vary any
+field. Every value a run uses is visible here or at the preset.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+from model.config import ModelConfig
+from pipeline.synthetic import SyntheticConfig
+
+
+@dataclass
+class DataConfig:
+    # "synthetic" (the embedded generator), or the path of a sequence Parquet file (see `fuxi data`)
+    source: str = "synthetic"
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    protocol: Literal["anchor", "validated"] = "validated"
+
+
+@dataclass
+class LossConfig:
+    num_negatives: int = 128
+    negatives: Literal["per_position", "shared"] = "shared"
+    temperature: float = 0.05
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
+class ParallelConfig:
+    """How pipeline/parallelize.py shards the model (the dense FuXi blocks are always FSDP2-sharded)."""
+
+    # sharding types the TorchRec planner may choose for the item table (data_parallel is not offered:
+    # the dense part is FSDP2's, there is no DDP to all-reduce a replicated table)
+    sharding_types: tuple[str, ...] = ("row_wise", "table_wise", "column_wise")
+    # the item table's optimizer (lr/betas/eps/weight_decay from `optim`):
+    #   "adam"             fused into the backward (fbgemm TBE; CUDA only): rows seen in the batch are updated
+    #   "rowwise_adagrad"  fused, CPU and CUDA; one accumulator per row (~1/D of Adam's state)
+    #   "dense_adamw"      the table's shard gets dense gradients and the dense AdamW, exactly the official
+    #                      optimizer (every row moves every step): small tables, CPU
+    #   "auto"             adam on CUDA, dense_adamw on CPU
+    embedding_optimizer: Literal["auto", "adam", "rowwise_adagrad", "dense_adamw"] = "auto"
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str | None = None  # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "fuxi-alpha"
+    run_name: str | None = None
+    parent_run_id: str | None = None  # sweeps: child runs hang under one parent run
+    log_every_steps: int = 10
+
+
+@dataclass
+class TrainConfig:
+    name: str = "cpu-demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    batch_size: int = 128
+    eval_batch_size: int = 128
+    epochs: int = 101
+    eval_every_epochs: int = 1
+    seed: int = 42
+    output_dir: str = "runs"
+    # where checkpoints go; default <output_dir>/<name>/<mlflow run id or timestamp>. Retries of one job
+    # share it, and `resume` continues from its latest complete checkpoint.
+    run_dir: str | None = None
+    resume: bool = False
+    checkpoint_every_epochs: int = 1
+    init_checkpoint: str | None = None  # warm start: model weights only (the nightly job's champion)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------------
+# presets (the official gin files, section 4.3 of the reference)
+
+
+def ml_1m() -> TrainConfig:
+    """fuxi-sampled-softmax-n128-final.gin: 2 blocks, d=50, 1 head, 128 per-position negatives."""
+    return TrainConfig(
+        name="ml-1m",
+        model=ModelConfig(num_items=3953),
+        data=DataConfig(source="data/ml-1m.parquet", protocol="anchor"),
+        loss=LossConfig(num_negatives=128, negatives="per_position"),
+        epochs=101,
+    )
+
+
+def ml_1m_large() -> TrainConfig:
+    cfg = ml_1m()
+    cfg.name = "ml-1m-large"
+    cfg.model = dataclasses.replace(cfg.model, num_layers=8, num_heads=2, dqk=25, dv=25)
+    return cfg
+
+
+def ml_20m() -> TrainConfig:
+    cfg = ml_1m()
+    cfg.name = "ml-20m"
+    cfg.data.source = "data/ml-20m.parquet"
+    cfg.model = ModelConfig(num_items=131263, embedding_dim=256, num_heads=4, dqk=64, dv=64, ffn_multiply=4)
+    return cfg
+
+
+def ml_20m_large() -> TrainConfig:
+    cfg = ml_20m()
+    cfg.name = "ml-20m-large"
+    cfg.model = dataclasses.replace(cfg.model, num_layers=8, num_heads=8, dqk=32, dv=32)
+    return cfg
+
+
+def kuairand() -> TrainConfig:
+    """Paper section 6.1.4: hidden 50, 128 negatives, the rest as HSTU's ML-1M settings."""
+    cfg = ml_1m()
+    cfg.name = "kuairand"
+    cfg.data.source = "data/kuairand-1k.parquet"
+    cfg.model = ModelConfig(num_items=2, embedding_dim=50)  # num_items is read from the data file
+    return cfg
+
+
+def kuairand_large() -> TrainConfig:
+    cfg = kuairand()
+    cfg.name = "kuairand-large"
+    cfg.model = dataclasses.replace(cfg.model, num_layers=8, num_heads=2, dqk=25, dv=25)
+    return cfg
+
+
+def ml_100k() -> TrainConfig:
+    """The ML-1M settings on MovieLens-100K (anchor-measurements.md)."""
+    cfg = ml_1m()
+    cfg.name = "ml-100k"
+    cfg.data.source = "data/ml-100k.parquet"
+    cfg.model.num_items = 1683
+    return cfg
+
+
+def cpu_demo() -> TrainConfig:
+    """The main job: FuXi-alpha on the embedded synthetic data, a few minutes on 2 CPU cores."""
+    return TrainConfig(
+        name="cpu-demo",
+        model=ModelConfig(num_items=2, max_sequence_length=100, padded_length=111),
+        data=DataConfig(source="synthetic", protocol="validated"),
+        loss=LossConfig(num_negatives=128, negatives="shared"),
+        epochs=8,
+    )
+
+
+def tiny() -> TrainConfig:
+    """Seconds-long runs for tests and smoke checks."""
+    cfg = cpu_demo()
+    cfg.name = "tiny"
+    cfg.data.synthetic = SyntheticConfig(num_users=200, num_items=200, num_themes=10, mean_length=20, max_length=60)
+    cfg.model = dataclasses.replace(cfg.model, embedding_dim=16, dqk=16, dv=16, max_sequence_length=50, padded_length=61)
+    cfg.loss.num_negatives = 32
+    cfg.batch_size = 64
+    cfg.epochs = 2
+    cfg.progress = False
+    return cfg
+
+
+PRESETS: dict[str, Callable[[], TrainConfig]] = {
+    "cpu-demo": cpu_demo,
+    "tiny": tiny,
+    "ml-100k": ml_100k,
+    "ml-1m": ml_1m,
+    "ml-1m-large": ml_1m_large,
+    "ml-20m": ml_20m,
+    "ml-20m-large": ml_20m_large,
+    "kuairand": kuairand,
+    "kuairand-large": kuairand_large,
+}
+
+
+def get_preset(name: str) -> TrainConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------
+# overrides
+
+
+def _parse_value(text: str, current: Any) -> Any:
+    if isinstance(current, bool):
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {text!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        return type(current)(ast.literal_eval(text)) if isinstance(current, float) else int(text)
+    if isinstance(current, tuple):
+        parts = [p for p in text.strip("()[] ").split(",") if p.strip()]
+        return tuple(_parse_value(p.strip(), current[0]) if current else p.strip() for p in parts)
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    return text
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply `a.b.c=value` strings in place; unknown fields are an error naming the field."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, text = item.split("=", 1)
+        parts = key.strip().split(".")
+        target = cfg
+        for part in parts[:-1]:
+            if not dataclasses.is_dataclass(target) or not hasattr(target, part):
+                raise KeyError(f"unknown config section {part!r} in override {item!r}")
+            target = getattr(target, part)
+        leaf = parts[-1]
+        if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+            raise KeyError(f"unknown config field {key!r} in override {item!r}")
+        setattr(target, leaf, _parse_value(text, getattr(target, leaf)))
+        if isinstance(target, ModelConfig):
+            target.__post_init__()
+    return cfg
+
+
+def to_flat_dict(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config tree to {'model.num_layers': 2, ...} (MLflow params, reports)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(to_flat_dict(value, key + "."))
+        elif isinstance(value, dict):
+            if value:
+                out[key] = repr(value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from `dataclasses.asdict` output (checkpoints store it)."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        ftype = f.type if not isinstance(f.type, str) else None
+        default = getattr(cls(), f.name) if ftype is None else None
+        if dataclasses.is_dataclass(default):
+            value = from_dict(type(default), value)
+        elif isinstance(default, tuple) and isinstance(value, list):
+            value = tuple(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -1,0 +1,116 @@
+"""Download and unpack MovieLens from GroupLens.
+
+`download_movielens(name, dest_dir)` fetches `<base_url>/<name>.zip` (urllib, tqdm progress bar), unpacks it
+under dest_dir and returns the ratings file: ml-1m/ratings.dat, ml-20m/ratings.csv or ml-100k/u.data. Nothing is
+fetched when that file already exists; a complete zip already in dest_dir is unpacked without fetching it again.
+The zip is written to `<name>.zip.part` and renamed only when complete, so an interrupted download never passes
+for a finished one. A host that cannot be reached (offline machine, firewall, DNS) is a RuntimeError that says
+how to do the step by hand.
+"""
+
+from __future__ import annotations
+
+import http.client
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
+RATINGS_FILES = {
+    "ml-1m": "ml-1m/ratings.dat",
+    "ml-20m": "ml-20m/ratings.csv",
+    "ml-100k": "ml-100k/u.data",
+}
+_CHUNK = 1 << 20
+
+
+def _manual_steps(name: str, url: str, dest: Path) -> str:
+    return (
+        f"download {url} by hand on a machine with internet access, unzip it (into {dest} or anywhere), and pass "
+        f"its ratings file ({RATINGS_FILES[name]}) to `fuxi data prepare --input <path> --out <sequences.parquet>`"
+    )
+
+
+def download_movielens(
+    name: str,
+    dest_dir: str | Path,
+    base_url: str = DEFAULT_BASE_URL,
+    timeout: float = 30.0,
+    progress: bool = True,
+) -> Path:
+    """Download + unpack a MovieLens dataset; returns the path of its ratings file."""
+    if name not in RATINGS_FILES:
+        raise ValueError(f"unknown MovieLens dataset {name!r}; expected one of {sorted(RATINGS_FILES)}")
+    dest = Path(dest_dir)
+    ratings = dest / RATINGS_FILES[name]
+    if ratings.is_file():
+        return ratings
+    dest.mkdir(parents=True, exist_ok=True)
+    url = f"{base_url.rstrip('/')}/{name}.zip"
+    zip_path = dest / f"{name}.zip"
+    if not (zip_path.is_file() and zipfile.is_zipfile(zip_path)):
+        _fetch(name, url, zip_path, dest, timeout, progress)
+    _extract(zip_path, dest, name, url)
+    if not ratings.is_file():
+        raise RuntimeError(
+            f"{zip_path} unpacked, but it holds no {RATINGS_FILES[name]}; is {url} the MovieLens {name} zip? "
+            f"Delete {zip_path} to download again."
+        )
+    return ratings
+
+
+def _fetch(name: str, url: str, zip_path: Path, dest: Path, timeout: float, progress: bool) -> None:
+    host = urllib.parse.urlsplit(url).netloc or url
+    part = zip_path.with_name(zip_path.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.zip", disable=not progress) as bar:
+                while chunk := resp.read(_CHUNK):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        if total is not None and part.stat().st_size != total:
+            raise RuntimeError(
+                f"download of {url} stopped early ({part.stat().st_size:,} of {total:,} bytes); try again, or "
+                + _manual_steps(name, url, dest)
+            )
+    except urllib.error.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise RuntimeError(
+            f"{host} answered HTTP {exc.code} ({exc.reason}) for {url}; check base_url, or "
+            + _manual_steps(name, url, dest)
+        ) from exc
+    except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        part.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise RuntimeError(
+            f"could not reach {host} to download {url} ({reason}). This machine may be offline; "
+            + _manual_steps(name, url, dest)
+        ) from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(zip_path)
+
+
+def _extract(zip_path: Path, dest: Path, name: str, url: str) -> None:
+    root = dest.resolve()
+    try:
+        with zipfile.ZipFile(zip_path) as zf:
+            for member in zf.infolist():
+                target = (dest / member.filename).resolve()
+                if target != root and root not in target.parents:
+                    raise RuntimeError(f"{zip_path}: refusing to unpack {member.filename!r} outside {dest}")
+            zf.extractall(dest)
+    except zipfile.BadZipFile as exc:
+        raise RuntimeError(
+            f"{zip_path} is not a valid zip ({exc}); delete it and download again, or "
+            + _manual_steps(name, url, dest)
+        ) from exc
+
+
+__all__ = ["download_movielens", "RATINGS_FILES", "DEFAULT_BASE_URL"]

@@ -1,0 +1,230 @@
+"""KuaiRand-1K / KuaiRand-Pure logs -> the sequence Parquet format.
+
+The FuXi-alpha paper evaluates on KuaiRand but neither it nor the official code says how the logs were turned
+into sequences, so the choices below are ours; each is recorded in the output file's metadata.
+
+Input: the interaction logs, e.g. `log_standard_4_08_to_4_21_1k.csv`, `log_standard_4_22_to_5_08_1k.csv`,
+`log_random_4_22_to_5_08_1k.csv` (and the `_pure` equivalents): CSV with a header holding at least user_id,
+video_id, time_ms and the positive column (other columns: date, hourmin, is_click, is_like, ..., play_time_ms,
+duration_ms, tab, ... are not read). `log_paths` may name files or folders (a folder means its `log_*.csv`).
+
+Choices:
+  * Positive feedback: rows whose `positive` column (default is_click) == 1; any other value is a non-positive
+    exposure, dropped and counted as `not_positive`. positive="all" keeps every exposure.
+  * Random-exposure logs (file name containing "random") are left out unless include_random=True: their videos
+    were shown at random, not by the production recommender, so they are a different distribution (KuaiRand
+    ships them for debiasing/evaluation). Left-out files are named in the report's notes and the metadata.
+  * timestamp = time_ms // 1000 (unix seconds, like MovieLens). Sequences are ordered by that second, ties by
+    (remapped) item id, the rule of `pipeline.sequences`; sub-second order within one second is not kept.
+  * video_id is remapped to contiguous item ids 1..n (0 stays the padding id) in order of first appearance over
+    time among the kept interactions: sorted by (time_ms, user_id, video_id), the first video seen gets 1.
+    The mapping (item_id, video_id, first_time_ms) is written next to the output as
+    `<out stem>.item_map.parquet`. num_items = n + 1. Only videos of kept interactions get an id.
+  * Users with fewer than min_length (default 5) positive interactions are dropped (one pass, not an
+    iterated k-core), counted as `user_too_short`. user_id is kept as is.
+  * Repeated (user, video) interactions are kept: each is a separate positive event.
+  * Malformed rows (non-integer / negative / missing user_id, video_id, positive flag, missing or unparsable
+    time_ms, wrong field count) are quarantined as in `pipeline.readers`, all files into one file
+    `<quarantine_dir>/<out stem>.quarantine.parquet` (default: next to the output) whose `source` column names
+    the log file; raw holds the read fields ("user_id=..., ...") and row_number the file line.
+    A log file in which every row is bad is a ValueError naming it.
+
+Report arithmetic: rows_read == rows_kept + rows_quarantined + rows_dropped (not_positive + user_too_short).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.readers import (
+    QUARANTINE_SCHEMA,
+    ColumnSpec,
+    ReadReport,
+    check_readable,
+    header_indices,
+    read_header,
+    reason_counts,
+    raise_if_all_bad,
+    scan_text,
+    with_source,
+    write_quarantine,
+)
+from pipeline.sequences import SequenceData, events_to_sequences, write_sequences
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("user_id", "video_id", "time_ms")
+
+
+def find_logs(log_paths, include_random: bool = False) -> tuple[list[Path], list[Path]]:
+    """Expand folders to their log_*.csv, drop duplicates; returns (files to read, random logs left out)."""
+    if isinstance(log_paths, (str, Path)):
+        log_paths = [log_paths]
+    files: list[Path] = []
+    for item in log_paths:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(p.glob("log_*.csv"))
+            if not found:
+                raise FileNotFoundError(f"{p}: folder holds no KuaiRand log_*.csv files")
+            files.extend(found)
+        else:
+            files.append(p)
+    seen: set[Path] = set()
+    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
+    skipped = [f for f in unique if not include_random and "random" in f.name.lower()]
+    chosen = [f for f in unique if f not in skipped]
+    if not chosen:
+        raise ValueError(
+            f"no KuaiRand log to read in {[str(p) for p in log_paths]}"
+            + (f" (random-exposure logs {[f.name for f in skipped]} need include_random=True)" if skipped else "")
+        )
+    return chosen, skipped
+
+
+def preprocess_kuairand(
+    log_paths,
+    out_path: str | Path,
+    positive: str = "is_click",
+    include_random: bool = False,
+    min_length: int = 5,
+    quarantine_dir: str | Path | None = None,
+) -> tuple[SequenceData, ReadReport]:
+    """Turn KuaiRand log CSVs into per-user sequences; see the module docstring for every choice."""
+    if int(min_length) < 1:
+        raise ValueError(f"min_length must be >= 1, got {min_length}")
+    out_path = Path(out_path)
+    stem = out_path.name[: -len(".parquet")] if out_path.name.endswith(".parquet") else out_path.stem
+    qpath = (Path(quarantine_dir) if quarantine_dir is not None else out_path.parent) / f"{stem}.quarantine.parquet"
+    files, skipped = find_logs(log_paths, include_random)
+
+    specs = (
+        ColumnSpec("user_id", "id", 0),
+        ColumnSpec("video_id", "id", 0),
+        ColumnSpec("time_ms", "time"),
+    )
+    wanted = {c: (c,) for c in REQUIRED}
+    if positive != "all":
+        if positive in REQUIRED:
+            raise ValueError(f"positive={positive!r} is not a feedback column")
+        specs += (ColumnSpec(positive, "id", 0),)
+        wanted[positive] = (positive,)
+
+    goods, bads, rows_read, per_file = [], [], 0, {}
+    for f in files:
+        check_readable(f)
+        header = read_header(f, ",")
+        positions = header_indices(f, header, wanted, set(wanted))
+        scan = scan_text(f, ",", len(header), positions, specs, skip_rows=1)
+        rows_read += scan.rows_read
+        per_file[f.name] = {"rows_read": scan.rows_read, "rows_quarantined": scan.bad.num_rows}
+        if scan.bad.num_rows:
+            bads.append(with_source(scan.bad, f.name))
+        if scan.rows_read == 0 or scan.good.num_rows == 0:
+            written = write_quarantine(pa.concat_tables(bads), qpath) if bads else None
+            raise_if_all_bad(f, scan, written, "kuairand")
+        goods.append(scan.good)
+
+    bad = pa.concat_tables(bads) if bads else None
+    written = write_quarantine(bad if bad is not None else QUARANTINE_SCHEMA.empty_table(), qpath)
+    events = pa.concat_tables(goods)
+    reasons = reason_counts(bad) if bad is not None else {}
+    n_bad = bad.num_rows if bad is not None else 0
+    dropped = 0
+
+    if positive != "all":
+        keep = pc.equal(events[positive], 1)
+        not_pos = events.num_rows - int(pc.sum(keep).as_py() or 0)
+        events = events.filter(keep)
+        if not_pos:
+            reasons["not_positive"] = not_pos
+            dropped += not_pos
+
+    # users with too few interactions (single pass)
+    if events.num_rows:
+        counts = events.group_by("user_id").aggregate([("user_id", "count")])
+        long_enough = counts.filter(pc.greater_equal(counts["user_id_count"], min_length))["user_id"]
+        keep = pc.is_in(events["user_id"], value_set=long_enough.combine_chunks())
+        short_rows = events.num_rows - int(pc.sum(keep).as_py() or 0)
+        short_users = counts.num_rows - len(long_enough)
+        events = events.filter(keep)
+    else:
+        short_rows = short_users = 0
+    if short_rows:
+        reasons["user_too_short"] = short_rows
+        dropped += short_rows
+
+    notes = [f"positive: {positive if positive == 'all' else positive + ' == 1'}"]
+    if short_users:
+        notes.append(f"{short_users:,} users with < {min_length} interactions dropped")
+    if skipped:
+        notes.append(f"random-exposure logs left out: {', '.join(f.name for f in skipped)}")
+    report = ReadReport(
+        path=files[0] if len(files) == 1 else Path(_common_parent(files)),
+        layout="kuairand",
+        rows_read=rows_read,
+        rows_kept=events.num_rows,
+        rows_quarantined=n_bad,
+        reasons=reasons,
+        quarantine_path=written,
+        rows_dropped=dropped,
+        notes=notes,
+    )
+    if events.num_rows == 0:
+        raise ValueError(f"{[str(f) for f in files]}: no interactions left after filtering; {report.summary()}")
+
+    # remap video ids by first appearance over time
+    order = events.sort_by([("time_ms", "ascending"), ("user_id", "ascending"), ("video_id", "ascending")])
+    vids = order["video_id"].to_numpy()
+    times = order["time_ms"].to_numpy()
+    uniq, first = np.unique(vids, return_index=True)
+    by_time = np.argsort(first, kind="stable")
+    videos = uniq[by_time]
+    item_map = pa.table(
+        {
+            "item_id": pa.array(np.arange(1, len(videos) + 1, dtype=np.int64)),
+            "video_id": pa.array(videos, pa.int64()),
+            "first_time_ms": pa.array(times[first[by_time]], pa.int64()),
+        }
+    )
+    position = pc.index_in(events["video_id"], value_set=item_map["video_id"].combine_chunks())
+    item_ids = pc.add(pc.cast(position, pa.int64()), 1)
+    seconds = np.floor_divide(events["time_ms"].to_numpy(), 1000)
+    seq = events_to_sequences(
+        pa.table({"user_id": events["user_id"], "item_id": item_ids, "timestamp": pa.array(seconds, pa.int64())})
+    )
+
+    map_path = out_path.with_name(f"{stem}.item_map.parquet")
+    map_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = map_path.with_name(map_path.name + ".tmp")
+    pq.write_table(item_map, tmp)
+    tmp.replace(map_path)
+    meta = {
+        "dataset": "kuairand",
+        "sources": [str(f.resolve()) for f in files],
+        "random_logs_left_out": [str(f.resolve()) for f in skipped],
+        "positive": positive,
+        "include_random": bool(include_random),
+        "min_length": int(min_length),
+        "timestamp": "time_ms // 1000 (seconds)",
+        "item_ids": "video_id remapped to 1..n by first appearance over time",
+        "item_map": str(map_path.resolve()),
+        "users_dropped": short_users,
+        "per_file": per_file,
+        "report": report.to_dict(),
+    }
+    data = SequenceData(table=seq, num_items=len(videos) + 1, meta=meta)
+    write_sequences(data, out_path)
+    log.info("%s", report.summary())
+    return data, report
+
+
+def _common_parent(files: list[Path]) -> str:
+    return os.path.commonpath([str(f.resolve().parent) for f in files])

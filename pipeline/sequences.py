@@ -1,0 +1,114 @@
+"""The sequence Parquet format every reader produces and every trainer consumes.
+
+One row per user: `user_id` int64, `item_ids` list<int64>, `timestamps` list<int64>, in time order
+(ties broken by item id: a stable rule, so the same input always gives the same split). The file's
+key-value metadata records `fuxi.num_items` (rows of the item table = max item id + 1; id 0 is padding)
+and where the data came from.
+
+Splits (leave-one-out by position):
+  anchor     train on each sequence minus its last item; evaluate the last item (official code).
+  validated  train on all but the last two; validate on the second-to-last; test on the last.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+SEQUENCE_SCHEMA = pa.schema(
+    [
+        pa.field("user_id", pa.int64(), nullable=False),
+        pa.field("item_ids", pa.list_(pa.int64()), nullable=False),
+        pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
+    ]
+)
+EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
+META_KEY = b"fuxi.meta"
+
+# number of trailing items held out of training, and of the evaluation sequence, per protocol
+PROTOCOLS = {
+    "anchor": {"train": 1, "test": 0},
+    "validated": {"train": 2, "valid": 1, "test": 0},
+}
+
+
+@dataclass
+class SequenceData:
+    table: pa.Table  # SEQUENCE_SCHEMA
+    num_items: int
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def num_interactions(self) -> int:
+        return int(pc.sum(pc.list_value_length(self.table["item_ids"])).as_py() or 0)
+
+    def lengths(self) -> np.ndarray:
+        return pc.list_value_length(self.table["item_ids"]).to_numpy(zero_copy_only=False)
+
+
+def events_to_sequences(events: pa.Table) -> pa.Table:
+    """Group (user_id, item_id, timestamp) events into one time-ordered row per user."""
+    missing = [c for c in EVENT_COLUMNS if c not in events.column_names]
+    if missing:
+        raise ValueError(f"events table lacks column(s) {missing}; has {events.column_names}")
+    events = events.select(list(EVENT_COLUMNS)).cast(
+        pa.schema([(c, pa.int64()) for c in EVENT_COLUMNS])
+    )
+    events = events.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    users = events["user_id"].to_numpy()
+    if len(users) == 0:
+        return SEQUENCE_SCHEMA.empty_table()
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    offsets = pa.array(np.r_[starts, len(users)].astype(np.int32))
+    items = pa.ListArray.from_arrays(offsets, events["item_id"].combine_chunks())
+    times = pa.ListArray.from_arrays(offsets, events["timestamp"].combine_chunks())
+    return pa.Table.from_arrays([pa.array(users[starts]), items, times], schema=SEQUENCE_SCHEMA)
+
+
+def write_sequences(data: SequenceData, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(data.meta, num_items=data.num_items, num_users=data.num_users)
+    table = data.table.cast(SEQUENCE_SCHEMA).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    tmp.replace(path)
+    return path
+
+
+def read_sequences(path: str | Path) -> SequenceData:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"sequence file {path} does not exist")
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+    missing = [f.name for f in SEQUENCE_SCHEMA if f.name not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: not a sequence file, missing column(s) {missing}")
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    meta = json.loads(raw) if raw else {}
+    table = table.select([f.name for f in SEQUENCE_SCHEMA]).cast(SEQUENCE_SCHEMA)
+    num_items = int(meta.get("num_items") or _max_item(table) + 1)
+    return SequenceData(table=table, num_items=num_items, meta=meta)
+
+
+def _max_item(table: pa.Table) -> int:
+    flat = pc.list_flatten(table["item_ids"])
+    return int(pc.max(flat).as_py() or 0)
+
+
+def eligible_rows(data: SequenceData, drop_last: int) -> np.ndarray:
+    """Rows that still have a history and a target after dropping `drop_last` trailing items."""
+    return np.flatnonzero(data.lengths() - drop_last >= 2)

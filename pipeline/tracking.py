@@ -1,0 +1,119 @@
+"""Metrics go through a tiny interface; MLflow is one backend, written by one rank, buffered.
+
+Per-step synchronous MLflow logging costs ~5.6 ms a call on this class of machine; batching with
+`log_batch` costs ~0.3 ms a step, so metrics are buffered and flushed every `flush_every` points.
+Tracking URI: the config's, else $MLFLOW_TRACKING_URI, else a SQLite file `mlflow.db` in the working
+directory. Metric names never contain '@' (MLflow rejects it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+class MetricLogger(Protocol):
+    run_id: str | None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
+
+
+class NullLogger:
+    """The logger of every rank but the writing one, and of runs with tracking off."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        pass
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def close(self, status: str = "FINISHED") -> None:
+        pass
+
+
+def resolve_tracking_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class MLflowLogger:
+    def __init__(
+        self,
+        experiment: str,
+        run_name: str | None = None,
+        tracking_uri: str | None = None,
+        flush_every: int = 100,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        import mlflow
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        self._metric_cls = Metric
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        if run_name:
+            all_tags["mlflow.runName"] = run_name
+        run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
+        self.run_id: str | None = run.info.run_id
+        self.experiment_id = exp_id
+        self.flush_every = flush_every
+        self._buffer: list[Any] = []
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if "@" in key:
+                raise ValueError(f"metric name {key!r} contains '@', which MLflow rejects")
+            self._buffer.append(self._metric_cls(key, float(value), now, step))
+        if len(self._buffer) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        while self._buffer:
+            chunk, self._buffer = self._buffer[:1000], self._buffer[1000:]
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)

@@ -1,0 +1,162 @@
+"""Trainer: the training step, the evaluation schedule and model selection. Receives built components.
+
+Protocols (see pipeline/sequences.py):
+  validated  evaluate the validation split every `eval_every_epochs`; keep the weights of the best
+             validation NDCG@10; at the end load them and report the test split once.
+  anchor     the official code: evaluate the test split every epoch, report the last epoch (the
+             best-on-test epoch is also logged, marked optimistic, as the official code offers no other).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from model.loss import NegativeSampler, sampled_softmax_loss
+from model.recommender import SequentialRecommender
+from pipeline.collate import Batch
+from pipeline.tracking import MetricLogger, NullLogger
+
+SELECT_METRIC = "ndcg_at_10"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0  # epochs completed
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "epoch": self.epoch, "best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: SequentialRecommender,
+        optimizer: torch.optim.Optimizer,
+        sampler: NegativeSampler,
+        train_batches: Callable[[int], Iterable[Batch]],  # epoch -> batches
+        steps_per_epoch: int,
+        evaluate: Callable[[str], dict[str, float]],  # split name -> metrics
+        protocol: str,
+        temperature: float,
+        epochs: int,
+        eval_every_epochs: int = 1,
+        logger: MetricLogger | None = None,
+        log_every_steps: int = 10,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        progress: bool = True,
+        on_epoch_end: Callable[["Trainer"], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.sampler = sampler
+        self.train_batches = train_batches
+        self.steps_per_epoch = steps_per_epoch
+        self.evaluate = evaluate
+        self.protocol = protocol
+        self.temperature = temperature
+        self.epochs = epochs
+        self.eval_every_epochs = eval_every_epochs
+        self.logger = logger or NullLogger()
+        self.log_every_steps = log_every_steps
+        self.generator = generator
+        self.device = torch.device(device)
+        self.progress = progress
+        self.on_epoch_end = on_epoch_end
+        self.state = TrainState()
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.epoch_seconds: list[float] = []
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, batch: Batch) -> float:
+        batch = batch.to(self.device)
+        negatives = self.sampler.sample(batch.history_lengths(), self.generator)
+        out = self.model(batch.seq, negatives)
+        loss = sampled_softmax_loss(out, negatives, self.sampler.mode, self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.state.step += 1
+        return loss.item()
+
+    def train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        losses = []
+        bar = tqdm(
+            self.train_batches(epoch), total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}",
+            disable=not self.progress, leave=False, dynamic_ncols=True,
+        )
+        for batch in bar:
+            loss = self.train_step(batch)
+            losses.append(loss)
+            if self.state.step % self.log_every_steps == 0:
+                self.logger.log({"train/loss": loss}, self.state.step)
+            bar.set_postfix(loss=f"{loss:.4f}")
+        return sum(losses) / max(len(losses), 1)
+
+    def _select_split(self) -> str:
+        return "valid" if self.protocol == "validated" else "test"
+
+    def fit(self) -> dict[str, Any]:
+        split = self._select_split()
+        start_epoch = self.state.epoch
+        for epoch in range(start_epoch, self.epochs):
+            t0 = time.perf_counter()
+            mean_loss = self.train_epoch(epoch)
+            self.epoch_seconds.append(time.perf_counter() - t0)
+            self.state.epoch = epoch + 1
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_loss, "epoch_seconds": self.epoch_seconds[-1]}
+            self.logger.log({"train/epoch_loss": mean_loss, "train/epoch_seconds": self.epoch_seconds[-1]}, self.state.step)
+            last = epoch + 1 == self.epochs
+            if (epoch + 1) % self.eval_every_epochs == 0 or last:
+                metrics = self.evaluate(split)
+                record.update({f"{split}/{k}": v for k, v in metrics.items()})
+                self.logger.log({f"{split}/{k}": v for k, v in metrics.items() if k != "num_users"}, self.state.step)
+                if metrics[SELECT_METRIC] > self.state.best_metric:
+                    self.state.best_metric, self.state.best_epoch = metrics[SELECT_METRIC], epoch + 1
+                    if self.protocol == "validated":
+                        self.best_weights = copy.deepcopy(self.model.state_dict())
+                if self.progress:
+                    tqdm.write(
+                        f"epoch {epoch + 1:3d}  loss {mean_loss:.4f}  {split} "
+                        + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("hr_at_10", "ndcg_at_10", "mrr"))
+                        + f"  ({self.epoch_seconds[-1]:.1f}s)"
+                    )
+            self.state.history.append(record)
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(self)
+        return self.final_report()
+
+    def final_report(self) -> dict[str, Any]:
+        """Test metrics of the selected model, plus timing."""
+        report: dict[str, Any] = {"protocol": self.protocol, "epochs": self.state.epoch, "steps": self.state.step}
+        if self.protocol == "validated":
+            if self.best_weights is not None:
+                self.model.load_state_dict(self.best_weights)
+            report["selected_epoch"] = self.state.best_epoch
+            report["valid_ndcg_at_10"] = self.state.best_metric
+            report["test"] = self.evaluate("test")
+        else:
+            last = self.state.history[-1]
+            report["selected_epoch"] = self.state.epoch
+            report["test"] = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("test/")}
+            report["best_test_epoch_optimistic"] = self.state.best_epoch
+            report["best_test_ndcg_at_10_optimistic"] = self.state.best_metric
+        if self.epoch_seconds:
+            report["seconds_per_epoch"] = sum(self.epoch_seconds) / len(self.epoch_seconds)
+        self.logger.log({f"final_test/{k}": v for k, v in report["test"].items() if k != "num_users"}, self.state.step)
+        return report

@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny configs and hand-made jagged batches."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torchrec import KeyedJaggedTensor
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def make_seq(items: list[list[int]], times: list[list[int]]) -> KeyedJaggedTensor:
+    """KJT (item_id, timestamp) from python lists; each row = history + target."""
+    lengths = torch.tensor([len(r) for r in items] * 2, dtype=torch.int32)
+    values = torch.tensor([v for r in items for v in r] + [t for r in times for t in r], dtype=torch.long)
+    return KeyedJaggedTensor.from_lengths_sync(["item_id", "timestamp"], values, lengths)
+
+
+def random_rows(n_users: int, num_items: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    items, times = [], []
+    for _ in range(n_users):
+        n = int(torch.randint(2, max_len + 1, (1,), generator=g))
+        items.append(torch.randint(1, num_items, (n,), generator=g).tolist())
+        gaps = torch.randint(1, 10**6, (n,), generator=g)
+        times.append((1_600_000_000 + torch.cumsum(gaps, 0)).tolist())
+    return items, times
+
+
+@pytest.fixture
+def seq_factory():
+    return make_seq

@@ -1,0 +1,199 @@
+"""FuXi-alpha and baselines: reference indexing, causality, padding invariance, parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.config import ModelConfig
+from model.fuxi import AMS
+from model.layers import RelativePositionWeights, RelativeTimeWeights, time_buckets
+from model.recommender import build_model, count_parameters
+from tests.conftest import make_seq, random_rows
+
+ARCHS = ["fuxi", "hstu", "sasrec", "llama"]
+
+
+def small_cfg(**kw) -> ModelConfig:
+    base = dict(num_items=50, embedding_dim=8, dqk=4, dv=4, num_heads=2, max_sequence_length=12, padded_length=13,
+                input_dropout=0.0, linear_dropout=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+# --- reference worked examples -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dt,bucket",
+    [(0, 0), (1, 0), (-1, 0), (10, 7), (60, 13), (3600, 27), (86400, 37), (30 * 86400, 49), (365 * 86400, 57),
+     (3 * 365 * 86400, 61), (10**60, 128)],
+)
+def test_time_bucket_worked_examples(dt, bucket):
+    assert time_buckets(torch.tensor([dt], dtype=torch.float64)).item() == bucket
+
+
+def test_positional_weights_indexed_by_relative_distance():
+    n, length = 7, 5
+    pos = RelativePositionWeights(n)
+    with torch.no_grad():
+        pos.weight.copy_(torch.arange(2 * n - 1, dtype=torch.float32))
+    w = pos(length)
+    for i in range(length):
+        for j in range(length):
+            assert w[i, j].item() == (n - 1) + (j - i)  # _pos_w[(N-1) + (j - i)]
+
+
+@pytest.mark.parametrize("mode", ["next", "query"])
+def test_temporal_weights_use_reference_time_difference(mode):
+    ts = torch.tensor([[100, 110, 3700, 90000, 90000 + 86400 * 30]])  # 4 history items + target time
+    tw = RelativeTimeWeights(128, 0.301, mode)
+    with torch.no_grad():
+        tw.weight.copy_(torch.arange(129, dtype=torch.float32))
+    w = tw(ts, 4)
+    for i in range(4):
+        for j in range(4):
+            dt = (ts[0, i + 1] if mode == "next" else ts[0, i]) - ts[0, j]
+            expected = min(max(math.floor(math.log(max(abs(dt.item()), 1)) / 0.301), 0), 128)
+            assert w[0, i, j].item() == expected
+
+
+def naive_ams(ams: AMS, x, valid, ts, cfg: ModelConfig):
+    """Per-(i, j) loop twin of the AMS layer, written from the reference description."""
+    b, length, d = x.shape
+    h, dv, dqk, n = cfg.num_heads, cfg.dv, cfg.dqk, cfg.padded_length
+    proj = F.silu(F.rms_norm(x, (d,), eps=1e-6) @ ams.uvqk)
+    u, v, q, k = torch.split(proj, ams.split, dim=-1)
+    out = torch.zeros(b, length, h, 3 * dv)
+    for bb in range(b):
+        for i in range(length):
+            for hh in range(h):
+                acc = {c: torch.zeros(dv) for c in ("pos", "ts", "sem")}
+                for j in range(i + 1):
+                    if not valid[bb, j]:
+                        continue
+                    vj = v[bb, j, hh * dv : (hh + 1) * dv]
+                    acc["pos"] += ams.pos_weights.weight[(n - 1) + (j - i)] * vj
+                    bucket = time_buckets((ts[bb, i + 1] - ts[bb, j]).reshape(1)).item()
+                    acc["ts"] += ams.time_weights.weight[bucket] * vj
+                    s = q[bb, i, hh * dqk : (hh + 1) * dqk] @ k[bb, j, hh * dqk : (hh + 1) * dqk]
+                    acc["sem"] += F.silu(s) / n * vj
+                out[bb, i, hh] = torch.cat([acc["pos"], acc["ts"], acc["sem"]])
+    concat = out.reshape(b, length, -1)
+    return u * F.rms_norm(concat, (concat.shape[-1],), eps=1e-6)
+
+
+def test_ams_matches_naive_reference_loop():
+    torch.manual_seed(0)
+    cfg = small_cfg()
+    ams = AMS(cfg)
+    with torch.no_grad():  # make the small-init scalars large enough to matter
+        ams.pos_weights.weight.normal_()
+        ams.time_weights.weight.normal_()
+    x = torch.randn(2, 5, cfg.embedding_dim)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    x = x * valid[..., None]
+    ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
+    torch.testing.assert_close(ams(x, valid, ts)[valid], naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6)
+
+
+def test_reference_parameter_counts_ml1m():
+    cfg = ModelConfig()  # official ML-1M configuration
+    model = build_model(cfg)
+    assert count_parameters(model.encoder) == 61_200  # 2 x (15,000 + 421 + 129 + 7,550 + 7,500)
+    assert model.item_table_weight().shape == (3953, 50)
+    assert count_parameters(model) == 61_200 + 3953 * 50 + 211 * 50
+
+
+# --- causality and padding ---------------------------------------------------------------------------
+def _outputs(model, items, times):
+    model.eval()
+    out = model(make_seq(items, times))
+    return out.user_TD
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_changing_a_later_item_never_changes_earlier_outputs(arch):
+    torch.manual_seed(1)
+    model = build_model(small_cfg(architecture=arch))
+    items = [[3, 7, 9, 11, 4, 20, 5]]
+    times = [[100, 200, 5000, 5100, 90000, 95000, 200000]]
+    base = _outputs(model, items, times)
+    for k in range(1, 6):  # change the item at history position k
+        changed = [list(items[0])]
+        changed[0][k] = 42
+        out = _outputs(model, changed, times)
+        torch.testing.assert_close(out[:k], base[:k], rtol=0, atol=0)
+        assert not torch.allclose(out[k:], base[k:])
+        # timestamps: the official dt = t[i+1] - t[j] lets position k-1 read t[k] (the time of the item it
+        # predicts, known at request time); nothing earlier may change
+        later = [list(times[0])]
+        later[0][k] += 7 * 86400
+        for j in range(k + 1, len(later[0])):
+            later[0][j] += 7 * 86400
+        out = _outputs(model, items, later)
+        torch.testing.assert_close(out[: max(k - 1, 0)], base[: max(k - 1, 0)], rtol=0, atol=0)
+
+
+def test_query_time_mode_is_strictly_causal_in_timestamps():
+    torch.manual_seed(2)
+    model = build_model(small_cfg(time_delta="query"))
+    items, times = [[3, 7, 9, 11, 4]], [[100, 200, 5000, 5100, 90000]]
+    base = _outputs(model, items, times)
+    later = [[100, 200, 5000, 9_000_000, 9_100_000]]
+    torch.testing.assert_close(_outputs(model, items, later)[:3], base[:3], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_padding_invariance(arch):
+    torch.manual_seed(3)
+    model = build_model(small_cfg(architecture=arch))
+    items, times = random_rows(5, 50, 12, seed=4)
+    together = _outputs(model, items, times)
+    offsets = [0]
+    for r in items:
+        offsets.append(offsets[-1] + len(r) - 1)
+    for u in range(5):
+        alone = _outputs(model, [items[u]], [times[u]])
+        torch.testing.assert_close(together[offsets[u] : offsets[u + 1]], alone, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_backward_all_parameters_receive_gradients(arch):
+    from model.loss import NegativeSampler, sampled_softmax_loss
+
+    torch.manual_seed(5)
+    model = build_model(small_cfg(architecture=arch, llama_positions="learned"))
+    items, times = random_rows(4, 50, 12, seed=6)
+    seq = make_seq(items, times)
+    sampler = NegativeSampler(8, "shared", 1, 50)
+    neg = sampler.sample(seq["item_id"].lengths().long() - 1)
+    loss = sampled_softmax_loss(model(seq, neg), neg, "shared", 0.05)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert missing == []
+
+
+@pytest.mark.parametrize(
+    "kw,encoder_params",
+    [
+        ({}, 2 * (15_000 + 421 + 129 + 7_550 + 7_500)),
+        ({"ffn_single_stage": True}, 2 * (15_000 + 421 + 129 + 7_550)),  # w/o MFFN
+        ({"channels": ("pos", "sem")}, 2 * (50 * 250 + 421 + 100 * 50 + 50 + 7_500)),  # no temporal channel
+        ({"attention": "vanilla"}, 2 * (50 * 200 + 421 + 129 + 50 * 50 + 50 + 7_500)),  # w/o AMS
+        ({"attention": "vanilla", "ffn_single_stage": True}, 2 * (50 * 200 + 421 + 129 + 50 * 50 + 50)),  # Base
+    ],
+)
+def test_ablation_shapes(kw, encoder_params):
+    assert count_parameters(build_model(ModelConfig(**kw)).encoder) == encoder_params
+
+
+def test_attention_denominator_modes():
+    from model.layers import attention_denominator
+
+    valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
+    assert attention_denominator(valid, 211, "padded").flatten().tolist() == [211.0]  # official: constant N
+    assert attention_denominator(valid, 211, "length").flatten().tolist() == [3.0, 1.0]  # paper: true length
+    with pytest.raises(ValueError, match="attn_norm"):
+        attention_denominator(valid, 211, "other")
