@@ -5,8 +5,10 @@
     torchx run -s slurm      --dryrun jobs/components.py:train ...
 
 Each replica runs `torchrun ... -m pipeline.cli train ...`; the trainer finds its rank from torchrun's
-environment. `max_retries` restarts a failed job, and `--resume` (on by default here) continues from the
-last complete checkpoint of the same run directory.
+environment (gloo on CPU, nccl with `--gpu`). Every attempt of a job trains in the same run directory
+(`run_dir`, default `runs/<name>/<app id>`: the app id is the same for all retries of a job) with
+`--resume`, so a retry granted by `max_retries` continues from the last complete checkpoint; the first
+attempt finds none and starts fresh. On several nodes `run_dir` must be on storage every node mounts.
 """
 
 # No `from __future__ import annotations` here: TorchX reads the annotations at runtime to parse the
@@ -43,7 +45,7 @@ def train(
         overrides: config overrides KEY=VALUE, e.g. model.num_layers=4 loss.num_negatives=256
         preset: named config (see `fuxi presets`)
         data: sequence Parquet file or shard directory (overrides data.source)
-        run_dir: checkpoint/run directory shared by all replicas and by retries
+        run_dir: checkpoint/run directory shared by all replicas and by retries (default runs/<name>/<app id>)
         epochs: number of epochs (overrides the preset)
         nnodes: number of nodes (replicas)
         nproc_per_node: processes per node (one per GPU on GPU nodes)
@@ -60,8 +62,9 @@ def train(
     args = ["train", "--preset", preset]
     if data:
         args += ["--data", data]
-    if run_dir:
-        args += ["--run-dir", run_dir, "--resume"]
+    args += ["--run-dir", run_dir or f"runs/{name}/{specs.macros.app_id}", "--resume"]
+    if gpu > 0:
+        args += ["--device", "cuda"]
     if epochs is not None:
         args += ["--epochs", str(epochs)]
     if parent_run_id:

@@ -45,6 +45,15 @@ class ModelConfig:
     # --- baselines ---
     sasrec_ffn_hidden: int = 50
     llama_positions: Literal["rope", "learned"] = "rope"
+    # --- execution (same function, different speed; see model/fast_ams.py) ---
+    # "reference": the padded einsum path (tested against the official indexing); "fast": causal row
+    # chunks, one gather of the bucketed weights, hand-written backward. Outputs equal within fp32 rounding.
+    kernel: Literal["reference", "fast"] = "reference"
+    fast_chunk: int = 64  # query rows per chunk of the fast path
+    # > 1: run the encoder on up to this many length-sorted sub-batches, each padded to its own longest row
+    length_buckets: int = 0
+    # "batch": pad to the batch's longest history; "fixed": always pad to padded_length (official code)
+    padding: Literal["batch", "fixed"] = "batch"
     # --- output ---
     l2_norm_eps: float = 1e-6
     extra: dict = field(default_factory=dict)
@@ -65,3 +74,9 @@ class ModelConfig:
         if unknown or not self.channels:
             raise ValueError(f"channels must be a non-empty subset of pos, ts, sem; got {self.channels}")
         self.channels = tuple(self.channels)
+        if self.kernel not in ("reference", "fast"):
+            raise ValueError(f"kernel must be 'reference' or 'fast', got {self.kernel!r}")
+        if self.padding not in ("batch", "fixed"):
+            raise ValueError(f"padding must be 'batch' or 'fixed', got {self.padding!r}")
+        if self.fast_chunk < 1 or self.length_buckets < 0:
+            raise ValueError("fast_chunk must be >= 1 and length_buckets >= 0")

@@ -15,12 +15,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.fast_ams import (
+    FastPlan,
+    Group,
+    ams_channels,
+    build_plan,
+    fast_dropout,
+    hstu_attention,
+    inverse_n,
+    length_groups,
+    scatter_groups,
+)
 from model.layers import (
+    BatchContext,
     RelativePositionWeights,
     RelativeTimeWeights,
     SwiGLU,
     attention_denominator,
-    causal_mask,
+    batch_context,
     rms_norm,
     xavier_uniform_linear,
 )
@@ -61,19 +73,24 @@ class AMS(nn.Module):
             else None
         )
 
-    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+    def forward(
+        self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor, ctx: BatchContext | FastPlan | None = None
+    ) -> Tensor:
+        if isinstance(ctx, FastPlan):
+            return self._fast(x_BLD, valid_BL, ctx)
         cfg = self.cfg
+        ctx = ctx or batch_context(valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
         b, length, _ = x_BLD.shape
         h, dv, dqk = cfg.num_heads, cfg.dv, cfg.dqk
         u, v, q, k = torch.split(F.silu(rms_norm(x_BLD) @ self.uvqk), self.split, dim=-1)
         v_BLHd = (v * valid_BL[..., None]).view(b, length, h, dv)
         q_BLHd, k_BLHd = q.view(b, length, h, dqk), k.view(b, length, h, dqk)
-        mask_BLL = causal_mask(valid_BL)
+        mask_BLL = ctx.mask_BLL
         denom = attention_denominator(valid_BL, cfg.padded_length, cfg.attn_norm)
 
         scores_BHLL = torch.einsum("bihd,bjhd->bhij", q_BLHd, k_BLHd)
         if self.vanilla:
-            scores_BHLL = scores_BHLL + self.pos_weights(length) + self.time_weights(ts_BL1, length)[:, None]
+            scores_BHLL = scores_BHLL + self.pos_weights(length) + self.time_weights(ts_BL1, length, ctx.buckets_BLL)[:, None]
             a_BHLL = F.silu(scores_BHLL) / denom * mask_BLL[:, None]
             out = torch.einsum("bhij,bjhd->bihd", a_BHLL, v_BLHd)
             return u * rms_norm(out.reshape(b, length, h * dv))
@@ -84,13 +101,45 @@ class AMS(nn.Module):
                 a_BLL = self.pos_weights(length)[None] * mask_BLL
                 outs.append(torch.einsum("bij,bjhd->bihd", a_BLL, v_BLHd))
             elif channel == "ts":
-                a_BLL = self.time_weights(ts_BL1, length) * mask_BLL
+                a_BLL = self.time_weights(ts_BL1, length, ctx.buckets_BLL) * mask_BLL
                 outs.append(torch.einsum("bij,bjhd->bihd", a_BLL, v_BLHd))
             else:
                 a_BHLL = F.silu(scores_BHLL) / denom * mask_BLL[:, None]
                 outs.append(torch.einsum("bhij,bjhd->bihd", a_BHLL, v_BLHd))
         concat = torch.cat(outs, dim=-1).reshape(b, length, self.u_width)  # [B, L, H*C*dv], head-major
         return u * rms_norm(concat)
+
+    def _fast(self, x_BLD: Tensor, valid_BL: Tensor, plan: FastPlan) -> Tensor:
+        """The same function through model/fast_ams.py (kernel="fast")."""
+        cfg = self.cfg
+        b, length, _ = x_BLD.shape
+        u, v, q, k = torch.split(F.silu(rms_norm(x_BLD) @ self.uvqk), self.split, dim=-1)
+        v = v * valid_BL[..., None]
+        inv_n = inverse_n(valid_BL, cfg.padded_length, cfg.attn_norm)
+        pos = self.pos_weights.weight if self.pos_weights is not None else None
+        ts = self.time_weights.weight if self.time_weights is not None else None
+        if self.vanilla:
+            return u * rms_norm(hstu_attention(q, k, v, pos, ts, inv_n, plan, cfg.num_heads))
+        out = ams_channels(q, k, v, pos, ts, inv_n, plan, self.channels, cfg.num_heads)
+        return u * rms_norm(out.reshape(b, length, self.u_width))
+
+    def forward_jagged(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
+        """Jagged tokens [T, D] in, [T, C*H*dv] out: projections on the real tokens only, attention per
+        length group (kernel="fast"). The same function as `forward` on each row."""
+        cfg = self.cfg
+        u, vqk = torch.split(F.silu(rms_norm(x_TD) @ self.uvqk), (self.u_width, sum(self.split[1:])), dim=-1)
+        pos = self.pos_weights.weight if self.pos_weights is not None else None
+        ts = self.time_weights.weight if self.time_weights is not None else None
+        outs = []
+        for g in groups:
+            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
+            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+            if self.vanilla:
+                out = hstu_attention(q, k, v, pos, ts, inv_n, g.plan, cfg.num_heads)
+            else:
+                out = ams_channels(q, k, v, pos, ts, inv_n, g.plan, self.channels, cfg.num_heads)
+            outs.append(out.reshape(*g.valid.shape, -1)[g.valid])
+        return u * rms_norm(scatter_groups(outs, groups, x_TD.shape[0]))
 
 
 class MFFN(nn.Module):
@@ -102,15 +151,19 @@ class MFFN(nn.Module):
 
     def __init__(self, cfg: ModelConfig, in_width: int) -> None:
         super().__init__()
+        self.cfg = cfg
         self.dropout = nn.Dropout(cfg.linear_dropout)
         self.proj = xavier_uniform_linear(in_width, cfg.embedding_dim, bias=True)
         self.swiglu = None if cfg.ffn_single_stage else SwiGLU(cfg.embedding_dim, cfg.d_ffn)
 
     def forward(self, h_BLX: Tensor, x_BLD: Tensor) -> Tensor:
-        o = self.proj(self.dropout(h_BLX)) + x_BLD
+        drop = self.dropout
+        if self.cfg.kernel == "fast":  # same distribution, cheaper mask (model/fast_ams.py)
+            drop = lambda t: fast_dropout(t, self.dropout.p, self.training)
+        o = self.proj(drop(h_BLX)) + x_BLD
         if self.swiglu is None:
             return o
-        return self.swiglu(self.dropout(rms_norm(o))) + o
+        return self.swiglu(drop(rms_norm(o))) + o
 
 
 class FuXiBlock(nn.Module):
@@ -119,9 +172,14 @@ class FuXiBlock(nn.Module):
         self.ams = AMS(cfg)
         self.mffn = MFFN(cfg, self.ams.u_width)
 
-    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
-        out = self.mffn(self.ams(x_BLD, valid_BL, ts_BL1), x_BLD)
+    def forward(
+        self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor, ctx: BatchContext | FastPlan | None = None
+    ) -> Tensor:
+        out = self.mffn(self.ams(x_BLD, valid_BL, ts_BL1, ctx), x_BLD)
         return out * valid_BL[..., None]
+
+    def forward_jagged(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
+        return self.mffn(self.ams.forward_jagged(x_TD, groups), x_TD)
 
 
 class FuXiStack(nn.Module):
@@ -129,9 +187,39 @@ class FuXiStack(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.blocks = nn.ModuleList(FuXiBlock(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.kernel == "fast":
+            vanilla = cfg.attention == "vanilla"
+            ctx: BatchContext | FastPlan = build_plan(
+                ts_BL1, x_BLD.shape[1], "hstu" if vanilla else "fuxi", cfg.time_delta, cfg.num_time_buckets,
+                cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
+                with_time=vanilla or "ts" in cfg.channels,
+            )
+        else:
+            ctx = batch_context(
+                valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor
+            )
         for block in self.blocks:
-            x_BLD = block(x_BLD, valid_BL, ts_BL1)
+            x_BLD = block(x_BLD, valid_BL, ts_BL1, ctx)
         return x_BLD
+
+    def forward_jagged(self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
+        """Jagged execution (kernel="fast"): per-token layers on the T real tokens, attention on length
+        groups each padded to its own longest row. x_TD: history tokens, row-major; ts_T: history + target
+        timestamps, jagged with lengths hist + 1. Returns [T, D]."""
+        cfg = self.cfg
+        vanilla = cfg.attention == "vanilla"
+        groups = length_groups(hist_lengths_B, ts_T, max_groups)
+        for g in groups:
+            g.plan = build_plan(
+                g.ts, g.valid.shape[1], "hstu" if vanilla else "fuxi", cfg.time_delta, cfg.num_time_buckets,
+                cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
+                with_time=vanilla or "ts" in cfg.channels,
+            )
+        for block in self.blocks:
+            x_TD = block.forward_jagged(x_TD, groups)
+        return x_TD

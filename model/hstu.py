@@ -12,11 +12,22 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.fast_ams import (
+    FastPlan,
+    Group,
+    build_plan,
+    fast_dropout,
+    hstu_attention,
+    inverse_n,
+    length_groups,
+    scatter_groups,
+)
 from model.layers import (
+    BatchContext,
     RelativePositionWeights,
     RelativeTimeWeights,
     attention_denominator,
-    causal_mask,
+    batch_context,
     layer_norm,
     xavier_uniform_linear,
 )
@@ -34,27 +45,82 @@ class HSTUBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.linear_dropout)
         self.out = xavier_uniform_linear(h * dv, cfg.embedding_dim, bias=True)
 
-    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+    def forward(
+        self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor, ctx: BatchContext | FastPlan | None = None
+    ) -> Tensor:
+        if isinstance(ctx, FastPlan):
+            return self._fast(x_BLD, valid_BL, ctx)
         cfg = self.cfg
+        ctx = ctx or batch_context(valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
         b, length, _ = x_BLD.shape
         h, dv, dqk = cfg.num_heads, cfg.dv, cfg.dqk
         u, v, q, k = torch.split(F.silu(layer_norm(x_BLD) @ self.uvqk), self.split, dim=-1)
         v_BLHd = (v * valid_BL[..., None]).view(b, length, h, dv)
         scores = torch.einsum("bihd,bjhd->bhij", q.view(b, length, h, dqk), k.view(b, length, h, dqk))
-        scores = scores + self.pos_weights(length) + self.time_weights(ts_BL1, length)[:, None]
+        scores = scores + self.pos_weights(length) + self.time_weights(ts_BL1, length, ctx.buckets_BLL)[:, None]
         denom = attention_denominator(valid_BL, cfg.padded_length, cfg.attn_norm)
-        a = F.silu(scores) / denom * causal_mask(valid_BL)[:, None]
+        a = F.silu(scores) / denom * ctx.mask_BLL[:, None]
         attn = torch.einsum("bhij,bjhd->bihd", a, v_BLHd).reshape(b, length, h * dv)
         y = x_BLD + self.out(self.dropout(u * layer_norm(attn)))
         return y * valid_BL[..., None]
+
+    def _fast(self, x_BLD: Tensor, valid_BL: Tensor, plan: FastPlan) -> Tensor:
+        """The same function through model/fast_ams.py (kernel="fast")."""
+        cfg = self.cfg
+        u, v, q, k = torch.split(F.silu(layer_norm(x_BLD) @ self.uvqk), self.split, dim=-1)
+        v = v * valid_BL[..., None]
+        inv_n = inverse_n(valid_BL, cfg.padded_length, cfg.attn_norm)
+        attn = hstu_attention(
+            q, k, v, self.pos_weights.weight, self.time_weights.weight, inv_n, plan, cfg.num_heads
+        )
+        y = x_BLD + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
+        return y * valid_BL[..., None]
+
+    def forward_jagged(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
+        """Jagged tokens [T, D]: projections on the real tokens only, attention per length group."""
+        cfg = self.cfg
+        hdv = cfg.num_heads * cfg.dv
+        u, vqk = torch.split(F.silu(layer_norm(x_TD) @ self.uvqk), (hdv, sum(self.split[1:])), dim=-1)
+        outs = []
+        for g in groups:
+            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
+            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+            w_pos, w_ts = self.pos_weights.weight, self.time_weights.weight
+            outs.append(hstu_attention(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads)[g.valid])
+        attn = scatter_groups(outs, groups, x_TD.shape[0])
+        return x_TD + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
 
 
 class HSTUStack(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.cfg = cfg
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(cfg.num_layers))
 
     def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+        cfg = self.cfg
+        if cfg.kernel == "fast":
+            ctx: BatchContext | FastPlan = build_plan(
+                ts_BL1, x_BLD.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
+                cfg.padded_length, cfg.fast_chunk,
+            )
+        else:
+            ctx = batch_context(
+                valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor
+            )
         for block in self.blocks:
-            x_BLD = block(x_BLD, valid_BL, ts_BL1)
+            x_BLD = block(x_BLD, valid_BL, ts_BL1, ctx)
         return x_BLD
+
+    def forward_jagged(self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
+        """Jagged execution (kernel="fast"); see FuXiStack.forward_jagged."""
+        cfg = self.cfg
+        groups = length_groups(hist_lengths_B, ts_T, max_groups)
+        for g in groups:
+            g.plan = build_plan(
+                g.ts, g.valid.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
+                cfg.padded_length, cfg.fast_chunk,
+            )
+        for block in self.blocks:
+            x_TD = block.forward_jagged(x_TD, groups)
+        return x_TD

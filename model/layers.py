@@ -7,6 +7,7 @@ official code's fixed position tables, 211 on MovieLens).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,10 @@ def time_buckets(dt: Tensor, num_buckets: int = 128, divisor: float = 0.301) -> 
 
     The official code divides the *natural* log by 0.301 (~log10 2), so the effective base is
     e^0.301 ~ 1.351: 10 s -> 7, 1 min -> 13, 1 h -> 27, 1 day -> 37, 30 days -> 49, 1 year -> 57.
+    Computed in float32 as there (torch.log of an int64 tensor), so bucket edges match exactly.
     """
-    dt = dt.detach().abs().clamp(min=1).to(torch.float64)
-    return torch.floor(torch.log(dt) / divisor).clamp(0, num_buckets).long()
+    dt = dt.detach().abs().clamp(min=1).to(torch.float32)
+    return (torch.log(dt) / divisor).long().clamp(0, num_buckets)
 
 
 def time_deltas(ts_BL1: Tensor, length: int, mode: str) -> Tensor:
@@ -81,9 +83,13 @@ class RelativeTimeWeights(nn.Module):
         self.mode = mode
         self.weight = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
 
-    def forward(self, ts_BL1: Tensor, length: int) -> Tensor:
-        buckets = time_buckets(time_deltas(ts_BL1, length, self.mode), self.num_buckets, self.divisor)
-        return self.weight[buckets]  # [B, L, L]
+    def buckets(self, ts_BL1: Tensor, length: int) -> Tensor:
+        return time_buckets(time_deltas(ts_BL1, length, self.mode), self.num_buckets, self.divisor)
+
+    def forward(self, ts_BL1: Tensor, length: int, buckets_BLL: Tensor | None = None) -> Tensor:
+        if buckets_BLL is None:
+            buckets_BLL = self.buckets(ts_BL1, length)
+        return self.weight[buckets_BLL]  # [B, L, L]
 
 
 def causal_mask(valid_BL: Tensor) -> Tensor:
@@ -91,6 +97,19 @@ def causal_mask(valid_BL: Tensor) -> Tensor:
     length = valid_BL.shape[1]
     tril = torch.ones(length, length, dtype=torch.bool, device=valid_BL.device).tril()
     return (tril[None] & valid_BL[:, None, :]).to(torch.float32)
+
+
+@dataclass
+class BatchContext:
+    """Per-batch tensors that every layer reuses: computed once per forward, not once per layer."""
+
+    mask_BLL: Tensor  # causal mask over real keys, float
+    buckets_BLL: Tensor  # time-gap bucket of every (query, key) pair
+
+
+def batch_context(valid_BL: Tensor, ts_BL1: Tensor, time_delta: str, num_buckets: int, divisor: float) -> BatchContext:
+    length = valid_BL.shape[1]
+    return BatchContext(causal_mask(valid_BL), time_buckets(time_deltas(ts_BL1, length, time_delta), num_buckets, divisor))
 
 
 def attention_denominator(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from model.config import ModelConfig
+from model.fast_ams import bucketed_encode
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
 from model.jagged import jagged_to_padded
@@ -98,6 +99,8 @@ class SequentialRecommender(nn.Module):
         ids = seq[ITEM_FEATURE]
         lengths_B = ids.lengths().long()  # history + target
         width = int(lengths_B.max().item()) if lengths_B.numel() else 1  # L + 1
+        if cfg.padding == "fixed":  # the official code: every batch padded to N slots
+            width = max(width, cfg.padded_length + 1)
         emb_BWD = jagged_to_padded(emb_TD, lengths_B, width)
         ts_BW = jagged_to_padded(seq[TIME_FEATURE].values()[:, None], lengths_B, width)[..., 0]
         ids_BW = jagged_to_padded(ids.values()[:, None], lengths_B, width)[..., 0]
@@ -111,8 +114,39 @@ class SequentialRecommender(nn.Module):
         y = self.encoder(x, valid_BL, ts_BW)
         return l2_normalize(y, cfg.l2_norm_eps), valid_BL, ids_BW
 
+    def _encode_bucketed(self, seq: KeyedJaggedTensor, emb_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Jagged path (cfg.length_buckets > 1, see model/fast_ams.py `bucketed_encode`): the same
+        function as `_encode` without padding the batch to its longest row. Returns the normalised encoder
+        output of every history token [T, D] (row-major, as user_BLD[valid_BL]), the index of each history
+        token in the jagged values, and the history lengths."""
+        cfg = self.cfg
+        lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
+        rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)
+        offsets = torch.cumsum(lengths_B, 0) - lengths_B
+        cols = torch.arange(rows.numel(), device=emb_TD.device) - offsets[rows]
+        hist_tok = torch.nonzero(cols < (lengths_B - 1)[rows])[:, 0]
+        x = emb_TD[hist_tok] * (cfg.embedding_dim**0.5)
+        if self.use_abs_positions:
+            x = x + self.position_embedding.weight[cols[hist_tok]]
+        x = self.input_dropout(x)
+        times = seq[TIME_FEATURE].values()
+        if cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged"):  # FuXi-alpha, HSTU
+            y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets)
+        else:
+            y = bucketed_encode(self.encoder, x, lengths_B - 1, times, cfg.length_buckets)
+        return l2_normalize(y, cfg.l2_norm_eps), hist_tok, lengths_B - 1
+
     def forward(self, seq: KeyedJaggedTensor, negatives: JaggedTensor | None = None) -> SequenceOutput:
         emb_TD, neg_XD = self._lookup(seq, negatives)
+        if self.cfg.length_buckets > 1:
+            user_TD, hist_tok, hist_B = self._encode_bucketed(seq, emb_TD)
+            return SequenceOutput(
+                user_TD=user_TD,
+                target_TD=l2_normalize(emb_TD[hist_tok + 1], self.cfg.l2_norm_eps),
+                target_ids_T=seq[ITEM_FEATURE].values()[hist_tok + 1],
+                negatives_XD=l2_normalize(neg_XD, self.cfg.l2_norm_eps) if neg_XD is not None else None,
+                history_lengths_B=hist_B,
+            )
         user_BLD, valid_BL, ids_BW = self._encode(seq, emb_TD)
         lengths_B = seq[ITEM_FEATURE].lengths().long()
         width = ids_BW.shape[1]
@@ -130,6 +164,9 @@ class SequentialRecommender(nn.Module):
     def encode_last(self, seq: KeyedJaggedTensor) -> Tensor:
         """User vectors [B, D] at each history's last position (they predict the target)."""
         emb_TD, _ = self._lookup(seq, None)
+        if self.cfg.length_buckets > 1:
+            user_TD, _, hist_B = self._encode_bucketed(seq, emb_TD)
+            return user_TD[torch.cumsum(hist_B, 0) - 1]
         user_BLD, valid_BL, _ = self._encode(seq, emb_TD)
         last = valid_BL.sum(1) - 1
         return user_BLD[torch.arange(user_BLD.shape[0], device=user_BLD.device), last]

@@ -1,17 +1,23 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): one checkpoint holds everything that moves.
 
-Layout under `root`:
-    step-000120/            a complete DCP checkpoint (.metadata + one .distcp file per rank)
-    step-000120/train.json  the run config and trainer state, written by rank 0 before the commit
-    latest                  a text file naming the newest complete checkpoint
-Writes are atomic: DCP writes into `step-K.tmp`, which is renamed once every rank has finished, and only
-then is `latest` replaced (itself via rename). A job killed mid-write leaves a `.tmp` folder that is never
-loaded, and the previous `latest` stays intact.
+Layout under `root` (a folder every rank can reach: a shared filesystem on several nodes):
+    step-000120/            a complete training checkpoint: .metadata + one .distcp file per rank
+    step-000120/train.json  run config, trainer state and world size, written by rank 0 before the commit
+    latest                  a text file naming the newest complete training checkpoint (what --resume loads)
+    best/                   model only: the best validation weights so far (validated protocol)
+    final/                  the model the run reports (selected weights) + train.json with the report
+Every write is atomic: DCP writes into `<name>.tmp`; once all ranks have finished, rank 0 renames it, and
+only then replaces `latest` (itself via rename). A job killed mid-write leaves a `.tmp` folder that is
+never loaded; `latest` keeps naming the previous complete checkpoint.
+
+Model weights are TorchRec ShardedTensors (the item table) and FSDP2 DTensors (the dense part); DCP
+stores them with their global shapes, so a checkpoint loads into any world size or sharding type.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,6 +26,9 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 LATEST = "latest"
+FINAL = "final"
+BEST = "best"
+_STEP = re.compile(r"^step-(\d+)$")
 
 
 def _rank() -> int:
@@ -31,16 +40,21 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def is_complete(path: Path) -> bool:
+    return (path / ".metadata").exists()
+
+
 class Checkpointer:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        final = self.root / f"step-{step:06d}"
-        tmp = self.root / f"step-{step:06d}.tmp"
+    def _write(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None) -> Path:
+        """All ranks: DCP into name.tmp, then rank 0 writes train.json and renames (the commit)."""
+        final = self.root / name
+        tmp = self.root / f"{name}.tmp"
         if _rank() == 0:
             if tmp.exists():
-                shutil.rmtree(tmp)
+                shutil.rmtree(tmp)  # a write cut off earlier
             tmp.mkdir(parents=True)
         _barrier()
         dcp.save(state, checkpoint_id=str(tmp))
@@ -50,18 +64,40 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
+        return final
+
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+        """A training checkpoint; `latest` names it once it is complete."""
+        final = self._write(f"step-{step:06d}", state, meta)
+        if _rank() == 0:
             pointer = self.root / (LATEST + ".tmp")
             pointer.write_text(final.name)
             pointer.replace(self.root / LATEST)
         _barrier()
         return final
 
+    def save_named(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
+        """`best` or `final`: replaced atomically, never named by `latest`."""
+        path = self._write(name, state, meta)
+        _barrier()
+        return path
+
     def latest(self) -> Path | None:
+        """The newest complete training checkpoint: the one `latest` names, else the highest complete
+        step-* folder (a `.tmp` folder is never a candidate)."""
         pointer = self.root / LATEST
-        if not pointer.exists():
-            return None
-        path = self.root / pointer.read_text().strip()
-        return path if (path / ".metadata").exists() else None
+        if pointer.exists():
+            path = self.root / pointer.read_text().strip()
+            if is_complete(path):
+                return path
+        steps = sorted(
+            (int(m.group(1)), p) for p in self.root.glob("step-*") if (m := _STEP.match(p.name)) and is_complete(p)
+        )
+        return steps[-1][1] if steps else None
+
+    def named(self, name: str) -> Path | None:
+        path = self.root / name
+        return path if is_complete(path) else None
 
     def load(self, state: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
         """Load into `state` in place (DCP reshards to this world size); returns its train.json."""
@@ -78,11 +114,74 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a root whose `latest` names one."""
+    """A checkpoint folder; or a root: its `final` model when the run finished, else its latest."""
     path = Path(path)
-    if (path / ".metadata").exists():
+    if is_complete(path):
         return path
-    found = Checkpointer(path).latest()
+    ckpt = Checkpointer(path)
+    found = ckpt.named(FINAL) or ckpt.latest()
     if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a folder with a complete 'latest' checkpoint")
+        raise FileNotFoundError(f"{path} is neither a checkpoint nor a folder with a complete checkpoint")
     return found
+
+
+class RunCheckpoints:
+    """A training run's checkpoints: what is saved together, and when (every rank calls every method).
+
+    A training checkpoint holds {"model": dmp.state_dict() (ShardedTensor table + DTensor dense),
+    "optim": the CombinedOptimizer's state (fused table state + AdamW), "trainer": the TrainState as JSON
+    (step, epoch, data position, best metric, history)}. Randomness needs no saved state: it is a function
+    of (seed, step, rank) (pipeline/trainer.py), and the seed is in the config.
+    """
+
+    def __init__(
+        self, root: Path, dmp: Any, optimizer: Any, init_optimizer_state: Any, meta: dict[str, Any] | None = None
+    ) -> None:
+        self.store = Checkpointer(root)
+        self.dmp = dmp
+        self.optimizer = optimizer
+        self.init_optimizer_state = init_optimizer_state
+        self.meta = dict(meta or {})
+
+    def _state(self, trainer_state: Any) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict(),
+                "trainer": json.dumps(trainer_state.state_dict(), default=float)}
+
+    def _meta(self, trainer_state: Any, **extra: Any) -> dict[str, Any]:
+        return {**self.meta, "trainer": trainer_state.state_dict(), **extra}
+
+    def maybe_save(self, trainer_state: Any, every_epochs: int, epochs: int) -> Path | None:
+        """At the end of an epoch: every `every_epochs` epochs and after the last one."""
+        epoch = trainer_state.epoch
+        if every_epochs <= 0 or (epoch % every_epochs and epoch != epochs):
+            return None
+        return self.store.save(trainer_state.step, self._state(trainer_state), self._meta(trainer_state))
+
+    def resume(self, trainer_state: Any) -> Path | None:
+        """Load the latest complete training checkpoint, if any, into model, optimizer and trainer state."""
+        path = self.store.latest()
+        if path is None:
+            return None
+        self.init_optimizer_state()
+        state = self._state(trainer_state)
+        dcp.load(state, checkpoint_id=str(path))
+        self.dmp.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optim"])
+        trainer_state.load_state_dict(json.loads(state["trainer"]))
+        return path
+
+    def save_best(self) -> None:
+        self.store.save_named(BEST, {"model": self.dmp.state_dict()})
+
+    def load_best(self) -> None:
+        path = self.store.named(BEST)
+        if path is None:
+            raise FileNotFoundError(f"no complete '{BEST}' checkpoint under {self.store.root}")
+        state = {"model": self.dmp.state_dict()}
+        dcp.load(state, checkpoint_id=str(path))
+        self.dmp.load_state_dict(state["model"])
+
+    def save_final(self, trainer_state: Any, report: dict[str, Any]) -> Path:
+        """The model the run reports (the selected weights), for `fuxi eval`, warm starts and the registry."""
+        state = {"model": self.dmp.state_dict(), "trainer": json.dumps(trainer_state.state_dict(), default=float)}
+        return self.store.save_named(FINAL, state, self._meta(trainer_state, report=report))

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from jobs.cli import add_commands as add_job_commands
 
 METRIC_ORDER = ("hr_at_10", "ndcg_at_10", "hr_at_50", "ndcg_at_50", "mrr")
 
@@ -42,6 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.tracking.parent_run_id = args.parent_run_id
     apply_overrides(cfg, args.set or [])
     report = run(cfg, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
+        return 0
     print(f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
           f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch ==")
     _print_metrics(f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
@@ -145,6 +150,36 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_synth_logs(args: argparse.Namespace) -> int:
+    from pipeline.synth_logs import LogConfig, write_logs
+
+    cfg = LogConfig(num_users=args.users, num_items=args.items, num_days=args.days, num_events=args.events,
+                    seed=args.seed, bad_fraction=args.bad_fraction, rows_per_part=args.rows_per_part)
+    summary = write_logs(cfg, args.out, overwrite=args.overwrite)
+    parts = sum(d["parts"] for d in summary["days"].values())
+    print(f"wrote {args.out}: {cfg.num_events:,} events over {cfg.num_days} days ({parts} part files), "
+          f"{cfg.num_users:,} users, catalogue of {cfg.num_items:,} items")
+    return 0
+
+
+def cmd_data_build_sequences(args: argparse.Namespace) -> int:
+    from pipeline.build_sequences import BuildConfig, build_sequences
+    from pipeline.ingest import IngestRules
+
+    cfg = BuildConfig(max_length=args.max_length, num_partitions=args.partitions,
+                      rules=IngestRules(num_items=args.num_items))
+    dates = args.dates.split(",") if args.dates else None
+    print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
+    return 0
+
+
+def cmd_data_append_day(args: argparse.Namespace) -> int:
+    from pipeline.build_sequences import append_day
+
+    print(append_day(args.logs, args.date, args.sequences).summary())
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fuxi", description="Train and evaluate FuXi-alpha and its baselines.")
@@ -209,6 +244,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("stats", help="summary of a sequence Parquet file")
     p.add_argument("path")
     p.set_defaults(func=cmd_data_stats)
+
+    p = data.add_parser("synth-logs", help="write synthetic raw event logs (date-partitioned Parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=50_000, help="catalogue size: item ids 1..N")
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--events", type=int, default=5_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bad-fraction", type=float, default=0.0, help="plant this fraction of invalid rows")
+    p.add_argument("--rows-per-part", type=int, default=2_000_000)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_synth_logs)
+
+    p = data.add_parser("build-sequences", help="raw event logs -> sequence shards (Ray Data), with a manifest")
+    p.add_argument("--logs", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-length", type=int, default=200, help="most recent events kept per user")
+    p.add_argument("--partitions", type=int, help="hash partitions (default: about 4M events each)")
+    p.add_argument("--num-items", type=int, help="catalogue size (item ids 1..N); default: the logs' _logs.json")
+    p.add_argument("--dates", help="comma-separated YYYY-MM-DD subset of the log days (default: all)")
+    p.set_defaults(func=cmd_data_build_sequences)
+
+    p = data.add_parser("append-day", help="merge one day of logs into sequence shards (no-op if applied)")
+    p.add_argument("--logs", required=True)
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--sequences", required=True)
+    p.set_defaults(func=cmd_data_append_day)
+    add_job_commands(sub)  # fuxi sweep, report, register, promote, nightly
     return parser
 
 

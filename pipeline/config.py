@@ -18,10 +18,14 @@ from pipeline.synthetic import SyntheticConfig
 
 @dataclass
 class DataConfig:
-    # "synthetic" (the embedded generator), or the path of a sequence Parquet file (see `fuxi data`)
+    # "synthetic" (the embedded generator), a sequence Parquet file (`fuxi data prepare`), or a shard
+    # directory (`fuxi data build-sequences`)
     source: str = "synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     protocol: Literal["anchor", "validated"] = "validated"
+    # stream the training split of a shard directory (pipeline/data.py) instead of holding it in memory
+    stream: bool = False
+    stream_backend: Literal["ray", "pyarrow"] = "ray"
 
 
 @dataclass
@@ -43,16 +47,19 @@ class OptimConfig:
 class ParallelConfig:
     """How pipeline/parallelize.py shards the model (the dense FuXi blocks are always FSDP2-sharded)."""
 
-    # sharding types the TorchRec planner may choose for the item table (data_parallel is not offered:
-    # the dense part is FSDP2's, there is no DDP to all-reduce a replicated table)
-    sharding_types: tuple[str, ...] = ("row_wise", "table_wise", "column_wise")
-    # the item table's optimizer (lr/betas/eps/weight_decay from `optim`):
-    #   "adam"             fused into the backward (fbgemm TBE; CUDA only): rows seen in the batch are updated
-    #   "rowwise_adagrad"  fused, CPU and CUDA; one accumulator per row (~1/D of Adam's state)
-    #   "dense_adamw"      the table's shard gets dense gradients and the dense AdamW, exactly the official
-    #                      optimizer (every row moves every step): small tables, CPU
-    #   "auto"             adam on CUDA, dense_adamw on CPU
-    embedding_optimizer: Literal["auto", "adam", "rowwise_adagrad", "dense_adamw"] = "auto"
+    # How the item table is split, as TorchRec sharding types the planner may choose from:
+    #   row_wise / table_wise / column_wise: model parallel, each rank holds a part; the optimizer is
+    #     fused into the backward (fbgemm TBE), which needs embedding_dim % 4 == 0
+    #   data_parallel: every rank holds the whole table, its gradient is all-reduced and the dense AdamW
+    #     updates it: exactly the official optimizer (fbgemm's CPU TBE has no Adam); small tables only
+    # () = auto: row_wise/table_wise/column_wise on CUDA, data_parallel on CPU or when embedding_dim % 4 != 0
+    sharding_types: tuple[str, ...] = ()
+    # optimizer of a model-parallel table (betas/eps/weight_decay from `optim`):
+    #   "adam" (CUDA only; updates the rows seen in the batch), "rowwise_adagrad" (CPU and CUDA; one
+    #   accumulator per row *of each shard*: column_wise shards change it), "adagrad" (one accumulator
+    #   per element: the same under every sharding), "auto": adam on CUDA, rowwise_adagrad on CPU
+    embedding_optimizer: Literal["auto", "adam", "rowwise_adagrad", "adagrad"] = "auto"
+    embedding_lr: float | None = None  # None: optim.lr
 
 
 @dataclass

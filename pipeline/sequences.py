@@ -30,6 +30,7 @@ SEQUENCE_SCHEMA = pa.schema(
 )
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
+SHARD_MANIFEST = "manifest.json"  # a sequence shard directory (`pipeline.build_sequences`)
 
 # number of trailing items held out of training, and of the evaluation sequence, per protocol
 PROTOCOLS = {
@@ -87,9 +88,12 @@ def write_sequences(data: SequenceData, path: str | Path) -> Path:
 
 
 def read_sequences(path: str | Path) -> SequenceData:
+    """A sequence Parquet file, or a shard directory written by `fuxi data build-sequences`."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"sequence file {path} does not exist")
+    if path.is_dir():
+        return _read_shard_dir(path)
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -102,6 +106,20 @@ def read_sequences(path: str | Path) -> SequenceData:
     table = table.select([f.name for f in SEQUENCE_SCHEMA]).cast(SEQUENCE_SCHEMA)
     num_items = int(meta.get("num_items") or _max_item(table) + 1)
     return SequenceData(table=table, num_items=num_items, meta=meta)
+
+
+def _read_shard_dir(path: Path) -> SequenceData:
+    """All shards of a directory in manifest order; num_items comes from the manifest."""
+    manifest_path = path / SHARD_MANIFEST
+    if not manifest_path.exists():
+        raise ValueError(f"{path}: a directory without {SHARD_MANIFEST}, not a sequence shard directory")
+    manifest = json.loads(manifest_path.read_text())
+    names = [f.name for f in SEQUENCE_SCHEMA]
+    tables = [pq.read_table(path / s["file"], columns=names).cast(SEQUENCE_SCHEMA) for s in manifest["shards"]]
+    table = pa.concat_tables(tables) if tables else SEQUENCE_SCHEMA.empty_table()
+    meta = {k: manifest[k] for k in ("format", "generation", "max_length", "num_partitions", "users") if k in manifest}
+    meta.update(source=str(path.resolve()), days=sorted(manifest.get("days", {})))
+    return SequenceData(table=table, num_items=int(manifest["num_items"]), meta=meta)
 
 
 def _max_item(table: pa.Table) -> int:

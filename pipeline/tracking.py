@@ -60,6 +60,7 @@ class MLflowLogger:
         flush_every: int = 100,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        system_metrics: bool = True,
     ) -> None:
         import mlflow
         from mlflow.entities import Metric
@@ -81,6 +82,12 @@ class MLflowLogger:
         self.experiment_id = exp_id
         self.flush_every = flush_every
         self._buffer: list[Any] = []
+        self._monitor = None
+        if system_metrics:  # cpu, memory, disk, network (and GPU with pynvml) as system/* metrics
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, tracking_uri=self.tracking_uri)
+            self._monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -116,4 +123,6 @@ class MLflowLogger:
 
     def close(self, status: str = "FINISHED") -> None:
         self.flush()
+        if self._monitor is not None:
+            self._monitor.finish()
         self.client.set_terminated(self.run_id, status=status)

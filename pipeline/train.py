@@ -1,4 +1,8 @@
-"""Entry point: config -> data -> model -> Trainer.fit() -> checkpoint -> close."""
+"""Entry point: config -> process group -> data -> sharded model -> Trainer.fit() -> checkpoint -> close.
+
+One code path for every world size: without torchrun the process is a world of one (pipeline/distributed.py).
+Each rank reads the data and trains on its slice of every global batch; only rank 0 logs to MLflow.
+"""
 
 from __future__ import annotations
 
@@ -11,14 +15,14 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
 from model.loss import NegativeSampler
-from model.recommender import build_model, count_parameters
-from pipeline.checkpoint import Checkpointer, resolve_checkpoint
+from pipeline.checkpoint import RunCheckpoints, resolve_checkpoint
 from pipeline.config import TrainConfig, to_flat_dict
 from pipeline.datasets import SequenceBatches
-from pipeline.evaluate import evaluate
+from pipeline.distributed import DistContext, all_reduce_sum, broadcast_object, init_distributed, teardown
+from pipeline.evaluate import evaluate_sharded
+from pipeline.parallelize import ParallelModel, parallelize
 from pipeline.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.synthetic import synthetic_sequences
 from pipeline.tracking import MetricLogger, MLflowLogger, NullLogger
@@ -51,7 +55,8 @@ def make_logger(cfg: TrainConfig, data: SequenceData) -> MetricLogger:
 
 
 def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
-    """Warm start: the model part of a checkpoint (folder, or a root with `latest`), resharded by DCP."""
+    """Warm start: the model part of a checkpoint (folder, or a root), resharded by DCP into `model`:
+    a plain model in one process, or the DMP of a sharded one (every rank calls it)."""
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(resolve_checkpoint(checkpoint)))
     model.load_state_dict(state["model"])
@@ -59,64 +64,84 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
 
 def build_batches(cfg: TrainConfig, data: SequenceData, rank: int = 0, world_size: int = 1) -> dict[str, SequenceBatches]:
     drops = PROTOCOLS[cfg.data.protocol]
-    return {
+    splits = {
         split: SequenceBatches(
             data, drop, cfg.batch_size if split == "train" else cfg.eval_batch_size, cfg.model.max_sequence_length,
             shuffle=split == "train", seed=cfg.seed, rank=rank, world_size=world_size,
         )
         for split, drop in drops.items()
     }
+    if cfg.data.stream:
+        from pipeline.data import ShardBatches
+
+        if not Path(cfg.data.source).is_dir():
+            raise ValueError(f"data.stream needs a shard directory (fuxi data build-sequences), got {cfg.data.source}")
+        splits["train"] = ShardBatches(  # same Batch stream API, read shard by shard with a resumable position
+            cfg.data.source, cfg.batch_size, cfg.model.max_sequence_length, drop_last_items=drops["train"],
+            shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, backend=cfg.data.stream_backend,
+        )
+    return splits
 
 
-def run(cfg: TrainConfig, device: str = "cpu") -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
+def run(cfg: TrainConfig, device: str = "cpu", logger: MetricLogger | None = None) -> dict[str, Any]:
+    """Train, evaluate and checkpoint; the same code in one process and under torchrun with N ranks.
+    `logger`: used on this rank instead of the default (MLflow on rank 0, nothing elsewhere)."""
+    ctx = init_distributed(device)
+    try:
+        return _run(cfg, ctx, logger)
+    finally:
+        teardown(ctx)
+
+
+def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dict[str, Any]:
     data = load_data(cfg)
     if cfg.model.num_items != data.num_items:
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
-    splits = build_batches(cfg, data)
-    model = build_model(cfg.model, device=device)
-    if cfg.init_checkpoint:
-        load_model_weights(model, cfg.init_checkpoint)
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay
-    )
+    splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
+    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
     sampler = NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items)
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    logger = make_logger(cfg, data)
-    run_dir = Path(cfg.run_dir or Path(cfg.output_dir) / cfg.name / (logger.run_id or time.strftime("%Y%m%d-%H%M%S")))
-    trainer = Trainer(
-        model=model,
-        optimizer=optimizer,
-        sampler=sampler,
-        train_batches=splits["train"].epoch,
-        steps_per_epoch=len(splits["train"]),
-        evaluate=lambda split: evaluate(model, splits[split].epoch(), device),
-        protocol=cfg.data.protocol,
-        temperature=cfg.loss.temperature,
-        epochs=cfg.epochs,
-        eval_every_epochs=cfg.eval_every_epochs,
-        logger=logger,
-        log_every_steps=cfg.tracking.log_every_steps,
-        generator=generator,
-        device=device,
-        progress=cfg.progress,
-    )
+    if logger is None:
+        logger = make_logger(cfg, data) if ctx.is_main else NullLogger()
     status = "FAILED"
     try:
-        report = trainer.fit()
-        ckpt = Checkpointer(run_dir / "checkpoints").save(
-            trainer.state.step,
-            {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, optimizer),
-             "trainer": trainer.state.state_dict()},
-            meta={"config": dataclasses.asdict(cfg), "report": report},
-        )
-        logger.log_artifacts(ckpt / "train.json")
-        report.update(
-            checkpoint=str(ckpt), run_id=logger.run_id, parameters=count_parameters(model),
-            users={s: b.num_rows() for s, b in splits.items()}, skipped_users={s: b.skipped_users for s, b in splits.items()},
-            history=trainer.state.history,
-        )
+        report = _train(cfg, ctx, data, splits, pm, logger)
         status = "FINISHED"
         return report
     finally:
         logger.close(status)
+
+
+def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[str, SequenceBatches],
+           pm: ParallelModel, logger: MetricLogger) -> dict[str, Any]:
+    default_dir = Path(cfg.output_dir) / cfg.name / (logger.run_id or time.strftime("%Y%m%d-%H%M%S"))
+    run_dir = Path(str(broadcast_object(str(cfg.run_dir or default_dir))))
+    ckpt = RunCheckpoints(run_dir / "checkpoints", pm.dmp, pm.optimizer, pm.init_optimizer_state, meta={
+        "config": dataclasses.asdict(cfg), "world_size": ctx.world_size, "sharding": pm.table_sharding(),
+        "mlflow_run_id": logger.run_id})
+    trainer = Trainer(
+        model=pm.model, optimizer=pm.optimizer, train_batches=splits["train"].epoch,
+        sampler=NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items),
+        steps_per_epoch=len(splits["train"]),
+        evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
+        protocol=cfg.data.protocol, temperature=cfg.loss.temperature, epochs=cfg.epochs,
+        eval_every_epochs=cfg.eval_every_epochs, logger=logger, log_every_steps=cfg.tracking.log_every_steps,
+        generator=torch.Generator(device=ctx.device), device=ctx.device, progress=cfg.progress and ctx.is_main,
+        on_epoch_end=lambda t: ckpt.maybe_save(t.state, cfg.checkpoint_every_epochs, cfg.epochs),
+        reduce_sum=all_reduce_sum, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+        keep_best=ckpt.save_best, restore_best=ckpt.load_best,
+    )
+    resumed = ckpt.resume(trainer.state) if cfg.resume else None
+    if resumed is not None:
+        logger.set_tags({"resumed_from": str(resumed)})
+    elif cfg.init_checkpoint:
+        load_model_weights(pm.dmp, cfg.init_checkpoint)
+    report = trainer.fit()
+    final = ckpt.save_final(trainer.state, report)
+    logger.log_artifacts(final / "train.json")
+    report.update(
+        checkpoint=str(final), run_id=logger.run_id, run_dir=str(run_dir), world_size=ctx.world_size,
+        resumed_from=str(resumed) if resumed else None, sharding=pm.table_sharding(),
+        parameters=pm.num_parameters(), users={s: b.num_rows() for s, b in splits.items()},
+        skipped_users={s: b.skipped_users for s, b in splits.items()}, history=trainer.state.history,
+    )
+    return report

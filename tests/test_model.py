@@ -28,10 +28,10 @@ def small_cfg(**kw) -> ModelConfig:
 @pytest.mark.parametrize(
     "dt,bucket",
     [(0, 0), (1, 0), (-1, 0), (10, 7), (60, 13), (3600, 27), (86400, 37), (30 * 86400, 49), (365 * 86400, 57),
-     (3 * 365 * 86400, 61), (10**60, 128)],
+     (3 * 365 * 86400, 61), (2**62, 128)],
 )
 def test_time_bucket_worked_examples(dt, bucket):
-    assert time_buckets(torch.tensor([dt], dtype=torch.float64)).item() == bucket
+    assert time_buckets(torch.tensor([dt], dtype=torch.int64)).item() == bucket
 
 
 def test_positional_weights_indexed_by_relative_distance():

@@ -1,0 +1,362 @@
+"""Nightly retraining: ingest the day's logs -> update sequences -> warm-start training from the champion
+-> evaluate -> register and promote if better. One command, or one Airflow task per step:
+
+    fuxi nightly --date 2024-01-03                      # every step not yet done for that date
+    fuxi nightly --date 2024-01-03 --step train         # one step (what each Airflow task runs)
+
+Idempotent per date: `<workdir>/state/<date>.json` records each finished step and its outputs (and
+`<date>.events.jsonl` every invocation: done / skipped / failed); a finished
+step is skipped on a re-run, so re-running a date changes nothing (no new run, version or alias). A failed
+step records its error and stops; the next run of that date retries from that step. Only the last step
+sets the `champion` alias, after both models were measured on the same validation split, so any failure
+leaves the champion as it was. `FUXI_NIGHTLY_FAIL_STEP=<step>` forces a failure at the end of that step's
+work (tests, drills).
+
+Data: the ingest / update steps go through `ingest_logs` and `update_sequences` only: the day's partition
+`<logs>/date=YYYY-MM-DD/` is checked, then folded into the sequence shards with `fuxi data append-day`
+(the first day builds them with `fuxi data build-sequences`). On an empty log root the demo writes a
+synthetic week of logs (`fuxi data synth-logs`, 2024-01-01..07) so the job runs on embedded data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STEPS = ("ingest", "update_sequences", "train", "evaluate", "register_promote")
+FAIL_ENV = "FUXI_NIGHTLY_FAIL_STEP"
+# the demo's log window (`fuxi data synth-logs` arguments): 7 days from 2024-01-01, sized for the tiny preset
+DEMO_LOGS = {"users": 300, "items": 200, "days": 7, "events": 21000, "seed": 0}
+
+
+@dataclass
+class NightlyConfig:
+    date: str  # YYYY-MM-DD
+    workdir: Path = Path("runs/nightly")
+    preset: str = "tiny"
+    overrides: list[str] = field(default_factory=list)
+    model_name: str = "fuxi-alpha"
+    experiment: str = "fuxi-nightly"
+    tracking_uri: str | None = None
+    scheduler: str = "local_cwd"  # TorchX scheduler of the train step
+    scheduler_cfg: dict[str, Any] = field(default_factory=dict)
+    logs_dir: Path | None = None  # default <workdir>/logs
+    sequences: Path | None = None  # default <workdir>/sequences
+    demo_data: bool = True  # an empty log root gets synthetic logs (`fuxi data synth-logs`)
+    demo_logs: dict[str, Any] = field(default_factory=dict)  # overrides of DEMO_LOGS
+
+    def __post_init__(self) -> None:
+        dt.date.fromisoformat(self.date)  # a malformed date fails before anything runs
+        self.workdir = Path(self.workdir).resolve()
+        self.logs_dir = Path(self.logs_dir or self.workdir / "logs").resolve()
+        self.sequences = Path(self.sequences or self.workdir / "sequences").resolve()
+
+    @property
+    def day_dir(self) -> Path:
+        return self.workdir / "runs" / self.date
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-date state
+
+
+class State:
+    """`<workdir>/state/<date>.json`, rewritten atomically after every change."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"steps": {}}
+
+    def step(self, name: str) -> dict[str, Any]:
+        return self.data["steps"].setdefault(name, {"status": "pending"})
+
+    def done(self, name: str) -> bool:
+        return self.data["steps"].get(name, {}).get("status") == "done"
+
+    def outputs(self, name: str) -> dict[str, Any]:
+        if not self.done(name):
+            raise RuntimeError(f"step {name!r} has not finished for this date; run it first")
+        return self.data["steps"][name]["outputs"]
+
+    def event(self, step: str, event: str, **extra: Any) -> None:
+        """Append-only audit trail next to the state file: one JSON line per step and invocation."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".events.jsonl"), "a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 3), "step": step, "event": event, **extra}) + "\n")
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        tmp.replace(self.path)
+
+
+@contextlib.contextmanager
+def date_lock(cfg: NightlyConfig) -> Iterator[None]:
+    """One nightly process per date at a time (a second one fails fast instead of racing)."""
+    path = cfg.workdir / "state" / f"{cfg.date}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another nightly run holds {path}") from None
+        yield
+
+
+def _maybe_fail(step: str) -> None:
+    if os.environ.get(FAIL_ENV) == step:
+        raise RuntimeError(f"forced failure of step {step!r} ({FAIL_ENV}={step})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# data: the one place that knows how logs become sequences (`fuxi data ...`, pipeline/build_sequences.py)
+
+
+def _fuxi(*args: str) -> None:
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    print("[nightly] $ fuxi " + " ".join(args), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def _digest(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for p in paths:
+        digest.update(p.name.encode())
+        digest.update(hashlib.sha256(p.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def ingest_logs(cfg: NightlyConfig) -> dict[str, Any]:
+    """The day's log partition `<logs>/date=YYYY-MM-DD/` (landed by the upstream export). With `demo_data`
+    and an empty log root, `fuxi data synth-logs` writes a synthetic window first (from 2024-01-01)."""
+    part = cfg.logs_dir / f"date={cfg.date}"
+    if not part.exists() and cfg.demo_data and not (cfg.logs_dir / "_logs.json").exists():
+        demo = {**DEMO_LOGS, **cfg.demo_logs}
+        _fuxi("data", "synth-logs", "--out", str(cfg.logs_dir), *[a for k, v in demo.items() for a in (f"--{k}", str(v))])
+    if not part.exists():
+        have = sorted(p.name for p in cfg.logs_dir.glob("date=*")) if cfg.logs_dir.exists() else []
+        raise FileNotFoundError(f"no logs for {cfg.date}: {part} does not exist (log root has {have[:1]}..{have[-1:]})")
+    files = sorted(part.glob("*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{part} holds no Parquet files")
+    return {"logs": {"path": str(part), "files": len(files), "bytes": sum(p.stat().st_size for p in files),
+                     "sha256": _digest(files)}}
+
+
+def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
+    """Fold the day's logs into the sequence shards: `fuxi data append-day` (a no-op for a day already
+    applied); the very first day builds the shard directory with `fuxi data build-sequences`."""
+    from pipeline.sequences import SHARD_MANIFEST
+
+    manifest_path = cfg.sequences / SHARD_MANIFEST
+    if manifest_path.exists():
+        _fuxi("data", "append-day", "--logs", str(cfg.logs_dir), "--date", cfg.date, "--sequences", str(cfg.sequences))
+    else:
+        _fuxi("data", "build-sequences", "--logs", str(cfg.logs_dir), "--out", str(cfg.sequences), "--dates", cfg.date)
+    manifest = json.loads(manifest_path.read_text())
+    summary = {k: manifest.get(k) for k in ("generation", "users", "interactions", "num_items")}
+    summary.update(days=sorted(manifest.get("days", {})), sha256=_digest([manifest_path]))
+    return {"sequences": str(cfg.sequences), "manifest": summary}
+
+
+# ---------------------------------------------------------------------------------------------------
+# steps
+
+
+def _client(cfg: NightlyConfig) -> Any:
+    from jobs.sweep import mlflow_client
+
+    return mlflow_client(cfg.tracking_uri)
+
+
+def step_ingest(cfg: NightlyConfig, state: State) -> dict[str, Any]:
+    return ingest_logs(cfg)
+
+
+def step_update_sequences(cfg: NightlyConfig, state: State) -> dict[str, Any]:
+    state.outputs("ingest")
+    return update_sequences(cfg)
+
+
+def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
+    """Warm start from the champion's checkpoint (cold start when there is none), as a TorchX job."""
+    from jobs import registry
+    from jobs.sweep import Job, absolute_tracking_uri, component_args, ensure_experiment, run_jobs
+    from pipeline.checkpoint import resolve_checkpoint
+
+    data = state.outputs("update_sequences")["sequences"]
+    client = _client(cfg)
+    ensure_experiment(client, cfg.experiment)
+    champ = registry.champion(client, cfg.model_name)
+    init, arch, cold_reason = None, [], "no champion"
+    if champ is not None:
+        init = str(registry.version_checkpoint(client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"))
+        arch, cold_reason = warm_start_overrides(cfg, init, state.outputs("update_sequences")["manifest"]["num_items"])
+        if cold_reason:
+            print(f"[nightly] cold start: {cold_reason}", flush=True)
+            init = None
+    attempt = int(state.step("train").get("attempts", 0)) + 1
+    state.step("train")["attempts"] = attempt
+    state.save()
+    run_name = f"nightly-{cfg.date}-a{attempt}"
+    run_dir = cfg.day_dir / f"train-a{attempt}"  # one MLflow run and one run dir per attempt (TorchX retries share it)
+    overrides = arch + list(cfg.overrides) + [
+        f"tracking.run_name={run_name}", f"tracking.experiment={cfg.experiment}", "progress=false"]
+    if init:
+        overrides.append(f"init_checkpoint={init}")
+    args = component_args(cfg.preset, overrides, run_dir=str(run_dir), tracking_uri=absolute_tracking_uri(cfg.tracking_uri),
+                          parent_run_id=None, data=data, name="fuxi-nightly")
+    scheduler_cfg = dict(cfg.scheduler_cfg)
+    if cfg.scheduler == "local_cwd":
+        scheduler_cfg.setdefault("log_dir", str(cfg.day_dir / "torchx_logs"))
+    (job,) = run_jobs([Job(run_name, {}, args)], cfg.scheduler, scheduler_cfg, log=lambda m: print(m, flush=True))
+    if job.state != "SUCCEEDED":
+        raise RuntimeError(f"training job {job.handle} ended {job.state}; logs under {scheduler_cfg.get('log_dir')}")
+    exp = client.get_experiment_by_name(cfg.experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        raise RuntimeError(f"no finished MLflow run named {run_name}")
+    return {"run_id": runs[0].info.run_id, "checkpoint": str(resolve_checkpoint(run_dir / "checkpoints")),
+            "init_version": None if init is None else str(champ.version), "init_checkpoint": init,
+            "cold_start_reason": cold_reason, "seconds": round(job.seconds, 1)}
+
+
+def warm_start_overrides(cfg: NightlyConfig, checkpoint: str, num_items: int | None) -> tuple[list[str], str | None]:
+    """`model.*` overrides that give the champion's architecture (the weights must fit), then the job's own
+    overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more."""
+    from pipeline.checkpoint import read_meta
+    from pipeline.config import TrainConfig, apply_overrides, from_dict, get_preset
+
+    champion_model = from_dict(TrainConfig, read_meta(checkpoint)["config"]).model
+    skip = {"num_items", "extra"}
+    arch = []
+    for f in dataclasses.fields(champion_model):
+        if f.name not in skip:
+            value = getattr(champion_model, f.name)
+            arch.append(f"model.{f.name}=" + (",".join(map(str, value)) if isinstance(value, tuple) else str(value)))
+    preset_model = get_preset(cfg.preset).model
+    if champion_model.padded_length > preset_model.padded_length:  # keep max_len < padded_length at every step
+        pad = next(i for i, a in enumerate(arch) if a.startswith("model.padded_length="))
+        arch.insert(0, arch.pop(pad))
+    planned = apply_overrides(get_preset(cfg.preset), arch + list(cfg.overrides)).model
+    changed = [f.name for f in dataclasses.fields(planned)
+               if f.name not in skip and getattr(planned, f.name) != getattr(champion_model, f.name)]
+    if changed:
+        return [], f"the job's overrides change the champion's architecture ({', '.join(changed)})"
+    if num_items is not None and int(num_items) != champion_model.num_items:
+        return [], f"the item table changed size ({champion_model.num_items} -> {num_items} rows)"
+    return arch, None
+
+
+def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
+    """Candidate and champion on today's validation split (the same users, the same rule)."""
+    from jobs import registry
+
+    data = state.outputs("update_sequences")["sequences"]
+    trained = state.outputs("train")
+    client = _client(cfg)
+    candidate = registry.evaluate_checkpoint(trained["checkpoint"], data, "valid")
+    champ = registry.champion(client, cfg.model_name)
+    champion_metrics = None
+    if champ is not None:
+        ckpt = registry.version_checkpoint(client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}")
+        champion_metrics = registry.evaluate_checkpoint(ckpt, data, "valid")
+    key = registry.SELECT_METRIC
+    client.set_tag(trained["run_id"], "data.manifest", json.dumps(state.outputs("update_sequences")["manifest"]))
+    client.set_tag(trained["run_id"], "nightly.date", cfg.date)
+    client.log_metric(trained["run_id"], f"nightly/valid_{key}", candidate[key])
+    if champion_metrics is not None:
+        client.log_metric(trained["run_id"], f"nightly/champion_valid_{key}", champion_metrics[key])
+    return {"metric": key, "candidate": candidate, "champion_version": None if champ is None else str(champ.version),
+            "champion": champion_metrics}
+
+
+def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
+    from jobs import registry
+
+    trained, measured = state.outputs("train"), state.outputs("evaluate")
+    client = _client(cfg)
+    step = state.step("register_promote")
+    if "version" not in step:  # registered on an earlier, failed attempt: do not register twice
+        mv = registry.register(client, trained["run_id"], cfg.model_name, trained["checkpoint"],
+                               tags={"nightly.date": cfg.date, "data.manifest": json.dumps(
+                                   state.outputs("update_sequences")["manifest"])})
+        step["version"] = str(mv.version)
+        state.save()
+    _maybe_fail("register_promote")  # before the alias moves
+    key = measured["metric"]
+    current = registry.champion(client, cfg.model_name)
+    same_champion = (None if current is None else str(current.version)) == measured["champion_version"]
+    decision = registry.promote_if_better(
+        client, cfg.model_name, step["version"],
+        candidate_metric=measured["candidate"][key],
+        # if the champion moved since `evaluate`, measure the new one on today's data
+        champion_metric=(measured["champion"] or {}).get(key) if same_champion else None,
+        data=state.outputs("update_sequences")["sequences"], metric=key, workdir=cfg.day_dir,
+    )
+    print(f"[nightly] {cfg.date}: v{step['version']} {'PROMOTED' if decision.promoted else 'not promoted'}: "
+          f"{decision.reason}", flush=True)
+    return {"version": step["version"], "decision": decision.as_dict()}
+
+
+STEP_FUNCS: dict[str, Callable[[NightlyConfig, State], dict[str, Any]]] = {
+    "ingest": step_ingest,
+    "update_sequences": step_update_sequences,
+    "train": step_train,
+    "evaluate": step_evaluate,
+    "register_promote": step_register_promote,
+}
+
+
+def run_nightly(cfg: NightlyConfig, steps: list[str] | None = None, force: bool = False) -> dict[str, Any]:
+    """Run the given steps (default: all) for `cfg.date`; finished steps are skipped unless `force`."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    steps = list(steps or STEPS)
+    unknown = set(steps) - set(STEPS)
+    if unknown:
+        raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {list(STEPS)}")
+    with date_lock(cfg):
+        state = State(cfg.workdir / "state" / f"{cfg.date}.json")
+        state.data.update(date=cfg.date, config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
+        for name in steps:
+            if state.done(name) and not force:
+                print(f"[nightly] {cfg.date} {name}: done earlier, skipped", flush=True)
+                state.event(name, "skipped")
+                continue
+            if force and name in state.data["steps"]:  # start the step afresh (keep the attempt count)
+                old = state.data["steps"][name]
+                state.data["steps"][name] = {"status": "pending", **({"attempts": old["attempts"]} if "attempts" in old else {})}
+            record = state.step(name)
+            record.update(status="running", started=time.time())
+            record.pop("error", None)
+            state.save()
+            t0 = time.monotonic()
+            try:
+                outputs = STEP_FUNCS[name](cfg, state)
+                _maybe_fail(name)
+            except BaseException as exc:
+                record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                              traceback=traceback.format_exc(limit=5), seconds=round(time.monotonic() - t0, 1))
+                state.save()
+                state.event(name, "failed", error=record["error"])
+                raise RuntimeError(f"nightly {cfg.date}: step {name} failed: {exc}") from exc
+            record.update(status="done", outputs=outputs, seconds=round(time.monotonic() - t0, 1), finished=time.time())
+            state.save()
+            state.event(name, "done", seconds=record["seconds"])
+            print(f"[nightly] {cfg.date} {name}: done in {record['seconds']}s", flush=True)
+        return state.data

@@ -1,0 +1,292 @@
+"""Model registry: register a finished run's DCP checkpoint as an MLflow pyfunc; promote to `champion`.
+
+A sharded model cannot go through `mlflow.pytorch.log_model` (pt2 export), so the registered model is the
+checkpoint folder (DCP shards + train.json with the full config) logged as pyfunc artifacts, plus the
+project code (`code_paths`). Loading it needs no cluster and no process group: DCP reshards the model to
+one CPU process.
+
+    model = mlflow.pyfunc.load_model("models:/fuxi-alpha@champion")
+    model.predict(pd.DataFrame({"item_ids": [[5, 17, 3]], "timestamps": [[t0, t1, t2]]}), params={"k": 10})
+    -> DataFrame with columns item_ids (top-k, best first) and scores
+
+Promotion: a version becomes `champion` only if its validation metric beats the champion's, both measured
+on the same validation split (`promote_if_better`). Anything that fails before the alias is set leaves
+the champion as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+MODEL_NAME = "fuxi-alpha"
+CHAMPION = "champion"
+SELECT_METRIC = "ndcg_at_10"  # the trainer's model-selection metric
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CODE_PATHS = [str(PROJECT_ROOT / pkg) for pkg in ("model", "pipeline", "jobs")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# inference without the cluster
+
+
+class Recommender:
+    """A checkpoint loaded on one CPU process: top-k items for user histories."""
+
+    def __init__(self, model: Any, max_sequence_length: int, num_items: int) -> None:
+        self.model = model.eval()
+        self.max_sequence_length = max_sequence_length
+        self.num_items = num_items
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path) -> Recommender:
+        from model.recommender import build_model
+        from pipeline.checkpoint import read_meta, resolve_checkpoint
+        from pipeline.config import TrainConfig, from_dict
+        from pipeline.train import load_model_weights
+
+        path = resolve_checkpoint(checkpoint)
+        cfg: TrainConfig = from_dict(TrainConfig, read_meta(path)["config"])
+        model = build_model(cfg.model, device="cpu")
+        load_model_weights(model, path)
+        return cls(model, cfg.model.max_sequence_length, cfg.model.num_items)
+
+    def top_k(
+        self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None, k: int = 10, filter_seen: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids [B, k], scores [B, k]), best first. `request_times` is the time of the request
+        (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
+        import pyarrow as pa
+        import torch
+
+        from pipeline.collate import collate_arrow
+
+        if not histories or any(len(h) == 0 for h in histories):
+            raise ValueError("every history needs at least one item")
+        timestamps = timestamps if timestamps is not None else [[0] * len(h) for h in histories]
+        if request_times is None:
+            request_times = [int(t[-1]) for t in timestamps]
+        items, times = [], []
+        for h, t, now in zip(histories, timestamps, request_times, strict=True):
+            if len(h) != len(t):
+                raise ValueError("item_ids and timestamps differ in length")
+            items.append([int(i) for i in h] + [0])  # the target slot: id 0 (padding), time of the request
+            times.append([int(x) for x in t] + [int(now)])
+        table = pa.table({"user_id": pa.array(range(len(items)), pa.int64()),
+                          "item_ids": pa.array(items, pa.list_(pa.int64())),
+                          "timestamps": pa.array(times, pa.list_(pa.int64()))})
+        batch = collate_arrow(table, self.max_sequence_length, drop_last=0)
+        with torch.no_grad():
+            scores = self.model.encode_last(batch.seq) @ self.model.normalized_item_embeddings().T
+        scores[:, 0] = -torch.inf
+        if filter_seen:
+            for row, h in enumerate(histories):
+                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
+        top = torch.topk(scores, min(k, self.num_items - 1), dim=1)
+        return top.indices.numpy(), top.values.numpy()
+
+
+class FuxiTopK(mlflow.pyfunc.PythonModel):
+    """pyfunc: DataFrame(item_ids: list[int], timestamps: list[int] optional, request_time: int optional)
+    -> DataFrame(item_ids: top-k list, scores: list); params: k (default 10), filter_seen (default True)."""
+
+    def load_context(self, context: Any) -> None:
+        self.recommender = Recommender.from_checkpoint(context.artifacts["checkpoint"])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        params = params or {}
+        histories = [list(h) for h in model_input["item_ids"]]
+        stamps = None
+        if "timestamps" in model_input and model_input["timestamps"].notna().all():
+            stamps = [list(t) for t in model_input["timestamps"]]
+        now = None
+        if "request_time" in model_input and model_input["request_time"].notna().all():
+            now = [int(t) for t in model_input["request_time"]]
+        ids, scores = self.recommender.top_k(histories, stamps, now, int(params.get("k", 10)),
+                                             bool(params.get("filter_seen", True)))
+        return pd.DataFrame({"item_ids": list(ids.astype(np.int64)), "scores": list(scores.astype(np.float64))})
+
+
+def _signature() -> Any:
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("long"), "timestamps", required=False),
+                       ColSpec("long", "request_time", required=False)]),
+        outputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("double"), "scores")]),
+        params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("filter_seen", "boolean", True)]),
+    )
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in
+            ("torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "pyarrow", "mlflow")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# register / evaluate / promote
+
+
+def run_checkpoint(client: Any, run_id: str) -> Path:
+    """The latest complete checkpoint a training run wrote (its run_dir, else the default layout)."""
+    from pipeline.checkpoint import resolve_checkpoint
+
+    params = client.get_run(run_id).data.params
+    run_dir = params.get("run_dir")
+    if not run_dir or run_dir == "None":
+        run_dir = str(Path(params.get("output_dir", "runs")) / params.get("name", "") / run_id)
+    return resolve_checkpoint(Path(run_dir) / "checkpoints")
+
+
+def register(
+    client: Any, run_id: str, name: str = MODEL_NAME, checkpoint: str | Path | None = None,
+    tags: dict[str, str] | None = None,
+) -> Any:
+    """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion."""
+    import mlflow
+
+    from pipeline.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
+    run = client.get_run(run_id)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / ckpt.name
+        shutil.copytree(ckpt, staged)
+        code = []
+        for pkg in CODE_PATHS:  # the project code the pyfunc imports, without bytecode caches
+            code.append(str(Path(tmp) / "code" / Path(pkg).name))
+            shutil.copytree(pkg, code[-1], ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=FuxiTopK(), artifacts={"checkpoint": str(staged)},
+                code_paths=code, signature=_signature(), pip_requirements=_requirements(),
+            )
+    version_tags = {
+        "checkpoint": str(ckpt),
+        "git_commit": run.data.tags.get("git_commit", "unknown"),
+        "data.meta": run.data.tags.get("data.meta", ""),
+        "data.source": run.data.params.get("data.source", ""),
+        **(tags or {}),
+    }
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:  # RESOURCE_DOES_NOT_EXIST
+        client.create_registered_model(name)
+    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=version_tags)
+    return mv
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "valid") -> dict[str, float]:
+    """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
+    from model.recommender import build_model
+    from pipeline.checkpoint import read_meta, resolve_checkpoint
+    from pipeline.config import TrainConfig, from_dict
+    from pipeline.evaluate import evaluate
+    from pipeline.train import build_batches, load_data, load_model_weights
+
+    path = resolve_checkpoint(checkpoint)
+    cfg: TrainConfig = from_dict(TrainConfig, read_meta(path)["config"])
+    if data:
+        cfg.data.source = data
+    seqs = load_data(cfg)
+    if seqs.num_items > cfg.model.num_items:
+        raise ValueError(f"{path} knows {cfg.model.num_items} item ids; the data has {seqs.num_items}")
+    model = build_model(cfg.model)
+    load_model_weights(model, path)
+    batches = build_batches(cfg, seqs)
+    if split not in batches:
+        raise ValueError(f"split {split!r} does not exist under protocol {cfg.data.protocol!r}")
+    return evaluate(model, batches[split].epoch(), "cpu")
+
+
+def champion(client: Any, name: str = MODEL_NAME) -> Any | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:  # no registered model, or no alias yet
+        return None
+
+
+def version_checkpoint(client: Any, name: str, version: str | int, dest: str | Path) -> Path:
+    """A local copy of a registered version's checkpoint (downloaded from the artifact store)."""
+    import mlflow.artifacts
+
+    dest = Path(dest)
+    marker = dest / ".complete"
+    if not marker.exists():
+        if dest.exists():
+            shutil.rmtree(dest)
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=client.tracking_uri)
+        marker.write_text(str(version))
+    found = [p.parent for p in (dest / "artifacts").rglob(".metadata")]
+    if len(found) != 1:
+        raise FileNotFoundError(f"no single DCP checkpoint under {dest}/artifacts")
+    return found[0]
+
+
+@dataclass
+class Decision:
+    promoted: bool
+    version: str
+    metric: str
+    candidate: float
+    champion_version: str | None
+    champion: float | None
+    reason: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def promote_if_better(
+    client: Any, name: str, version: str | int, *, candidate_metric: float | None = None,
+    champion_metric: float | None = None, data: str | None = None, metric: str = SELECT_METRIC,
+    workdir: str | Path | None = None, min_delta: float = 0.0,
+) -> Decision:
+    """Set `champion` to `version` only if it beats the current champion on the validation metric.
+
+    Pass both metrics when the caller measured them on the same split (the nightly job does); otherwise
+    both checkpoints are evaluated here on the validation split of `data` (default: the candidate's data).
+    """
+    version = str(version)
+    current = champion(client, name)
+    if current is not None and str(current.version) == version:
+        return Decision(False, version, metric, float("nan"), version, None, "already champion")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(workdir or tmp)
+        if candidate_metric is None:
+            cand_ckpt = version_checkpoint(client, name, version, root / f"v{version}")
+            candidate_metric = evaluate_checkpoint(cand_ckpt, data)[metric]
+        if current is not None and champion_metric is None:
+            champ_ckpt = version_checkpoint(client, name, current.version, root / f"v{current.version}")
+            candidate_data = data or client.get_model_version(name, version).tags.get("data.source") or None
+            champion_metric = evaluate_checkpoint(champ_ckpt, candidate_data)[metric]
+    client.set_model_version_tag(name, version, f"valid_{metric}", f"{candidate_metric:.6f}")
+    if current is None:
+        better, reason = True, "no champion yet"
+    else:
+        better = candidate_metric > float(champion_metric) + min_delta
+        reason = (f"valid {metric} {candidate_metric:.4f} {'>' if better else '<='} "
+                  f"champion v{current.version} {float(champion_metric):.4f}")
+    if better:
+        client.set_registered_model_alias(name, CHAMPION, version)
+    return Decision(better, version, metric, float(candidate_metric),
+                    None if current is None else str(current.version),
+                    None if champion_metric is None else float(champion_metric), reason)

@@ -1,0 +1,222 @@
+"""Sweep report from `search_runs` alone: a Markdown leaderboard and scaling curves (PNG, log axes).
+
+    fuxi report --parent-run-id <id> --out docs --name sweep_report
+
+Reads the parent's child runs, their params (the full resolved config) and final metrics. The parameter
+count is rebuilt from the `model.*` params on the meta device (no weights are allocated). Curves: the
+metric against each numeric field the grid varied (one line per value of the other fields) and against
+the parameter count. Written to `--out` and logged to the parent run under `report/`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+DEFAULT_METRIC = "final_test/ndcg_at_10"
+TABLE_METRICS = ("final_test/hr_at_10", "final_test/ndcg_at_10", "final_test/mrr", "valid/ndcg_at_10")
+IGNORED_PARAMS = {"tracking.run_name", "run_dir", "tracking.parent_run_id", "output_dir"}
+PARAMS_COLUMN = "parameters"
+
+
+def child_runs(client: Any, parent_run_id: str) -> pd.DataFrame:
+    """`search_runs` for the parent's children: one row per run, columns params.*, metrics.*, tags.*."""
+    import mlflow
+
+    parent = client.get_run(parent_run_id)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    df = mlflow.search_runs(
+        experiment_ids=[parent.info.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        order_by=["attributes.start_time ASC"],
+        output_format="pandas",
+    )
+    return df
+
+
+def _literal(text: Any) -> Any:
+    if not isinstance(text, str):
+        return text
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+@lru_cache(maxsize=256)
+def _count(model_items: tuple[tuple[str, Any], ...]) -> int:
+    from model.config import ModelConfig
+    from model.recommender import build_model, count_parameters
+
+    return count_parameters(build_model(ModelConfig(**dict(model_items)), device="meta"))
+
+
+def parameter_count(params: dict[str, Any]) -> int:
+    """Trainable parameters of the model a run's params describe ({'model.num_layers': '2', ...})."""
+    from model.config import ModelConfig
+
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    items = {k.split(".", 1)[1]: _literal(v) for k, v in params.items()
+             if k.startswith("model.") and k.split(".", 1)[1] in names and v is not None}
+    items.pop("extra", None)
+    frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))
+    return _count(frozen)
+
+
+def varied_fields(df: pd.DataFrame, grid: dict[str, list[str]] | None = None) -> list[str]:
+    """The swept fields: the grid's keys when known, else params with more than one value."""
+    if grid:
+        return list(grid)
+    cols = [c for c in df.columns if c.startswith("params.") and c[7:] not in IGNORED_PARAMS]
+    return [c[7:] for c in cols if df[c].nunique(dropna=True) > 1]
+
+
+def _numeric(values: pd.Series) -> bool:
+    return bool(pd.to_numeric(values, errors="coerce").notna().all())
+
+
+@dataclass
+class Report:
+    table: pd.DataFrame  # one row per child run, leaderboard order
+    fields: list[str]
+    metric: str
+    series: dict[str, dict[str, list[list[float]]]]  # panel x-field -> line label -> [[x, y], ...]
+    markdown: str
+    paths: dict[str, Path]
+
+
+def build_table(df: pd.DataFrame, fields: list[str], metric: str) -> pd.DataFrame:
+    rows = []
+    for _, r in df.iterrows():
+        params = {c[7:]: r[c] for c in df.columns if c.startswith("params.")}
+        row: dict[str, Any] = {"run": r.get("tags.mlflow.runName"), "run_id": r["run_id"], "status": r["status"]}
+        for f in fields:
+            row[f] = _literal(params.get(f))
+        row[PARAMS_COLUMN] = parameter_count(params) if any(k.startswith("model.") for k in params) else None
+        for m in dict.fromkeys((metric, *TABLE_METRICS)):
+            row[m] = r.get(f"metrics.{m}")
+        row["train/epoch_seconds"] = r.get("metrics.train/epoch_seconds")
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    return table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+
+
+def to_markdown(table: pd.DataFrame, fields: list[str], metric: str, title: str) -> str:
+    metrics = list(dict.fromkeys((metric, *TABLE_METRICS)))
+    head = ["#", "run", *[f.rsplit(".", 1)[-1] for f in fields], "params",
+            *[m.replace("_at_", "@") for m in metrics], "s/epoch", "status"]
+    lines = [f"### {title}", "", f"Sorted by `{metric}` (the test split at the validation-selected epoch).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def fmt(v: Any, digits: int = 4) -> str:
+        if v is None or (isinstance(v, float) and pd.isna(v)):
+            return "-"
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    for i, r in table.iterrows():
+        cells = [str(i + 1), str(r["run"]).rsplit("/", 1)[-1], *[fmt(r[f]) for f in fields],
+                 fmt(r[PARAMS_COLUMN]) if r[PARAMS_COLUMN] is not None else "-",
+                 *[fmt(r[m]) for m in metrics], fmt(r["train/epoch_seconds"], 1), str(r["status"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scaling_series(table: pd.DataFrame, fields: list[str], metric: str) -> dict[str, dict[str, list[list[float]]]]:
+    """Points of each panel, grouped into lines; only finished runs with the metric."""
+    done = table[(table["status"] == "FINISHED") & table[metric].notna()]
+    series: dict[str, dict[str, list[list[float]]]] = {}
+    xs = [f for f in fields if _numeric(done[f])] + [PARAMS_COLUMN]
+    for x in xs:
+        if x == PARAMS_COLUMN:
+            # connect runs that differ only in model fields (the parameter count moves with them)
+            others = [f for f in fields if not f.startswith("model.")]
+        else:
+            others = [f for f in fields if f != x]
+        lines: dict[str, list[list[float]]] = {}
+        for key, group in done.groupby(others, sort=True) if others else [((), done)]:
+            key = key if isinstance(key, tuple) else (key,)
+            label = ", ".join(f"{f.rsplit('.', 1)[-1]}={v}" for f, v in zip(others, key)) or "all runs"
+            pts = sorted([float(a), float(b)] for a, b in zip(group[x], group[metric]))
+            lines[label] = pts
+        series[x] = lines
+    return series
+
+
+def _short(n: float) -> str:
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return f"{n:g}"
+
+
+def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: str, path: Path) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(series)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
+    for ax, x in zip(axes[0], panels):
+        ys = [p[1] for pts in series[x].values() for p in pts]
+        for label, pts in series[x].items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log", base=10 if x == PARAMS_COLUMN else 2)
+        if ys and min(ys) > 0:
+            ax.set_yscale("log")
+            lo, hi = min(ys), max(ys)
+            yticks = np.geomspace(lo, hi, 5) if hi > lo else [lo]
+            ax.set_yticks(yticks, [f"{t:.3g}" for t in yticks])
+        ax.set_xlabel("parameters" if x == PARAMS_COLUMN else x)
+        ax.set_ylabel(metric.replace("_at_", "@"))
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        ticks = sorted({p[0] for pts in series[x].values() for p in pts})
+        labels = [_short(t) if x == PARAMS_COLUMN else f"{t:g}" for t in ticks]
+        ax.set_xticks(ticks, labels)
+        ax.minorticks_off()
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return fig
+
+
+def build_report(
+    client: Any, parent_run_id: str, out_dir: str | Path, metric: str = DEFAULT_METRIC, log_to_parent: bool = True,
+    name: str = "sweep_report",
+) -> Report:
+    """Writes <out_dir>/<name>.md (leaderboard), .png (scaling curves), .json (the plotted data)."""
+    parent = client.get_run(parent_run_id)
+    grid = json.loads(parent.data.tags.get("sweep.grid", "{}")) or None
+    df = child_runs(client, parent_run_id)
+    if df.empty:
+        raise ValueError(f"run {parent_run_id} has no child runs")
+    fields = varied_fields(df, grid)
+    table = build_table(df, fields, metric)
+    title = f"{parent.info.run_name}: {len(table)} runs, preset {parent.data.tags.get('sweep.preset', '?')}"
+    series = scaling_series(table, fields, metric)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"leaderboard": out / f"{name}.md", "plot": out / f"{name}.png", "data": out / f"{name}.json"}
+    markdown = to_markdown(table, fields, metric, title)
+    paths["leaderboard"].write_text(markdown)
+    plot(series, metric, title, paths["plot"])
+    paths["data"].write_text(json.dumps({"parent_run_id": parent_run_id, "metric": metric, "fields": fields,
+                                         "series": series, "runs": json.loads(table.to_json(orient="records"))},
+                                        indent=1))
+    if log_to_parent:
+        for p in paths.values():
+            client.log_artifact(parent_run_id, str(p), "report")
+    return Report(table, fields, metric, series, markdown, paths)

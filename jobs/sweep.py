@@ -1,0 +1,263 @@
+"""Sweeps: a grid over any config fields, one TorchX job per point, all under one parent MLflow run.
+
+    fuxi sweep --preset tiny --grid model.num_layers=1,2 --grid loss.num_negatives=32,128 --set epochs=2
+
+Every point is `jobs/components.py:train` with the point's values as `--set` overrides plus
+`tracking.parent_run_id=<parent>`, so each child run carries the full resolved config as params and
+`fuxi report` can rebuild the comparison from `search_runs` alone. Jobs run on any TorchX scheduler
+(`local_cwd` by default; `kubernetes` / `slurm` with infra/torchx/.torchxconfig), `--parallel N` at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+COMPONENT = str(Path(__file__).with_name("components.py")) + ":train"
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow helpers shared by the jobs
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The tracking URI jobs should use: relative SQLite paths made absolute (jobs may run elsewhere)."""
+    from pipeline.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(uri)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def ensure_experiment(client: Any, name: str, artifact_root: str | Path | None = None) -> str:
+    """Experiment id by name, created if needed. With a SQLite store MLflow puts artifacts in ./mlruns of
+    whichever process creates the experiment; pin them next to the database file instead."""
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if artifact_root is not None:
+        location = Path(artifact_root).resolve().as_uri()
+    elif client.tracking_uri.startswith("sqlite:///"):
+        location = (Path(client.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+    return client.create_experiment(name, artifact_location=location)
+
+
+def mlflow_client(tracking_uri: str | None = None) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=absolute_tracking_uri(tracking_uri))
+
+
+# ---------------------------------------------------------------------------------------------------
+# grid
+
+
+def parse_grid(specs: list[str]) -> dict[str, list[str]]:
+    """['model.num_layers=1,2', 'loss.num_negatives=32,128'] -> {field: [values]} (validated later)."""
+    grid: dict[str, list[str]] = {}
+    for spec in specs:
+        if "=" not in spec:
+            raise ValueError(f"grid axis {spec!r} must look like section.field=v1,v2,...")
+        key, values = spec.split("=", 1)
+        items = [v.strip() for v in values.split(",") if v.strip()]
+        if not items:
+            raise ValueError(f"grid axis {key!r} has no values")
+        grid[key.strip()] = items
+    return grid
+
+
+def expand_grid(grid: dict[str, list[str]]) -> list[dict[str, str]]:
+    keys = list(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def point_name(point: dict[str, str]) -> str:
+    """Short run name: model.num_layers=2, loss.num_negatives=128 -> num_layers2-num_negatives128."""
+    return "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items()) or "base"
+
+
+def validate_point(preset: str, overrides: list[str]) -> None:
+    """Fail before launching anything if a field or value is wrong."""
+    from pipeline.config import apply_overrides, get_preset
+
+    apply_overrides(get_preset(preset), overrides)
+
+
+# ---------------------------------------------------------------------------------------------------
+# launching
+
+
+@dataclass
+class Job:
+    name: str
+    point: dict[str, str]
+    args: list[str]  # component arguments
+    handle: str | None = None
+    state: str = "PENDING"
+    seconds: float = 0.0
+    started: float = field(default=0.0, repr=False)
+
+
+def component_args(
+    preset: str,
+    overrides: list[str],
+    *,
+    run_dir: str | None,
+    tracking_uri: str,
+    parent_run_id: str | None,
+    data: str | None = None,
+    cpu: int = 2,
+    nproc_per_node: int = 1,
+    nnodes: int = 1,
+    name: str = "fuxi-train",
+) -> list[str]:
+    args = ["--preset", preset, "--tracking_uri", tracking_uri, "--cpu", str(cpu),
+            "--nproc_per_node", str(nproc_per_node), "--nnodes", str(nnodes), "--name", name]
+    if run_dir:
+        args += ["--run_dir", run_dir]
+    if parent_run_id:
+        args += ["--parent_run_id", parent_run_id]
+    if data:
+        args += ["--data", data]
+    return args + list(overrides)
+
+
+def parse_scheduler_args(text: str | None) -> dict[str, Any]:
+    """'log_dir=/tmp/x,queue=default' -> dict (the same syntax as `torchx run --scheduler_args`)."""
+    out: dict[str, Any] = {}
+    for part in (text or "").split(","):
+        if part.strip():
+            key, _, value = part.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def run_jobs(
+    jobs: list[Job], scheduler: str = "local_cwd", scheduler_cfg: dict[str, Any] | None = None,
+    parallel: int = 1, poll_seconds: float = 2.0, log: Any = print,
+) -> list[Job]:
+    """Submit TorchX jobs, at most `parallel` in flight, and wait for all of them."""
+    from torchx.runner import get_runner
+
+    if scheduler.startswith("local"):
+        # local schedulers run `torchrun` from PATH: make it this environment's
+        bindir = str(Path(sys.executable).parent)
+        if not os.environ.get("PATH", "").startswith(bindir):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    runner = get_runner()
+    pending, running = list(jobs), []
+    try:
+        while pending or running:
+            while pending and len(running) < max(1, parallel):
+                job = pending.pop(0)
+                job.handle = runner.run_component(COMPONENT, job.args, scheduler, cfg=scheduler_cfg or {})
+                job.started, job.state = time.monotonic(), "SUBMITTED"
+                log(f"[torchx] submitted {job.name}: {job.handle}")
+                running.append(job)
+            time.sleep(poll_seconds)
+            for job in list(running):
+                status = runner.status(job.handle)
+                state = status.state.name if status is not None else "UNKNOWN"
+                if state in TERMINAL:
+                    job.state, job.seconds = state, time.monotonic() - job.started
+                    running.remove(job)
+                    log(f"[torchx] {job.name}: {state} in {job.seconds:.0f}s")
+    except BaseException:
+        for job in running:
+            runner.cancel(job.handle)
+        raise
+    finally:
+        runner.close()
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str
+    experiment_id: str
+    jobs: list[Job]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return all(j.state == "SUCCEEDED" for j in self.jobs)
+
+
+def run_sweep(
+    preset: str,
+    grid: dict[str, list[str]],
+    overrides: list[str] | None = None,
+    *,
+    name: str | None = None,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    sweep_dir: str | Path = "runs/sweeps",
+    scheduler: str = "local_cwd",
+    scheduler_cfg: dict[str, Any] | None = None,
+    parallel: int = 1,
+    data: str | None = None,
+    cpu: int | None = None,
+    poll_seconds: float = 2.0,
+    log: Any = print,
+) -> SweepResult:
+    """Create the parent run, launch one TorchX job per grid point, wait, close the parent run."""
+    from pipeline.config import get_preset
+
+    overrides = list(overrides or [])
+    points = expand_grid(grid)
+    for point in points:  # typos fail here, not 10 jobs later
+        validate_point(preset, overrides + [f"{k}={v}" for k, v in point.items()])
+    experiment = experiment or get_preset(preset).tracking.experiment
+    name = name or f"sweep-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    uri = absolute_tracking_uri(tracking_uri)
+    client = mlflow_client(uri)
+    exp_id = ensure_experiment(client, experiment)
+    parent = client.create_run(exp_id, run_name=name, tags={
+        "mlflow.runName": name, "sweep.preset": preset, "sweep.grid": json.dumps(grid),
+        "sweep.overrides": json.dumps(overrides), "sweep.scheduler": scheduler, "fuxi.kind": "sweep",
+    })
+    pid = parent.info.run_id
+    from mlflow.entities import Param
+
+    client.log_batch(pid, params=[Param("preset", preset), Param("points", str(len(points)))]
+                     + [Param(f"grid.{k}", ",".join(v)) for k, v in grid.items()])
+    root = Path(sweep_dir) / name
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = dict(scheduler_cfg or {})
+    if scheduler == "local_cwd":
+        cfg.setdefault("log_dir", str((root / "torchx_logs").resolve()))
+    cpu = cpu or max(1, (os.cpu_count() or 2) // max(1, parallel))
+    jobs = []
+    for point in points:
+        run_name = f"{name}/{point_name(point)}"
+        point_overrides = overrides + [f"{k}={v}" for k, v in point.items()] + [
+            f"tracking.run_name={run_name}", f"tracking.experiment={experiment}", "progress=false"]
+        run_dir = str((root / point_name(point)).resolve()) if scheduler.startswith("local") else None
+        args = component_args(preset, point_overrides, run_dir=run_dir, tracking_uri=uri, parent_run_id=pid,
+                              data=data, cpu=cpu, name="fuxi-sweep")
+        jobs.append(Job(point_name(point), point, args))
+    t0 = time.monotonic()
+    status = "FAILED"
+    try:
+        run_jobs(jobs, scheduler, cfg, parallel, poll_seconds, log)
+        status = "FINISHED" if all(j.state == "SUCCEEDED" for j in jobs) else "FAILED"
+    finally:
+        seconds = time.monotonic() - t0
+        client.set_tag(pid, "sweep.jobs", json.dumps({j.name: [j.state, j.handle, round(j.seconds, 1)] for j in jobs}))
+        client.log_metric(pid, "sweep/seconds", seconds)
+        client.log_metric(pid, "sweep/succeeded", sum(j.state == "SUCCEEDED" for j in jobs))
+        client.set_terminated(pid, status=status)
+    return SweepResult(pid, exp_id, jobs, seconds)

@@ -1,0 +1,422 @@
+"""Raw event logs -> per-user sequence shards, as Ray Data map tasks; incremental by day, idempotent.
+
+Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: stack-notes section 2 measured
+`groupby().map_groups()` 30x slower than hash-partition + per-partition sort):
+  scatter  one task per raw part file: validate (`pipeline.ingest`), quarantine bad rows, hash the user id
+           into P partitions and write the good events of each partition as their own row groups of one
+           temporary file. Memory: one 1M-row batch.
+  gather   one task per partition: read its row groups from every scattered file (+ the existing shard when
+           appending), sort by (user, time, item), drop exact duplicate (user, item, time) events, keep the
+           last `max_length` events of each user with their timestamps, write the shard sorted by user.
+           Memory: one partition (about rows_per_partition events).
+
+Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipeline.data` read it):
+    manifest.json                          format, num_items, max_length, partitions, shards, days, totals
+    part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups of
+                                           `row_group_rows` users (the streaming unit of `pipeline.data`)
+    quarantine/date=YYYY-MM-DD/<part>.quarantine.parquet   bad rows (`pipeline.ingest`)
+The manifest is the commit point: shards of a new generation are written first, then the manifest is replaced
+atomically, then the previous generation is deleted. A job killed before the commit leaves the old manifest
+valid (and re-running redoes the work); a day recorded in the manifest is never applied twice: `append_day`
+of a recorded day with the same files (name, bytes, rows) is a no-op, with different files an error.
+
+Rules (the same for a full build and for appends, so appending day by day equals a full rebuild):
+  order      time, ties broken by item id (as `pipeline.sequences.events_to_sequences`)
+  dedup      exact duplicates of (user_id, item_id, timestamp) are kept once (event_type is not kept)
+  truncate   the last `max_length` events per user. Appending keeps only the stored last max_length events
+             of a user and merges the new ones: the same result as a rebuild, since anything truncated
+             away is older than every kept event.
+  num_items  catalogue size + 1 when a catalogue is configured (`--num-items`, or `_logs.json` of the
+             logs); otherwise max item id seen + 1, growing with appends.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from pipeline.ingest import (
+    EVENT_SCHEMA,
+    IngestReport,
+    IngestRules,
+    check_log_schema,
+    day_files,
+    fingerprint,
+    log_days,
+    read_logs_meta,
+    report_of,
+    scan_log_file,
+)
+from pipeline.readers import QUARANTINE_SCHEMA, write_quarantine
+from pipeline.sequences import SEQUENCE_SCHEMA, SHARD_MANIFEST
+
+FORMAT = "fuxi.sequence-shards/1"
+MIN_LENGTHS = (2, 3, 4)  # row-group counts of users with at least this many events (see `pipeline.data`)
+_SHARD_WRITE = dict(
+    compression="zstd", use_dictionary=False, column_encoding={"timestamps.list.element": "DELTA_BINARY_PACKED"}
+)
+
+
+@dataclass
+class BuildConfig:
+    max_length: int = 200  # events kept per user (the most recent)
+    num_partitions: int | None = None  # None: ceil(rows / rows_per_partition), at least 2
+    rows_per_partition: int = 4_000_000  # bounds a gather task's memory (~150 bytes per event)
+    row_group_rows: int = 8192  # users per shard row group
+    rules: IngestRules = field(default_factory=IngestRules)
+
+
+@dataclass
+class BuildReport:
+    out: Path
+    op: str  # build | append
+    days: list[str]
+    skipped_days: list[str]
+    ingest: IngestReport
+    users: int  # users in the directory after this run
+    sequences_written: int  # shard rows written by this run
+    interactions: int  # events stored after this run
+    duplicates_dropped: int
+    truncated: int  # events dropped by max_length in this run
+    num_items: int
+    partitions: int
+    seconds: float
+
+    def summary(self) -> str:
+        if not self.days:
+            return f"{self.out}: day(s) {', '.join(self.skipped_days)} already applied; nothing to do"
+        text = (f"{self.op} {', '.join(self.days)}: {self.ingest.summary()}; "
+                f"{self.users:,} users, {self.sequences_written:,} sequences written to {self.partitions} shards, "
+                f"{self.interactions:,} events stored ({self.duplicates_dropped:,} duplicates dropped, "
+                f"{self.truncated:,} beyond max length); num_items {self.num_items:,}; {self.seconds:.1f} s")
+        if self.skipped_days:
+            text += f"; skipped (already applied): {', '.join(self.skipped_days)}"
+        return text
+
+
+# --------------------------------------------------------------------------------------------------------------
+# pure functions (numpy / pyarrow; no Ray)
+
+
+def partition_of(users: np.ndarray, num_partitions: int) -> np.ndarray:
+    """Stable hash partition of user ids (splitmix64 finaliser), the same in every process and run."""
+    x = users.astype(np.uint64)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return (x % np.uint64(num_partitions)).astype(np.int64)
+
+
+def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str, int]]:
+    """(user_id, item_id, timestamp) events -> SEQUENCE_SCHEMA rows sorted by user; plus counts."""
+    n_in = events.num_rows
+    if n_in == 0:
+        return SEQUENCE_SCHEMA.empty_table(), {"events": 0, "duplicates": 0, "truncated": 0}
+    order = pc.sort_indices(
+        events, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
+    )
+    u, i, t = (events[c].take(order).to_numpy() for c in ("user_id", "item_id", "timestamp"))
+    keep = np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1]) | (i[1:] != i[:-1])]
+    n_dup = int(n_in - keep.sum())
+    if n_dup:
+        u, i, t = u[keep], i[keep], t[keep]
+    n = len(u)
+    first = np.r_[True, u[1:] != u[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], n]
+    lengths = ends - starts
+    n_trunc = int(np.maximum(lengths - max_length, 0).sum())
+    if n_trunc:
+        gid = np.cumsum(first) - 1
+        keep = np.arange(n) >= (ends - max_length)[gid]
+        i, t = i[keep], t[keep]
+        lengths = np.minimum(lengths, max_length)
+    offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
+    table = pa.Table.from_arrays(
+        [pa.array(u[starts]), pa.ListArray.from_arrays(offsets, pa.array(i)),
+         pa.ListArray.from_arrays(offsets, pa.array(t))],
+        schema=SEQUENCE_SCHEMA,
+    )
+    return table, {"events": n_in, "duplicates": n_dup, "truncated": n_trunc}
+
+
+def sequences_to_events(seq: pa.Table) -> pa.Table:
+    """The inverse of group_events (for merging a day into a stored shard)."""
+    lengths = pc.list_value_length(seq["item_ids"]).to_numpy(zero_copy_only=False)
+    users = np.repeat(seq["user_id"].to_numpy(), lengths)
+    items = pc.list_flatten(seq["item_ids"]).to_numpy(zero_copy_only=False)
+    times = pc.list_flatten(seq["timestamps"]).to_numpy(zero_copy_only=False)
+    return pa.Table.from_arrays([pa.array(users), pa.array(items), pa.array(times)], schema=EVENT_SCHEMA)
+
+
+def row_group_counts(lengths: np.ndarray, rows_per_group: int) -> list[list[int]]:
+    """Per row group: [rows, users with >= 2 events, >= 3, >= 4] (what a stream needs to plan equal steps)."""
+    out = []
+    for s in range(0, len(lengths), rows_per_group):
+        chunk = lengths[s : s + rows_per_group]
+        out.append([int(len(chunk))] + [int((chunk >= m).sum()) for m in MIN_LENGTHS])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the two Ray Data tasks (plain functions of a JSON spec; run inline by `_run_tasks(..., ray=False)`)
+
+
+def scatter_task(spec: dict) -> dict:
+    """Validate one raw file, quarantine its bad rows, write its good events grouped by partition."""
+    path, num_parts = Path(spec["path"]), spec["partitions"]
+    rules = IngestRules(**spec["rules"])
+    writer, rg, part_rgs = None, 0, [[] for _ in range(num_parts)]
+    bads, rows_read, kept, max_item = [], 0, 0, 0
+    tmp = Path(spec["out"] + ".tmp")
+    for good, bad in scan_log_file(path, rules, spec["source"]):
+        rows_read += good.num_rows + bad.num_rows
+        kept += good.num_rows
+        if bad.num_rows:
+            bads.append(bad)
+        if good.num_rows == 0:
+            continue
+        max_item = max(max_item, int(pc.max(good["item_id"]).as_py()))
+        part = partition_of(good["user_id"].to_numpy(), num_parts)
+        order = np.argsort(part, kind="stable")
+        counts = np.bincount(part, minlength=num_parts)
+        grouped = good.take(pa.array(order))
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, EVENT_SCHEMA, compression="lz4")
+        offsets = np.r_[0, np.cumsum(counts)]
+        for p in np.flatnonzero(counts):
+            writer.write_table(grouped.slice(int(offsets[p]), int(counts[p])), row_group_size=int(counts[p]))
+            part_rgs[p].append(rg)
+            rg += 1
+    if writer is not None:
+        writer.close()
+        tmp.replace(spec["out"])
+    bad_all = pa.concat_tables(bads) if bads else QUARANTINE_SCHEMA.empty_table()
+    qpath = write_quarantine(bad_all, Path(spec["quarantine"]))  # no bad rows: removes a stale file
+    report = report_of(rows_read, kept, bad_all, str(qpath) if qpath else None)
+    return {"date": spec["date"], "file": spec["out"] if writer is not None else None, "row_groups": part_rgs,
+            "max_item": max_item, "report": report.to_dict()}
+
+
+def gather_task(spec: dict) -> dict:
+    """Build one partition's shard from its scattered row groups (+ the stored shard when appending)."""
+    tables = []
+    for path, rgs in spec["pieces"]:
+        tables.append(pq.ParquetFile(path).read_row_groups(rgs))
+    if spec.get("existing"):
+        tables.append(sequences_to_events(pq.read_table(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
+    events = pa.concat_tables(tables).combine_chunks() if tables else EVENT_SCHEMA.empty_table()
+    seq, counts = group_events(events, spec["max_length"])
+    del events, tables
+    tmp = Path(spec["out"] + ".tmp")
+    pq.write_table(seq, tmp, row_group_size=spec["row_group_rows"], **_SHARD_WRITE)
+    tmp.replace(spec["out"])
+    lengths = pc.list_value_length(seq["item_ids"]).to_numpy(zero_copy_only=False)
+    return {
+        "partition": spec["partition"],
+        "file": Path(spec["out"]).name,
+        "rows": seq.num_rows,
+        "interactions": int(lengths.sum()),
+        "row_groups": row_group_counts(lengths, spec["row_group_rows"]),
+        **counts,
+    }
+
+
+def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progress: bool) -> list[dict]:
+    """Run `fn` over specs as Ray Data map tasks (one task per spec), with a progress bar."""
+    import ray.data
+
+    from pipeline.data import ensure_ray, quiet_context
+
+    if not specs:
+        return []
+    ensure_ray()
+
+    def task(row: dict[str, Any]) -> dict[str, Any]:
+        return {"result": json.dumps(fn(json.loads(row["spec"])))}
+
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)).map(task)
+    quiet_context(ds.context)
+    out = []
+    with tqdm(total=len(specs), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+        for row in ds.iter_rows():
+            out.append(json.loads(row["result"]))
+            bar.update(1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# manifest
+
+
+def read_manifest(seqdir: str | Path) -> dict:
+    path = Path(seqdir) / SHARD_MANIFEST
+    if not path.exists():
+        raise FileNotFoundError(f"{seqdir}: no {SHARD_MANIFEST}; build it first with `fuxi data build-sequences`")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return manifest
+
+
+def _write_manifest(seqdir: Path, manifest: dict) -> None:
+    tmp = seqdir / (SHARD_MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    tmp.replace(seqdir / SHARD_MANIFEST)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# build and append
+
+
+def build_sequences(
+    logs: str | Path, out: str | Path, cfg: BuildConfig | None = None, dates: list[str] | None = None,
+    progress: bool = True,
+) -> BuildReport:
+    """Full (re)build of `out` from the days of `logs` (all days, or `dates`)."""
+    cfg = cfg or BuildConfig()
+    logs, out = Path(logs), Path(out)
+    days = log_days(logs)
+    if dates is not None:
+        unknown = [d for d in dates if d not in days]
+        if unknown:
+            raise FileNotFoundError(f"{logs}: no partition for date(s) {unknown}; it has {sorted(days)}")
+        days = {d: days[d] for d in sorted(dates)}
+    rules = cfg.rules
+    if rules.num_items is None and read_logs_meta(logs).get("num_items"):
+        rules = IngestRules(int(read_logs_meta(logs)["num_items"]), rules.min_timestamp, rules.max_timestamp)
+    files = [(d, p) for d, ps in days.items() for p in ps]
+    for _, p in files:  # schema errors name the file and column before any task runs
+        check_log_schema(p)
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+    parts = cfg.num_partitions or max(2, math.ceil(rows / cfg.rows_per_partition))
+    previous = read_manifest(out) if (out / SHARD_MANIFEST).exists() else None
+    manifest = {
+        "format": FORMAT,
+        "generation": (previous["generation"] if previous else 0) + 1,
+        "max_length": cfg.max_length,
+        "num_partitions": parts,
+        "row_group_rows": cfg.row_group_rows,
+        "rules": asdict(rules),
+        "max_item": 0,
+        "days": {},
+        "history": [],
+    }
+    report = _apply(logs, out, manifest, days, existing={}, progress=progress, op="build")
+    if previous:  # quarantine folders of days the rebuild no longer holds
+        for d in set(previous["days"]) - set(manifest["days"]):
+            shutil.rmtree(out / "quarantine" / f"date={d}", ignore_errors=True)
+        _remove_unreferenced(out, manifest)
+    return report
+
+
+def append_day(logs: str | Path, date: str, sequences: str | Path, progress: bool = True) -> BuildReport:
+    """Merge one more day of `logs` into the shard directory `sequences`; a no-op if the day is recorded."""
+    logs, out = Path(logs), Path(sequences)
+    manifest = read_manifest(out)
+    files = day_files(logs, date)
+    if date in manifest["days"]:
+        prints = [fingerprint(p, logs) for p in files]
+        if prints == manifest["days"][date]["files"]:
+            return BuildReport(out, "append", [], [date], IngestReport(), manifest["users"], 0,
+                               manifest["interactions"], 0, 0, manifest["num_items"], manifest["num_partitions"], 0.0)
+        raise ValueError(
+            f"{out}: day {date} was already applied from different files ({manifest['days'][date]['files']}); "
+            f"now {prints}. A day cannot be re-applied incrementally: rebuild with `fuxi data build-sequences`"
+        )
+    for p in files:
+        check_log_schema(p)
+    existing = {s["partition"]: str(out / s["file"]) for s in manifest["shards"]}
+    manifest = dict(manifest, generation=manifest["generation"] + 1)
+    report = _apply(logs, out, manifest, {date: files}, existing=existing, progress=progress, op="append")
+    _remove_unreferenced(out, manifest)
+    return report
+
+
+def _apply(
+    logs: Path, out: Path, manifest: dict, days: dict[str, list[Path]], existing: dict[int, str], progress: bool,
+    op: str,
+) -> BuildReport:
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    gen, parts = manifest["generation"], manifest["num_partitions"]
+    tmp = out / f"_tmp-g{gen:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    scatter_specs = []
+    for d, paths in days.items():
+        for k, p in enumerate(paths):
+            scatter_specs.append({
+                "path": str(p), "source": p.relative_to(logs).as_posix(), "date": d, "partitions": parts,
+                "rules": manifest["rules"], "out": str(tmp / f"{d}-{k:05d}.parquet"),
+                "quarantine": str(out / "quarantine" / f"date={d}" / f"{p.stem}.quarantine.parquet"),
+            })
+    scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
+    gather_specs = []
+    for p in range(parts):
+        pieces = [[s["file"], s["row_groups"][p]] for s in scattered if s["file"] and s["row_groups"][p]]
+        gather_specs.append({
+            "partition": p, "pieces": pieces, "existing": existing.get(p), "max_length": manifest["max_length"],
+            "row_group_rows": manifest["row_group_rows"], "out": str(out / f"part-{p:05d}-g{gen:06d}.parquet"),
+        })
+    shards = sorted(_run_tasks(gather_task, gather_specs, f"{op}: sort + group", progress),
+                    key=lambda s: s["partition"])
+
+    ingest = IngestReport()
+    day_reports: dict[str, IngestReport] = {d: IngestReport() for d in days}
+    for s in scattered:
+        r = IngestReport.from_dict(s["report"])
+        r.quarantine_files = [Path(q).relative_to(out).as_posix() for q in r.quarantine_files]
+        day_reports[s["date"]].add(r)
+        ingest.add(r)
+    max_item = max([manifest["max_item"]] + [s["max_item"] for s in scattered])
+    catalogue = manifest["rules"]["num_items"]
+    manifest.update(
+        max_item=max_item,
+        num_items=(catalogue if catalogue is not None else max_item) + 1,
+        shards=[{k: s[k] for k in ("partition", "file", "rows", "interactions", "row_groups")} for s in shards],
+        users=sum(s["rows"] for s in shards),
+        interactions=sum(s["interactions"] for s in shards),
+        days=dict(manifest["days"], **{
+            d: {"files": [fingerprint(p, logs) for p in paths], "generation": manifest["generation"],
+                "report": day_reports[d].to_dict()}
+            for d, paths in days.items()
+        }),
+    )
+    seconds = time.perf_counter() - t0
+    dups, trunc = sum(s["duplicates"] for s in shards), sum(s["truncated"] for s in shards)
+    manifest["history"] = manifest["history"] + [{
+        "op": op, "generation": manifest["generation"], "days": sorted(days), "logs": str(logs.resolve()),
+        "rows_read": ingest.rows_read, "quarantined": ingest.rows_quarantined, "duplicates": dups,
+        "truncated": trunc, "seconds": round(seconds, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }]
+    _write_manifest(out, manifest)  # the commit point
+    shutil.rmtree(tmp, ignore_errors=True)
+    return BuildReport(
+        out=out, op=op, days=sorted(days), skipped_days=[], ingest=ingest, users=manifest["users"],
+        sequences_written=manifest["users"], interactions=manifest["interactions"], duplicates_dropped=dups,
+        truncated=trunc, num_items=manifest["num_items"], partitions=manifest["num_partitions"], seconds=seconds,
+    )
+
+
+def _remove_unreferenced(out: Path, manifest: dict) -> None:
+    """Delete shards of older generations and temporary folders (after the manifest commit)."""
+    keep = {s["file"] for s in manifest["shards"]}
+    for p in out.glob("part-*-g*.parquet"):
+        if p.name not in keep:
+            p.unlink()
+    for p in out.glob("_tmp-g*"):
+        shutil.rmtree(p, ignore_errors=True)

@@ -1,0 +1,269 @@
+"""Raw event logs: layout, schema check and value validation with a quarantine. No Ray import.
+
+Layout (what `fuxi data synth-logs` writes and `fuxi data build-sequences` reads):
+    LOGDIR/date=YYYY-MM-DD/part-*.parquet    one row per interaction, in time order, not grouped by user
+    LOGDIR/_logs.json                        optional: {"num_items": catalogue size, ...} (written by synth-logs)
+Columns: user_id, item_id (integers), timestamp (integer unix seconds, or a Parquet timestamp type);
+optional event_type (any type; rendered in quarantine rows); other columns are not read. The sequence format does not carry event types.
+
+Schema problems (a missing column, a non-integer id column) are errors naming the file and the column: a file
+with the wrong schema is a pipeline bug, not a bad row. Bad values are quarantined, one reason per row (the
+first failing check, in this order):
+    missing_user_id, negative_user_id, out_of_range_user_id (uint64 above int64),
+    missing_item_id, negative_item_id, zero_item_id (0 is the padding id), out_of_range_item_id,
+    out_of_catalogue_item_id (item_id > the configured catalogue size),
+    missing_timestamp, absurd_timestamp (outside [min_timestamp, max_timestamp]; e.g. milliseconds)
+Quarantine files follow `pipeline.readers`: QUARANTINE_SCHEMA (source, row_number, reason, field, value, raw),
+`source` = the file's path relative to LOGDIR, `row_number` = 1-based row position in the file,
+`raw` = "user_id=..., item_id=..., timestamp=...[, event_type=...]".
+Report arithmetic: rows_read == rows_kept + rows_quarantined.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.readers import QUARANTINE_SCHEMA, reason_counts
+
+EVENT_FIELDS = ("user_id", "item_id", "timestamp")
+OPTIONAL_FIELDS = ("event_type",)
+EVENT_SCHEMA = pa.schema([(c, pa.int64()) for c in EVENT_FIELDS])  # what validation hands on
+LOGS_META = "_logs.json"
+DATE_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+SCAN_ROWS = 1 << 20  # rows per validated batch: bounds memory per file
+
+
+@dataclass(frozen=True)
+class IngestRules:
+    num_items: int | None = None  # catalogue size: valid item ids are 1..num_items; None = no upper bound
+    min_timestamp: int = 946_684_800  # 2000-01-01 UTC
+    max_timestamp: int = 4_102_444_800  # 2100-01-01 UTC
+
+
+# reason code -> (reason, field); code 0 = good row. The order is the check priority.
+REASONS = (
+    ("", ""),
+    ("missing_user_id", "user_id"),
+    ("negative_user_id", "user_id"),
+    ("out_of_range_user_id", "user_id"),
+    ("missing_item_id", "item_id"),
+    ("negative_item_id", "item_id"),
+    ("zero_item_id", "item_id"),
+    ("out_of_range_item_id", "item_id"),
+    ("out_of_catalogue_item_id", "item_id"),
+    ("missing_timestamp", "timestamp"),
+    ("absurd_timestamp", "timestamp"),
+)
+_CODE = {name: k for k, (name, _) in enumerate(REASONS)}
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    rows_read: int = 0
+    rows_kept: int = 0
+    rows_quarantined: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    quarantine_files: list[str] = field(default_factory=list)
+
+    def add(self, other: "IngestReport") -> "IngestReport":
+        self.files += other.files
+        self.rows_read += other.rows_read
+        self.rows_kept += other.rows_kept
+        self.rows_quarantined += other.rows_quarantined
+        for k, v in other.reasons.items():
+            self.reasons[k] = self.reasons.get(k, 0) + v
+        self.quarantine_files += other.quarantine_files
+        return self
+
+    def summary(self) -> str:
+        text = (f"{self.files:,} files, {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
+                f"{self.rows_quarantined:,} quarantined")
+        if self.reasons:
+            text += " (" + ", ".join(f"{k}={v:,}" for k, v in sorted(self.reasons.items())) + ")"
+        return text
+
+    def to_dict(self) -> dict:
+        return {"files": self.files, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
+                "rows_quarantined": self.rows_quarantined, "reasons": dict(sorted(self.reasons.items())),
+                "quarantine_files": sorted(self.quarantine_files)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "IngestReport":
+        return cls(files=d["files"], rows_read=d["rows_read"], rows_kept=d["rows_kept"],
+                   rows_quarantined=d["rows_quarantined"], reasons=dict(d["reasons"]),
+                   quarantine_files=list(d.get("quarantine_files", [])))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# layout
+
+
+def log_days(logs: str | Path) -> dict[str, list[Path]]:
+    """date -> its part files (sorted by name), for every `date=YYYY-MM-DD` folder under `logs`."""
+    root = Path(logs)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: log directory does not exist")
+    days = {}
+    for sub in sorted(root.iterdir()):
+        m = DATE_RE.match(sub.name)
+        if m and sub.is_dir():
+            days[m.group(1)] = sorted(p for p in sub.glob("*.parquet") if p.is_file())
+    if not days:
+        raise ValueError(f"{root}: no date=YYYY-MM-DD partitions found")
+    return days
+
+
+def day_files(logs: str | Path, date: str) -> list[Path]:
+    if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
+        raise ValueError(f"date must be YYYY-MM-DD, got {date!r}")
+    folder = Path(logs) / f"date={date}"
+    files = sorted(p for p in folder.glob("*.parquet") if p.is_file()) if folder.is_dir() else []
+    if not files:
+        raise FileNotFoundError(f"{folder}: no part files for {date}")
+    return files
+
+
+def fingerprint(path: Path, logs: Path) -> dict:
+    """What identifies an input file in the manifest: relative name, bytes and row count."""
+    return {"name": path.relative_to(logs).as_posix(), "bytes": path.stat().st_size,
+            "rows": pq.ParquetFile(path).metadata.num_rows}
+
+
+def read_logs_meta(logs: str | Path) -> dict:
+    path = Path(logs) / LOGS_META
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def check_log_schema(path: str | Path) -> pa.Schema:
+    """The file's Arrow schema, or ValueError naming the file and the offending column."""
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # pyarrow raises several types for corrupt files
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+    missing = [c for c in EVENT_FIELDS if c not in schema.names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; the file has {schema.names}")
+    for name in ("user_id", "item_id"):
+        if not pa.types.is_integer(schema.field(name).type):
+            raise ValueError(f"{path}: column {name!r} has type {schema.field(name).type}, expected integers")
+    t = schema.field("timestamp").type
+    if not (pa.types.is_integer(t) or pa.types.is_timestamp(t)):
+        raise ValueError(f"{path}: column 'timestamp' has type {t}, expected integer seconds or a timestamp")
+    return schema
+
+
+# --------------------------------------------------------------------------------------------------------------
+# validation
+
+
+def _ints(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(int64 values with nulls as 0, null mask or None, uint64-overflow mask or None)."""
+    null = arr.is_null().to_numpy(zero_copy_only=False) if arr.null_count else None
+    if pa.types.is_timestamp(arr.type):
+        factor = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[arr.type.unit]
+        vals = pc.fill_null(arr.cast(pa.int64()), 0).to_numpy()
+        return (vals // factor if factor > 1 else vals), null, None
+    over = None
+    if pa.types.is_uint64(arr.type):
+        big = pc.fill_null(pc.greater(arr, pa.scalar(2**63 - 1, pa.uint64())), False).to_numpy(zero_copy_only=False)
+        over = big if big.any() else None
+        arr = pc.if_else(pa.array(big), pa.scalar(0, pa.uint64()), arr) if over is not None else arr
+    return pc.fill_null(arr.cast(pa.int64()), 0).to_numpy().astype(np.int64, copy=False), null, over
+
+
+def _mark(code: np.ndarray | None, cond: np.ndarray | None, reason: str, n: int) -> np.ndarray | None:
+    """Give rows without a reason yet the code of `reason` where cond holds; allocate only when needed."""
+    if cond is None or not cond.any():
+        return code
+    if code is None:
+        code = np.zeros(n, dtype=np.int8)
+    code[(code == 0) & cond] = _CODE[reason]
+    return code
+
+
+def validate_events(
+    batch: pa.RecordBatch | pa.Table, rules: IngestRules, first_row: int, source: str
+) -> tuple[pa.Table, pa.Table]:
+    """(good rows as EVENT_SCHEMA, bad rows as QUARANTINE_SCHEMA). `first_row`: 0-based file position of row 0."""
+    n = batch.num_rows
+    cols = {c: batch.column(c) for c in EVENT_FIELDS}
+    if isinstance(batch, pa.Table):
+        cols = {c: a.combine_chunks() for c, a in cols.items()}
+    user, user_null, user_over = _ints(cols["user_id"])
+    item, item_null, item_over = _ints(cols["item_id"])
+    ts, ts_null, _ = _ints(cols["timestamp"])
+    code = None
+    code = _mark(code, user_null, "missing_user_id", n)
+    code = _mark(code, user < 0, "negative_user_id", n)
+    code = _mark(code, user_over, "out_of_range_user_id", n)
+    code = _mark(code, item_null, "missing_item_id", n)
+    code = _mark(code, item < 0, "negative_item_id", n)
+    code = _mark(code, item == 0, "zero_item_id", n)  # null rows already carry missing_item_id
+    code = _mark(code, item_over, "out_of_range_item_id", n)
+    if rules.num_items is not None:
+        code = _mark(code, item > rules.num_items, "out_of_catalogue_item_id", n)
+    code = _mark(code, ts_null, "missing_timestamp", n)
+    code = _mark(code, (ts < rules.min_timestamp) | (ts > rules.max_timestamp), "absurd_timestamp", n)
+    if code is None:
+        good = pa.Table.from_arrays([pa.array(user), pa.array(item), pa.array(ts)], schema=EVENT_SCHEMA)
+        return good, QUARANTINE_SCHEMA.empty_table()
+    ok = code == 0
+    good = pa.Table.from_arrays([pa.array(user[ok]), pa.array(item[ok]), pa.array(ts[ok])], schema=EVENT_SCHEMA)
+    bad_idx = np.flatnonzero(~ok)
+    bad_code = code[bad_idx]
+    names = list(EVENT_FIELDS) + [c for c in OPTIONAL_FIELDS if c in batch.schema.names]
+    text = {}
+    for c in names:
+        arr = batch.column(c)
+        arr = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+        text[c] = pc.cast(arr.take(pa.array(bad_idx)), pa.string())
+    raw = pc.binary_join_element_wise(
+        *[pc.binary_join_element_wise(f"{c}=", pc.fill_null(text[c], "null"), "") for c in names], ", "
+    )
+    field_of = np.array([f for _, f in REASONS], dtype=object)[bad_code]
+    value = np.empty(len(bad_idx), dtype=object)
+    for c in EVENT_FIELDS:
+        here = field_of == c
+        value[here] = text[c].to_numpy(zero_copy_only=False)[here]
+    bad = pa.table(
+        {
+            "source": pa.array([source] * len(bad_idx), pa.string()),
+            "row_number": pa.array(first_row + bad_idx + 1, pa.int64()),
+            "reason": pa.array(np.array([r for r, _ in REASONS], dtype=object)[bad_code].tolist(), pa.string()),
+            "field": pa.array(field_of.tolist(), pa.string()),
+            "value": pa.array(value.tolist(), pa.string()),
+            "raw": raw,
+        },
+        schema=QUARANTINE_SCHEMA,
+    )
+    return good, bad
+
+
+def scan_log_file(
+    path: Path, rules: IngestRules, source: str, batch_rows: int = SCAN_ROWS
+) -> Iterator[tuple[pa.Table, pa.Table]]:
+    """Validated (good, bad) per batch of at most `batch_rows` rows; memory bounded by one batch."""
+    schema = check_log_schema(path)
+    columns = list(EVENT_FIELDS) + [c for c in OPTIONAL_FIELDS if c in schema.names]
+    offset = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+            yield validate_events(batch, rules, offset, source)
+            offset += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+
+
+def report_of(rows_read: int, rows_kept: int, bad: pa.Table, quarantine_file: str | None) -> IngestReport:
+    return IngestReport(files=1, rows_read=rows_read, rows_kept=rows_kept, rows_quarantined=bad.num_rows,
+                        reasons=reason_counts(bad), quarantine_files=[quarantine_file] if quarantine_file else [])

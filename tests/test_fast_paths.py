@@ -1,0 +1,337 @@
+"""Fast paths against their slow twins, forward and backward, over random jagged lengths.
+
+The twins: model.fuxi.AMS / model.hstu.HSTUBlock with the padded reference path (kernel="reference"),
+themselves tested against the official indexing and a per-(i, j) loop in tests/test_model.py.
+Tolerances: the fast path reorders fp32 sums (chunked matmuls, scatter-add of bucket gradients), so
+values agree to rounding: rtol 1e-4 / atol 1e-5 on O(1) tensors; gradcheck runs in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.fast_ams import ams_channels, build_plan, hstu_attention, inverse_n, plan_groups
+from model.fuxi import AMS, FuXiStack
+from model.hstu import HSTUBlock, HSTUStack
+from model.layers import batch_context, time_buckets, time_deltas
+from model.loss import NegativeSampler, sampled_softmax_loss
+from model.recommender import build_model
+from tests.conftest import make_seq, random_rows
+from tests.test_model import naive_ams
+
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+
+
+def cfg_(**kw) -> ModelConfig:
+    base = {
+        "num_items": 60,
+        "embedding_dim": 8,
+        "dqk": 4,
+        "dv": 4,
+        "num_heads": 2,
+        "max_sequence_length": 29,
+        "padded_length": 32,
+        "input_dropout": 0.0,
+        "linear_dropout": 0.0,
+    }
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def jagged_batch(seed: int, b: int, length: int, d: int):
+    """Random lengths in [1, length] (one row at full length), zero-padded x, increasing timestamps."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    lengths[int(torch.randint(0, b, (1,), generator=g))] = length
+    valid = torch.arange(length)[None, :] < lengths[:, None]
+    x = torch.randn(b, length, d, generator=g) * valid[..., None]
+    gaps = torch.randint(0, 3 * 10**7, (b, length + 1), generator=g)
+    gaps[:, ::3] = torch.randint(0, 5, (b, (length + 3) // 3), generator=g)  # ties and tiny gaps too
+    ts = 1_600_000_000 + torch.cumsum(gaps, 1)
+    return x, valid, ts
+
+
+def randomize_scalars(module: torch.nn.Module) -> None:
+    """The 0.02-std init hides indexing mistakes; make the position/time weights O(1)."""
+    g = torch.Generator().manual_seed(123)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "pos_weights" in name or "time_weights" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+
+
+def run_both(module, forward, x, valid, grad_seed=7):
+    """Output (valid rows) and every gradient, reference path first then fast."""
+    g = torch.Generator().manual_seed(grad_seed)
+    w = torch.randn(x.shape[0], x.shape[1], forward.out_dim, generator=g)
+    results = []
+    for fast in (False, True):
+        module.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_(True)
+        y = forward(xx, fast)
+        (y * w * valid[..., None]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        results.append((y[valid].detach(), xx.grad[valid].clone(), grads))
+    return results
+
+
+def assert_same(results):
+    (y0, gx0, gp0), (y1, gx1, gp1) = results
+    torch.testing.assert_close(y1, y0, **TOL)
+    torch.testing.assert_close(gx1, gx0, **TOL)
+    assert gp0.keys() == gp1.keys() and gp0
+    for name in gp0:
+        torch.testing.assert_close(gp1[name], gp0[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+class _Fwd:
+    def __init__(self, fn, out_dim):
+        self.fn, self.out_dim = fn, out_dim
+
+    def __call__(self, x, fast):
+        return self.fn(x, fast)
+
+
+# --------------------------------------------------------------------------------------------------
+# AMS (FuXi-alpha) and HSTU attention: one layer
+
+
+AMS_CASES = [
+    {},
+    {"num_heads": 1, "dqk": 8, "dv": 8},
+    {"attn_norm": "length"},
+    {"time_delta": "query"},
+    {"channels": ("pos", "sem")},
+    {"channels": ("ts",)},
+    {"attention": "vanilla"},
+]
+
+
+@pytest.mark.parametrize(
+    "kw", AMS_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "official"
+)
+@pytest.mark.parametrize("chunk,seed", [(5, 0), (64, 1), (1, 2)])
+def test_fast_ams_matches_reference(kw, chunk, seed):
+    cfg = cfg_(**kw, fast_chunk=chunk)
+    torch.manual_seed(seed)
+    ams = AMS(cfg)
+    randomize_scalars(ams)
+    x, valid, ts = jagged_batch(seed, 5, 23, cfg.embedding_dim)
+    ref_ctx = batch_context(valid, ts, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
+    plan = build_plan(
+        ts,
+        23,
+        "hstu" if cfg.attention == "vanilla" else "fuxi",
+        cfg.time_delta,
+        cfg.num_time_buckets,
+        cfg.time_bucket_divisor,
+        cfg.padded_length,
+        chunk,
+    )
+    fwd = _Fwd(lambda xx, fast: ams(xx, valid, ts, plan if fast else ref_ctx), ams.u_width)
+    assert_same(run_both(ams, fwd, x, valid))
+
+
+@pytest.mark.parametrize(
+    "kw", [{}, {"num_heads": 1, "dqk": 8, "dv": 8}, {"attn_norm": "length"}, {"time_delta": "query"}]
+)
+@pytest.mark.parametrize("chunk,seed", [(7, 3), (64, 4)])
+def test_fast_hstu_matches_reference(kw, chunk, seed):
+    cfg = cfg_(architecture="hstu", **kw, fast_chunk=chunk)
+    torch.manual_seed(seed)
+    block = HSTUBlock(cfg)
+    randomize_scalars(block)
+    x, valid, ts = jagged_batch(seed, 5, 23, cfg.embedding_dim)
+    ref_ctx = batch_context(valid, ts, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
+    plan = build_plan(
+        ts,
+        23,
+        "hstu",
+        cfg.time_delta,
+        cfg.num_time_buckets,
+        cfg.time_bucket_divisor,
+        cfg.padded_length,
+        chunk,
+    )
+    fwd = _Fwd(lambda xx, fast: block(xx, valid, ts, plan if fast else ref_ctx), cfg.embedding_dim)
+    assert_same(run_both(block, fwd, x, valid))
+
+
+def test_fast_ams_matches_naive_loop():
+    """The fast path against the per-(i, j) loop of tests/test_model.py directly (no shared code)."""
+    torch.manual_seed(0)
+    cfg = cfg_(max_sequence_length=12, padded_length=13)
+    ams = AMS(cfg)
+    randomize_scalars(ams)
+    x = torch.randn(2, 5, cfg.embedding_dim)
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    x = x * valid[..., None]
+    ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
+    plan = build_plan(ts, 5, "fuxi", "next", 128, 0.301, cfg.padded_length, chunk=2)
+    torch.testing.assert_close(
+        ams(x, valid, ts, plan)[valid], naive_ams(ams, x, valid, ts, cfg)[valid], **TOL
+    )
+
+
+def test_gradcheck_float64():
+    """Hand-written backward of both cores against finite differences (float64, tiny sizes)."""
+    g = torch.Generator().manual_seed(0)
+    b, length, h, d, n = 2, 5, 2, 3, 8
+    valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
+    ts = 1_600_000_000 + torch.cumsum(torch.randint(0, 10**6, (b, length + 1), generator=g), 1)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(True)
+
+    q, k = leaf(b, length, h * d), leaf(b, length, h * d)
+    v = (torch.randn(b, length, h * d, generator=g, dtype=torch.float64) * valid[..., None]).requires_grad_(
+        True
+    )
+    w_pos, w_ts = leaf(2 * n - 1), leaf(129)
+    for norm in ("padded", "length"):
+        inv_n = inverse_n(valid, n, norm).double()
+        plan_f = build_plan(ts, length, "fuxi", "next", 128, 0.301, n, chunk=2)
+        fn = lambda q, k, v, wp, wt, n_=inv_n, p_=plan_f: ams_channels(
+            q, k, v, wp, wt, n_, p_, ("pos", "ts", "sem"), h
+        )
+        assert torch.autograd.gradcheck(fn, (q, k, v, w_pos, w_ts))
+        plan_h = build_plan(ts, length, "hstu", "next", 128, 0.301, n, chunk=2)
+        fn = lambda q, k, v, wp, wt, n_=inv_n, p_=plan_h: hstu_attention(q, k, v, wp, wt, n_, p_, h)
+        assert torch.autograd.gradcheck(fn, (q, k, v, w_pos, w_ts))
+
+
+def test_plan_buckets_equal_reference_buckets():
+    g = torch.Generator().manual_seed(5)
+    b, length = 3, 40
+    ts = torch.cumsum(torch.randint(0, 10**9, (b, length + 1), generator=g), 1)
+    ts[:, 5:9] = ts[:, 5:6]  # equal timestamps
+    for mode in ("next", "query"):
+        ref = time_buckets(time_deltas(ts, length, mode))
+        plan = build_plan(ts, length, "fuxi", mode, 128, 0.301, length + 1, chunk=16)
+        for (r0, r1), idx in zip(plan.bounds, plan.index):
+            below = torch.ones(r1 - r0, r1, dtype=torch.bool).tril(r0)
+            assert torch.equal(idx[:, below], ref[:, r0:r1, :r1][:, below])
+            assert (idx[:, ~below] == 129).all()  # the zero sentinel above the diagonal
+
+
+# --------------------------------------------------------------------------------------------------
+# whole model: fast kernels, length buckets, fixed padding
+
+
+def _train_grads(model, items, times, negatives_seed=0):
+    seq = make_seq(items, times)
+    sampler = NegativeSampler(16, "shared", 1, model.cfg.num_items)
+    neg = sampler.sample(seq["item_id"].lengths().long() - 1, torch.Generator().manual_seed(negatives_seed))
+    model.zero_grad(set_to_none=True)
+    out = model(seq, neg)
+    loss = sampled_softmax_loss(out, neg, "shared", 0.05)
+    loss.backward()
+    return (
+        out.user_TD.detach(),
+        loss.detach(),
+        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    )
+
+
+@pytest.mark.parametrize(
+    "arch,variant",
+    [
+        ("fuxi", {"kernel": "fast"}),
+        ("hstu", {"kernel": "fast"}),
+        ("fuxi", {"kernel": "fast", "length_buckets": 3}),
+        ("hstu", {"length_buckets": 4}),
+        ("sasrec", {"length_buckets": 4}),
+        ("llama", {"length_buckets": 4}),
+        ("fuxi", {"padding": "fixed"}),
+        ("fuxi", {"kernel": "fast", "fast_chunk": 4, "length_buckets": 2}),
+        ("hstu", {"kernel": "fast", "fast_chunk": 8, "length_buckets": 3}),
+        ("fuxi", {"attention": "vanilla", "kernel": "fast", "length_buckets": 3}),
+        ("fuxi", {"attn_norm": "length", "time_delta": "query", "kernel": "fast", "length_buckets": 3}),
+        ("fuxi", {"channels": ("pos", "sem"), "kernel": "fast", "length_buckets": 3}),
+    ],
+)
+def test_model_variants_match_reference(arch, variant):
+    """Loss, user vectors, encode_last and every parameter gradient of the full recommender (jagged input).
+
+    kernel="fast" with length_buckets > 1 runs FuXiStack/HSTUStack.forward_jagged (per-token layers on the
+    real tokens, attention per length group); the other encoders go through bucketed_encode."""
+    items, times = random_rows(9, 60, 30, seed=11)
+    shape_keys = {"attention", "channels"}  # these change the parameters: the reference shares them
+    base_cfg = cfg_(
+        architecture=arch,
+        max_sequence_length=30,
+        padded_length=31,
+        **{k: v for k, v in variant.items() if k in shape_keys | {"attn_norm", "time_delta"}},
+    )
+    torch.manual_seed(0)
+    ref = build_model(base_cfg)
+    randomize_scalars(ref)
+    torch.manual_seed(0)
+    fast = build_model(ModelConfig(**{**base_cfg.__dict__, **variant}))
+    fast.load_state_dict(ref.state_dict())
+    u0, l0, g0 = _train_grads(ref, items, times)
+    u1, l1, g1 = _train_grads(fast, items, times)
+    ref.eval(), fast.eval()
+    seq = make_seq(items, times)
+    torch.testing.assert_close(fast.encode_last(seq), ref.encode_last(seq), **TOL)
+    torch.testing.assert_close(u1, u0, **TOL)
+    torch.testing.assert_close(l1, l0, **TOL)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("stack,arch", [(FuXiStack, "fuxi"), (HSTUStack, "hstu")])
+def test_stack_kernel_switch_is_a_pure_speed_switch(stack, arch):
+    """Same parameters under both kernels (state dicts interchangeable)."""
+    a, b = stack(cfg_(architecture=arch)), stack(cfg_(architecture=arch, kernel="fast"))
+    assert a.state_dict().keys() == b.state_dict().keys()
+
+
+# --------------------------------------------------------------------------------------------------
+# length groups
+
+
+def _brute_force_cost(srt, max_groups, group_cost):
+    best = float("inf")
+    b = len(srt)
+    import itertools
+
+    for g in range(1, max_groups + 1):
+        for cuts in itertools.combinations(range(1, b), g - 1):
+            edges = (0, *cuts, b)
+            cost = sum(
+                (e - s) * (srt[s] ** 2 + 500 * srt[s]) + group_cost for s, e in itertools.pairwise(edges)
+            )
+            best = min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_plan_groups_is_an_optimal_partition(seed):
+    rng = np.random.default_rng(seed)
+    lengths = np.clip(rng.lognormal(3.5, 1.2, 9), 1, 300).astype(int)
+    for max_groups in (1, 2, 3, 5):
+        groups = plan_groups(lengths, max_groups, token_weight=500.0, group_cost=2e4)
+        assert 1 <= len(groups) <= max_groups
+        assert sorted(np.concatenate(groups).tolist()) == list(range(len(lengths)))
+        srt = np.sort(lengths)[::-1].astype(float)
+        cost = sum(len(g) * (lengths[g].max() ** 2 + 500 * lengths[g].max()) + 2e4 for g in groups)
+        assert cost == pytest.approx(_brute_force_cost(srt, max_groups, 2e4))
+
+
+def test_fast_dropout_distribution_and_gradient():
+    from model.fast_ams import fast_dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000, requires_grad=True)
+    y = fast_dropout(x, 0.2, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005  # keep w.p. 1 - p
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1.25))  # inverted scaling 1 / (1 - p)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() * 1.25)
+    assert fast_dropout(x, 0.2, False) is x and fast_dropout(x, 0.0, True) is x
