@@ -1,27 +1,34 @@
 """Training and evaluation throughput of FuXi-alpha, HSTU, SASRec and the LLaMa-style block, as ratios.
 
-    .venv/bin/python benchmarks/bench_throughput.py --quick          # about 3-5 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/bench_throughput.py --full           # more lengths, rounds and reference rows
-    python3 benchmarks/bench_throughput.py --device cuda --amp bf16 --compile   # GPU (no torchrec needed)
+    .venv/bin/python benchmarks/bench_throughput.py --quick          # L 200 and 800: ~2-10 min on 2 cores
+    .venv/bin/python benchmarks/bench_throughput.py --full           # L 200/400/600/800, more rounds
+    python3 benchmarks/bench_throughput.py --device cuda --amp bf16 --chunk 256     # GPU, lite harness
+    python3 benchmarks/bench_throughput.py --device cuda --amp bf16 --compile --kernel reference
 
 Everything is measured in ONE process with the same settings, variants interleaved round by round
 (A, B, C, A, B, C, ...) on the same batches; a ratio is the median over rounds of the per-round ratio, so
 a machine shared with other jobs slows both sides of a ratio alike. Absolute samples/s are printed for
-orientation only: compare them within one run, never across runs.
+orientation only: compare them within one run, never across runs. One intra-op thread by default: on
+a shared, oversubscribed CPU, OpenMP barriers stall every recipe's small ops (--threads 0: torch's).
 
-Sections (paper Table 4 setting: B=32, d=50, 2 layers, 1 head, shared negatives):
-  1. full-length batches at L = 200, 400, 600, 800: samples/s and real tokens/s per architecture, the
-     FuXi/HSTU ratio at each length, and fast-path/reference ratios (the "before" rows);
-  2. industrial length mix (log-normal, mean ~50, long tail clipped at the maximum): real tokens/s
-     relative to full-length batches, with and without length-bucketed execution;
+Sections (paper Table 4 setting: B=32, d=50, 2 layers, 1 head, 128 shared negatives):
+  1. full-length batches at L = 200, 400, 600, 800: samples/s per architecture, the FuXi/HSTU ratio at
+     each length, and fast-kernel/reference ratios (the "before" rows, up to --reference-max-len);
+  2. industrial length mix (log-normal, mean ~50, long tail clipped at L_max): real tokens/s relative to
+     full-length batches of L_max, with and without length buckets, at the same B and at the same token
+     budget per batch;
   3. evaluation users/s for full ranking over the whole catalogue (seen items filtered);
   4. the anchor recipe (official: reference kernels, every batch padded to 211, 128 per-position
-     negatives, B=128) vs our best recipe (fast kernels, batch padding + length buckets, 128 shared
+     negatives, B=128) vs our best recipe (fast kernels, jagged length-bucketed execution, 128 shared
      negatives) on MovieLens-100k histories (synthetic ML-like lengths when the data is absent).
+Best recipe = kernel "fast" (FuXi-alpha, HSTU) + length_buckets 8 + shared negatives, for every model.
 
 Harness: "model" = the real `SequentialRecommender` (TorchRec item table) + `sampled_softmax_loss` +
 AdamW, i.e. what `Trainer.train_step` runs; "lite" = the same encoder stacks behind a plain
 nn.Embedding and an inline shared-negative loss, for machines without torchrec/fbgemm (the GPU box).
+`--compile` wraps the encoder in torch.compile(dynamic=True); on CPU the first compile of the fast
+path took ~8 minutes here (reference path ~1.5), so it is off by default.
+Results: printed, and written to --out (benchmarks/results/ is gitignored).
 """
 
 from __future__ import annotations
@@ -494,21 +501,36 @@ def section_anchor(args, report: dict) -> None:
             for _ in range(args.rounds)
         ]
     batches = [b.to(args.device) for b in batches]
+    big_batch = 4 * args.anchor_batch  # the best recipe at a larger batch (needs its own NDCG check)
+    big = None
+    if hist is not None and big_batch <= len(hist):
+        big = [
+            rows_from_histories(hist, rng.choice(len(hist), big_batch, replace=False)).to(args.device)
+            for _ in range(args.rounds)
+        ]
     recipes = {
         "anchor": ANCHOR,
         "best": BEST,
         "best-no-buckets": replace(BEST, length_buckets=0),
         "reference+shared": replace(REFERENCE, padding="batch"),
     }
-    fns = {}
+    fns, per_call = {}, {}
     for name, recipe in recipes.items():
         if args.harness == "lite" and recipe.negatives != "shared":
             continue
         step = build_step(args, "fuxi", 200, num_items, recipe, padded_length=211)
         fns[name] = lambda r, s=step, bs=batches: s(bs[r % len(bs)])
+        per_call[name] = args.anchor_batch
+        if name == "best" and big is not None:
+            fns[f"best-B{big_batch}"] = lambda r, s=step, bs=big: s(bs[r % len(bs)])
+            per_call[f"best-B{big_batch}"] = big_batch
     times = interleaved(fns, args.rounds, args.device)
-    sps = {k: args.anchor_batch / med(v) for k, v in times.items()}
-    rats = {f"{k}/anchor": ratio(times, k, "anchor") for k in times if k != "anchor" and "anchor" in times}
+    sps = {k: per_call[k] / med(v) for k, v in times.items()}
+    rats = {
+        f"{k}/anchor": ratio(times, k, "anchor", per_call[k], per_call["anchor"])
+        for k in times
+        if k != "anchor" and "anchor" in times
+    }
     report["anchor"] = {
         "samples_per_s": sps,
         "ratios": rats,
@@ -543,7 +565,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int)
     p.add_argument("--no-reference", dest="reference", action="store_false")
     p.add_argument("--reference-max-len", type=int)
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: on a shared, oversubscribed CPU, OpenMP barriers stall the "
+        "many small ops of every recipe; 0 = torch's default)",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--amp", choices=["bf16", "fp16"], default=None)
     p.add_argument(
@@ -560,7 +588,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_throughput.json")
     args = p.parse_args(argv)
     args.device = torch.device(args.device)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     if args.chunk:
         CHUNK["fast_chunk"] = args.chunk

@@ -169,13 +169,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=12)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="0 = torch's default (see bench_throughput.py)")
     p.add_argument("--anchor", action="store_true", help="also profile the official recipe (B=128, L=200)")
     p.add_argument(
         "--reference-max-len", type=int, default=400, help="skip the slow reference above this length"
     )
     args = p.parse_args(argv)
-    if args.threads:
+    if args.threads > 0:
         torch.set_num_threads(args.threads)
     summary = {}
     for length in args.lengths:

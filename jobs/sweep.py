@@ -133,7 +133,7 @@ def component_args(
 
 
 def parse_scheduler_args(text: str | None) -> dict[str, Any]:
-    """'log_dir=/tmp/x,queue=default' -> dict (the same syntax as `torchx run --scheduler_args`)."""
+    """'log_dir=runs/x,queue=default' -> dict (the same syntax as `torchx run --scheduler_args`)."""
     out: dict[str, Any] = {}
     for part in (text or "").split(","):
         if part.strip():
