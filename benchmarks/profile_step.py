@@ -88,13 +88,16 @@ def group_of(name: str) -> str:
 def instrumented(step: ModelStep) -> ModelStep:
     """Wrap the encoder's forward in a profiler range (the model code carries no profiling hooks)."""
     enc = step.model.encoder
-    inner = enc.forward
+    for name in ("forward", "forward_jagged"):  # forward_jagged: FuXi/HSTU fast path with length buckets
+        inner = getattr(enc, name, None)
+        if inner is None:
+            continue
 
-    def forward(*a, **kw):
-        with record_function("encoder"):
-            return inner(*a, **kw)
+        def wrapped(*a, _inner=inner, **kw):
+            with record_function("encoder"):
+                return _inner(*a, **kw)
 
-    enc.forward = forward
+        setattr(enc, name, wrapped)
     return step
 
 
