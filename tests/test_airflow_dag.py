@@ -38,7 +38,7 @@ print(json.dumps({"dag_id": dag.dag_id, "type": type(dag).__module__ + "." + typ
 
 @needs_airflow
 def test_dag_parses_with_one_bash_task_per_nightly_step(tmp_path: Path) -> None:
-    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "home"), FUXI_BIN="/opt/venv/bin/fuxi",
+    env = dict(os.environ, AIRFLOW_HOME=str(tmp_path / "home"), FUXI_BIN="/venv/bin/fuxi",
                FUXI_NIGHTLY_WORKDIR=str(tmp_path / "nightly"), FUXI_NIGHTLY_ARGS="--preset tiny --set epochs=1")
     env.pop("MLFLOW_TRACKING_URI", None)
     out = subprocess.run([str(AIRFLOW_PY), "-c", PARSE, str(DAG_FILE)], capture_output=True, text=True, env=env,
@@ -50,7 +50,7 @@ def test_dag_parses_with_one_bash_task_per_nightly_step(tmp_path: Path) -> None:
     for step, nxt in zip(STEPS, STEPS[1:] + [None]):
         t = tasks[step]
         assert t["op"] == "BashOperator"
-        assert t["cmd"] == (f"/opt/venv/bin/fuxi nightly --date {{{{ ds }}}} --step {step} "
+        assert t["cmd"] == (f"/venv/bin/fuxi nightly --date {{{{ ds }}}} --step {step} "
                             f"--workdir {tmp_path / 'nightly'} --preset tiny --set epochs=1")
         assert t["down"] == ([nxt] if nxt else [])
         assert t["env"]["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'nightly'}/mlflow.db"
