@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_throughput.py --quick          # L 200 and 800: ~2-10 min on 2 cores
     .venv/bin/python benchmarks/bench_throughput.py --full           # L 200/400/600/800, more rounds
+    .venv/bin/python benchmarks/bench_throughput.py --sections anchor --ml100k PATH/ratings.parquet
     python3 benchmarks/bench_throughput.py --device cuda --amp bf16 --chunk 256     # GPU, lite harness
     python3 benchmarks/bench_throughput.py --device cuda --amp bf16 --compile --kernel reference
 
@@ -16,11 +17,12 @@ Sections (paper Table 4 setting: B=32, d=50, 2 layers, 1 head, 128 shared negati
      each length, and fast-kernel/reference ratios (the "before" rows, up to --reference-max-len);
   2. industrial length mix (log-normal, mean ~50, long tail clipped at L_max): real tokens/s relative to
      full-length batches of L_max, with and without length buckets, at the same B and at the same token
-     budget per batch;
+     budget per batch (what training does with `--set data.batch_tokens=<B * L_max>`);
   3. evaluation users/s for full ranking over the whole catalogue (seen items filtered);
   4. the anchor recipe (official: reference kernels, every batch padded to 211, 128 per-position
-     negatives, B=128) vs our best recipe (fast kernels, jagged length-bucketed execution, 128 shared
-     negatives) on MovieLens-100k histories (synthetic ML-like lengths when the data is absent).
+     negatives looked up as sampled, B=128) vs our best recipe (fast kernels, jagged length-bucketed
+     execution, 128 shared negatives) and best-per-position (the same with the anchor's per-position
+     negatives, de-duplicated) on MovieLens-100k histories (synthetic ML-like lengths when absent).
 Best recipe = kernel "fast" (FuXi-alpha, HSTU) + length_buckets 8 + shared negatives, for every model.
 
 Harness: "model" = the real `SequentialRecommender` (TorchRec item table) + `sampled_softmax_loss` +
@@ -63,7 +65,6 @@ from model.sasrec import SASRecStack
 ARCHS = ("fuxi", "hstu", "sasrec", "llama")
 STACKS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
 KUAIRAND_ITEMS = 7_550  # paper Table 1 (Table 4 is measured on KuaiRand)
-ML100K = ROOT.parent / "shared" / "data" / "movielens-100k" / "ratings.parquet"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -101,12 +102,15 @@ def mix_lengths(
     return np.clip(np.ceil(rng.lognormal(mu, sigma, batch)), 1, max_len).astype(np.int64)
 
 
-def ml100k_histories(max_len: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
-    if not ML100K.exists():
+def ml100k_histories(path: str | None, max_len: int) -> list[tuple[np.ndarray, np.ndarray]] | None:
+    """Training histories of ML-100K ratings Parquet (user_id, item_id, timestamp), or None without one."""
+    if not path:
         return None
+    if not Path(path).exists():
+        raise FileNotFoundError(f"--ml100k: {path} does not exist")
     import pyarrow.parquet as pq
 
-    t = pq.read_table(ML100K, columns=["user_id", "item_id", "timestamp"]).to_pandas()
+    t = pq.read_table(path, columns=["user_id", "item_id", "timestamp"]).to_pandas()
     t = t.sort_values(["user_id", "timestamp", "item_id"], kind="stable")
     rows = []
     for _, g in t.groupby("user_id", sort=True):
@@ -133,11 +137,12 @@ class Recipe:
     negatives: str = "shared"
     num_negatives: int = 128
     padding: str = "batch"
+    dedup: bool = True  # per_position negatives: look each distinct id up once
 
 
 BEST = Recipe()
 REFERENCE = Recipe(kernel="reference", length_buckets=0)
-ANCHOR = Recipe(kernel="reference", length_buckets=0, negatives="per_position", padding="fixed")
+ANCHOR = Recipe(kernel="reference", length_buckets=0, negatives="per_position", padding="fixed", dedup=False)
 
 
 CHUNK: dict[
@@ -173,7 +178,7 @@ class ModelStep:
         torch.manual_seed(0)
         self.model = build_model(cfg, device=device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-        self.sampler = NegativeSampler(recipe.num_negatives, recipe.negatives, 1, cfg.num_items)
+        self.sampler = NegativeSampler(recipe.num_negatives, recipe.negatives, 1, cfg.num_items, dedup=recipe.dedup)
         self.loss_fn = sampled_softmax_loss
         self.recipe, self.device, self.amp = recipe, device, amp
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -194,7 +199,7 @@ class ModelStep:
         seq = self._seq(rows)
         neg = self.sampler.sample(rows.lengths - 1, self.gen)
         with _autocast(self.device, self.amp):
-            loss = self.loss_fn(self.model(seq, neg), neg, self.recipe.negatives, 0.05)
+            loss = self.loss_fn(self.model(seq, neg.lookup), neg, 0.05)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -343,6 +348,25 @@ def med(xs: list[float]) -> float:
 # sections
 
 
+def forward_macs_per_sample(cfg: ModelConfig, length: int, num_negatives: int) -> float:
+    """Multiply-accumulates of one full-length sample's forward pass (matmuls only; causal attention reads
+    (L + 1) / 2 keys per query on average). The arithmetic floor of a throughput ratio: with every
+    implementation at the same efficiency, samples/s ratios equal the inverse MAC ratios."""
+    d, h, dqk, dv = cfg.embedding_dim, cfg.num_heads, cfg.dqk, cfg.dv
+    keys = (length + 1) / 2
+    if cfg.architecture == "fuxi":
+        c = len(cfg.channels)
+        token = d * (c * h * dv + h * dv + 2 * h * dqk) + c * h * dv * d + (0 if cfg.ffn_single_stage else 3 * d * cfg.d_ffn)
+        attn = h * (dqk + dv) * keys + (c - 1) * h * dv * keys  # semantic q.k and a.v; pos/ts a.v each
+    elif cfg.architecture == "hstu":
+        token, attn = d * (2 * h * dv + 2 * h * dqk) + h * dv * d, h * (dqk + dv) * keys
+    elif cfg.architecture == "sasrec":
+        token, attn = 4 * d * d + 2 * d * cfg.sasrec_ffn_hidden, 2 * d * keys
+    else:  # llama: q, k, v, o + SwiGLU
+        token, attn = 4 * d * d + 3 * d * cfg.d_ffn, 2 * d * keys
+    return length * (cfg.num_layers * (token + attn) + num_negatives * d)
+
+
 def build_step(args, arch, max_len, num_items, recipe, padded_length=None):
     cfg = model_config(arch, max_len, num_items, recipe, padded_length)
     cls = ModelStep if args.harness == "model" else LiteStep
@@ -373,6 +397,9 @@ def section_lengths(args, report: dict) -> None:
             for k, v in times.items()
         }
         row["fuxi/hstu"] = ratio(times, "fuxi", "hstu") if {"fuxi", "hstu"} <= set(times) else None
+        macs = {a: forward_macs_per_sample(model_config(a, length, KUAIRAND_ITEMS, BEST), length, BEST.num_negatives)
+                for a in ("fuxi", "hstu")}
+        row["fuxi/hstu MAC floor"] = macs["hstu"] / macs["fuxi"]  # the ratio at equal efficiency per MAC
         for arch in ("fuxi", "hstu"):
             if f"{arch}-ref" in times:
                 row[f"{arch} fast/ref"] = ratio(times, arch, f"{arch}-ref")
@@ -482,7 +509,7 @@ def section_eval(args, report: dict) -> None:
 
 
 def section_anchor(args, report: dict) -> None:
-    hist = ml100k_histories(200)
+    hist = ml100k_histories(args.ml100k, 200)
     source = "MovieLens-100k histories" if hist is not None else "synthetic ML-like lengths"
     print(f"\n== 4. anchor recipe vs best recipe (FuXi-alpha, B={args.anchor_batch}, {source}) ==")
     rng = np.random.default_rng(3)
@@ -511,6 +538,9 @@ def section_anchor(args, report: dict) -> None:
     recipes = {
         "anchor": ANCHOR,
         "best": BEST,
+        # the anchor's own loss (128 per-position negatives), de-duplicated lookups: the same training
+        # function as the anchor recipe, so its NDCG needs no separate argument
+        "best-per-position": replace(BEST, negatives="per_position"),
         "best-no-buckets": replace(BEST, length_buckets=0),
         "reference+shared": replace(REFERENCE, padding="batch"),
     }
@@ -562,6 +592,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--anchor-batch", type=int, default=128)
+    p.add_argument("--ml100k", help="MovieLens-100K ratings Parquet for section 4 (else synthetic ML-like lengths)")
     p.add_argument("--rounds", type=int)
     p.add_argument("--no-reference", dest="reference", action="store_false")
     p.add_argument("--reference-max-len", type=int)

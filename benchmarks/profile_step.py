@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/profile_step.py                       # FuXi-alpha, L=200 and 800, B=32
     .venv/bin/python benchmarks/profile_step.py --arch hstu --lengths 200 --top 15
     .venv/bin/python benchmarks/profile_step.py --anchor              # also the official recipe at B=128
+                                                                      # and the best one with its loss
 
 For each (recipe, length): `torch.profiler` over `--steps` training steps (after one warm-up step) of the
 real model (TorchRec table, sampled softmax, AdamW; as Trainer.train_step), then
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +108,9 @@ def one_step(step: ModelStep, rows) -> None:
     seq = step._seq(rows)
     neg = step.sampler.sample(rows.lengths - 1, step.gen)
     with record_function("forward"):
-        out = step.model(seq, neg)
+        out = step.model(seq, neg.lookup)
     with record_function("loss"):
-        loss = step.loss_fn(out, neg, step.recipe.negatives, 0.05)
+        loss = step.loss_fn(out, neg, 0.05)
     step.opt.zero_grad(set_to_none=True)
     with record_function("backward"):
         loss.backward()
@@ -208,6 +210,16 @@ def main(argv: list[str] | None = None) -> None:
             "ANCHOR (official recipe: padded to 211, 128 per-position negatives)",
             args.arch,
             ANCHOR,
+            200,
+            128,
+            1,
+            args.top,
+            211,
+        )
+        summary[("best-pp", 200)] = profile_recipe(
+            "BEST with the anchor's loss (fast kernels, length buckets, 128 per-position negatives, de-duplicated)",
+            args.arch,
+            replace(BEST, negatives="per_position"),
             200,
             128,
             1,

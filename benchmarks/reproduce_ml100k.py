@@ -152,7 +152,10 @@ def main() -> None:
     aggs = aggregate(rows)
     table = to_markdown(aggs)
     (out / "table.md").write_text(
-        f"MovieLens-100K, ML-1M settings, {args.epochs} epochs, {args.num_negatives} negatives\n\n{table}\n"
+        f"MovieLens-100K, ML-1M settings, {args.epochs} epochs, {args.num_negatives} negatives"
+        f"{', overrides: ' + ' '.join(args.set) if args.set else ''}; mean ± std over seeds; "
+        "s/epoch = training seconds per epoch (evaluation excluded)\n\n"
+        f"{table}\n"
     )
     plot(aggs, out / "table.png")
     print(table)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 DEFAULT_CHUNK = 64
 
@@ -456,6 +456,18 @@ class Group:
         """Jagged [T, X] -> this group's padded [n, L_g, X], zero on padding."""
         n, lg = self.tok.shape
         return x_TX.index_select(0, self.tok.view(-1)).view(n, lg, -1) * self.valid[..., None]
+
+
+class JaggedBlock(nn.Module):
+    """A block with a padded path (`forward_padded`) and a jagged one (`forward_jagged`, kernel="fast").
+    Both are reached through `forward`, i.e. `block(...)`, so module hooks run for either: FSDP2 unshards
+    a block's parameters in its forward pre-hook, and a path that bypassed it would see sharded weights."""
+
+    def forward(self, x: Tensor, valid_BL: Tensor | None = None, ts_BL1: Tensor | None = None,
+                ctx: object = None, groups: list[Group] | None = None) -> Tensor:
+        if groups is not None:
+            return self.forward_jagged(x, groups)
+        return self.forward_padded(x, valid_BL, ts_BL1, ctx)
 
 
 def length_groups(hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> list[Group]:

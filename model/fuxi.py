@@ -18,6 +18,7 @@ from model.config import ModelConfig
 from model.fast_ams import (
     FastPlan,
     Group,
+    JaggedBlock,
     ams_channels,
     build_plan,
     fast_dropout,
@@ -166,13 +167,13 @@ class MFFN(nn.Module):
         return self.swiglu(drop(rms_norm(o))) + o
 
 
-class FuXiBlock(nn.Module):
+class FuXiBlock(JaggedBlock):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.ams = AMS(cfg)
         self.mffn = MFFN(cfg, self.ams.u_width)
 
-    def forward(
+    def forward_padded(
         self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor, ctx: BatchContext | FastPlan | None = None
     ) -> Tensor:
         out = self.mffn(self.ams(x_BLD, valid_BL, ts_BL1, ctx), x_BLD)
@@ -221,5 +222,5 @@ class FuXiStack(nn.Module):
                 with_time=vanilla or "ts" in cfg.channels,
             )
         for block in self.blocks:
-            x_TD = block.forward_jagged(x_TD, groups)
+            x_TD = block(x_TD, groups=groups)
         return x_TD

@@ -15,6 +15,7 @@ from model.config import ModelConfig
 from model.fast_ams import (
     FastPlan,
     Group,
+    JaggedBlock,
     build_plan,
     fast_dropout,
     hstu_attention,
@@ -33,7 +34,7 @@ from model.layers import (
 )
 
 
-class HSTUBlock(nn.Module):
+class HSTUBlock(JaggedBlock):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -45,7 +46,7 @@ class HSTUBlock(nn.Module):
         self.dropout = nn.Dropout(cfg.linear_dropout)
         self.out = xavier_uniform_linear(h * dv, cfg.embedding_dim, bias=True)
 
-    def forward(
+    def forward_padded(
         self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor, ctx: BatchContext | FastPlan | None = None
     ) -> Tensor:
         if isinstance(ctx, FastPlan):
@@ -122,5 +123,5 @@ class HSTUStack(nn.Module):
                 cfg.padded_length, cfg.fast_chunk,
             )
         for block in self.blocks:
-            x_TD = block.forward_jagged(x_TD, groups)
+            x_TD = block(x_TD, groups=groups)
         return x_TD

@@ -26,6 +26,9 @@ class DataConfig:
     # stream the training split of a shard directory (pipeline/data.py) instead of holding it in memory
     stream: bool = False
     stream_backend: Literal["ray", "pyarrow"] = "ray"
+    # > 0: training batches hold as many users as fit in this many positions per rank (batch_size is then
+    # unused for training); steps cost about the same for any length mix. In-memory sources only.
+    batch_tokens: int = 0
 
 
 @dataclass
@@ -33,6 +36,7 @@ class LossConfig:
     num_negatives: int = 128
     negatives: Literal["per_position", "shared"] = "shared"
     temperature: float = 0.05
+    dedup_negatives: bool = True  # per_position: look each distinct id up once (same loss, less work)
 
 
 @dataclass

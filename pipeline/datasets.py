@@ -4,6 +4,12 @@ Every rank gets the same number of batches (the sharded embedding's all-to-all n
 step): the epoch's permutation is cut into global batches of `batch_size * world_size` rows and each
 rank takes its slice. A last partial global batch is kept when it has at least one row per rank.
 The streaming (Ray Data) source for logs larger than memory yields the same `Batch` type.
+
+Token budgets (`batch_tokens > 0`, training only): instead of `batch_size` users, a global batch holds as
+many users as fit in `batch_tokens * world_size` supervised positions (histories after truncation), so a
+step costs about the same whatever the length mix: a batch of short histories holds more users. Each
+rank takes every world_size-th row of the batch sorted by length, which balances tokens across ranks.
+The loss is the mean over the global batch's positions either way (pipeline/trainer.py).
 """
 
 from __future__ import annotations
@@ -27,7 +33,13 @@ class SequenceBatches:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        batch_tokens: int = 0,
     ) -> None:
+        if batch_tokens and batch_tokens < 2 * max_sequence_length:
+            # with >= 2 full histories per rank, every global batch but the last has >= world_size rows
+            raise ValueError(
+                f"batch_tokens={batch_tokens} must be at least 2 * max_sequence_length = {2 * max_sequence_length}"
+            )
         self.data = data
         self.drop_last_items = drop_last_items
         self.batch_size = batch_size
@@ -36,15 +48,25 @@ class SequenceBatches:
         self.seed = seed
         self.rank = rank
         self.world_size = world_size
+        self.batch_tokens = batch_tokens
         self.rows = eligible_rows(data, drop_last_items)
+        # supervised positions of each eligible row: history after dropping and truncation
+        self.tokens = np.minimum(data.lengths()[self.rows] - drop_last_items, max_sequence_length + 1) - 1
         self.skipped_users = data.num_users - len(self.rows)  # too short for this split; reported by the trainer
 
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
-        rows = self.rows
+        order = np.arange(len(self.rows))
         if self.shuffle:
-            rows = rows[np.random.default_rng((self.seed, epoch)).permutation(len(rows))]
-        step = self.batch_size * self.world_size
-        batches = [rows[i : i + step] for i in range(0, len(rows), step)]
+            order = np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
+        rows = self.rows[order]
+        if self.batch_tokens:  # cut where the running token count crosses a multiple of the budget
+            cum = np.cumsum(self.tokens[order])
+            cuts = np.flatnonzero(np.diff((cum - 1) // (self.batch_tokens * self.world_size))) + 1
+            batches = [b[np.argsort(-self.tokens[o], kind="stable")]
+                       for b, o in zip(np.split(rows, cuts), np.split(order, cuts))]
+        else:
+            step = self.batch_size * self.world_size
+            batches = [rows[i : i + step] for i in range(0, len(rows), step)]
         if batches and len(batches[-1]) < self.world_size:
             batches.pop()
         return batches
@@ -57,5 +79,8 @@ class SequenceBatches:
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         for global_rows in self._global_batches(epoch)[start_batch:]:
-            mine = np.array_split(global_rows, self.world_size)[self.rank]
+            if self.batch_tokens:  # sorted by length: dealing round robin balances tokens
+                mine = global_rows[self.rank :: self.world_size]
+            else:
+                mine = np.array_split(global_rows, self.world_size)[self.rank]
             yield collate_arrow(self.data.table.take(mine), self.max_sequence_length, self.drop_last_items)

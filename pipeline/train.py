@@ -68,12 +68,15 @@ def build_batches(cfg: TrainConfig, data: SequenceData, rank: int = 0, world_siz
         split: SequenceBatches(
             data, drop, cfg.batch_size if split == "train" else cfg.eval_batch_size, cfg.model.max_sequence_length,
             shuffle=split == "train", seed=cfg.seed, rank=rank, world_size=world_size,
+            batch_tokens=cfg.data.batch_tokens if split == "train" else 0,
         )
         for split, drop in drops.items()
     }
     if cfg.data.stream:
         from pipeline.data import ShardBatches
 
+        if cfg.data.batch_tokens:
+            raise ValueError("data.batch_tokens is not supported with data.stream (the stream batches by users)")
         if not Path(cfg.data.source).is_dir():
             raise ValueError(f"data.stream needs a shard directory (fuxi data build-sequences), got {cfg.data.source}")
         splits["train"] = ShardBatches(  # same Batch stream API, read shard by shard with a resumable position
@@ -99,7 +102,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
     pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
-    sampler = NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items)
+    sampler = NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items,
+                              dedup=cfg.loss.dedup_negatives)
     if logger is None:
         logger = make_logger(cfg, data) if ctx.is_main else NullLogger()
     status = "FAILED"
@@ -120,7 +124,8 @@ def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[
         "mlflow_run_id": logger.run_id})
     trainer = Trainer(
         model=pm.model, optimizer=pm.optimizer, train_batches=splits["train"].epoch,
-        sampler=NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items),
+        sampler=NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items,
+                              dedup=cfg.loss.dedup_negatives),
         steps_per_epoch=len(splits["train"]),
         evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
         protocol=cfg.data.protocol, temperature=cfg.loss.temperature, epochs=cfg.epochs,

@@ -129,8 +129,8 @@ class Trainer:
         batch = batch.to(self.device)
         self._reseed()
         negatives = self.sampler.sample(batch.history_lengths(), self.generator)
-        out = self.model(batch.seq, negatives)
-        loss_mean = sampled_softmax_loss(out, negatives, self.sampler.mode, self.temperature)
+        out = self.model(batch.seq, negatives.lookup)
+        loss_mean = sampled_softmax_loss(out, negatives, self.temperature)
         positions = float(out.user_TD.shape[0])
         totals = torch.stack([torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions])
         if self.reduce_sum is not None:

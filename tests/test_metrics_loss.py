@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.loss import MASKED_LOGIT, NegativeSampler, sampled_softmax_loss
+from model.loss import MASKED_LOGIT, NegativeSampler, Negatives, sampled_softmax_loss
 from model.metrics import full_ranks, ranking_metrics
 from model.recommender import SequenceOutput
 
@@ -58,7 +58,7 @@ def test_per_position_loss_matches_direct_computation_and_masks_positive():
 
     jt = JaggedTensor(values=neg_ids.flatten(), lengths=torch.tensor([r * 2, r * 2]))
     out = SequenceOutput(user, target, target_ids, negs, torch.tensor([2, 2]))
-    loss = sampled_softmax_loss(out, jt, "per_position", temperature=0.05)
+    loss = sampled_softmax_loss(out, Negatives("per_position", jt, neg_ids), temperature=0.05)
     expected = []
     for t in range(4):
         logits = [user[t] @ target[t] / 0.05]
@@ -78,7 +78,7 @@ def test_shared_loss_matches_direct_computation():
 
     jt = JaggedTensor(values=neg_ids, lengths=torch.tensor([4, 0]))
     out = SequenceOutput(user, target, target_ids, negs, torch.tensor([2, 2]))
-    loss = sampled_softmax_loss(out, jt, "shared", temperature=0.05)
+    loss = sampled_softmax_loss(out, Negatives("shared", jt, neg_ids), temperature=0.05)
     logits = torch.cat([(user * target).sum(-1, keepdim=True), user @ negs.T], 1) / 0.05
     logits[1, 1] = MASKED_LOGIT  # position 1's positive (6) is the first shared negative
     torch.testing.assert_close(loss, F.cross_entropy(logits, torch.zeros(4, dtype=torch.long)))
@@ -87,10 +87,44 @@ def test_shared_loss_matches_direct_computation():
 def test_sampler_layouts_and_range():
     lengths = torch.tensor([3, 1, 2])
     g = torch.Generator().manual_seed(0)
-    per = NegativeSampler(5, "per_position", 1, 10).sample(lengths, g)
-    assert per.lengths().tolist() == [15, 5, 10]
-    assert int(per.values().min()) >= 1 and int(per.values().max()) < 10
+    per = NegativeSampler(5, "per_position", 1, 10, dedup=False).sample(lengths, g)
+    assert per.lookup.lengths().tolist() == [15, 5, 10] and per.ids.shape == (6, 5) and per.index is None
+    assert torch.equal(per.lookup.values(), per.ids.flatten())
+    assert int(per.ids.min()) >= 1 and int(per.ids.max()) < 10
     shared = NegativeSampler(5, "shared", 1, 10).sample(lengths, g)
-    assert shared.lengths().tolist() == [5, 0, 0]
+    assert shared.lookup.lengths().tolist() == [5, 0, 0] and shared.ids.shape == (5,)
     with pytest.raises(ValueError, match="negative mode"):
         NegativeSampler(5, "in_batch", 1, 10)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("catalogue", [40, 100_000])  # dedup by dense marks / by torch.unique
+@pytest.mark.parametrize("dense_ratio", [32, 0])  # score by matmul + gather / gather the vectors
+def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(catalogue, dense_ratio, monkeypatch):
+    """The same draws, looked up once per distinct id: the same ids, loss and gradients."""
+    import model.loss
+
+    monkeypatch.setattr(model.loss, "DENSE_SCORE_RATIO", dense_ratio)
+    lengths = torch.tensor([7, 3, 5])
+    t, r, d = int(lengths.sum()), 6, 8
+    plain = NegativeSampler(r, "per_position", 1, catalogue, dedup=False).sample(lengths, torch.Generator().manual_seed(4))
+    dedup = NegativeSampler(r, "per_position", 1, catalogue).sample(lengths, torch.Generator().manual_seed(4))
+    assert torch.equal(plain.ids, dedup.ids)
+    distinct = dedup.lookup.values()
+    assert torch.equal(distinct, torch.unique(plain.ids)) and dedup.lookup.lengths().tolist() == [distinct.numel(), 0, 0]
+    assert torch.equal(distinct[dedup.index], dedup.ids)
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(catalogue, d, generator=g)
+    user0, target = _output(t, d, seed=6)
+    target_ids = torch.randint(1, catalogue, (t,), generator=g)
+    target_ids[0] = plain.ids[0, 2]  # one collision, masked in both layouts
+    results = []
+    for negs in (plain, dedup):
+        user = user0.clone().requires_grad_(True)
+        weights = table.clone().requires_grad_(True)
+        rows = F.normalize(weights[negs.lookup.values()], dim=-1)
+        loss = sampled_softmax_loss(SequenceOutput(user, target, target_ids, rows, lengths), negs, 0.05)
+        loss.backward()
+        results.append((loss.detach(), user.grad, weights.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert results[0][2].abs().sum() > 0

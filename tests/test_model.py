@@ -169,7 +169,7 @@ def test_forward_backward_all_parameters_receive_gradients(arch):
     seq = make_seq(items, times)
     sampler = NegativeSampler(8, "shared", 1, 50)
     neg = sampler.sample(seq["item_id"].lengths().long() - 1)
-    loss = sampled_softmax_loss(model(seq, neg), neg, "shared", 0.05)
+    loss = sampled_softmax_loss(model(seq, neg.lookup), neg, 0.05)
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert missing == []

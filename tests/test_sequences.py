@@ -90,3 +90,45 @@ def test_synthetic_generator_is_deterministic_and_planted():
     assert counts[:20].sum() > 4 * counts[-20:].sum()  # power-law popularity (softened by no-repeat draws)
     for row in data.table["item_ids"].to_pylist():
         assert len(row) == len(set(row))  # no repeats within a user
+
+
+def test_token_budget_batches_cover_every_row_once_with_bounded_tokens():
+    """batch_tokens: each global batch holds about the budget in positions (at most one history over it),
+    every rank steps the same number of times, every user is trained on once per epoch (but a last batch
+    with fewer rows than ranks, as in the fixed-size mode), and ranks get balanced token counts."""
+    data = synthetic_sequences(SyntheticConfig(num_users=300, num_items=100, num_themes=5, mean_length=25, max_length=80, seed=3))
+    max_len, budget, world = 40, 100, 3
+    ranks = [SequenceBatches(data, 1, batch_size=8, max_sequence_length=max_len, shuffle=True, seed=2, rank=r,
+                             world_size=world, batch_tokens=budget) for r in range(world)]
+    steps = list(zip(*[list(b.epoch(1)) for b in ranks], strict=True))  # strict: same step count on every rank
+    assert len(steps) == len(ranks[0]) > 10
+    seen = []
+    for k, step in enumerate(steps):
+        tokens = [int(b.history_lengths().sum()) for b in step]
+        assert sum(tokens) <= budget * world + max_len
+        if k < len(steps) - 1:
+            assert sum(tokens) > budget * world - max_len
+        assert max(tokens) - min(tokens) <= max_len  # dealt round robin over length-sorted rows
+        seen += [u for b in step for u in b.user_ids.tolist()]
+    assert len(seen) == len(set(seen))
+    eligible = set(data.table["user_id"].take(ranks[0].rows).to_pylist())
+    assert set(seen) <= eligible and len(eligible - set(seen)) < world
+    with pytest.raises(ValueError, match="batch_tokens=50 must be at least 2 \\* max_sequence_length = 80"):
+        SequenceBatches(data, 1, 8, max_len, shuffle=True, batch_tokens=50)
+
+
+def test_training_with_a_token_budget_takes_the_planned_steps(tmp_path):
+    from pipeline.config import tiny
+    from pipeline.train import build_batches, load_data, run
+
+    cfg = tiny()
+    cfg.tracking.enabled = False
+    cfg.output_dir = str(tmp_path / "runs")
+    cfg.data.batch_tokens = 300
+    cfg.epochs = 3
+    report = run(cfg)
+    train = build_batches(cfg, load_data(cfg))["train"]
+    assert train.batch_tokens == 300
+    assert report["steps"] == sum(len(train._global_batches(e)) for e in range(3))
+    losses = [h["train_loss"] for h in report["history"]]
+    assert losses[0] > losses[1] > losses[2]
