@@ -541,6 +541,8 @@ def section_anchor(args, report: dict) -> None:
         # the anchor's own loss (128 per-position negatives), de-duplicated lookups: the same training
         # function as the anchor recipe, so its NDCG needs no separate argument
         "best-per-position": replace(BEST, negatives="per_position"),
+        # shared negatives need far more than 128 to train as well as per-position 128 (ML-100K table)
+        "best-shared-1024": replace(BEST, num_negatives=1024),
         "best-no-buckets": replace(BEST, length_buckets=0),
         "reference+shared": replace(REFERENCE, padding="batch"),
     }
