@@ -149,6 +149,20 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 # FuXi-alpha AMS core: [pos, ts, sem] channel outputs per head
 
 
+def _silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0: int, r1: int, triu: Tensor) -> tuple[Tensor, Tensor]:
+    """Backward of one causal chunk of  out = (SiLU(s) * causal) @ v  (s: the chunk's pre-activation scores
+    [B*H, r1 - r0, r1], recomputed by the caller and overwritten here). Accumulates into dkh and dvh;
+    returns the score gradient (masked) and the chunk's d_q rows."""
+    m = triu[: r1 - r0, : r1 - r0]
+    d_s = torch.ops.aten.silu_backward(torch.bmm(gh[:, r0:r1], vh[:, :r1].transpose(1, 2)), s)
+    d_s[:, :, r0:r1].masked_fill_(m, 0.0)
+    a = F.silu(s, inplace=True)
+    a[:, :, r0:r1].masked_fill_(m, 0.0)
+    dvh[:, :r1] += torch.bmm(a.transpose(1, 2), gh[:, r0:r1])
+    dkh[:, :r1] += torch.bmm(d_s.transpose(1, 2), qh[:, r0:r1])
+    return d_s, torch.bmm(d_s, kh[:, :r1])
+
+
 class _AMSCore(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w_pos, w_ts, inv_n, plan: FastPlan, channels: tuple[str, ...], heads: int):
@@ -237,15 +251,8 @@ class _AMSCore(torch.autograd.Function):
                 dvh = torch.zeros(vh.shape, **f32)
                 triu = plan.triu
                 for r0, r1 in plan.bounds:
-                    m = triu[: r1 - r0, : r1 - r0]
                     s = torch.bmm(qh[:, r0:r1], kh[:, :r1].transpose(1, 2))
-                    d_s = torch.ops.aten.silu_backward(torch.bmm(gh[:, r0:r1], vh[:, :r1].transpose(1, 2)), s)
-                    d_s[:, :, r0:r1].masked_fill_(m, 0.0)
-                    a = F.silu(s, inplace=True)
-                    a[:, :, r0:r1].masked_fill_(m, 0.0)
-                    dvh[:, :r1] += torch.bmm(a.transpose(1, 2), gh[:, r0:r1])
-                    dq_chunks.append(torch.bmm(d_s, kh[:, :r1]))
-                    dkh[:, :r1] += torch.bmm(d_s.transpose(1, 2), qh[:, r0:r1])
+                    dq_chunks.append(_silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0, r1, triu)[1])
                 d_q = _unheads(_cat_rows(dq_chunks), b, h).reshape(b, length, hdqk)
                 d_k = _unheads(dkh.to(grad.dtype), b, h).reshape(b, length, hdqk)
                 d_v += _unheads(dvh, b, h).reshape(b, length, hdv)
@@ -316,15 +323,9 @@ class _HSTUCore(torch.autograd.Function):
         d_table = torch.zeros(table.shape, **f32)
         triu = plan.triu
         for (r0, r1), idx in zip(plan.bounds, plan.index):
-            m = triu[: r1 - r0, : r1 - r0]
             s = _hstu_scores(table, idx, qh, kh, r0, r1, b, h)
-            d_s = torch.ops.aten.silu_backward(torch.bmm(gh[:, r0:r1], vh[:, :r1].transpose(1, 2)), s)
-            d_s[:, :, r0:r1].masked_fill_(m, 0.0)
-            a = F.silu(s, inplace=True)
-            a[:, :, r0:r1].masked_fill_(m, 0.0)
-            dvh[:, :r1] += torch.bmm(a.transpose(1, 2), gh[:, r0:r1])
-            dq_chunks.append(torch.bmm(d_s, kh[:, :r1]))
-            dkh[:, :r1] += torch.bmm(d_s.transpose(1, 2), qh[:, r0:r1])
+            d_s, d_q_chunk = _silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0, r1, triu)
+            dq_chunks.append(d_q_chunk)
             d_bias = d_s if h == 1 else d_s.view(b, h, r1 - r0, r1).sum(1)
             d_table.scatter_add_(0, idx.view(-1), d_bias.reshape(-1).float())
         d_table = d_table.view(length, -1)

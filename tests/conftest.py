@@ -1,4 +1,4 @@
-"""Shared test helpers: tiny configs and hand-made jagged batches."""
+"""Shared test helpers: tiny configs, hand-made jagged batches, a local Ray per test module."""
 
 from __future__ import annotations
 
@@ -32,3 +32,12 @@ def random_rows(n_users: int, num_items: int, max_len: int, seed: int = 0) -> tu
 @pytest.fixture
 def seq_factory():
     return make_seq
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """Ray in local mode for one test module (modules opt in with pytest.mark.usefixtures("ray_local"))."""
+    ray = pytest.importorskip("ray")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

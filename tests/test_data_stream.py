@@ -24,12 +24,7 @@ MAX_LEN = 12
 BATCH = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

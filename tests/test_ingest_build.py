@@ -30,12 +30,7 @@ T = 1_704_067_200  # 2024-01-01 00:00 UTC
 DAY = 86_400
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_local():
-    ray = pytest.importorskip("ray")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_local")  # tests/conftest.py
 
 
 def write_day(logs: Path, date: str, rows: list[tuple], part: int = 0, types: dict | None = None) -> Path:
