@@ -371,10 +371,20 @@ def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
 # dropout with a cheaper mask
 
 
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """Bool mask, True w.p. 1 - p (to 1/65536): each element compares 16 random bits with a threshold.
+    The bits come four to a 64-bit draw, ~3x cheaper on CPU than rand_like(x) >= p and ~5x cheaper
+    than bernoulli_."""
+    n = shape.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
+    threshold = round(p * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
+    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
+
+
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
-        keep = torch.rand_like(x) >= p  # uniform draws: ~5x cheaper on CPU than bernoulli_ on float
+        keep = dropout_keep_mask(x.shape, p, x.device)
         ctx.save_for_backward(keep)
         ctx.scale = 1.0 / (1.0 - p)
         return x.mul(keep).mul_(ctx.scale)
@@ -386,8 +396,8 @@ class _Dropout(torch.autograd.Function):
 
 
 def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout, the same distribution as F.dropout (keep w.p. 1 - p, scale 1 / (1 - p)); the
-    mask comes from `rand_like(x) >= p` rather than `bernoulli_`, so the random stream differs."""
+    """Inverted dropout, F.dropout's distribution (keep w.p. 1 - p, p to 1/65536; scale 1 / (1 - p)) with
+    a cheaper mask (`dropout_keep_mask`), so the random stream differs from F.dropout's."""
     if not training or p == 0.0:
         return x
     if p >= 1.0:

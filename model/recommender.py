@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from model.config import ModelConfig
-from model.fast_ams import bucketed_encode
+from model.fast_ams import bucketed_encode, fast_dropout
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
 from model.jagged import jagged_to_padded
@@ -128,7 +128,10 @@ class SequentialRecommender(nn.Module):
         x = emb_TD[hist_tok] * (cfg.embedding_dim**0.5)
         if self.use_abs_positions:
             x = x + self.position_embedding.weight[cols[hist_tok]]
-        x = self.input_dropout(x)
+        if cfg.kernel == "fast":  # same distribution, cheaper mask (model/fast_ams.py)
+            x = fast_dropout(x, self.input_dropout.p, self.training)
+        else:
+            x = self.input_dropout(x)
         times = seq[TIME_FEATURE].values()
         if cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged"):  # FuXi-alpha, HSTU
             y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets)

@@ -102,8 +102,6 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
     pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
-    sampler = NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items,
-                              dedup=cfg.loss.dedup_negatives)
     if logger is None:
         logger = make_logger(cfg, data) if ctx.is_main else NullLogger()
     status = "FAILED"
@@ -133,7 +131,7 @@ def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[
         generator=torch.Generator(device=ctx.device), device=ctx.device, progress=cfg.progress and ctx.is_main,
         on_epoch_end=lambda t: ckpt.maybe_save(t.state, cfg.checkpoint_every_epochs, cfg.epochs),
         reduce_sum=all_reduce_sum, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-        keep_best=ckpt.save_best, restore_best=ckpt.load_best,
+        keep_best=ckpt.save_best, restore_best=ckpt.load_best, amp=cfg.amp,
     )
     resumed = ckpt.resume(trainer.state) if cfg.resume else None
     if resumed is not None:

@@ -62,6 +62,9 @@ class TrainState:
         self.history = list(state.get("history", []))
 
 
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+
+
 class Trainer:
     def __init__(
         self,
@@ -87,7 +90,11 @@ class Trainer:
         world_size: int = 1,
         keep_best: Callable[[], None] | None = None,  # store the current weights as the best (default: in memory)
         restore_best: Callable[[], None] | None = None,  # load them back into the model
+        amp: str = "none",  # "bf16": forward + loss under autocast (TrainConfig.amp)
     ) -> None:
+        if amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
+        self.amp_dtype = AMP_DTYPES[amp]
         self.model = model
         self.optimizer = optimizer
         self.sampler = sampler
@@ -129,8 +136,9 @@ class Trainer:
         batch = batch.to(self.device)
         self._reseed()
         negatives = self.sampler.sample(batch.history_lengths(), self.generator)
-        out = self.model(batch.seq, negatives.lookup)
-        loss_mean = sampled_softmax_loss(out, negatives, self.temperature)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            out = self.model(batch.seq, negatives.lookup)
+            loss_mean = sampled_softmax_loss(out, negatives, self.temperature).float()
         positions = float(out.user_TD.shape[0])
         totals = torch.stack([torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions])
         if self.reduce_sum is not None:

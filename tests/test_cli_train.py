@@ -24,6 +24,12 @@ def test_unknown_override_is_a_clear_error(capsys, tmp_path, monkeypatch):
     assert "model.num_layerz" in capsys.readouterr().err
 
 
+def test_unknown_amp_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--preset", "tiny", "--no-tracking", "--set", "amp=fp8"]) == 2
+    assert "amp must be one of ['bf16', 'none'], got 'fp8'" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_train_logs_mlflow_run_and_checkpoint_reevaluates(tmp_path, monkeypatch, capsys):
     import mlflow

@@ -99,11 +99,15 @@ def test_sampler_layouts_and_range():
 
 @pytest.mark.parametrize("catalogue", [40, 100_000])  # dedup by dense marks / by torch.unique
 @pytest.mark.parametrize("dense_ratio", [32, 0])  # score by matmul + gather / gather the vectors
-def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(catalogue, dense_ratio, monkeypatch):
-    """The same draws, looked up once per distinct id: the same ids, loss and gradients."""
+@pytest.mark.parametrize("chunk_elements", [1 << 18, 100])  # fused loss in one chunk / in many
+def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(
+    catalogue, dense_ratio, chunk_elements, monkeypatch
+):
+    """The same draws, looked up once per distinct id (the fused loss): the same ids, loss and gradients."""
     import model.loss
 
     monkeypatch.setattr(model.loss, "DENSE_SCORE_RATIO", dense_ratio)
+    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", chunk_elements)
     lengths = torch.tensor([7, 3, 5])
     t, r, d = int(lengths.sum()), 6, 8
     plain = NegativeSampler(r, "per_position", 1, catalogue, dedup=False).sample(lengths, torch.Generator().manual_seed(4))
@@ -120,11 +124,16 @@ def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(catalog
     results = []
     for negs in (plain, dedup):
         user = user0.clone().requires_grad_(True)
+        target_leaf = target.clone().requires_grad_(True)
         weights = table.clone().requires_grad_(True)
         rows = F.normalize(weights[negs.lookup.values()], dim=-1)
-        loss = sampled_softmax_loss(SequenceOutput(user, target, target_ids, rows, lengths), negs, 0.05)
-        loss.backward()
-        results.append((loss.detach(), user.grad, weights.grad))
+        loss = sampled_softmax_loss(SequenceOutput(user, target_leaf, target_ids, rows, lengths), negs, 0.05)
+        (3.0 * loss).backward()  # an upstream gradient other than 1 reaches the fused backward
+        results.append((loss.detach(), user.grad, target_leaf.grad, weights.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert results[0][2].abs().sum() > 0
+    assert all(g.abs().sum() > 0 for g in results[0][1:])
+    with torch.no_grad():  # no gradient wanted: the fused loss skips the gradient work, same value
+        rows = F.normalize(table[dedup.lookup.values()], dim=-1)
+        value = sampled_softmax_loss(SequenceOutput(user0, target, target_ids, rows, lengths), dedup, 0.05)
+    torch.testing.assert_close(value, results[0][0], rtol=1e-5, atol=1e-6)
