@@ -149,12 +149,19 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 # FuXi-alpha AMS core: [pos, ts, sem] channel outputs per head
 
 
-def _silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0: int, r1: int, triu: Tensor) -> tuple[Tensor, Tensor]:
+def _transposed(t: Tensor) -> Tensor:
+    """[X, L, d] -> contiguous [X, d, L]. Batched matmuls against a key-prefix slice of this layout run
+    up to 4x faster on CPU than against the transposed view t[:, :r1].transpose(1, 2) (measured: fp32
+    MKL and bf16 oneDNN both copy or take a slow path for that view)."""
+    return t.transpose(1, 2).contiguous()
+
+
+def _silu_chunk_backward(s, qh, kh, vT, gh, dkh, dvh, r0: int, r1: int, triu: Tensor) -> tuple[Tensor, Tensor]:
     """Backward of one causal chunk of  out = (SiLU(s) * causal) @ v  (s: the chunk's pre-activation scores
-    [B*H, r1 - r0, r1], recomputed by the caller and overwritten here). Accumulates into dkh and dvh;
-    returns the score gradient (masked) and the chunk's d_q rows."""
+    [B*H, r1 - r0, r1], recomputed by the caller and overwritten here; vT = _transposed(v)). Accumulates
+    into dkh and dvh; returns the score gradient (masked) and the chunk's d_q rows."""
     m = triu[: r1 - r0, : r1 - r0]
-    d_s = torch.ops.aten.silu_backward(torch.bmm(gh[:, r0:r1], vh[:, :r1].transpose(1, 2)), s)
+    d_s = torch.ops.aten.silu_backward(torch.bmm(gh[:, r0:r1], vT[:, :, :r1]), s)
     d_s[:, :, r0:r1].masked_fill_(m, 0.0)
     a = F.silu(s, inplace=True)
     a[:, :, r0:r1].masked_fill_(m, 0.0)
@@ -194,10 +201,11 @@ class _AMSCore(torch.autograd.Function):
             saved["v"], saved["w_ts_ext"] = vc, w_ext
         if "sem" in channels:
             qh, kh, vh = _heads(q, h), _heads(k, h), _heads(v, h)
+            kT = _transposed(kh)
             chunks = []
             triu = plan.triu
             for r0, r1 in plan.bounds:
-                a = F.silu(torch.bmm(qh[:, r0:r1], kh[:, :r1].transpose(1, 2)), inplace=True)
+                a = F.silu(torch.bmm(qh[:, r0:r1], kT[:, :, :r1]), inplace=True)
                 a[:, :, r0:r1].masked_fill_(triu[: r1 - r0, : r1 - r0], 0.0)
                 chunks.append(torch.bmm(a, vh[:, :r1]))
             sem = _unheads(_cat_rows(chunks), b, h)
@@ -237,9 +245,10 @@ class _AMSCore(torch.autograd.Function):
                 vc, w_ext = saved["v"], saved["w_ts_ext"]
                 gc = g.reshape(b, length, hdv)
                 d_ext = torch.zeros(w_ext.numel(), **f32)
+                vT = _transposed(vc)
                 for (r0, r1), idx in zip(plan.bounds, plan.index):
                     a = w_ext.index_select(0, idx.view(-1)).view(b, r1 - r0, r1)
-                    d_a = torch.bmm(gc[:, r0:r1], vc[:, :r1].transpose(1, 2))
+                    d_a = torch.bmm(gc[:, r0:r1], vT[:, :, :r1])
                     d_ext.scatter_add_(0, idx.view(-1), d_a.view(-1).float())
                     d_v[:, :r1] += torch.bmm(a.transpose(1, 2), gc[:, r0:r1])
                 d_wts = d_ext[:-1]
@@ -250,9 +259,10 @@ class _AMSCore(torch.autograd.Function):
                 dkh = torch.zeros(kh.shape, **f32)
                 dvh = torch.zeros(vh.shape, **f32)
                 triu = plan.triu
+                kT, vT = _transposed(kh), _transposed(vh)
                 for r0, r1 in plan.bounds:
-                    s = torch.bmm(qh[:, r0:r1], kh[:, :r1].transpose(1, 2))
-                    dq_chunks.append(_silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0, r1, triu)[1])
+                    s = torch.bmm(qh[:, r0:r1], kT[:, :, :r1])
+                    dq_chunks.append(_silu_chunk_backward(s, qh, kh, vT, gh, dkh, dvh, r0, r1, triu)[1])
                 d_q = _unheads(_cat_rows(dq_chunks), b, h).reshape(b, length, hdqk)
                 d_k = _unheads(dkh.to(grad.dtype), b, h).reshape(b, length, hdqk)
                 d_v += _unheads(dvh, b, h).reshape(b, length, hdv)
@@ -300,10 +310,11 @@ class _HSTUCore(torch.autograd.Function):
         table = _hstu_table(w_pos.detach(), w_ts.detach(), plan).to(v.dtype)
         inv_n = inv_n.to(v.dtype)
         qh, kh, vh = _heads(q, h), _heads(k, h), _heads(v, h)
+        kT = _transposed(kh)
         chunks = []
         triu = plan.triu
         for (r0, r1), idx in zip(plan.bounds, plan.index):
-            s = _hstu_scores(table, idx, qh, kh, r0, r1, b, h)
+            s = _hstu_scores(table, idx, qh, kT, r0, r1, b, h)
             a = F.silu(s, inplace=True)
             a[:, :, r0:r1].masked_fill_(triu[: r1 - r0, : r1 - r0], 0.0)
             chunks.append(torch.bmm(a, vh[:, :r1]))
@@ -322,9 +333,10 @@ class _HSTUCore(torch.autograd.Function):
         dq_chunks, dkh, dvh = [], torch.zeros(kh.shape, **f32), torch.zeros(vh.shape, **f32)
         d_table = torch.zeros(table.shape, **f32)
         triu = plan.triu
+        kT, vT = _transposed(kh), _transposed(vh)
         for (r0, r1), idx in zip(plan.bounds, plan.index):
-            s = _hstu_scores(table, idx, qh, kh, r0, r1, b, h)
-            d_s, d_q_chunk = _silu_chunk_backward(s, qh, kh, vh, gh, dkh, dvh, r0, r1, triu)
+            s = _hstu_scores(table, idx, qh, kT, r0, r1, b, h)
+            d_s, d_q_chunk = _silu_chunk_backward(s, qh, kh, vT, gh, dkh, dvh, r0, r1, triu)
             dq_chunks.append(d_q_chunk)
             d_bias = d_s if h == 1 else d_s.view(b, h, r1 - r0, r1).sum(1)
             d_table.scatter_add_(0, idx.view(-1), d_bias.reshape(-1).float())
@@ -338,11 +350,11 @@ class _HSTUCore(torch.autograd.Function):
 
 
 def _hstu_scores(
-    table: Tensor, idx: Tensor, qh: Tensor, kh: Tensor, r0: int, r1: int, b: int, h: int
+    table: Tensor, idx: Tensor, qh: Tensor, kT: Tensor, r0: int, r1: int, b: int, h: int
 ) -> Tensor:
     bias = table.index_select(0, idx.view(-1)).view(b, 1, r1 - r0, r1)
     bias = bias.expand(b, h, r1 - r0, r1).reshape(b * h, r1 - r0, r1)
-    return torch.baddbmm(bias, qh[:, r0:r1], kh[:, :r1].transpose(1, 2))
+    return torch.baddbmm(bias, qh[:, r0:r1], kT[:, :, :r1])
 
 
 def hstu_attention(

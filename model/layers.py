@@ -14,8 +14,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+class _RMSNorm(torch.autograd.Function):
+    """Gain-free RMSNorm with a fused backward for CPU: dx = r * (g - y * mean(g * y)), y = x * r,
+    r = 1 / rms(x). PyTorch's CPU autograd for F.rms_norm runs ~10 elementwise passes (there is no CPU
+    `_fused_rms_norm_backward`); this runs 4, 2x faster on FuXi-alpha's [T, 150] norms."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, eps: float) -> Tensor:
+        y, rstd = torch.ops.aten._fused_rms_norm(x, [x.shape[-1]], None, eps)
+        ctx.save_for_backward(x, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, rstd = ctx.saved_tensors
+        acc = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math
+        y = x.to(acc) * rstd
+        g = g.to(acc)
+        c = (g * y).mean(-1, keepdim=True)
+        return torch.addcmul(g, y, c, value=-1).mul_(rstd).to(x.dtype), None
+
+
+_HAS_FUSED_RMS = hasattr(torch.ops.aten, "_fused_rms_norm")
+
+
 def rms_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """RMSNorm over the last dim with no learnable gain (the official code calls F.rms_norm bare)."""
+    if x.device.type == "cpu" and x.requires_grad and _HAS_FUSED_RMS and torch.is_grad_enabled():
+        return _RMSNorm.apply(x, eps)
     return F.rms_norm(x, (x.shape[-1],), eps=eps)
 
 

@@ -53,6 +53,7 @@ class SequenceBatches:
         # supervised positions of each eligible row: history after dropping and truncation
         self.tokens = np.minimum(data.lengths()[self.rows] - drop_last_items, max_sequence_length + 1) - 1
         self.skipped_users = data.num_users - len(self.rows)  # too short for this split; reported by the trainer
+        self._num_batches: int | None = None
 
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
         order = np.arange(len(self.rows))
@@ -72,7 +73,10 @@ class SequenceBatches:
         return batches
 
     def __len__(self) -> int:
-        return len(self._global_batches(0))
+        """Batches in epoch 0 (with batch_tokens the count can differ by one or two between epochs)."""
+        if self._num_batches is None:
+            self._num_batches = len(self._global_batches(0))
+        return self._num_batches
 
     def num_rows(self) -> int:
         return len(self.rows)

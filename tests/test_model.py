@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.fuxi import AMS
-from model.layers import RelativePositionWeights, RelativeTimeWeights, time_buckets
+from model.layers import RelativePositionWeights, RelativeTimeWeights, rms_norm, time_buckets
 from model.recommender import build_model, count_parameters
 from tests.conftest import make_seq, random_rows
 
@@ -197,3 +197,25 @@ def test_attention_denominator_modes():
     assert attention_denominator(valid, 211, "length").flatten().tolist() == [3.0, 1.0]  # paper: true length
     with pytest.raises(ValueError, match="attn_norm"):
         attention_denominator(valid, 211, "other")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_rms_norm_fused_backward_matches_pytorch(dtype):
+    """model.layers.rms_norm (hand-written CPU backward) against F.rms_norm's autograd, 2-D and 3-D."""
+    from model.layers import _RMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(37, 150), (3, 11, 50)]:
+        x = (torch.randn(shape, dtype=torch.float64) * 3).to(dtype).requires_grad_(True)
+        g = torch.randn(shape, dtype=torch.float64).to(dtype)
+        y = rms_norm(x)
+        assert y.grad_fn is not None and "_RMSNormBackward" in type(y.grad_fn).__name__
+        (dx,) = torch.autograd.grad(y, x, g)
+        x64 = x.detach().double().requires_grad_(True)
+        (dx64,) = torch.autograd.grad(F.rms_norm(x64, (shape[-1],), eps=1e-6), x64, g.double())
+        tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(y.double(), F.rms_norm(x64, (shape[-1],), eps=1e-6).detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(dx.double(), dx64, rtol=tol, atol=tol)
+        assert dx.dtype == dtype
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: _RMSNorm.apply(t, 1e-6), (x,))
