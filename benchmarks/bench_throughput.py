@@ -425,19 +425,18 @@ def section_mix(args, report: dict) -> None:
             for _ in range(args.rounds)
         ]
         full = make_rows(np.full(args.batch, max_len), KUAIRAND_ITEMS, rng).to(args.device)
-        # token-budget batches: as many users as it takes to fill the full-length batch's token count
-        budget = []
-        for _ in range(args.rounds):
-            lens = mix_lengths(
-                4 * args.batch * max_len // max(int(args.mix_mean), 1), max_len, rng, args.mix_mean
-            )
-            budget.append(
-                make_rows(
-                    lens[: max(1, int(np.searchsorted(np.cumsum(lens), args.batch * max_len)))],
-                    KUAIRAND_ITEMS,
-                    rng,
-                ).to(args.device)
-            )
+        # token-budget batches (`data.batch_tokens = B * L_max`): the training loader's own cut rule over
+        # a stream of mix users, i.e. as many users as it takes to fill a full-length batch's token count
+        from pipeline.sequences import token_budget_cuts  # (pyarrow; not needed by the other sections)
+
+        stream = mix_lengths(
+            2 * (args.rounds + 1) * args.batch * max_len // max(int(args.mix_mean), 1), max_len, rng, args.mix_mean
+        )
+        budget = [
+            make_rows(lens, KUAIRAND_ITEMS, rng).to(args.device)
+            for lens in np.split(stream, token_budget_cuts(stream, args.batch * max_len))[: args.rounds]
+        ]
+        assert len(budget) == args.rounds
         mix = [m.to(args.device) for m in mix]
         mean_len = float(np.mean([m.history_tokens / args.batch for m in mix]))
         max_in = float(np.mean([int(m.lengths.max()) - 1 for m in mix]))

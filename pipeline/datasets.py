@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.collate import Batch, collate_arrow
-from pipeline.sequences import SequenceData, eligible_rows
+from pipeline.sequences import SequenceData, eligible_rows, token_budget_cuts
 
 
 class SequenceBatches:
@@ -61,8 +61,7 @@ class SequenceBatches:
             order = np.random.default_rng((self.seed, epoch)).permutation(len(self.rows))
         rows = self.rows[order]
         if self.batch_tokens:  # cut where the running token count crosses a multiple of the budget
-            cum = np.cumsum(self.tokens[order])
-            cuts = np.flatnonzero(np.diff((cum - 1) // (self.batch_tokens * self.world_size))) + 1
+            cuts = token_budget_cuts(self.tokens[order], self.batch_tokens * self.world_size)
             batches = [b[np.argsort(-self.tokens[o], kind="stable")]
                        for b, o in zip(np.split(rows, cuts), np.split(order, cuts))]
         else:

@@ -127,6 +127,15 @@ def _max_item(table: pa.Table) -> int:
     return int(pc.max(flat).as_py() or 0)
 
 
+def token_budget_cuts(tokens: np.ndarray, budget: int) -> np.ndarray:
+    """Split points of a sequence of rows with `tokens` positions each into batches of about `budget`
+    positions: a batch ends where the running token count crosses a multiple of the budget (so every
+    batch but the last holds >= budget - max(tokens) positions). For np.split. Used by
+    pipeline.datasets.SequenceBatches (`data.batch_tokens`) and the throughput benchmark."""
+    cum = np.cumsum(tokens)
+    return np.flatnonzero(np.diff((cum - 1) // budget)) + 1
+
+
 def eligible_rows(data: SequenceData, drop_last: int) -> np.ndarray:
     """Rows that still have a history and a target after dropping `drop_last` trailing items."""
     return np.flatnonzero(data.lengths() - drop_last >= 2)

@@ -132,3 +132,14 @@ def test_training_with_a_token_budget_takes_the_planned_steps(tmp_path):
     assert report["steps"] == sum(len(train._global_batches(e)) for e in range(3))
     losses = [h["train_loss"] for h in report["history"]]
     assert losses[0] > losses[1] > losses[2]
+
+
+def test_token_budget_cuts_by_hand():
+    """Running totals 3, 7, 9, 14, 15 against a budget of 6: a batch ends where the total crosses 6 and 12."""
+    from pipeline.sequences import token_budget_cuts
+
+    tokens = np.array([3, 4, 2, 5, 1])
+    cuts = token_budget_cuts(tokens, 6)
+    assert cuts.tolist() == [1, 3]
+    assert [b.tolist() for b in np.split(tokens, cuts)] == [[3], [4, 2], [5, 1]]
+    assert token_budget_cuts(np.array([6, 6, 6]), 6).tolist() == [1, 2]  # exactly full batches
