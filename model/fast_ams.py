@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.layers import time_buckets
+
 DEFAULT_CHUNK = 64
 
 
@@ -487,10 +489,59 @@ class JaggedBlock(nn.Module):
     a block's parameters in its forward pre-hook, and a path that bypassed it would see sharded weights."""
 
     def forward(self, x: Tensor, valid_BL: Tensor | None = None, ts_BL1: Tensor | None = None,
-                ctx: object = None, groups: list[Group] | None = None) -> Tensor:
-        if groups is not None:
-            return self.forward_jagged(x, groups)
+                ctx: object = None, groups: list[Group] | None = None, last_only: bool = False) -> Tensor:
+        if groups is not None:  # last_only: [B, D] outputs of each row's last token (`forward_last`)
+            return self.forward_last(x, groups) if last_only else self.forward_jagged(x, groups)
         return self.forward_padded(x, valid_BL, ts_BL1, ctx)
+
+
+def last_row_attention(
+    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor | None, w_ts: Tensor | None, inv_n: Tensor, group: Group,
+    channels: tuple[str, ...], heads: int, padded_length: int, time_delta: str, num_buckets: int,
+    divisor: float, vanilla: bool = False,
+) -> Tensor:
+    """Attention output of each row's *last* history slot only (evaluation needs no other query in the
+    final block): [n, H * C * dv], head-major, channels in `channels` order, as ams_channels; or, with
+    vanilla=True, HSTU's SiLU(q k^T + w_pos + w_ts) / n attention, [n, H * dv], as hstu_attention.
+
+    q, k, v: the group's padded [n, L, H*d] projections (v zero on padding). A row's keys j <= last are
+    exactly its valid slots, so the causal mask is `group.valid`. O(L) per row instead of O(L^2).
+    """
+    n, length, _ = v.shape
+    h = heads
+    rows = torch.arange(n, device=v.device)
+    last = group.valid.sum(1) - 1
+    keys = torch.arange(length, device=v.device)
+    kh, vh = k.reshape(n, length, h, -1), v.reshape(n, length, h, -1)
+    mask = group.valid.to(v.dtype)  # [n, L]
+    pos = ts_w = None
+    if w_pos is not None:  # w[(N-1) + j - i] with i = last; j > last is masked
+        pos = w_pos[(padded_length - 1) - (last[:, None] - keys[None, :]).clamp(min=0)].to(v.dtype)
+    if w_ts is not None:
+        t_query = group.ts[rows, last + 1] if time_delta == "next" else group.ts[rows, last]
+        ts_w = w_ts[time_buckets(t_query[:, None] - group.ts[:, :length], num_buckets, divisor)].to(v.dtype)
+    s = torch.einsum("nhd,nlhd->nhl", q[rows, last].reshape(n, h, -1), kh)
+    scale = inv_n.to(v.dtype).view(-1, 1, 1)
+    if vanilla:
+        a = F.silu(s + pos[:, None] + ts_w[:, None]) * scale * mask[:, None]
+        return torch.einsum("nhl,nlhd->nhd", a, vh).reshape(n, -1)
+    outs = []
+    for channel in channels:
+        if channel == "sem":
+            outs.append(torch.einsum("nhl,nlhd->nhd", F.silu(s) * scale * mask[:, None], vh))
+        else:
+            w = (pos if channel == "pos" else ts_w) * mask
+            outs.append(torch.einsum("nl,nlhd->nhd", w, vh))
+    return torch.stack(outs, dim=2).reshape(n, -1)  # [n, H, C, dv]
+
+
+def last_slots(groups: list[Group]) -> tuple[Tensor, Tensor]:
+    """(jagged index of every row's last history token, in batch order; the permutation that takes the
+    groups' concatenated rows to batch order). Rows are row-major in the jagged tokens, so sorting the
+    last tokens sorts the rows."""
+    last_tok = torch.cat([g.tok[torch.arange(g.tok.shape[0], device=g.tok.device), g.valid.sum(1) - 1] for g in groups])
+    order = torch.argsort(last_tok)
+    return last_tok[order], order
 
 
 def length_groups(hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> list[Group]:
@@ -543,6 +594,8 @@ def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor,
 
 __all__ = [
     "FastPlan",
+    "last_row_attention",
+    "last_slots",
     "Group",
     "ams_channels",
     "bucketed_encode",

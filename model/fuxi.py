@@ -24,6 +24,8 @@ from model.fast_ams import (
     fast_dropout,
     hstu_attention,
     inverse_n,
+    last_row_attention,
+    last_slots,
     length_groups,
     scatter_groups,
 )
@@ -142,6 +144,26 @@ class AMS(nn.Module):
             outs.append(out.reshape(*g.valid.shape, -1)[g.valid])
         return u * rms_norm(scatter_groups(outs, groups, x_TD.shape[0]))
 
+    def forward_last(self, x_TD: Tensor, groups: list[Group]) -> tuple[Tensor, Tensor]:
+        """`forward_jagged` at each row's last history token only: ([B, C*H*dv], their jagged indices).
+        k and v are still needed for every token; u and the attention only for the last ones."""
+        cfg = self.cfg
+        x_norm = rms_norm(x_TD)
+        vqk = F.silu(x_norm @ self.uvqk[:, self.u_width :])
+        pos = self.pos_weights.weight if self.pos_weights is not None else None
+        ts = self.time_weights.weight if self.time_weights is not None else None
+        outs = []
+        for g in groups:
+            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)
+            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+            outs.append(last_row_attention(
+                q, k, v, pos, ts, inv_n, g, self.channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
+                cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=self.vanilla,
+            ))
+        last_tok, order = last_slots(groups)
+        u = F.silu(x_norm[last_tok] @ self.uvqk[:, : self.u_width])
+        return u * rms_norm(torch.cat(outs)[order]), last_tok
+
 
 class MFFN(nn.Module):
     """Multi-stage FFN.
@@ -182,6 +204,10 @@ class FuXiBlock(JaggedBlock):
     def forward_jagged(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
         return self.mffn(self.ams.forward_jagged(x_TD, groups), x_TD)
 
+    def forward_last(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
+        h, last_tok = self.ams.forward_last(x_TD, groups)
+        return self.mffn(h, x_TD[last_tok])
+
 
 class FuXiStack(nn.Module):
     """num_layers FuXi blocks; no final norm (the output goes straight to L2 normalisation)."""
@@ -208,10 +234,13 @@ class FuXiStack(nn.Module):
             x_BLD = block(x_BLD, valid_BL, ts_BL1, ctx)
         return x_BLD
 
-    def forward_jagged(self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
+    def forward_jagged(
+        self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int, last_only: bool = False
+    ) -> Tensor:
         """Jagged execution (kernel="fast"): per-token layers on the T real tokens, attention on length
         groups each padded to its own longest row. x_TD: history tokens, row-major; ts_T: history + target
-        timestamps, jagged with lengths hist + 1. Returns [T, D]."""
+        timestamps, jagged with lengths hist + 1. Returns [T, D], or with last_only (evaluation) [B, D]:
+        each row's last token, the final block computing only those."""
         cfg = self.cfg
         vanilla = cfg.attention == "vanilla"
         groups = length_groups(hist_lengths_B, ts_T, max_groups)
@@ -221,6 +250,6 @@ class FuXiStack(nn.Module):
                 cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
                 with_time=vanilla or "ts" in cfg.channels,
             )
-        for block in self.blocks:
-            x_TD = block(x_TD, groups=groups)
+        for i, block in enumerate(self.blocks):
+            x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
         return x_TD

@@ -20,6 +20,8 @@ from model.fast_ams import (
     fast_dropout,
     hstu_attention,
     inverse_n,
+    last_row_attention,
+    last_slots,
     length_groups,
     scatter_groups,
 )
@@ -91,6 +93,25 @@ class HSTUBlock(JaggedBlock):
         attn = scatter_groups(outs, groups, x_TD.shape[0])
         return x_TD + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
 
+    def forward_last(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
+        """`forward_jagged` at each row's last history token only: [B, D] (see FuXiBlock.forward_last)."""
+        cfg = self.cfg
+        hdv = cfg.num_heads * cfg.dv
+        x_norm = layer_norm(x_TD)
+        vqk = F.silu(x_norm @ self.uvqk[:, hdv:])
+        outs = []
+        for g in groups:
+            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)
+            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+            outs.append(last_row_attention(
+                q, k, v, self.pos_weights.weight, self.time_weights.weight, inv_n, g, ("sem",), cfg.num_heads,
+                cfg.padded_length, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=True,
+            ))
+        last_tok, order = last_slots(groups)
+        u = F.silu(x_norm[last_tok] @ self.uvqk[:, :hdv])
+        attn = torch.cat(outs)[order]
+        return x_TD[last_tok] + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
+
 
 class HSTUStack(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -113,7 +134,9 @@ class HSTUStack(nn.Module):
             x_BLD = block(x_BLD, valid_BL, ts_BL1, ctx)
         return x_BLD
 
-    def forward_jagged(self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
+    def forward_jagged(
+        self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int, last_only: bool = False
+    ) -> Tensor:
         """Jagged execution (kernel="fast"); see FuXiStack.forward_jagged."""
         cfg = self.cfg
         groups = length_groups(hist_lengths_B, ts_T, max_groups)
@@ -122,6 +145,6 @@ class HSTUStack(nn.Module):
                 g.ts, g.valid.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
                 cfg.padded_length, cfg.fast_chunk,
             )
-        for block in self.blocks:
-            x_TD = block(x_TD, groups=groups)
+        for i, block in enumerate(self.blocks):
+            x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
         return x_TD

@@ -114,11 +114,19 @@ class SequentialRecommender(nn.Module):
         y = self.encoder(x, valid_BL, ts_BW)
         return l2_normalize(y, cfg.l2_norm_eps), valid_BL, ids_BW
 
-    def _encode_bucketed(self, seq: KeyedJaggedTensor, emb_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    @property
+    def _jagged_stack(self) -> bool:
+        """FuXi-alpha and HSTU with kernel="fast" run jagged tokens themselves (`forward_jagged`)."""
+        return self.cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged")
+
+    def _encode_bucketed(
+        self, seq: KeyedJaggedTensor, emb_TD: Tensor, last_only: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Jagged path (cfg.length_buckets > 1, see model/fast_ams.py `bucketed_encode`): the same
         function as `_encode` without padding the batch to its longest row. Returns the normalised encoder
         output of every history token [T, D] (row-major, as user_BLD[valid_BL]), the index of each history
-        token in the jagged values, and the history lengths."""
+        token in the jagged values, and the history lengths. With last_only, a stack that can (FuXi-alpha and
+        HSTU, kernel="fast") returns only each row's last token [B, D], its final block computing only those."""
         cfg = self.cfg
         lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
         rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)
@@ -133,8 +141,8 @@ class SequentialRecommender(nn.Module):
         else:
             x = self.input_dropout(x)
         times = seq[TIME_FEATURE].values()
-        if cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged"):  # FuXi-alpha, HSTU
-            y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets)
+        if self._jagged_stack:
+            y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets, last_only=last_only)
         else:
             y = bucketed_encode(self.encoder, x, lengths_B - 1, times, cfg.length_buckets)
         return l2_normalize(y, cfg.l2_norm_eps), hist_tok, lengths_B - 1
@@ -168,8 +176,8 @@ class SequentialRecommender(nn.Module):
         """User vectors [B, D] at each history's last position (they predict the target)."""
         emb_TD, _ = self._lookup(seq, None)
         if self.cfg.length_buckets > 1:
-            user_TD, _, hist_B = self._encode_bucketed(seq, emb_TD)
-            return user_TD[torch.cumsum(hist_B, 0) - 1]
+            user, _, hist_B = self._encode_bucketed(seq, emb_TD, last_only=True)
+            return user if self._jagged_stack else user[torch.cumsum(hist_B, 0) - 1]
         user_BLD, valid_BL, _ = self._encode(seq, emb_TD)
         last = valid_BL.sum(1) - 1
         return user_BLD[torch.arange(user_BLD.shape[0], device=user_BLD.device), last]
