@@ -35,9 +35,15 @@ from pipeline.tracking import MetricLogger, NullLogger
 SELECT_METRIC = "ndcg_at_10"
 
 
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """A 63-bit seed that depends on (seed, step, rank) only."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+DROPOUT_STREAM, NEGATIVES_STREAM = 0, 1
+
+
+def step_seed(seed: int, step: int, rank: int = 0, stream: int = DROPOUT_STREAM) -> int:
+    """A 63-bit seed that depends on (seed, step, rank, stream) only. Dropout and negatives use different
+    streams: seeded alike, the two generators would replay the same random numbers (on rank 0, and on
+    every rank with shared negatives), tying the dropout masks to the negative ids."""
+    state = np.random.SeedSequence([seed, step, rank, stream]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 @dataclass
@@ -129,7 +135,7 @@ class Trainer:
         torch.manual_seed(step_seed(self.seed, step, self.rank))  # dropout: differs per rank
         if self.generator is not None:
             shared = self.sampler.mode == "shared"
-            self.generator.manual_seed(step_seed(self.seed, step, 0 if shared else self.rank))
+            self.generator.manual_seed(step_seed(self.seed, step, 0 if shared else self.rank, NEGATIVES_STREAM))
 
     def train_step(self, batch: Batch) -> float:
         """One optimizer step; returns the global mean loss (the same on every rank)."""

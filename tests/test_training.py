@@ -43,3 +43,18 @@ def test_fuxi_beats_sasrec_and_fuxi_without_temporal_channel(tmp_path):
     ndcg = {name: r["test"]["ndcg_at_10"] for name, r in [("fuxi", fuxi), ("sasrec", sasrec), ("no_time", no_time)]}
     assert ndcg["fuxi"] > ndcg["sasrec"], ndcg
     assert ndcg["fuxi"] > ndcg["no_time"], ndcg
+
+
+def test_dropout_and_negative_streams_are_independent():
+    """step_seed gives each (seed, step, rank) two different streams: seeded alike, the dropout generator
+    and the negatives generator would draw the same numbers."""
+    import torch
+
+    from pipeline.trainer import NEGATIVES_STREAM, step_seed
+
+    assert step_seed(3, 7, 0) == step_seed(3, 7, 0)  # a pure function: resuming needs no generator state
+    assert step_seed(3, 7, 0) != step_seed(3, 7, 0, NEGATIVES_STREAM)
+    assert len({step_seed(3, k, r) for k in range(50) for r in range(4)}) == 200
+    a = torch.Generator().manual_seed(step_seed(3, 7, 0))
+    b = torch.Generator().manual_seed(step_seed(3, 7, 0, NEGATIVES_STREAM))
+    assert not torch.equal(torch.randint(1 << 30, (64,), generator=a), torch.randint(1 << 30, (64,), generator=b))
