@@ -11,8 +11,9 @@ world_size * (sum of its position losses) / (global number of positions); with g
 ranks (see pipeline/parallelize.py) that is the gradient of the global mean, as in one process. Randomness is a pure
 function of (seed, step, rank): negatives are drawn from a generator reseeded every step (with rank 0's
 seed on every rank in the shared mode, so all ranks score the same R negatives as one process would),
-and dropout from the global generator reseeded every step. Resuming at step k therefore needs no saved
-generator state, and a run resumed on another world size draws the same shared negatives.
+and dropout from the global generator reseeded every step, from a different seed stream (`step_seed`).
+Resuming at step k therefore needs no saved generator state, and a run resumed on another world size
+draws the same shared negatives.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
-"""A short fixed-seed training on the embedded synthetic data: the time signal planted in the data must pay.
+"""Training on the embedded synthetic data must learn more than item popularity.
 
-The generator (pipeline/synthetic.py) makes the theme of the next item depend on the time gap before it.
-FuXi-alpha's temporal channel reads that gap (the official dt = t[i+1] - t[j] includes the time of the
-request), SASRec sees no time at all, and FuXi-alpha with the temporal channel removed sees only order.
-Measured with this exact setting (seed 0, validated protocol, test NDCG@10): FuXi-alpha 0.1217,
-SASRec 0.1046, FuXi-alpha without the temporal channel 0.0769. The run is deterministic for a fixed seed
-on CPU, so the assertions are exact comparisons, not statistics; the margins (~0.017 and ~0.045) are
-what a change to the model or the data must keep.
+The generator (pipeline/synthetic.py) gives every user a long-term taste theme and makes the theme of the
+next item depend on the time gap before it; items inside a theme follow a power law, so popularity alone
+is a strong baseline (NDCG@10 0.150 on this split). A sequence model has to find the user's theme to beat
+it. Measured with this setting (per-position negatives, fast kernels, 40 epochs, test NDCG@10):
+  seed 0: FuXi-alpha 0.284, SASRec 0.249, FuXi-alpha without the temporal channel 0.281
+  seed 1: FuXi-alpha 0.274, SASRec 0.293, FuXi-alpha without the temporal channel 0.284
+The test asserts what held for every seed tried, with a margin: each model beats popularity by >= 0.05.
+Which model wins is not asserted: the order changes with the seed at this budget (3 models x 2 seeds,
+spread ~0.04), and so does the gain of the temporal channel. (An earlier version of this test, 15 epochs with 128
+shared negatives, asserted FuXi-alpha > SASRec > FuXi-alpha without time on one seed; all three were
+below popularity there, and a different random stream reversed the order.)
 """
 
 from __future__ import annotations
@@ -14,35 +18,63 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from pipeline.config import tiny
+from pipeline.evaluate import evaluate
 from pipeline.synthetic import SyntheticConfig
-from pipeline.train import run
+from pipeline.train import build_batches, load_data, run
 
 
-def train_variant(tmp_path, **model_overrides) -> dict:
+def _config(**model_overrides):
     cfg = tiny()
     cfg.tracking.enabled = False
-    cfg.output_dir = str(tmp_path / "runs")
     cfg.seed = 0
-    cfg.epochs = 15
+    cfg.epochs = 40
     cfg.batch_size = 32
+    cfg.loss.negatives = "per_position"
     cfg.data.synthetic = SyntheticConfig(num_users=500, num_items=200, num_themes=10, mean_length=20, max_length=60, seed=0)
-    cfg.model = dataclasses.replace(cfg.model, **model_overrides)
-    return run(cfg)
+    cfg.model = dataclasses.replace(cfg.model, kernel="fast", length_buckets=4, **model_overrides)
+    return cfg
+
+
+class _Popularity(torch.nn.Module):
+    """Ranks items by their count in the training histories, through the same evaluation code."""
+
+    def __init__(self, counts: torch.Tensor) -> None:
+        super().__init__()
+        self.counts = counts
+
+    def encode_last(self, seq) -> torch.Tensor:
+        return torch.ones(seq["item_id"].lengths().numel(), 1)
+
+    def normalized_item_embeddings(self) -> torch.Tensor:
+        return self.counts[:, None]
+
+
+def popularity_ndcg(cfg) -> float:
+    data = load_data(cfg)
+    splits = build_batches(cfg, data)
+    counts = torch.zeros(data.num_items)
+    for batch in splits["train"].epoch():
+        counts += torch.bincount(batch.seq["item_id"].values(), minlength=data.num_items).float()
+    return evaluate(_Popularity(counts), splits["test"].epoch())["ndcg_at_10"]
 
 
 @pytest.mark.slow
-def test_fuxi_beats_sasrec_and_fuxi_without_temporal_channel(tmp_path):
-    fuxi = train_variant(tmp_path)
-    sasrec = train_variant(tmp_path, architecture="sasrec")
-    no_time = train_variant(tmp_path, channels=("pos", "sem"))
-    # the loss curve falls
-    losses = [h["train_loss"] for h in fuxi["history"]]
-    assert losses[-1] < losses[0] - 1.0
-    ndcg = {name: r["test"]["ndcg_at_10"] for name, r in [("fuxi", fuxi), ("sasrec", sasrec), ("no_time", no_time)]}
-    assert ndcg["fuxi"] > ndcg["sasrec"], ndcg
-    assert ndcg["fuxi"] > ndcg["no_time"], ndcg
+def test_models_learn_more_than_popularity(tmp_path):
+    results = {}
+    for name, overrides in [("fuxi", {}), ("sasrec", {"architecture": "sasrec"}), ("no_time", {"channels": ("pos", "sem")})]:
+        cfg = _config(**overrides)
+        cfg.output_dir = str(tmp_path / name)
+        results[name] = run(cfg)
+    losses = [h["train_loss"] for h in results["fuxi"]["history"]]
+    assert losses[-1] < losses[0] - 1.0  # the loss curve falls
+    ndcg = {name: r["test"]["ndcg_at_10"] for name, r in results.items()}
+    popularity = popularity_ndcg(_config())
+    assert 0.12 < popularity < 0.18, popularity  # the baseline is the one the docstring describes
+    for name, value in ndcg.items():
+        assert value > popularity + 0.05, (name, ndcg, popularity)
 
 
 def test_dropout_and_negative_streams_are_independent():
