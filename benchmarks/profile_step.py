@@ -28,7 +28,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_throughput import ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, make_rows, model_config
+from bench_throughput import ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, _autocast, make_rows, model_config
 
 GROUPS = {
     "matmul": (
@@ -107,10 +107,11 @@ def one_step(step: ModelStep, rows) -> None:
     step.model.train()
     seq = step._seq(rows)
     neg = step.sampler.sample(rows.lengths - 1, step.gen)
-    with record_function("forward"):
-        out = step.model(seq, neg.lookup)
-    with record_function("loss"):
-        loss = step.loss_fn(out, neg, 0.05)
+    with _autocast(step.device, step.amp):  # recipe.amp="bf16": as Trainer with TrainConfig.amp
+        with record_function("forward"):
+            out = step.model(seq, neg.lookup)
+        with record_function("loss"):
+            loss = step.loss_fn(out, neg, 0.05)
     step.opt.zero_grad(set_to_none=True)
     with record_function("backward"):
         loss.backward()
@@ -216,19 +217,21 @@ def main(argv: list[str] | None = None) -> None:
             args.top,
             211,
         )
-        summary[("best-pp", 200)] = profile_recipe(
-            "BEST with the anchor's loss (fast kernels, length buckets, 128 per-position negatives, de-duplicated)",
-            args.arch,
-            replace(BEST, negatives="per_position"),
-            200,
-            128,
-            1,
-            args.top,
-            211,
-        )
+        for key, label, amp in (("best-pp", "", None), ("best-pp-bf16", ", amp=bf16", "bf16")):
+            summary[(key, 200)] = profile_recipe(
+                "BEST with the anchor's loss (fast kernels, 4 length groups, 128 per-position negatives,"
+                f" de-duplicated, fused loss{label})",
+                args.arch,
+                replace(BEST, negatives="per_position", length_buckets=4, amp=amp),
+                200,
+                128,
+                1,
+                args.top,
+                211,
+            )
     print("\nsummary (profiled ms per step; profiler overhead included):")
     for (label, length), s in summary.items():
-        print(f"  {label:7s} L={length:4d}  {s['step_ms']:8.0f} ms")
+        print(f"  {label:12s} L={length:4d}  {s['step_ms']:8.0f} ms")
 
 
 if __name__ == "__main__":
