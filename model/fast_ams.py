@@ -20,6 +20,10 @@ weight and mask tensor and lets autograd store them. The fast path computes the 
 * **hand-written backward** (custom autograd Functions): nothing [L, L]-sized is saved; the backward
   recomputes q k^T per chunk (flash-attention style), uses the fused `silu_backward`, and accumulates
   the bucket/position gradients with `scatter_add_`.
+* **keys and values pre-transposed** once per layer ([B*H, d, L], `_transposed`): the chunk products
+  against a key prefix avoid the slow transposed-view path of CPU batched matmuls.
+* **last-token evaluation** (`last_row_attention`): when only each row's last output is needed (the
+  final block at evaluation), attention is computed for that query alone, O(L) per row.
 
 The reference path stays the slow twin; tests/test_fast_paths.py checks outputs and gradients of every
 fast function against it over random jagged lengths.
