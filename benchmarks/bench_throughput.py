@@ -429,9 +429,8 @@ def section_mix(args, report: dict) -> None:
         # a stream of mix users, i.e. as many users as it takes to fill a full-length batch's token count
         from pipeline.sequences import token_budget_cuts  # (pyarrow; not needed by the other sections)
 
-        stream = mix_lengths(
-            2 * (args.rounds + 1) * args.batch * max_len // max(int(args.mix_mean), 1), max_len, rng, args.mix_mean
-        )
+        users = 2 * (args.rounds + 1) * args.batch * max_len // max(int(args.mix_mean), 1)
+        stream = mix_lengths(users, max_len, rng, args.mix_mean)
         budget = [
             make_rows(lens, KUAIRAND_ITEMS, rng).to(args.device)
             for lens in np.split(stream, token_budget_cuts(stream, args.batch * max_len))[: args.rounds]

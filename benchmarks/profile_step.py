@@ -28,7 +28,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_throughput import ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, _autocast, make_rows, model_config
+from bench_throughput import (
+    ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, _autocast, make_rows, model_config,
+)
 
 GROUPS = {
     "matmul": (

@@ -38,6 +38,7 @@ real tokens and only attention per group; `bucketed_encode` runs any other stack
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.layers import time_buckets
+
+if TYPE_CHECKING:
+    from model.config import ModelConfig
 
 DEFAULT_CHUNK = 64
 
@@ -162,7 +166,9 @@ def _transposed(t: Tensor) -> Tensor:
     return t.transpose(1, 2).contiguous()
 
 
-def _silu_chunk_backward(s, qh, kh, vT, gh, dkh, dvh, r0: int, r1: int, triu: Tensor) -> tuple[Tensor, Tensor]:
+def _silu_chunk_backward(
+    s, qh, kh, vT, gh, dkh, dvh, r0: int, r1: int, triu: Tensor
+) -> tuple[Tensor, Tensor]:
     """Backward of one causal chunk of  out = (SiLU(s) * causal) @ v  (s: the chunk's pre-activation scores
     [B*H, r1 - r0, r1], recomputed by the caller and overwritten here; vT = _transposed(v)). Accumulates
     into dkh and dvh; returns the score gradient (masked) and the chunk's d_q rows."""
@@ -539,11 +545,34 @@ def last_row_attention(
     return torch.stack(outs, dim=2).reshape(n, -1)  # [n, H, C, dv]
 
 
+def last_token_outputs(
+    x_norm: Tensor, uvqk: Tensor, split: tuple[int, int, int, int], groups: list[Group], cfg: "ModelConfig",
+    w_pos: Tensor | None, w_ts: Tensor | None, channels: tuple[str, ...], vanilla: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The final block's attention at each row's last history token only (evaluation), for FuXi-alpha's AMS
+    and HSTU alike: (u [B, split[0]], attention output [B, ...], those tokens' jagged indices [B]), rows in
+    batch order. x_norm: the normalised block input of every token [T, D]; uvqk: the fused projection whose
+    columns `split` = (u, v, q, k). k and v are projected for every token, u only for the last ones."""
+    u_width = split[0]
+    vqk = F.silu(x_norm @ uvqk[:, u_width:])
+    outs = []
+    for g in groups:
+        v, q, k = torch.split(g.gather(vqk), split[1:], dim=-1)  # zero on padding: no key mask
+        inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+        outs.append(last_row_attention(
+            q, k, v, w_pos, w_ts, inv_n, g, channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
+            cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=vanilla,
+        ))
+    last_tok, order = last_slots(groups)
+    u = F.silu(x_norm[last_tok] @ uvqk[:, :u_width])
+    return u, torch.cat(outs)[order], last_tok
+
+
 def last_slots(groups: list[Group]) -> tuple[Tensor, Tensor]:
     """(jagged index of every row's last history token, in batch order; the permutation that takes the
     groups' concatenated rows to batch order). Rows are row-major in the jagged tokens, so sorting the
     last tokens sorts the rows."""
-    last_tok = torch.cat([g.tok[torch.arange(g.tok.shape[0], device=g.tok.device), g.valid.sum(1) - 1] for g in groups])
+    last_tok = torch.cat([g.tok.gather(1, (g.valid.sum(1) - 1)[:, None])[:, 0] for g in groups])
     order = torch.argsort(last_tok)
     return last_tok[order], order
 
@@ -600,6 +629,7 @@ __all__ = [
     "FastPlan",
     "last_row_attention",
     "last_slots",
+    "last_token_outputs",
     "Group",
     "ams_channels",
     "bucketed_encode",

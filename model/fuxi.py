@@ -24,8 +24,7 @@ from model.fast_ams import (
     fast_dropout,
     hstu_attention,
     inverse_n,
-    last_row_attention,
-    last_slots,
+    last_token_outputs,
     length_groups,
     scatter_groups,
 )
@@ -145,24 +144,13 @@ class AMS(nn.Module):
         return u * rms_norm(scatter_groups(outs, groups, x_TD.shape[0]))
 
     def forward_last(self, x_TD: Tensor, groups: list[Group]) -> tuple[Tensor, Tensor]:
-        """`forward_jagged` at each row's last history token only: ([B, C*H*dv], their jagged indices).
-        k and v are still needed for every token; u and the attention only for the last ones."""
-        cfg = self.cfg
-        x_norm = rms_norm(x_TD)
-        vqk = F.silu(x_norm @ self.uvqk[:, self.u_width :])
+        """`forward_jagged` at each row's last history token only: ([B, C*H*dv], their jagged indices)."""
         pos = self.pos_weights.weight if self.pos_weights is not None else None
         ts = self.time_weights.weight if self.time_weights is not None else None
-        outs = []
-        for g in groups:
-            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)
-            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
-            outs.append(last_row_attention(
-                q, k, v, pos, ts, inv_n, g, self.channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
-                cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=self.vanilla,
-            ))
-        last_tok, order = last_slots(groups)
-        u = F.silu(x_norm[last_tok] @ self.uvqk[:, : self.u_width])
-        return u * rms_norm(torch.cat(outs)[order]), last_tok
+        u, out, last_tok = last_token_outputs(
+            rms_norm(x_TD), self.uvqk, self.split, groups, self.cfg, pos, ts, self.channels, self.vanilla
+        )
+        return u * rms_norm(out), last_tok
 
 
 class MFFN(nn.Module):

@@ -20,8 +20,7 @@ from model.fast_ams import (
     fast_dropout,
     hstu_attention,
     inverse_n,
-    last_row_attention,
-    last_slots,
+    last_token_outputs,
     length_groups,
     scatter_groups,
 )
@@ -95,21 +94,10 @@ class HSTUBlock(JaggedBlock):
 
     def forward_last(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
         """`forward_jagged` at each row's last history token only: [B, D] (see FuXiBlock.forward_last)."""
-        cfg = self.cfg
-        hdv = cfg.num_heads * cfg.dv
-        x_norm = layer_norm(x_TD)
-        vqk = F.silu(x_norm @ self.uvqk[:, hdv:])
-        outs = []
-        for g in groups:
-            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)
-            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
-            outs.append(last_row_attention(
-                q, k, v, self.pos_weights.weight, self.time_weights.weight, inv_n, g, ("sem",), cfg.num_heads,
-                cfg.padded_length, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=True,
-            ))
-        last_tok, order = last_slots(groups)
-        u = F.silu(x_norm[last_tok] @ self.uvqk[:, :hdv])
-        attn = torch.cat(outs)[order]
+        w_pos, w_ts = self.pos_weights.weight, self.time_weights.weight
+        u, attn, last_tok = last_token_outputs(
+            layer_norm(x_TD), self.uvqk, self.split, groups, self.cfg, w_pos, w_ts, ("sem",), vanilla=True
+        )
         return x_TD[last_tok] + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
 
 

@@ -187,7 +187,8 @@ class _PerPositionSoftmax(torch.autograd.Function):
                     else:
                         d_neg += torch.mm(d_scores.T, u_mm[s:e]).float()
                 else:
-                    d_user[s:e] = torch.bmm(g_neg[:, None, :].to(mm_dtype), vecs)[:, 0].float().add_(g_pos * tg)
+                    d_vecs = torch.bmm(g_neg[:, None, :].to(mm_dtype), vecs)[:, 0]
+                    d_user[s:e] = d_vecs.float().add_(g_pos * tg)
                     d_neg.index_add_(0, idx.reshape(-1), (g_neg[:, :, None] * u[:, None, :]).reshape(-1, d))
         ctx.save_for_backward(d_user, d_target, d_neg)
         ctx.dtypes = (user.dtype, target.dtype, neg.dtype)

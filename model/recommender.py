@@ -125,8 +125,9 @@ class SequentialRecommender(nn.Module):
         """Jagged path (cfg.length_buckets > 1, see model/fast_ams.py `bucketed_encode`): the same
         function as `_encode` without padding the batch to its longest row. Returns the normalised encoder
         output of every history token [T, D] (row-major, as user_BLD[valid_BL]), the index of each history
-        token in the jagged values, and the history lengths. With last_only, a stack that can (FuXi-alpha and
-        HSTU, kernel="fast") returns only each row's last token [B, D], its final block computing only those."""
+        token in the jagged values, and the history lengths. With last_only, a stack that can (FuXi-alpha
+        and HSTU, kernel="fast") returns only each row's last token [B, D], its final block computing only
+        those."""
         cfg = self.cfg
         lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
         rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)

@@ -136,7 +136,8 @@ class Trainer:
         torch.manual_seed(step_seed(self.seed, step, self.rank))  # dropout: differs per rank
         if self.generator is not None:
             shared = self.sampler.mode == "shared"
-            self.generator.manual_seed(step_seed(self.seed, step, 0 if shared else self.rank, NEGATIVES_STREAM))
+            rank = 0 if shared else self.rank
+            self.generator.manual_seed(step_seed(self.seed, step, rank, NEGATIVES_STREAM))
 
     def train_step(self, batch: Batch) -> float:
         """One optimizer step; returns the global mean loss (the same on every rank)."""
