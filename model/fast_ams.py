@@ -21,7 +21,7 @@ weight and mask tensor and lets autograd store them. The fast path computes the 
   recomputes q k^T per chunk (flash-attention style), uses the fused `silu_backward`, and accumulates
   the bucket/position gradients with `scatter_add_`.
 * **keys and values pre-transposed** once per layer ([B*H, d, L], `_transposed`): the chunk products
-  against a key prefix avoid the slow transposed-view path of CPU batched matmuls.
+  against a key prefix avoid the transposed-view path of CPU batched matmuls (a copy per chunk in bf16).
 * **last-token evaluation** (`last_row_attention`): when only each row's last output is needed (the
   final block at evaluation), attention is computed for that query alone, O(L) per row.
 
@@ -161,8 +161,8 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 
 def _transposed(t: Tensor) -> Tensor:
     """[X, L, d] -> contiguous [X, d, L]. Batched matmuls against a key-prefix slice of this layout run
-    up to 4x faster on CPU than against the transposed view t[:, :r1].transpose(1, 2) (measured: fp32
-    MKL and bf16 oneDNN both copy or take a slow path for that view)."""
+    faster on CPU than against the transposed view t[:, :r1].transpose(1, 2), which bf16 (oneDNN)
+    copies per chunk (benchmarks/bench_kernels.py: 1.13x on one fp32 chunk product at L=800)."""
     return t.transpose(1, 2).contiguous()
 
 

@@ -114,14 +114,13 @@ def sampled_softmax_loss(out: SequenceOutput, negatives: Negatives, temperature:
         neg_TR = user_TD @ neg_XD.T
         same = negatives.ids[None, :] == out.target_ids_T[:, None]
     elif negatives.mode == "per_position":
+        same = negatives.ids == out.target_ids_T[:, None]
         index = negatives.index
-        if index is None:  # as sampled: row t * R + r holds ids[t, r]
-            neg_TR = torch.einsum("td,trd->tr", user_TD, neg_XD.view(T, -1, user_TD.shape[1]))
-        else:
-            same = negatives.ids == out.target_ids_T[:, None]
+        if index is not None:  # de-duplicated lookup: the fused operator
             dense = neg_XD.shape[0] <= DENSE_SCORE_RATIO * index.shape[1]
             return _PerPositionSoftmax.apply(user_TD, target_TD, neg_XD, index, same, temperature, dense)
-        same = negatives.ids == out.target_ids_T[:, None]
+        # as sampled: row t * R + r holds ids[t, r]
+        neg_TR = torch.einsum("td,trd->tr", user_TD, neg_XD.view(T, -1, user_TD.shape[1]))
     else:
         raise ValueError(f"unknown negative mode {negatives.mode!r}")
     logits = torch.cat([pos_T1, neg_TR], dim=1) / temperature

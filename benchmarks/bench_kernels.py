@@ -1,0 +1,115 @@
+"""The single operators behind docs/PERFORMANCE.md "what changed", each against what it replaced.
+
+    .venv/bin/python benchmarks/bench_kernels.py            # one thread, CPU; ~30 s
+
+Each row times forward + backward (or the op alone) of the new path and its predecessor, interleaved
+in one process, and prints the median times and their ratio:
+  * per-position loss: the fused operator (model/loss.py `_PerPositionSoftmax`) vs the unfused
+    formula it replaced (score all distinct ids, gather R logits; or gather R vectors and bmm),
+    T=11,200 positions, R=128, d=50, on 1,682 items (dense path) and 100k items (gather path);
+  * dropout mask: `dropout_keep_mask` vs rand_like(x) >= p vs bernoulli_, [11200, 150];
+  * a d=50 GEMM [11200, 50] x [50, 300] in fp32 vs bf16 (what `amp=bf16` buys on the linears);
+  * chunked attention product q k^T against a key prefix: transposed view vs pre-transposed K;
+  * RMSNorm forward + backward: model.layers.rms_norm vs F.rms_norm's autograd, [11200, 150].
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.fast_ams import dropout_keep_mask  # noqa: E402
+from model.layers import rms_norm  # noqa: E402
+from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax  # noqa: E402
+
+
+def timed(fns: dict, rounds: int = 7) -> dict[str, float]:
+    """Median ms per call of each function, calls interleaved round by round (one warm-up round)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def report(title: str, ms: dict[str, float]) -> None:
+    new, old = list(ms)[0], list(ms)[1:]
+    print(f"{title:52s} " + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items())
+          + "   " + "  ".join(f"{o}/{new} {ms[o] / ms[new]:.2f}x" for o in old))
+
+
+def unfused_loss(user, target, neg, index, same, temperature, dense):
+    """The per-position loss as it was before the fused operator (same function)."""
+    pos = (user * target).sum(-1, keepdim=True)
+    if dense:
+        neg_tr = (user @ neg.T).gather(1, index)
+    else:
+        neg_tr = torch.bmm(F.embedding(index, neg), user[:, :, None])[..., 0]
+    logits = torch.cat([pos, neg_tr], dim=1) / temperature
+    logits[:, 1:] = logits[:, 1:].masked_fill(same, MASKED_LOGIT)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long))
+
+
+def bench_loss(catalogue: int, t: int = 11_200, r: int = 128, d: int = 50) -> None:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, catalogue, (t, r), generator=g)
+    distinct, index = torch.unique(ids, return_inverse=True)
+    same = ids == torch.randint(1, catalogue, (t,), generator=g)[:, None]
+    base = [F.normalize(torch.randn(n, d, generator=g), dim=-1) for n in (t, t, len(distinct))]
+    dense = len(distinct) <= DENSE_SCORE_RATIO * r
+
+    def step(loss_fn):
+        def run():
+            leaves = [x.clone().requires_grad_(True) for x in base]
+            loss_fn(*leaves, index, same, 0.05, dense).backward()
+        return run
+
+    ms = timed({"fused": step(_PerPositionSoftmax.apply), "unfused": step(unfused_loss)}, rounds=5)
+    report(f"per-position loss fwd+bwd, {catalogue:,} items ({'dense' if dense else 'gather'})", ms)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread")
+    bench_loss(1_683)
+    bench_loss(100_000)
+
+    x = torch.randn(11_200, 150)
+    report("dropout mask p=0.2, [11200, 150]", timed({
+        "keep_mask": lambda: dropout_keep_mask(x.shape, 0.2, x.device),
+        "rand>=p": lambda: torch.rand_like(x) >= 0.2,
+        "bernoulli": lambda: torch.empty_like(x).bernoulli_(0.8),
+    }))
+
+    a32, w32 = torch.randn(11_200, 50), torch.randn(300, 50)
+    a16, w16 = a32.bfloat16(), w32.bfloat16()
+    report("GEMM [11200, 50] x [50, 300]", timed({"bf16": lambda: a16 @ w16.T, "fp32": lambda: a32 @ w32.T}))
+
+    q, k = torch.randn(32, 800, 50), torch.randn(32, 800, 50)
+    k_t = k.transpose(1, 2).contiguous()
+    report("bmm q[:, 320:384] k[:, :384]^T, fp32", timed({
+        "pretransposed": lambda: torch.bmm(q[:, 320:384], k_t[:, :, :384]),
+        "view": lambda: torch.bmm(q[:, 320:384], k[:, :384].transpose(1, 2)),
+    }))
+
+    xr = torch.randn(11_200, 150, requires_grad=True)
+    gr = torch.randn(11_200, 150)
+    report("RMSNorm fwd+bwd [11200, 150], fp32", timed({
+        "layers.rms_norm": lambda: torch.autograd.grad(rms_norm(xr), xr, gr),
+        "F.rms_norm": lambda: torch.autograd.grad(F.rms_norm(xr, (150,), eps=1e-6), xr, gr),
+    }))
+
+
+if __name__ == "__main__":
+    main()
