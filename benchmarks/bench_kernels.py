@@ -10,7 +10,10 @@ in one process, and prints the median times and their ratio:
   * dropout mask: `dropout_keep_mask` vs rand_like(x) >= p vs bernoulli_, [11200, 150];
   * a d=50 GEMM [11200, 50] x [50, 300] in fp32 vs bf16 (what `amp=bf16` buys on the linears);
   * chunked attention product q k^T against a key prefix: transposed view vs pre-transposed K;
-  * RMSNorm forward + backward: model.layers.rms_norm vs F.rms_norm's autograd, [11200, 150].
+  * RMSNorm forward + backward: model.layers.rms_norm vs F.rms_norm's autograd, [11200, 150], fp32/bf16;
+  * new shapes: a bf16 GEMM / bmm on a shape it has run before vs on a new one (oneDNN builds a primitive
+    per shape), and FuXi-alpha's attention core (one layer, fwd+bwd, 8 or 32 rows) on new widths in
+    bf16 vs fp32 (why jagged batches pad T with `gemm_rows` and run small groups' cores in fp32).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.fast_ams import dropout_keep_mask  # noqa: E402
+from model.fast_ams import ams_channels, build_plan, dropout_keep_mask  # noqa: E402
 from model.layers import rms_norm  # noqa: E402
 from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax  # noqa: E402
 
@@ -103,12 +106,54 @@ def main() -> None:
         "view": lambda: torch.bmm(q[:, 320:384], k[:, :384].transpose(1, 2)),
     }))
 
-    xr = torch.randn(11_200, 150, requires_grad=True)
-    gr = torch.randn(11_200, 150)
-    report("RMSNorm fwd+bwd [11200, 150], fp32", timed({
-        "layers.rms_norm": lambda: torch.autograd.grad(rms_norm(xr), xr, gr),
-        "F.rms_norm": lambda: torch.autograd.grad(F.rms_norm(xr, (150,), eps=1e-6), xr, gr),
-    }))
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        xr = torch.randn(11_200, 150).to(dtype).requires_grad_(True)
+        gr = torch.randn(11_200, 150).to(dtype)
+        report(f"RMSNorm fwd+bwd [11200, 150], {name}", timed({
+            "layers.rms_norm": lambda: torch.autograd.grad(rms_norm(xr), xr, gr),
+            "F.rms_norm": lambda: torch.autograd.grad(F.rms_norm(xr, (150,), eps=1e-6), xr, gr),
+        }))
+    bench_new_shapes()
+
+
+def fresh_shapes(new: callable, seen: callable, rounds: int = 9) -> dict[str, float]:
+    """Median ms of `seen()` (a shape run before) and `new(i)` (shape i, never run before), interleaved."""
+    seen()
+    times: dict[str, list[float]] = {"seen shape": [], "new shape": []}
+    for i in range(rounds):
+        t0 = time.perf_counter()
+        seen()
+        t1 = time.perf_counter()
+        new(i)
+        times["seen shape"].append(t1 - t0)
+        times["new shape"].append(time.perf_counter() - t1)
+    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+
+
+def bench_new_shapes() -> None:
+    w = torch.randn(50, 300).bfloat16()
+    xs = [torch.randn(11_200 + i, 50).bfloat16() for i in range(10)]
+    report("bf16 GEMM [~11200, 50] x [50, 300]", fresh_shapes(lambda i: xs[i + 1] @ w, lambda: xs[0] @ w))
+    qs = [torch.randn(30 + i, 64, 50).bfloat16() for i in range(10)]
+    ks = [torch.randn(30 + i, 50, 192).bfloat16() for i in range(10)]
+    report("bf16 bmm [~30, 64, 50] x [~30, 50, 192]",
+           fresh_shapes(lambda i: torch.bmm(qs[i + 1], ks[i + 1]), lambda: torch.bmm(qs[0], ks[0])))
+
+    def core(b: int, length: int, dtype: torch.dtype) -> None:
+        g = torch.Generator().manual_seed(b)
+        ts = torch.cumsum(torch.randint(1, 100_000, (b, length + 1), generator=g), 1)
+        plan = build_plan(ts, length, "fuxi", "next", 128, 0.301, 211, 64)
+        q, k, v = (torch.randn(b, length, 50, generator=g).to(dtype).requires_grad_(True) for _ in range(3))
+        w_pos, w_ts = torch.randn(421, requires_grad=True), torch.randn(129, requires_grad=True)
+        out = ams_channels(q, k, v, w_pos, w_ts, torch.full((b,), 1 / 211), plan, ("pos", "ts", "sem"), 1)
+        out.float().sum().backward()
+
+    for rows in (8, 32):  # a new width L each call (120, 121, ...): every call a new shape
+        widths = iter(range(120, 200))
+        report(f"AMS core fwd+bwd, {rows} rows, new L~128 each call", timed({
+            "fp32": lambda: core(rows, next(widths), torch.float32),
+            "bf16": lambda: core(rows, next(widths), torch.bfloat16),
+        }, rounds=9))
 
 
 if __name__ == "__main__":

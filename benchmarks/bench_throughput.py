@@ -138,12 +138,14 @@ class Recipe:
     num_negatives: int = 128
     padding: str = "batch"
     dedup: bool = True  # per_position negatives: look each distinct id up once
-    amp: str | None = None  # "bf16": this recipe under autocast whatever --amp says (TrainConfig.amp)
+    amp: str | None = None  # "bf16" / "none": this recipe under autocast / in fp32 whatever --amp says
 
 
 BEST = Recipe()
 REFERENCE = Recipe(kernel="reference", length_buckets=0)
-ANCHOR = Recipe(kernel="reference", length_buckets=0, negatives="per_position", padding="fixed", dedup=False)
+# the official recipe in fp32 whatever --amp says (on CPU the official code autocasts nothing)
+ANCHOR = Recipe(kernel="reference", length_buckets=0, negatives="per_position", padding="fixed", dedup=False,
+                amp="none")
 
 
 CHUNK: dict[
@@ -301,7 +303,7 @@ def _ranks(user_BD: Tensor, items_VD: Tensor, rows: Rows) -> Tensor:
 
 
 def _autocast(device: torch.device, amp: str | None):
-    if amp is None:
+    if amp in (None, "none"):
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[amp])
 
@@ -318,10 +320,13 @@ def _sync(device: torch.device) -> None:
 def interleaved(
     fns: dict[str, Callable[[int], object]], rounds: int, device: torch.device, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of each variant; round r calls every variant once on input r, in turn."""
+    """Seconds per call of each variant; round r calls every variant once on input r, in turn. Warm-up
+    calls get inputs -1, -2, ...: a caller indexing `rounds + warmup` inputs by r % len times each input
+    once per variant, never one the warm-up saw (jagged shapes are new every real step; under bf16 each
+    new shape costs a oneDNN primitive, see model.fast_ams.gemm_rows)."""
     for w in range(warmup):
         for fn in fns.values():
-            fn(w)
+            fn(-1 - w)
     _sync(device)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
@@ -422,7 +427,7 @@ def section_mix(args, report: dict) -> None:
     for max_len in args.mix_max:
         mix = [
             make_rows(mix_lengths(args.batch, max_len, rng, args.mix_mean), KUAIRAND_ITEMS, rng)
-            for _ in range(args.rounds)
+            for _ in range(args.rounds + 1)  # + the warm-up's
         ]
         full = make_rows(np.full(args.batch, max_len), KUAIRAND_ITEMS, rng).to(args.device)
         # token-budget batches (`data.batch_tokens = B * L_max`): the training loader's own cut rule over
@@ -433,13 +438,13 @@ def section_mix(args, report: dict) -> None:
         stream = mix_lengths(users, max_len, rng, args.mix_mean)
         budget = [
             make_rows(lens, KUAIRAND_ITEMS, rng).to(args.device)
-            for lens in np.split(stream, token_budget_cuts(stream, args.batch * max_len))[: args.rounds]
+            for lens in np.split(stream, token_budget_cuts(stream, args.batch * max_len))[: args.rounds + 1]
         ]
-        assert len(budget) == args.rounds
+        assert len(budget) == args.rounds + 1
         mix = [m.to(args.device) for m in mix]
-        mean_len = float(np.mean([m.history_tokens / args.batch for m in mix]))
-        max_in = float(np.mean([int(m.lengths.max()) - 1 for m in mix]))
-        users_budget = float(np.mean([b.lengths.numel() for b in budget]))
+        mean_len = float(np.mean([m.history_tokens / args.batch for m in mix[: args.rounds]]))
+        max_in = float(np.mean([int(m.lengths.max()) - 1 for m in mix[: args.rounds]]))
+        users_budget = float(np.mean([b.lengths.numel() for b in budget[: args.rounds]]))
         for arch in args.mix_archs:
             best = build_step(args, arch, max_len, KUAIRAND_ITEMS, BEST)
             nob = build_step(args, arch, max_len, KUAIRAND_ITEMS, replace(BEST, length_buckets=0))
@@ -452,18 +457,24 @@ def section_mix(args, report: dict) -> None:
             times = interleaved(fns, args.rounds, args.device)
             tok = {
                 "full": [full.history_tokens] * args.rounds,
-                "mix": [m.history_tokens for m in mix],
-                "mix-tokenbudget": [b.history_tokens for b in budget],
+                "mix": [m.history_tokens for m in mix[: args.rounds]],
+                "mix-tokenbudget": [b.history_tokens for b in budget[: args.rounds]],
             }
             tok["mix-nobucket"] = tok["mix"]
-            tps = {k: [n / t for n, t in zip(tok[k], times[k])] for k in times}
-            rel = {
-                f"{k}/full": statistics.median(a / b for a, b in zip(tps[k], tps["full"]))
-                for k in tps
+            # real tokens/s of each variant over all its rounds (every mix round is a new batch of its own
+            # size, so per-round ratios mix batch-to-batch variation into the comparison)
+            tps = {k: sum(tok[k]) / sum(times[k]) for k in times}
+            rel = {f"{k}/full": tps[k] / tps["full"] for k in tps if k != "full"}
+            per_round = {
+                f"{k}/full per-round median": statistics.median(
+                    (n / t) / (nf / tf) for n, t, nf, tf in zip(tok[k], times[k], tok["full"], times["full"])
+                )
+                for k in times
                 if k != "full"
             }
             row = {
-                "tokens_per_s": {k: med(v) for k, v in tps.items()},
+                "tokens_per_s": tps,
+                "per_round": per_round,
                 **rel,
                 "mean_len": mean_len,
                 "mean_batch_max": max_in,
@@ -476,6 +487,9 @@ def section_mix(args, report: dict) -> None:
                 + "  ".join(f"{k} {v:,.0f}" for k, v in row["tokens_per_s"].items())
                 + "\n        ratios: "
                 + "  ".join(f"{k} {v:.2f}" for k, v in rel.items())
+                + "   (per-round medians: "
+                + "  ".join(f"{v:.2f}" for v in per_round.values())
+                + ")"
             )
 
 
@@ -514,9 +528,9 @@ def section_anchor(args, report: dict) -> None:
     rng = np.random.default_rng(3)
     if hist is not None:
         num_items = 1682
-        batches = [
+        batches = [  # every timed call sees a batch it has not seen (see `interleaved`)
             rows_from_histories(hist, rng.choice(len(hist), args.anchor_batch, replace=False))
-            for _ in range(args.rounds)
+            for _ in range(args.rounds + 1)
         ]
     else:
         num_items = 3952
@@ -524,7 +538,7 @@ def section_anchor(args, report: dict) -> None:
             make_rows(
                 np.clip(rng.lognormal(4.3, 0.9, args.anchor_batch), 20, 200).astype(int), num_items, rng
             )
-            for _ in range(args.rounds)
+            for _ in range(args.rounds + 1)
         ]
     batches = [b.to(args.device) for b in batches]
     big_batch = 4 * args.anchor_batch  # the best recipe at a larger batch (needs its own NDCG check)
@@ -532,7 +546,7 @@ def section_anchor(args, report: dict) -> None:
     if hist is not None and big_batch <= len(hist):
         big = [
             rows_from_histories(hist, rng.choice(len(hist), big_batch, replace=False)).to(args.device)
-            for _ in range(args.rounds)
+            for _ in range(args.rounds + 1)
         ]
     recipes = {
         "anchor": ANCHOR,
@@ -569,7 +583,7 @@ def section_anchor(args, report: dict) -> None:
         "samples_per_s": sps,
         "ratios": rats,
         "source": source,
-        "mean_len": float(np.mean([b.history_tokens / args.anchor_batch for b in batches])),
+        "mean_len": float(np.mean([b.history_tokens / args.anchor_batch for b in batches[: args.rounds]])),
     }
     print("samples/s: " + "  ".join(f"{k} {v:.1f}" for k, v in sps.items()))
     print("ratios:    " + "  ".join(f"{k} {v:.2f}" for k, v in rats.items()))

@@ -24,6 +24,10 @@ weight and mask tensor and lets autograd store them. The fast path computes the 
   against a key prefix avoid the transposed-view path of CPU batched matmuls (a copy per chunk in bf16).
 * **last-token evaluation** (`last_row_attention`): when only each row's last output is needed (the
   final block at evaluation), attention is computed for that query alone, O(L) per row.
+* **bf16 with shapes that change every step** (`amp=bf16`, jagged batches): oneDNN builds a primitive
+  for every new bf16 matmul shape, so the per-token layers run on T rounded up to one of 32 row counts per
+  doubling (`gemm_rows`), small length groups run their core in fp32 (`core_dtype`), and the cores
+  return their input dtype so no elementwise op mixes bf16 and fp32 (a slow CPU path).
 
 The reference path stays the slow twin; tests/test_fast_paths.py checks outputs and gradients of every
 fast function against it over random jagged lengths.
@@ -32,7 +36,8 @@ Also here, for jagged batches (`ModelConfig.length_buckets > 1`): `length_groups
 groups of similar length (`plan_groups`, an exact DP on a padded-work cost model), each padded only to its
 own longest row. FuXiStack/HSTUStack.forward_jagged (kernel="fast") run the per-token layers once on the
 real tokens and only attention per group; `bucketed_encode` runs any other stack group by group.
-`fast_dropout` is F.dropout's distribution with a cheaper mask (used by the fast FuXi/HSTU blocks).
+`fast_dropout` is F.dropout's distribution with a cheaper mask; `Dropout(p, kernel)` uses it under
+kernel="fast" (FuXi-alpha's MFFN, HSTU's output, the input dropout).
 """
 
 from __future__ import annotations
@@ -156,13 +161,40 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------------
+# compute dtype of the attention cores
+
+# Jagged batches give the attention cores new shapes every step (each length group's rows and width).
+# On CPU, bf16 matmuls go through oneDNN, which builds (and caches) a primitive per shape: ~0.3-0.6 ms for
+# each new bmm shape. fp32 matmuls (MKL) have no per-shape cost. Under autocast a small group therefore
+# runs its core faster in fp32 (8 rows x L~128, one layer fwd+bwd on new shapes: fp32 5.0 ms, bf16 10.1),
+# a large one in bf16 (32 rows: fp32 19.9, bf16 16.2 ms; benchmarks/bench_kernels.py "new shapes").
+BF16_CORE_MIN_SLOTS = 2048  # padded slots (rows x L_g) from which a group's core keeps the autocast dtype
+
+
+def core_dtype(group: "Group") -> torch.dtype | None:
+    """Compute dtype for a length group's attention core: fp32 for small groups, else the input's."""
+    return None if group.valid.numel() >= BF16_CORE_MIN_SLOTS else torch.float32
+
+
+def _core_inputs(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+    dtype = dtype or v.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _no_autocast(t: Tensor):
+    """The cores cast explicitly; autocast must not re-cast their matmuls to its own dtype."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# --------------------------------------------------------------------------------------------------
 # FuXi-alpha AMS core: [pos, ts, sem] channel outputs per head
 
 
 def _transposed(t: Tensor) -> Tensor:
-    """[X, L, d] -> contiguous [X, d, L]. Batched matmuls against a key-prefix slice of this layout run
-    faster on CPU than against the transposed view t[:, :r1].transpose(1, 2), which bf16 (oneDNN)
-    copies per chunk (benchmarks/bench_kernels.py: 1.13x on one fp32 chunk product at L=800)."""
+    """[X, L, d] -> contiguous [X, d, L]. Batched matmuls against a key-prefix slice of this layout avoid
+    the per-chunk copy bf16 (oneDNN) makes of the transposed view t[:, :r1].transpose(1, 2); in fp32 the
+    two run alike (benchmarks/bench_kernels.py, one chunk product at L=800: 1.13x in session 3, 1.01x in
+    session 4)."""
     return t.transpose(1, 2).contiguous()
 
 
@@ -291,16 +323,21 @@ def ams_channels(
     plan: FastPlan,
     channels: tuple[str, ...],
     heads: int,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """FuXi-alpha's channel outputs [B, L, H, C, dv] in `channels` order (a subset of pos, ts, sem).
 
     q, k: [B, L, H*dqk]; v: [B, L, H*dv] with padded rows zero; inv_n: [B] or [1], 1/n of the semantic
-    channel. Same function as the per-channel einsums of model.fuxi.AMS (its slow twin).
+    channel. dtype: compute dtype (default v's; see `core_dtype`); the output has v's dtype (so that
+    u * RMSNorm(out) multiplies one dtype: mixed bf16 x fp32 elementwise ops take a slow CPU path, 3-10x).
+    Same function as the per-channel einsums of model.fuxi.AMS (its slow twin).
     """
     if plan.kind != "fuxi":
         raise ValueError("ams_channels needs a plan built with kind='fuxi'")
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    return _AMSCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, tuple(channels), heads)
+    out_dtype = v.dtype
+    q, k, v = _core_inputs(q, k, v, dtype)
+    with _no_autocast(v):
+        return _AMSCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, tuple(channels), heads).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,16 +407,20 @@ def _hstu_scores(
 
 
 def hstu_attention(
-    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor, w_ts: Tensor, inv_n: Tensor, plan: FastPlan, heads: int
+    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor, w_ts: Tensor, inv_n: Tensor, plan: FastPlan, heads: int,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SiLU(q_h k_h^T + w_pos[(N-1)+j-i] + w_ts[b(dt)]) / n, causal, times v_h; [B, L, H*dv], head-major.
 
-    Same function as the einsum attention of model.hstu.HSTUBlock (its slow twin).
+    dtype: compute dtype (default v's; see `core_dtype`); the output has v's dtype. Same function as the
+    einsum attention of model.hstu.HSTUBlock (its slow twin).
     """
     if plan.kind != "hstu":
         raise ValueError("hstu_attention needs a plan built with kind='hstu'")
-    q, k = q.to(v.dtype), k.to(v.dtype)
-    return _HSTUCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, heads)
+    out_dtype = v.dtype
+    q, k, v = _core_inputs(q, k, v, dtype)
+    with _no_autocast(v):
+        return _HSTUCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, heads).to(out_dtype)
 
 
 def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
@@ -427,6 +468,18 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
     if p >= 1.0:
         return torch.zeros_like(x)
     return _Dropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose kernel="fast" variant draws its mask with `fast_dropout` (same distribution,
+    different random stream): the one place the model chooses between the two."""
+
+    def __init__(self, p: float, kernel: str) -> None:
+        super().__init__(p)
+        self.fast = kernel == "fast"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training) if self.fast else super().forward(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,11 +539,19 @@ class Group:
     ts: Tensor  # int64 [n, L_g + 1]: history + target timestamps, zero-padded
     flat: Tensor  # tok[valid]: the group's tokens in row-major order
     plan: FastPlan | None = None  # attention plan, when built for a fast stack
+    _slots: Tensor | None = None  # flat indices of the real slots (`real`), built on first use
 
     def gather(self, x_TX: Tensor) -> Tensor:
         """Jagged [T, X] -> this group's padded [n, L_g, X], zero on padding."""
         n, lg = self.tok.shape
         return x_TX.index_select(0, self.tok.view(-1)).view(n, lg, -1) * self.valid[..., None]
+
+    def real(self, x_nLX: Tensor) -> Tensor:
+        """Padded [n, L_g, ...] -> its real slots [n_real, X] in row-major order (= x[valid], whose backward,
+        an accumulating index_put_, is slower on CPU than index_select's index_add_)."""
+        if self._slots is None:
+            self._slots = self.valid.view(-1).nonzero()[:, 0]
+        return x_nLX.reshape(self.valid.numel(), -1).index_select(0, self._slots)
 
 
 class JaggedBlock(nn.Module):
@@ -603,11 +664,34 @@ def length_groups(hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> list
 
 
 def scatter_groups(values: list[Tensor], groups: list[Group], num_tokens: int) -> Tensor:
-    """Per-group outputs at the real slots ([n_g, L_g, X][valid]) -> jagged [T, X] (one gather)."""
+    """Per-group outputs at the real slots ([n_g, L_g, X][valid]) -> jagged [num_tokens, X] (one gather).
+    Rows past the groups' tokens (`gemm_rows` padding) are zero."""
     flat = torch.cat([g.flat for g in groups])
-    inverse = torch.empty(num_tokens, dtype=torch.long, device=flat.device)
-    inverse[flat] = torch.arange(num_tokens, device=flat.device)  # every token is in exactly one group
+    real = flat.numel()
+    inverse = torch.full((num_tokens,), real, dtype=torch.long, device=flat.device)  # -> the zero row
+    inverse[flat] = torch.arange(real, device=flat.device)  # every real token is in exactly one group
+    if num_tokens > real:
+        values = [*values, values[0].new_zeros(1, values[0].shape[-1])]
     return torch.cat(values).index_select(0, inverse)
+
+
+def gemm_rows(num_tokens: int, device: torch.device) -> int:
+    """Rows to pad a jagged batch's T tokens to before the per-token layers: T itself, or under autocast
+    T rounded up to a multiple of 2^(floor(log2 T) - 5) (at most 1/32 more rows). Every step's T is new,
+    and oneDNN builds a primitive for each new bf16 matmul shape (+0.5 ms on a 1.6 ms [11200, 50] x
+    [50, 300] product, benchmarks/bench_kernels.py; ~30 per-token matmuls a step in a 2-layer FuXi-alpha);
+    rounding lets 32 row counts per doubling of T cover every step."""
+    if not torch.is_autocast_enabled(device.type) or num_tokens < 64:
+        return num_tokens
+    quantum = 1 << (num_tokens.bit_length() - 6)
+    return -(-num_tokens // quantum) * quantum
+
+
+def pad_rows(x_TD: Tensor) -> Tensor:
+    """x_TD with zero rows appended up to `gemm_rows` (the per-token layers keep padded rows to themselves:
+    attention gathers only real tokens; slice the result back to T)."""
+    rows = gemm_rows(x_TD.shape[0], x_TD.device)
+    return F.pad(x_TD, (0, 0, 0, rows - x_TD.shape[0])) if rows > x_TD.shape[0] else x_TD
 
 
 def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
@@ -621,12 +705,15 @@ def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor,
     go further: `forward_jagged` runs their per-token layers once on the jagged tokens.)
     """
     groups = length_groups(hist_lengths_B, ts_T, max_groups)
-    values = [encoder(g.gather(x_TD), g.valid, g.ts)[g.valid] for g in groups]
+    values = [g.real(encoder(g.gather(x_TD), g.valid, g.ts)) for g in groups]
     return scatter_groups(values, groups, x_TD.shape[0])
 
 
 __all__ = [
     "FastPlan",
+    "core_dtype",
+    "gemm_rows",
+    "pad_rows",
     "last_row_attention",
     "last_slots",
     "last_token_outputs",
@@ -634,6 +721,7 @@ __all__ = [
     "ams_channels",
     "bucketed_encode",
     "build_plan",
+    "Dropout",
     "fast_dropout",
     "hstu_attention",
     "inverse_n",

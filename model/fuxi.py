@@ -16,16 +16,18 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.fast_ams import (
+    Dropout,
     FastPlan,
     Group,
     JaggedBlock,
     ams_channels,
     build_plan,
-    fast_dropout,
+    core_dtype,
     hstu_attention,
     inverse_n,
     last_token_outputs,
     length_groups,
+    pad_rows,
     scatter_groups,
 )
 from model.layers import (
@@ -135,12 +137,12 @@ class AMS(nn.Module):
         outs = []
         for g in groups:
             v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
-            inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
+            inv_n, dtype = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm), core_dtype(g)
             if self.vanilla:
-                out = hstu_attention(q, k, v, pos, ts, inv_n, g.plan, cfg.num_heads)
+                out = hstu_attention(q, k, v, pos, ts, inv_n, g.plan, cfg.num_heads, dtype)
             else:
-                out = ams_channels(q, k, v, pos, ts, inv_n, g.plan, self.channels, cfg.num_heads)
-            outs.append(out.reshape(*g.valid.shape, -1)[g.valid])
+                out = ams_channels(q, k, v, pos, ts, inv_n, g.plan, self.channels, cfg.num_heads, dtype)
+            outs.append(g.real(out))
         return u * rms_norm(scatter_groups(outs, groups, x_TD.shape[0]))
 
     def forward_last(self, x_TD: Tensor, groups: list[Group]) -> tuple[Tensor, Tensor]:
@@ -163,18 +165,15 @@ class MFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, in_width: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.dropout = Dropout(cfg.linear_dropout, cfg.kernel)
         self.proj = xavier_uniform_linear(in_width, cfg.embedding_dim, bias=True)
         self.swiglu = None if cfg.ffn_single_stage else SwiGLU(cfg.embedding_dim, cfg.d_ffn)
 
     def forward(self, h_BLX: Tensor, x_BLD: Tensor) -> Tensor:
-        drop = self.dropout
-        if self.cfg.kernel == "fast":  # same distribution, cheaper mask (model/fast_ams.py)
-            drop = lambda t: fast_dropout(t, self.dropout.p, self.training)
-        o = self.proj(drop(h_BLX)) + x_BLD
+        o = self.proj(self.dropout(h_BLX)) + x_BLD
         if self.swiglu is None:
             return o
-        return self.swiglu(drop(rms_norm(o))) + o
+        return self.swiglu(self.dropout(rms_norm(o))) + o
 
 
 class FuXiBlock(JaggedBlock):
@@ -238,6 +237,9 @@ class FuXiStack(nn.Module):
                 cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
                 with_time=vanilla or "ts" in cfg.channels,
             )
+        num_tokens = x_TD.shape[0]
+        if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
+            x_TD = pad_rows(x_TD)
         for i, block in enumerate(self.blocks):
             x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
-        return x_TD
+        return x_TD if last_only else x_TD[:num_tokens]

@@ -13,15 +13,17 @@ from torch import Tensor, nn
 
 from model.config import ModelConfig
 from model.fast_ams import (
+    Dropout,
     FastPlan,
     Group,
     JaggedBlock,
     build_plan,
-    fast_dropout,
+    core_dtype,
     hstu_attention,
     inverse_n,
     last_token_outputs,
     length_groups,
+    pad_rows,
     scatter_groups,
 )
 from model.layers import (
@@ -44,7 +46,7 @@ class HSTUBlock(JaggedBlock):
         self.uvqk = nn.Parameter(torch.empty(cfg.embedding_dim, sum(self.split)).normal_(0, 0.02))
         self.pos_weights = RelativePositionWeights(cfg.padded_length)
         self.time_weights = RelativeTimeWeights(cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.time_delta)
-        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.dropout = Dropout(cfg.linear_dropout, cfg.kernel)
         self.out = xavier_uniform_linear(h * dv, cfg.embedding_dim, bias=True)
 
     def forward_padded(
@@ -75,7 +77,7 @@ class HSTUBlock(JaggedBlock):
         attn = hstu_attention(
             q, k, v, self.pos_weights.weight, self.time_weights.weight, inv_n, plan, cfg.num_heads
         )
-        y = x_BLD + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
+        y = x_BLD + self.out(self.dropout(u * layer_norm(attn)))
         return y * valid_BL[..., None]
 
     def forward_jagged(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
@@ -88,9 +90,10 @@ class HSTUBlock(JaggedBlock):
             v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
             inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
             w_pos, w_ts = self.pos_weights.weight, self.time_weights.weight
-            outs.append(hstu_attention(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads)[g.valid])
+            attn_g = hstu_attention(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads, core_dtype(g))
+            outs.append(g.real(attn_g))
         attn = scatter_groups(outs, groups, x_TD.shape[0])
-        return x_TD + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
+        return x_TD + self.out(self.dropout(u * layer_norm(attn)))
 
     def forward_last(self, x_TD: Tensor, groups: list[Group]) -> Tensor:
         """`forward_jagged` at each row's last history token only: [B, D] (see FuXiBlock.forward_last)."""
@@ -98,7 +101,7 @@ class HSTUBlock(JaggedBlock):
         u, attn, last_tok = last_token_outputs(
             layer_norm(x_TD), self.uvqk, self.split, groups, self.cfg, w_pos, w_ts, ("sem",), vanilla=True
         )
-        return x_TD[last_tok] + self.out(fast_dropout(u * layer_norm(attn), self.dropout.p, self.training))
+        return x_TD[last_tok] + self.out(self.dropout(u * layer_norm(attn)))
 
 
 class HSTUStack(nn.Module):
@@ -133,6 +136,9 @@ class HSTUStack(nn.Module):
                 g.ts, g.valid.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
                 cfg.padded_length, cfg.fast_chunk,
             )
+        num_tokens = x_TD.shape[0]
+        if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
+            x_TD = pad_rows(x_TD)
         for i, block in enumerate(self.blocks):
             x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
-        return x_TD
+        return x_TD if last_only else x_TD[:num_tokens]

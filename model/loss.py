@@ -41,9 +41,10 @@ MASKED_LOGIT = -5e4
 # score all distinct ids with a matmul when there are <= 32 * R of them (measured on CPU at T = 11k,
 # R = 128, d = 50: the matmul path is 2.8x faster at 13 * R distinct ids, even at ~59 * R)
 DENSE_SCORE_RATIO = 32
-# elements of the per-chunk temporaries of the fused loss ([chunk, distinct] scores or [chunk, R, d]
-# gathered rows): 1 MiB in fp32, inside the L2 cache; 4x smaller or larger measured slower on CPU
-CHUNK_ELEMENTS = 1 << 18
+# bytes of the per-chunk temporaries of the fused loss ([chunk, distinct] scores or [chunk, R, d]
+# gathered rows, in the matmul dtype): 1 MiB, inside the L2 cache. In fp32 (2^18 elements) 4x smaller or
+# larger measured slower on CPU; in bf16 the same bytes hold twice the rows (benchmarks/bench_kernels.py)
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass
@@ -58,15 +59,17 @@ class Negatives:
     index: Tensor | None = None
 
 
-def _dedup(values: Tensor, low: int, high: int) -> tuple[Tensor, Tensor]:
-    """Distinct ids (ascending) and, for each value, its row among them."""
-    if high - low <= 4 * values.numel():  # dense marks: O(values + catalogue), no sort
-        mark = torch.zeros(high - low, dtype=torch.bool, device=values.device)
-        mark[values - low] = True
-        distinct = torch.nonzero(mark)[:, 0] + low
+def _dedup(offsets: Tensor, low: int, size: int) -> tuple[Tensor, Tensor]:
+    """Distinct ids (ascending) among low + offsets (offsets in [0, size)), and each offset's row among
+    them."""
+    if size <= 4 * offsets.numel():  # dense marks: O(values + catalogue), no sort
+        mark = torch.bincount(offsets, minlength=size) > 0
+        if bool(mark.all()):  # every id drawn (small catalogues): its row is its offset, no gather
+            return torch.arange(low, low + size, device=offsets.device), offsets
         row = torch.cumsum(mark, 0) - 1
-        return distinct, row[values - low]
-    return torch.unique(values, return_inverse=True)
+        return torch.nonzero(mark)[:, 0] + low, row[offsets]
+    distinct, index = torch.unique(offsets, return_inverse=True)
+    return distinct + low, index
 
 
 @dataclass
@@ -89,7 +92,10 @@ class NegativeSampler:
         lengths = history_lengths_B.long()
         R = self.num_negatives
         total = int(lengths.sum().item()) * R if self.mode == "per_position" else R
-        values = torch.randint(self.low, self.high, (total,), generator=generator, device=lengths.device)
+        size = self.high - self.low
+        # randint(low, high) draws low + (bits % size): the same ids as low + randint(0, size)
+        offsets = torch.randint(0, size, (total,), generator=generator, device=lengths.device)
+        values = offsets + self.low
         first_row = torch.zeros_like(lengths)  # a lookup that is not laid out per user hangs off user 0
         if self.mode == "shared":
             first_row[0] = R
@@ -97,7 +103,7 @@ class NegativeSampler:
         ids_TR = values.view(-1, R)
         if not self.dedup:
             return Negatives("per_position", JaggedTensor(values=values, lengths=(lengths * R).int()), ids_TR)
-        distinct, index = _dedup(values, self.low, self.high)
+        distinct, index = _dedup(offsets, self.low, size)
         first_row[0] = distinct.numel()
         return Negatives("per_position", JaggedTensor(values=distinct, lengths=first_row.int()), ids_TR,
                          index.view(-1, R))
@@ -154,14 +160,22 @@ class _PerPositionSoftmax(torch.autograd.Function):
             want_grad = any(ctx.needs_input_grad[:3])
             d_user, d_target = torch.empty_like(u_all), torch.empty_like(t_all)
             d_neg = torch.zeros_like(n_all)
+            low_precision = mm_dtype != torch.float32
+            if dense and low_precision:  # oneDNN copies transposed operands: keep them [d, distinct]
+                n_mmT, d_negT = n_mm.T.contiguous(), n_all.new_zeros(d, n_all.shape[0])
             total = u_all.new_zeros(())
             inv_t = 1.0 / temperature
-            rows = max(1, CHUNK_ELEMENTS // (n_all.shape[0] if dense else R * d))
+            chunk_elements = CHUNK_BYTES // torch.finfo(mm_dtype).bits * 8
+            rows = max(1, chunk_elements // (n_all.shape[0] if dense else R * d))
+            if dense and low_precision:  # every chunk [rows, distinct]: one oneDNN primitive
+                u_mm = F.pad(u_mm, (0, 0, 0, -T % rows))  # (see model.fast_ams.gemm_rows)
             for s in range(0, T, rows):
                 e = min(T, s + rows)
                 u, tg, idx, msk = u_all[s:e], t_all[s:e], index[s:e], same[s:e]
                 if dense:
-                    scores = u_mm[s:e] @ n_mm.T
+                    u_chunk = u_mm[s : s + rows] if low_precision else u_mm[s:e]
+                    full = torch.mm(u_chunk, n_mmT if low_precision else n_mm.T)  # padded rows: zero, dropped
+                    scores = full[: e - s]
                     neg_logits = scores.gather(1, idx)
                 else:
                     vecs = F.embedding(idx, n_mm)  # [c, R, d]
@@ -179,16 +193,20 @@ class _PerPositionSoftmax(torch.autograd.Function):
                 g_pos, g_neg = g[:, :1], g[:, 1:].masked_fill_(msk, 0.0)
                 d_target[s:e] = g_pos * u
                 if dense:
-                    d_scores = torch.zeros_like(scores).scatter_add_(1, idx, g_neg.to(mm_dtype))
-                    d_user[s:e] = torch.mm(d_scores, n_mm).float().add_(g_pos * tg)
-                    if mm_dtype == torch.float32:
-                        d_neg.addmm_(d_scores.T, u)
+                    d_full = torch.zeros(full.shape, dtype=torch.float32, device=full.device)
+                    d_full[: e - s].scatter_add_(1, idx, g_neg)  # in fp32: bf16 scatter_add_ copies 3x
+                    d_full = d_full.to(mm_dtype)
+                    d_user[s:e] = torch.mm(d_full, n_mm)[: e - s].float().add_(g_pos * tg)
+                    if low_precision:
+                        d_negT += torch.mm(u_chunk.T, d_full).float()
                     else:
-                        d_neg += torch.mm(d_scores.T, u_mm[s:e]).float()
+                        d_neg.addmm_(d_full.T, u)
                 else:
                     d_vecs = torch.bmm(g_neg[:, None, :].to(mm_dtype), vecs)[:, 0]
                     d_user[s:e] = d_vecs.float().add_(g_pos * tg)
                     d_neg.index_add_(0, idx.reshape(-1), (g_neg[:, :, None] * u[:, None, :]).reshape(-1, d))
+            if dense and low_precision:
+                d_neg = d_negT.T
         ctx.save_for_backward(d_user, d_target, d_neg)
         ctx.dtypes = (user.dtype, target.dtype, neg.dtype)
         return total / T

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from model.config import ModelConfig
-from model.fast_ams import bucketed_encode, fast_dropout
+from model.fast_ams import Dropout, bucketed_encode
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
 from model.jagged import jagged_to_padded
@@ -73,7 +73,7 @@ class SequentialRecommender(nn.Module):
             nn.init.trunc_normal_(self.position_embedding.weight, std=(1.0 / d) ** 0.5)
         else:  # the official reset_params leaves the positional table xavier-normal
             nn.init.xavier_normal_(self.position_embedding.weight)
-        self.input_dropout = nn.Dropout(cfg.input_dropout)
+        self.input_dropout = Dropout(cfg.input_dropout, cfg.kernel)
         self.encoder = ENCODERS[cfg.architecture](cfg)
         if device is not None:
             self.encoder.to(device)
@@ -137,10 +137,7 @@ class SequentialRecommender(nn.Module):
         x = emb_TD[hist_tok] * (cfg.embedding_dim**0.5)
         if self.use_abs_positions:
             x = x + self.position_embedding.weight[cols[hist_tok]]
-        if cfg.kernel == "fast":  # same distribution, cheaper mask (model/fast_ams.py)
-            x = fast_dropout(x, self.input_dropout.p, self.training)
-        else:
-            x = self.input_dropout(x)
+        x = self.input_dropout(x)
         times = seq[TIME_FEATURE].values()
         if self._jagged_stack:
             y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets, last_only=last_only)

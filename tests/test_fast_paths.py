@@ -20,7 +20,7 @@ from model.fuxi import AMS, FuXiStack
 from model.hstu import HSTUBlock, HSTUStack
 from model.layers import batch_context, time_buckets, time_deltas
 from model.loss import NegativeSampler, sampled_softmax_loss
-from model.recommender import build_model
+from model.recommender import SequenceOutput, build_model
 from tests.conftest import make_seq, random_rows
 from tests.test_model import naive_ams
 
@@ -384,3 +384,117 @@ def test_training_run_fast_recipe_equals_reference_recipe(tmp_path, arch):
     bf16 = train(amp="bf16", kernel="fast", length_buckets=4)
     assert losses(bf16) == pytest.approx(losses(fast), rel=5e-3)  # measured: <= 4e-4
     assert losses(bf16) != losses(fast)  # autocast was really on
+
+
+# --------------------------------------------------------------------------------------------------
+# shapes under bf16 autocast: padded token rows, per-group core dtype
+
+
+def test_gemm_rows_rounds_only_under_autocast():
+    """T itself without autocast; under it, T rounded up to a multiple of 2^(floor(log2 T) - 5)."""
+    from model.fast_ams import gemm_rows
+
+    cpu = torch.device("cpu")
+    assert gemm_rows(11_000, cpu) == 11_000
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm_rows(11_000, cpu) == 11_008  # 43 * 256
+        assert gemm_rows(11_008, cpu) == 11_008
+        assert gemm_rows(63, cpu) == 63  # too small to matter
+        assert gemm_rows(100, cpu) == 100  # quantum 2
+        for t in (64, 65, 1000, 4097, 12_345, 99_999):
+            r, quantum = gemm_rows(t, cpu), 1 << (t.bit_length() - 6)
+            assert t <= r < t + quantum and r % quantum == 0 and r <= t * (1 + 1 / 32)
+
+
+@pytest.mark.parametrize("arch", ["fuxi", "hstu"])
+def test_padded_token_rows_and_fp32_cores_keep_the_function(monkeypatch, arch):
+    """Extra zero token rows (`pad_rows`) never reach the real tokens, forward or backward, and small groups'
+    cores computing in fp32 change nothing: the jagged fast model with both forced on equals the reference."""
+    import model.fast_ams as fast_ams
+
+    monkeypatch.setattr(fast_ams, "gemm_rows", lambda n, device: n + 37)
+    monkeypatch.setattr(fast_ams, "BF16_CORE_MIN_SLOTS", 10**9)  # every group: fp32 core
+    items, times = random_rows(9, 60, 30, seed=12)
+    base = cfg_(architecture=arch, max_sequence_length=30, padded_length=31)
+    torch.manual_seed(0)
+    ref = build_model(base)
+    randomize_scalars(ref)
+    fast = build_model(dataclasses.replace(base, kernel="fast", length_buckets=3))
+    fast.load_state_dict(ref.state_dict())
+    u0, l0, g0 = _train_grads(ref, items, times)
+    u1, l1, g1 = _train_grads(fast, items, times)
+    torch.testing.assert_close(u1, u0, **TOL)
+    torch.testing.assert_close(l1, l0, **TOL)
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("core", ["ams", "hstu"])
+def test_core_computes_in_the_given_dtype_and_returns_the_input_dtype(core):
+    """bf16 inputs with dtype=float32: the core runs in fp32 (so equals the fp32 core on the same bf16 values
+    to fp32 rounding) and returns bf16, with bf16 gradients."""
+    x, valid, ts = jagged_batch(3, 5, 40, 8)
+    kind = "fuxi" if core == "ams" else "hstu"
+    plan = build_plan(ts, 40, kind, "next", 128, 0.301, 64, 16)
+    g = torch.Generator().manual_seed(1)
+    q, k, v = ((torch.randn(5, 40, 8, generator=g) * valid[..., None]).bfloat16() for _ in range(3))
+    w_pos, w_ts = torch.randn(127, generator=g), torch.randn(129, generator=g)
+    inv_n = inverse_n(valid, 64, "padded")
+
+    def run(dtype, *qkv):
+        leaves = [t.clone().requires_grad_(True) for t in qkv]
+        if core == "ams":
+            out = ams_channels(*leaves, w_pos, w_ts, inv_n, plan, ("pos", "ts", "sem"), 2, dtype)
+        else:
+            out = hstu_attention(*leaves, w_pos, w_ts, inv_n, plan, 2, dtype)
+        out.float().sum().backward()
+        return out, [t.grad for t in leaves]
+
+    out, grads = run(torch.float32, q, k, v)
+    ref, ref_grads = run(None, q.float(), k.float(), v.float())
+    assert out.dtype == torch.bfloat16 and all(gr.dtype == torch.bfloat16 for gr in grads)
+    torch.testing.assert_close(out.float(), ref.bfloat16().float(), rtol=0, atol=0)
+    for gr, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(gr.float(), rg.bfloat16().float(), rtol=0, atol=0)
+
+
+def test_fused_loss_under_bf16_autocast_matches_fp32():
+    """The dense path under autocast (bf16 score matmuls, chunks padded to a fixed row count, the item
+    gradient accumulated transposed) against the fp32 loss: value and gradients within bf16 rounding."""
+    import model.loss
+
+    lengths = torch.tensor([70, 33, 58])  # T = 161: with ~40-row chunks, a ragged last chunk
+    t, r, d, catalogue = int(lengths.sum()), 12, 16, 30  # every id drawn: dense scoring
+    negs = NegativeSampler(r, "per_position", 1, catalogue).sample(lengths, torch.Generator().manual_seed(4))
+    assert negs.lookup.values().numel() == catalogue - 1
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(catalogue, d, generator=g)
+    user0, target = _output_pair(t, d)
+    target_ids = torch.randint(1, catalogue, (t,), generator=g)
+    results = []
+    for amp in (False, True):
+        old = model.loss.CHUNK_BYTES
+        model.loss.CHUNK_BYTES = 40 * (catalogue - 1) * (2 if amp else 4)  # 40 rows a chunk either way
+        try:
+            user = user0.clone().requires_grad_(True)
+            weights = table.clone().requires_grad_(True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                rows = torch.nn.functional.normalize(weights[negs.lookup.values()], dim=-1)
+                out = SequenceOutput(user, target, target_ids, rows, lengths)
+                loss = sampled_softmax_loss(out, negs, 0.05)
+            loss.backward()
+        finally:
+            model.loss.CHUNK_BYTES = old
+        assert loss.dtype == torch.float32
+        results.append((loss.detach(), user.grad, weights.grad))
+    (l0, gu0, gw0), (l1, gu1, gw1) = results
+    torch.testing.assert_close(l1, l0, rtol=2e-2, atol=0)
+    for a, b in ((gu1, gu0), (gw1, gw0)):
+        assert a.shape == b.shape
+        assert (a - b).norm() < 0.05 * b.norm()
+
+
+def _output_pair(t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(6)
+    return (torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1),
+            torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1))

@@ -97,17 +97,18 @@ def test_sampler_layouts_and_range():
         NegativeSampler(5, "in_batch", 1, 10)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("catalogue", [40, 100_000])  # dedup by dense marks / by torch.unique
+# dedup: every id drawn / by dense marks / by torch.unique
+@pytest.mark.parametrize("catalogue", [6, 40, 100_000])
 @pytest.mark.parametrize("dense_ratio", [32, 0])  # score by matmul + gather / gather the vectors
-@pytest.mark.parametrize("chunk_elements", [1 << 18, 100])  # fused loss in one chunk / in many
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 400])  # fused loss in one chunk / in many
 def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(
-    catalogue, dense_ratio, chunk_elements, monkeypatch
+    catalogue, dense_ratio, chunk_bytes, monkeypatch
 ):
     """The same draws, looked up once per distinct id (the fused loss): the same ids, loss and gradients."""
     import model.loss
 
     monkeypatch.setattr(model.loss, "DENSE_SCORE_RATIO", dense_ratio)
-    monkeypatch.setattr(model.loss, "CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(model.loss, "CHUNK_BYTES", chunk_bytes)
     lengths = torch.tensor([7, 3, 5])
     t, r, d = int(lengths.sum()), 6, 8
     plain = NegativeSampler(r, "per_position", 1, catalogue, dedup=False).sample(lengths, torch.Generator().manual_seed(4))

@@ -1,0 +1,127 @@
+"""Whole training jobs, anchor recipe against ours: real `fuxi train` runs on the whole machine.
+
+bench_throughput.py section 4 times single training steps on one thread. This benchmark times what a
+user runs: `fuxi train` on MovieLens-100K (validated protocol, B=128, 128 per-position negatives), each
+recipe using every core its own way, and reports training samples/s (users per epoch / training seconds
+per epoch; evaluation excluded, as `seconds_per_epoch` in the run report):
+
+  anchor        the official recipe: reference kernels, every batch padded to 211, negatives looked up as
+                sampled; one process, torch's default intra-op threads (all cores), as the official code
+  ours          model.kernel=fast, 4 length groups, de-duplicated negatives + fused loss, amp=bf16;
+                one process, all cores
+  ours-ranks    the same on --nproc data-parallel ranks of one thread each (torchrun, gloo, FSDP2 blocks,
+                replicated table), batch_size = 128 / nproc per rank so the global batch stays 128
+
+Rounds alternate the recipes (anchor, ours, ours-ranks, anchor, ...) so the machine's drift hits all of
+them; the figure is the median over rounds of each run's mean s/epoch.
+
+    .venv/bin/python benchmarks/bench_training.py --data path/to/movielens-100k/ratings.parquet
+    .venv/bin/python benchmarks/bench_training.py --data ... --epochs 3 --rounds 3 --nproc 2 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 128
+COMMON = ["--preset", "ml-100k", "--no-tracking", "--set", "data.protocol=validated",
+          "--set", "progress=false"]
+ANCHOR = ["model.kernel=reference", "model.padding=fixed", "loss.dedup_negatives=false"]
+OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
+
+
+def recipes(nproc: int) -> dict[str, tuple[int, list[str]]]:
+    """name -> (ranks, overrides)."""
+    out = {"anchor": (1, ANCHOR), "ours": (1, OURS)}
+    if nproc > 1:
+        if BATCH % nproc:
+            raise SystemExit(f"--nproc must divide the batch of {BATCH}")
+        out[f"ours-{nproc}ranks"] = (nproc, [*OURS, f"batch_size={BATCH // nproc}"])
+    return out
+
+
+def train_once(seq: Path, ranks: int, overrides: list[str], epochs: int, seed: int, work: Path) -> dict:
+    report = work / "report.json"
+    args = [*COMMON, "--data", str(seq), "--epochs", str(epochs), "--output-dir", str(work / "runs"),
+            "--report-json", str(report), "--set", f"seed={seed}"]
+    for o in overrides:
+        args += ["--set", o]
+    if ranks == 1:
+        cmd = [sys.executable, "-m", "pipeline.cli", "train", *args]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # all cores
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "pipeline.cli", "train", *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"training run failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}")
+    r = json.loads(report.read_text())
+    return {
+        "seconds_per_epoch": r["seconds_per_epoch"],
+        "users": r["users"]["train"],
+        "wall_seconds": time.perf_counter() - t0,
+        "test_ndcg_at_10": r["test"]["ndcg_at_10"],
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="MovieLens-100K ratings (any layout `fuxi data prepare` reads)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="ranks of the data-parallel row")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+
+    sys.path.insert(0, str(ROOT))
+    from tqdm import tqdm
+
+    from pipeline.readers import prepare_sequences
+
+    todo = recipes(args.nproc)
+    per_run: dict[str, list[dict]] = {name: [] for name in todo}
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        work = Path(tmp)
+        seq = work / "ml-100k.sequences.parquet"
+        prepare_sequences(args.data, seq)
+        bar = tqdm(total=args.rounds * len(todo), desc="training runs")
+        for _ in range(args.rounds):
+            for name, (ranks, overrides) in todo.items():
+                bar.set_postfix_str(name)
+                per_run[name].append(train_once(seq, ranks, overrides, args.epochs, args.seed, work))
+                bar.update()
+        bar.close()
+
+    cores = os.cpu_count()
+    print(f"\nMovieLens-100K, validated protocol, B={BATCH}, {args.epochs} epochs a run, {args.rounds} rounds, "
+          f"{cores} cores; s/epoch excludes evaluation")
+    print(f"{'recipe':16s} {'ranks':>5s} {'s/epoch':>8s} {'samples/s':>10s} {'x anchor':>9s}")
+    summary = {}
+    for name, runs in per_run.items():
+        spe = statistics.median(r["seconds_per_epoch"] for r in runs)
+        summary[name] = {"ranks": todo[name][0], "seconds_per_epoch": spe,
+                         "samples_per_s": runs[0]["users"] / spe, "runs": runs}
+    for name, s in summary.items():
+        ratio = summary["anchor"]["seconds_per_epoch"] / s["seconds_per_epoch"]
+        s["x_anchor"] = ratio
+        print(f"{name:16s} {s['ranks']:5d} {s['seconds_per_epoch']:8.2f} {s['samples_per_s']:10.1f} {ratio:9.2f}")
+    report = {"epochs": args.epochs, "rounds": args.rounds, "cores": cores, "batch": BATCH, "recipes": summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
