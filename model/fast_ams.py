@@ -166,14 +166,15 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 # Jagged batches give the attention cores new shapes every step (each length group's rows and width).
 # On CPU, bf16 matmuls go through oneDNN, which builds (and caches) a primitive per shape: ~0.3-0.6 ms for
 # each new bmm shape. fp32 matmuls (MKL) have no per-shape cost. Under autocast a small group therefore
-# runs its core faster in fp32 (8 rows x L~128, one layer fwd+bwd on new shapes: fp32 5.0 ms, bf16 10.1),
-# a large one in bf16 (32 rows: fp32 19.9, bf16 16.2 ms; benchmarks/bench_kernels.py "new shapes").
+# runs its core faster in fp32 (8 rows x L~128, one layer fwd+bwd on new shapes: fp32 5.8 ms, bf16 9.8);
+# around 32 rows the two break even (bf16/fp32 0.87x to 1.05x across runs; benchmarks/bench_kernels.py).
 BF16_CORE_MIN_SLOTS = 2048  # padded slots (rows x L_g) from which a group's core keeps the autocast dtype
 
 
 def core_dtype(group: "Group") -> torch.dtype | None:
-    """Compute dtype for a length group's attention core: fp32 for small groups, else the input's."""
-    return None if group.valid.numel() >= BF16_CORE_MIN_SLOTS else torch.float32
+    """Compute dtype for a length group's attention core: on CPU fp32 for small groups, else the input's."""
+    small = group.valid.numel() < BF16_CORE_MIN_SLOTS
+    return torch.float32 if small and group.valid.device.type == "cpu" else None
 
 
 def _core_inputs(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -676,12 +677,12 @@ def scatter_groups(values: list[Tensor], groups: list[Group], num_tokens: int) -
 
 
 def gemm_rows(num_tokens: int, device: torch.device) -> int:
-    """Rows to pad a jagged batch's T tokens to before the per-token layers: T itself, or under autocast
-    T rounded up to a multiple of 2^(floor(log2 T) - 5) (at most 1/32 more rows). Every step's T is new,
-    and oneDNN builds a primitive for each new bf16 matmul shape (+0.5 ms on a 1.6 ms [11200, 50] x
-    [50, 300] product, benchmarks/bench_kernels.py; ~30 per-token matmuls a step in a 2-layer FuXi-alpha);
-    rounding lets 32 row counts per doubling of T cover every step."""
-    if not torch.is_autocast_enabled(device.type) or num_tokens < 64:
+    """Rows to pad a jagged batch's T tokens to before the per-token layers: T itself, or on CPU under
+    autocast T rounded up to a multiple of 2^(floor(log2 T) - 5) (at most 1/32 more rows). Every step's T
+    is new, and oneDNN builds a primitive for each new bf16 matmul shape (+0.7 ms on a 1.8 ms [11200, 50]
+    x [50, 300] product, benchmarks/bench_kernels.py; ~30 per-token matmuls a step in a 2-layer
+    FuXi-alpha); rounding lets 32 row counts per doubling of T cover every step."""
+    if device.type != "cpu" or not torch.is_autocast_enabled(device.type) or num_tokens < 64:
         return num_tokens
     quantum = 1 << (num_tokens.bit_length() - 6)
     return -(-num_tokens // quantum) * quantum

@@ -125,9 +125,8 @@ class SequentialRecommender(nn.Module):
         """Jagged path (cfg.length_buckets > 1, see model/fast_ams.py `bucketed_encode`): the same
         function as `_encode` without padding the batch to its longest row. Returns the normalised encoder
         output of every history token [T, D] (row-major, as user_BLD[valid_BL]), the index of each history
-        token in the jagged values, and the history lengths. With last_only, a stack that can (FuXi-alpha
-        and HSTU, kernel="fast") returns only each row's last token [B, D], its final block computing only
-        those."""
+        token in the jagged values, and the history lengths. With last_only the output is each row's last
+        token [B, D] (FuXi-alpha and HSTU with kernel="fast" compute only those in their final block)."""
         cfg = self.cfg
         lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
         rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)
@@ -143,6 +142,8 @@ class SequentialRecommender(nn.Module):
             y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets, last_only=last_only)
         else:
             y = bucketed_encode(self.encoder, x, lengths_B - 1, times, cfg.length_buckets)
+            if last_only:
+                y = y[torch.cumsum(lengths_B - 1, 0) - 1]
         return l2_normalize(y, cfg.l2_norm_eps), hist_tok, lengths_B - 1
 
     def forward(self, seq: KeyedJaggedTensor, negatives: JaggedTensor | None = None) -> SequenceOutput:
@@ -174,8 +175,7 @@ class SequentialRecommender(nn.Module):
         """User vectors [B, D] at each history's last position (they predict the target)."""
         emb_TD, _ = self._lookup(seq, None)
         if self.cfg.length_buckets > 1:
-            user, _, hist_B = self._encode_bucketed(seq, emb_TD, last_only=True)
-            return user if self._jagged_stack else user[torch.cumsum(hist_B, 0) - 1]
+            return self._encode_bucketed(seq, emb_TD, last_only=True)[0]
         user_BLD, valid_BL, _ = self._encode(seq, emb_TD)
         last = valid_BL.sum(1) - 1
         return user_BLD[torch.arange(user_BLD.shape[0], device=user_BLD.device), last]
