@@ -13,7 +13,8 @@ in one process, and prints the median times and their ratio:
   * RMSNorm forward + backward: model.layers.rms_norm vs F.rms_norm's autograd, [11200, 150], fp32/bf16;
   * new shapes: a bf16 GEMM / bmm on a shape it has run before vs on a new one (oneDNN builds a primitive
     per shape), and FuXi-alpha's attention core (one layer, fwd+bwd, 8 or 32 rows) on new widths in
-    bf16 vs fp32 (why jagged batches pad T with `gemm_rows` and run small groups' cores in fp32).
+    bf16 vs fp32 (why jagged batches pad T with `gemm_rows` and run small groups' cores in fp32);
+  * one dtype per elementwise product (u * RMSNorm(attention)) and the loss's gradient scatter in fp32.
 """
 
 from __future__ import annotations
@@ -147,6 +148,19 @@ def bench_new_shapes() -> None:
         w_pos, w_ts = torch.randn(421, requires_grad=True), torch.randn(129, requires_grad=True)
         out = ams_channels(q, k, v, w_pos, w_ts, torch.full((b,), 1 / 211), plan, ("pos", "ts", "sem"), 1)
         out.float().sum().backward()
+
+    u = torch.randn(12_000, 300).bfloat16()[:, :150]  # u: a column slice of the u/v/q/k projection
+    y32 = torch.randn(12_000, 150)
+    y16 = y32.bfloat16()
+    report("u * RMSNorm(attention), [12000, 150] u a bf16 view", timed({
+        "bf16 x bf16": lambda: u * y16,
+        "bf16 x fp32": lambda: u * y32,
+    }))
+    idx, src = torch.randint(0, 1682, (311, 128)), torch.rand(311, 128)
+    report("loss gradient scatter [311, 1682] <- [311, 128]", timed({
+        "fp32, then to bf16": lambda: torch.zeros(311, 1682).scatter_add_(1, idx, src).bfloat16(),
+        "in bf16": lambda: torch.zeros(311, 1682, dtype=torch.bfloat16).scatter_add_(1, idx, src.bfloat16()),
+    }))
 
     for rows in (8, 32):  # a new width L each call (120, 121, ...): every call a new shape
         widths = iter(range(120, 200))

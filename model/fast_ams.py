@@ -177,14 +177,13 @@ def core_dtype(group: "Group") -> torch.dtype | None:
     return torch.float32 if small and group.valid.device.type == "cpu" else None
 
 
-def _core_inputs(q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
+def _apply_core(core: type[torch.autograd.Function], q: Tensor, k: Tensor, v: Tensor,
+                dtype: torch.dtype | None, *args) -> Tensor:
+    """Run an attention core on q, k, v cast to `dtype` (default v's) with autocast off (the cores cast
+    explicitly; autocast must not re-cast their matmuls), and return the result in v's dtype."""
     dtype = dtype or v.dtype
-    return q.to(dtype), k.to(dtype), v.to(dtype)
-
-
-def _no_autocast(t: Tensor):
-    """The cores cast explicitly; autocast must not re-cast their matmuls to its own dtype."""
-    return torch.autocast(t.device.type, enabled=False)
+    with torch.autocast(v.device.type, enabled=False):
+        return core.apply(q.to(dtype), k.to(dtype), v.to(dtype), *args).to(v.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -330,15 +329,12 @@ def ams_channels(
 
     q, k: [B, L, H*dqk]; v: [B, L, H*dv] with padded rows zero; inv_n: [B] or [1], 1/n of the semantic
     channel. dtype: compute dtype (default v's; see `core_dtype`); the output has v's dtype (so that
-    u * RMSNorm(out) multiplies one dtype: mixed bf16 x fp32 elementwise ops take a slow CPU path, 3-10x).
+    u * RMSNorm(out) multiplies one dtype: bf16 x fp32 took 1.5-1.8x as long, benchmarks/bench_kernels.py).
     Same function as the per-channel einsums of model.fuxi.AMS (its slow twin).
     """
     if plan.kind != "fuxi":
         raise ValueError("ams_channels needs a plan built with kind='fuxi'")
-    out_dtype = v.dtype
-    q, k, v = _core_inputs(q, k, v, dtype)
-    with _no_autocast(v):
-        return _AMSCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, tuple(channels), heads).to(out_dtype)
+    return _apply_core(_AMSCore, q, k, v, dtype, w_pos, w_ts, inv_n, plan, tuple(channels), heads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -418,10 +414,7 @@ def hstu_attention(
     """
     if plan.kind != "hstu":
         raise ValueError("hstu_attention needs a plan built with kind='hstu'")
-    out_dtype = v.dtype
-    q, k, v = _core_inputs(q, k, v, dtype)
-    with _no_autocast(v):
-        return _HSTUCore.apply(q, k, v, w_pos, w_ts, inv_n, plan, heads).to(out_dtype)
+    return _apply_core(_HSTUCore, q, k, v, dtype, w_pos, w_ts, inv_n, plan, heads)
 
 
 def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
@@ -439,7 +432,7 @@ def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
 
 def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
     """Bool mask, True w.p. 1 - p (to 1/65536): each element compares 16 random bits with a threshold.
-    The bits come four to a 64-bit draw, ~3x cheaper on CPU than rand_like(x) >= p and ~5x cheaper
+    The bits come four to a 64-bit draw, ~2.3x cheaper on CPU than rand_like(x) >= p and ~5x cheaper
     than bernoulli_."""
     n = shape.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
@@ -695,6 +688,24 @@ def pad_rows(x_TD: Tensor) -> Tensor:
     return F.pad(x_TD, (0, 0, 0, rows - x_TD.shape[0])) if rows > x_TD.shape[0] else x_TD
 
 
+def encode_jagged(
+    blocks: nn.ModuleList, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int,
+    plan_for, last_only: bool = False,
+) -> Tensor:
+    """FuXiStack/HSTUStack.forward_jagged: length groups (each with `plan_for(group)` as its attention
+    plan), token rows padded to `gemm_rows` while training, then the blocks. Returns [T, D], or with
+    last_only (evaluation) [B, D]: each row's last token, the final block computing only those."""
+    groups = length_groups(hist_lengths_B, ts_T, max_groups)
+    for g in groups:
+        g.plan = plan_for(g)
+    num_tokens = x_TD.shape[0]
+    if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
+        x_TD = pad_rows(x_TD)
+    for i, block in enumerate(blocks):
+        x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(blocks) - 1)
+    return x_TD if last_only else x_TD[:num_tokens]
+
+
 def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
     """Run `encoder(x [n, L, D], valid [n, L], ts [n, L + 1])` on length groups of a jagged batch.
 
@@ -713,6 +724,7 @@ def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor,
 __all__ = [
     "FastPlan",
     "core_dtype",
+    "encode_jagged",
     "gemm_rows",
     "pad_rows",
     "last_row_attention",

@@ -23,11 +23,10 @@ from model.fast_ams import (
     ams_channels,
     build_plan,
     core_dtype,
+    encode_jagged,
     hstu_attention,
     inverse_n,
     last_token_outputs,
-    length_groups,
-    pad_rows,
     scatter_groups,
 )
 from model.layers import (
@@ -204,15 +203,19 @@ class FuXiStack(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(FuXiBlock(cfg) for _ in range(cfg.num_layers))
 
+    def _plan(self, ts_BW: Tensor, length: int) -> FastPlan:
+        cfg = self.cfg
+        vanilla = cfg.attention == "vanilla"
+        return build_plan(
+            ts_BW, length, "hstu" if vanilla else "fuxi", cfg.time_delta, cfg.num_time_buckets,
+            cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
+            with_time=vanilla or "ts" in cfg.channels,
+        )
+
     def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.kernel == "fast":
-            vanilla = cfg.attention == "vanilla"
-            ctx: BatchContext | FastPlan = build_plan(
-                ts_BL1, x_BLD.shape[1], "hstu" if vanilla else "fuxi", cfg.time_delta, cfg.num_time_buckets,
-                cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
-                with_time=vanilla or "ts" in cfg.channels,
-            )
+            ctx: BatchContext | FastPlan = self._plan(ts_BL1, x_BLD.shape[1])
         else:
             ctx = batch_context(
                 valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor
@@ -225,21 +228,8 @@ class FuXiStack(nn.Module):
         self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int, last_only: bool = False
     ) -> Tensor:
         """Jagged execution (kernel="fast"): per-token layers on the T real tokens, attention on length
-        groups each padded to its own longest row. x_TD: history tokens, row-major; ts_T: history + target
-        timestamps, jagged with lengths hist + 1. Returns [T, D], or with last_only (evaluation) [B, D]:
-        each row's last token, the final block computing only those."""
-        cfg = self.cfg
-        vanilla = cfg.attention == "vanilla"
-        groups = length_groups(hist_lengths_B, ts_T, max_groups)
-        for g in groups:
-            g.plan = build_plan(
-                g.ts, g.valid.shape[1], "hstu" if vanilla else "fuxi", cfg.time_delta, cfg.num_time_buckets,
-                cfg.time_bucket_divisor, cfg.padded_length, cfg.fast_chunk,
-                with_time=vanilla or "ts" in cfg.channels,
-            )
-        num_tokens = x_TD.shape[0]
-        if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
-            x_TD = pad_rows(x_TD)
-        for i, block in enumerate(self.blocks):
-            x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
-        return x_TD if last_only else x_TD[:num_tokens]
+        groups each padded to its own longest row (`encode_jagged`). x_TD: history tokens, row-major; ts_T:
+        history + target timestamps, jagged with lengths hist + 1. Returns [T, D], or with last_only
+        (evaluation) [B, D]."""
+        plan_for = lambda g: self._plan(g.ts, g.valid.shape[1])  # noqa: E731
+        return encode_jagged(self.blocks, x_TD, hist_lengths_B, ts_T, max_groups, plan_for, last_only)

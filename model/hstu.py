@@ -19,11 +19,10 @@ from model.fast_ams import (
     JaggedBlock,
     build_plan,
     core_dtype,
+    encode_jagged,
     hstu_attention,
     inverse_n,
     last_token_outputs,
-    length_groups,
-    pad_rows,
     scatter_groups,
 )
 from model.layers import (
@@ -110,13 +109,17 @@ class HSTUStack(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(HSTUBlock(cfg) for _ in range(cfg.num_layers))
 
+    def _plan(self, ts_BW: Tensor, length: int) -> FastPlan:
+        cfg = self.cfg
+        return build_plan(
+            ts_BW, length, "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
+            cfg.padded_length, cfg.fast_chunk,
+        )
+
     def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
         cfg = self.cfg
         if cfg.kernel == "fast":
-            ctx: BatchContext | FastPlan = build_plan(
-                ts_BL1, x_BLD.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
-                cfg.padded_length, cfg.fast_chunk,
-            )
+            ctx: BatchContext | FastPlan = self._plan(ts_BL1, x_BLD.shape[1])
         else:
             ctx = batch_context(
                 valid_BL, ts_BL1, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor
@@ -129,16 +132,5 @@ class HSTUStack(nn.Module):
         self, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int, last_only: bool = False
     ) -> Tensor:
         """Jagged execution (kernel="fast"); see FuXiStack.forward_jagged."""
-        cfg = self.cfg
-        groups = length_groups(hist_lengths_B, ts_T, max_groups)
-        for g in groups:
-            g.plan = build_plan(
-                g.ts, g.valid.shape[1], "hstu", cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
-                cfg.padded_length, cfg.fast_chunk,
-            )
-        num_tokens = x_TD.shape[0]
-        if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
-            x_TD = pad_rows(x_TD)
-        for i, block in enumerate(self.blocks):
-            x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(self.blocks) - 1)
-        return x_TD if last_only else x_TD[:num_tokens]
+        plan_for = lambda g: self._plan(g.ts, g.valid.shape[1])  # noqa: E731
+        return encode_jagged(self.blocks, x_TD, hist_lengths_B, ts_T, max_groups, plan_for, last_only)

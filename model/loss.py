@@ -42,8 +42,9 @@ MASKED_LOGIT = -5e4
 # R = 128, d = 50: the matmul path is 2.8x faster at 13 * R distinct ids, even at ~59 * R)
 DENSE_SCORE_RATIO = 32
 # bytes of the per-chunk temporaries of the fused loss ([chunk, distinct] scores or [chunk, R, d]
-# gathered rows, in the matmul dtype): 1 MiB, inside the L2 cache. In fp32 (2^18 elements) 4x smaller or
-# larger measured slower on CPU; in bf16 the same bytes hold twice the rows (benchmarks/bench_kernels.py)
+# gathered rows, in the matmul dtype): 1 MiB, inside the L2 cache. Chosen by A/B runs of whole steps on
+# this CPU (scratch scripts, not a project command): in fp32 4x fewer or more elements than 2^18 were
+# slower; in bf16 2^19 elements (the same bytes) beat 2^18 and 2^20
 CHUNK_BYTES = 1 << 20
 
 
@@ -159,10 +160,12 @@ class _PerPositionSoftmax(torch.autograd.Function):
             R = index.shape[1]
             want_grad = any(ctx.needs_input_grad[:3])
             d_user, d_target = torch.empty_like(u_all), torch.empty_like(t_all)
-            d_neg = torch.zeros_like(n_all)
             low_precision = mm_dtype != torch.float32
             if dense and low_precision:  # oneDNN copies transposed operands: keep them [d, distinct]
                 n_mmT, d_negT = n_mm.T.contiguous(), n_all.new_zeros(d, n_all.shape[0])
+                d_neg = d_negT.T  # a view: the item gradient, accumulated transposed
+            else:
+                d_neg = torch.zeros_like(n_all)
             total = u_all.new_zeros(())
             inv_t = 1.0 / temperature
             chunk_elements = CHUNK_BYTES // torch.finfo(mm_dtype).bits * 8
@@ -194,7 +197,7 @@ class _PerPositionSoftmax(torch.autograd.Function):
                 d_target[s:e] = g_pos * u
                 if dense:
                     d_full = torch.zeros(full.shape, dtype=torch.float32, device=full.device)
-                    d_full[: e - s].scatter_add_(1, idx, g_neg)  # in fp32: bf16 scatter_add_ copies 3x
+                    d_full[: e - s].scatter_add_(1, idx, g_neg)  # fp32 + one cast: 1.3x faster than in bf16
                     d_full = d_full.to(mm_dtype)
                     d_user[s:e] = torch.mm(d_full, n_mm)[: e - s].float().add_(g_pos * tg)
                     if low_precision:
@@ -205,8 +208,6 @@ class _PerPositionSoftmax(torch.autograd.Function):
                     d_vecs = torch.bmm(g_neg[:, None, :].to(mm_dtype), vecs)[:, 0]
                     d_user[s:e] = d_vecs.float().add_(g_pos * tg)
                     d_neg.index_add_(0, idx.reshape(-1), (g_neg[:, :, None] * u[:, None, :]).reshape(-1, d))
-            if dense and low_precision:
-                d_neg = d_negT.T
         ctx.save_for_backward(d_user, d_target, d_neg)
         ctx.dtypes = (user.dtype, target.dtype, neg.dtype)
         return total / T

@@ -99,8 +99,9 @@ class TrainConfig:
     init_checkpoint: str | None = None  # warm start: model weights only (the nightly job's champion)
     progress: bool = True
     # "bf16": forward and loss under torch.autocast(bfloat16) (matmuls in bf16, weights, optimizer and
-    # evaluation in fp32). On CPUs with AVX512-BF16 the encoder's d=50 GEMMs run ~5x faster; on GPUs it is
-    # the usual setting (the official code scores its loss under bf16 autocast). "none": fp32.
+    # evaluation in fp32). On CPUs with AVX512-BF16 the encoder's d=50 GEMMs run ~4x faster
+    # (benchmarks/bench_kernels.py); on GPUs it is the usual setting (the official code scores its loss
+    # under bf16 autocast). "none": fp32.
     amp: Literal["none", "bf16"] = "none"
 
 
