@@ -29,8 +29,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.fast_ams import ams_channels, build_plan, dropout_keep_mask  # noqa: E402
-from model.layers import rms_norm  # noqa: E402
+from model.attention import ams_channels, build_plan  # noqa: E402
+from model.layers import dropout_keep_mask, rms_norm  # noqa: E402
 from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax  # noqa: E402
 
 

@@ -54,10 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig
-from model.fast_ams import bucketed_encode
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
-from model.jagged import jagged_to_padded
+from model.jagged import jagged_to_padded, length_groups
 from model.llama import LlamaStack
 from model.metrics import full_ranks
 from model.sasrec import SASRecStack
@@ -251,18 +250,9 @@ class LiteStep(nn.Module):
         if cfg.architecture != "llama":
             emb = emb + self.pos.weight[cols[hist_tok]]
         x = F.dropout(emb, cfg.input_dropout, self.training)
-        if cfg.length_buckets > 1:
-            if cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged"):
-                y = self.encoder.forward_jagged(x, lengths - 1, rows.times, cfg.length_buckets)
-            else:
-                y = bucketed_encode(self.run_encoder, x, lengths - 1, rows.times, cfg.length_buckets)
-        else:
-            width = int(lengths.max()) if self.recipe.padding == "batch" else cfg.padded_length + 1
-            hist = lengths - 1
-            xp = jagged_to_padded(x, hist, width - 1)
-            valid = torch.arange(width - 1, device=x.device)[None, :] < hist[:, None]
-            ts = jagged_to_padded(rows.times[:, None], lengths, width)[..., 0]
-            y = self.run_encoder(xp, valid, ts)[valid]
+        min_width = cfg.padded_length if self.recipe.padding == "fixed" else 0
+        batch = length_groups(lengths - 1, rows.times, max(cfg.length_buckets, 1), min_width)
+        y = self.run_encoder(x, batch)
         return F.normalize(y.float(), dim=-1, eps=cfg.l2_norm_eps), hist_tok
 
     def __call__(self, rows: Rows) -> float:  # type: ignore[override]
@@ -323,7 +313,7 @@ def interleaved(
     """Seconds per call of each variant; round r calls every variant once on input r, in turn. Warm-up
     calls get inputs -1, -2, ...: a caller indexing `rounds + warmup` inputs by r % len times each input
     once per variant, never one the warm-up saw (jagged shapes are new every real step; under bf16 each
-    new shape costs a oneDNN primitive, see model.fast_ams.gemm_rows)."""
+    new shape costs a oneDNN primitive, see model.jagged.gemm_rows)."""
     for w in range(warmup):
         for fn in fns.values():
             fn(-1 - w)

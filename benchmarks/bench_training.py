@@ -5,8 +5,10 @@ user runs: `fuxi train` on MovieLens-100K (validated protocol, B=128, 128 per-po
 recipe using every core its own way, and reports training samples/s (users per epoch / training seconds
 per epoch; evaluation excluded, as `seconds_per_epoch` in the run report):
 
-  anchor        the official recipe: reference kernels, every batch padded to 211, negatives looked up as
+  anchor        the official recipe: reference core, every batch padded to 211, negatives looked up as
                 sampled; one process, torch's default intra-op threads (all cores), as the official code
+  reference     the reference core on one group per batch (padded to the batch's longest row), fp32
+  defaults      `fuxi train --preset ml-100k` with no overrides (fast core, 4 length groups, fp32)
   ours          model.kernel=fast, 4 length groups, de-duplicated negatives + fused loss, amp=bf16;
                 one process, all cores
   ours-ranks    the same on --nproc data-parallel ranks of one thread each (torchrun, gloo, FSDP2 blocks,
@@ -35,13 +37,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 128
 COMMON = ["--preset", "ml-100k", "--no-tracking", "--set", "data.protocol=validated",
           "--set", "progress=false"]
-ANCHOR = ["model.kernel=reference", "model.padding=fixed", "loss.dedup_negatives=false"]
+ANCHOR = ["model.kernel=reference", "model.length_buckets=1", "model.padding=fixed", "loss.dedup_negatives=false"]
 OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
+
+
+DEFAULTS: list[str] = []  # `fuxi train --preset ml-100k` as shipped: fast core, 4 length groups, fp32
+REFERENCE = ["model.kernel=reference", "model.length_buckets=1"]  # reference core, one group (fp32)
 
 
 def recipes(nproc: int) -> dict[str, tuple[int, list[str]]]:
     """name -> (ranks, overrides)."""
-    out = {"anchor": (1, ANCHOR), "ours": (1, OURS)}
+    out = {"anchor": (1, ANCHOR), "reference": (1, REFERENCE), "defaults": (1, DEFAULTS), "ours": (1, OURS)}
     if nproc > 1:
         if BATCH % nproc:
             raise SystemExit(f"--nproc must divide the batch of {BATCH}")
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="ranks of the data-parallel row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--recipes", help="comma-separated subset of anchor,reference,defaults,ours,ours-Nranks "
+                                      "(the anchor always runs: every ratio is against it)")
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.readers import prepare_sequences
 
     todo = recipes(args.nproc)
+    if args.recipes:
+        keep = ["anchor", *(r for r in args.recipes.split(",") if r != "anchor")]
+        todo = {name: todo[name] for name in keep}
     per_run: dict[str, list[dict]] = {name: [] for name in todo}
     with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
         work = Path(tmp)

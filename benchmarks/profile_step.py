@@ -92,16 +92,13 @@ def group_of(name: str) -> str:
 def instrumented(step: ModelStep) -> ModelStep:
     """Wrap the encoder's forward in a profiler range (the model code carries no profiling hooks)."""
     enc = step.model.encoder
-    for name in ("forward", "forward_jagged"):  # forward_jagged: FuXi/HSTU fast path with length buckets
-        inner = getattr(enc, name, None)
-        if inner is None:
-            continue
+    inner = enc.forward
 
-        def wrapped(*a, _inner=inner, **kw):
-            with record_function("encoder"):
-                return _inner(*a, **kw)
+    def wrapped(*a, **kw):
+        with record_function("encoder"):
+            return inner(*a, **kw)
 
-        setattr(enc, name, wrapped)
+    enc.forward = wrapped
     return step
 
 

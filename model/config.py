@@ -45,14 +45,16 @@ class ModelConfig:
     # --- baselines ---
     sasrec_ffn_hidden: int = 50
     llama_positions: Literal["rope", "learned"] = "rope"
-    # --- execution (same function, different speed; see model/fast_ams.py) ---
-    # "reference": the padded einsum path (tested against the official indexing); "fast": causal row
-    # chunks, one gather of the bucketed weights, hand-written backward. Outputs equal within fp32 rounding.
-    kernel: Literal["reference", "fast"] = "reference"
-    fast_chunk: int = 64  # query rows per chunk of the fast path
-    # > 1: run the encoder on up to this many length-sorted sub-batches, each padded to its own longest row
-    length_buckets: int = 0
-    # "batch": pad to the batch's longest history; "fixed": always pad to padded_length (official code)
+    # --- execution (same function, different speed; see model/jagged.py and model/attention.py) ---
+    # Every encoder runs on jagged tokens in length groups; `kernel` picks only the attention core:
+    # "fast": causal row chunks, bucketed weights gathered once, hand-written backward (the default);
+    # "reference": the padded einsums, its slow twin. Outputs equal within fp32 rounding.
+    kernel: Literal["reference", "fast"] = "fast"
+    fast_chunk: int = 64  # query rows per chunk of the fast core
+    # rows are split into at most this many groups of similar length, each padded to its own longest row
+    # (0 or 1: one group, i.e. the whole batch padded to its longest row)
+    length_buckets: int = 4
+    # "batch": groups padded to their longest history; "fixed": to padded_length (the official code)
     padding: Literal["batch", "fixed"] = "batch"
     # --- output ---
     l2_norm_eps: float = 1e-6

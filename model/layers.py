@@ -7,7 +7,6 @@ official code's fixed position tables, 211 on MovieLens).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -119,35 +118,6 @@ class RelativeTimeWeights(nn.Module):
         return self.weight[buckets_BLL]  # [B, L, L]
 
 
-def causal_mask(valid_BL: Tensor) -> Tensor:
-    """[B, L, L] float mask: key j visible to query i iff j <= i and key j is a real item."""
-    length = valid_BL.shape[1]
-    tril = torch.ones(length, length, dtype=torch.bool, device=valid_BL.device).tril()
-    return (tril[None] & valid_BL[:, None, :]).to(torch.float32)
-
-
-@dataclass
-class BatchContext:
-    """Per-batch tensors that every layer reuses: computed once per forward, not once per layer."""
-
-    mask_BLL: Tensor  # causal mask over real keys, float
-    buckets_BLL: Tensor  # time-gap bucket of every (query, key) pair
-
-
-def batch_context(valid_BL: Tensor, ts_BL1: Tensor, time_delta: str, num_buckets: int, divisor: float) -> BatchContext:
-    length = valid_BL.shape[1]
-    return BatchContext(causal_mask(valid_BL), time_buckets(time_deltas(ts_BL1, length, time_delta), num_buckets, divisor))
-
-
-def attention_denominator(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
-    """The n of SiLU(qk)/n, broadcastable to [B, H, L, L]."""
-    if mode == "padded":
-        return torch.full((1, 1, 1, 1), float(padded_length), device=valid_BL.device)
-    if mode == "length":
-        return valid_BL.sum(1).clamp(min=1).to(torch.float32).view(-1, 1, 1, 1)
-    raise ValueError(f"unknown attn_norm {mode!r}; expected 'padded' or 'length'")
-
-
 def xavier_uniform_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
     layer = nn.Linear(in_features, out_features, bias=bias)
     nn.init.xavier_uniform_(layer.weight)
@@ -183,3 +153,53 @@ def rotary(x_BLHd: Tensor, base: float = 10000.0) -> Tensor:
 
 def sqrt_dim(dim: int) -> float:
     return math.sqrt(dim)
+
+
+# --------------------------------------------------------------------------------------------------
+# dropout with a cheaper mask
+
+
+def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
+    """Bool mask, True w.p. 1 - p (to 1/65536): each element compares 16 random bits with a threshold.
+    The bits come four to a 64-bit draw, ~2.3x cheaper on CPU than rand_like(x) >= p and ~5x cheaper
+    than bernoulli_."""
+    n = shape.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
+    threshold = round(p * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
+    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
+
+
+class _Dropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, p: float) -> Tensor:
+        keep = dropout_keep_mask(x.shape, p, x.device)
+        ctx.save_for_backward(keep)
+        ctx.scale = 1.0 / (1.0 - p)
+        return x.mul(keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (keep,) = ctx.saved_tensors
+        return grad.mul(keep).mul_(ctx.scale), None
+
+
+def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout, F.dropout's distribution (keep w.p. 1 - p, p to 1/65536; scale 1 / (1 - p)) with
+    a cheaper mask (`dropout_keep_mask`), so the random stream differs from F.dropout's."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return torch.zeros_like(x)
+    return _Dropout.apply(x, p)
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout whose kernel="fast" variant draws its mask with `fast_dropout` (same distribution,
+    different random stream): the one place the model chooses between the two."""
+
+    def __init__(self, p: float, kernel: str) -> None:
+        super().__init__(p)
+        self.fast = kernel == "fast"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fast_dropout(x, self.p, self.training) if self.fast else super().forward(x)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.jagged import LengthGroups, run_padded_groups
 from model.layers import SwiGLU, rotary, xavier_uniform_linear
 
 
@@ -49,7 +50,11 @@ class LlamaStack(nn.Module):
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.embedding_dim, eps=1e-6)
 
-    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, batch: LengthGroups, last_only: bool = False) -> Tensor:
+        """Jagged tokens [T, D] -> [T, D] (or each row's last [B, D]), each length group run padded."""
+        return run_padded_groups(self.padded, x_TD, batch, last_only)
+
+    def padded(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
         for block in self.blocks:
             x_BLD = block(x_BLD, valid_BL, ts_BL1)
         return self.norm(x_BLD) * valid_BL[..., None]

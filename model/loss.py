@@ -171,7 +171,7 @@ class _PerPositionSoftmax(torch.autograd.Function):
             chunk_elements = CHUNK_BYTES // torch.finfo(mm_dtype).bits * 8
             rows = max(1, chunk_elements // (n_all.shape[0] if dense else R * d))
             if dense and low_precision:  # every chunk [rows, distinct]: one oneDNN primitive
-                u_mm = F.pad(u_mm, (0, 0, 0, -T % rows))  # (see model.fast_ams.gemm_rows)
+                u_mm = F.pad(u_mm, (0, 0, 0, -T % rows))  # (see model.jagged.gemm_rows)
             for s in range(0, T, rows):
                 e = min(T, s + rows)
                 u, tg, idx, msk = u_all[s:e], t_all[s:e], index[s:e], same[s:e]

@@ -19,10 +19,10 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from model.config import ModelConfig
-from model.fast_ams import Dropout, bucketed_encode
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
-from model.jagged import jagged_to_padded
+from model.jagged import length_groups
+from model.layers import Dropout
 from model.llama import LlamaStack
 from model.sasrec import SASRecStack
 
@@ -93,40 +93,14 @@ class SequentialRecommender(nn.Module):
         negs = out[NEG_FEATURE].values() if negatives is not None else None
         return out[ITEM_FEATURE].values(), negs
 
-    def _encode(self, seq: KeyedJaggedTensor, emb_TD: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Returns normalised encoder output [B, L, D], the history mask [B, L] and the padded ids."""
-        cfg = self.cfg
-        ids = seq[ITEM_FEATURE]
-        lengths_B = ids.lengths().long()  # history + target
-        width = int(lengths_B.max().item()) if lengths_B.numel() else 1  # L + 1
-        if cfg.padding == "fixed":  # the official code: every batch padded to N slots
-            width = max(width, cfg.padded_length + 1)
-        emb_BWD = jagged_to_padded(emb_TD, lengths_B, width)
-        ts_BW = jagged_to_padded(seq[TIME_FEATURE].values()[:, None], lengths_B, width)[..., 0]
-        ids_BW = jagged_to_padded(ids.values()[:, None], lengths_B, width)[..., 0]
-        length = width - 1
-        hist_BL = lengths_B - 1
-        valid_BL = torch.arange(length, device=emb_TD.device)[None, :] < hist_BL[:, None]
-        x = emb_BWD[:, :length] * (cfg.embedding_dim**0.5)
-        if self.use_abs_positions:
-            x = x + self.position_embedding.weight[:length][None]
-        x = self.input_dropout(x) * valid_BL[..., None]
-        y = self.encoder(x, valid_BL, ts_BW)
-        return l2_normalize(y, cfg.l2_norm_eps), valid_BL, ids_BW
-
-    @property
-    def _jagged_stack(self) -> bool:
-        """FuXi-alpha and HSTU with kernel="fast" run jagged tokens themselves (`forward_jagged`)."""
-        return self.cfg.kernel == "fast" and hasattr(self.encoder, "forward_jagged")
-
-    def _encode_bucketed(
+    def _encode(
         self, seq: KeyedJaggedTensor, emb_TD: Tensor, last_only: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Jagged path (cfg.length_buckets > 1, see model/fast_ams.py `bucketed_encode`): the same
-        function as `_encode` without padding the batch to its longest row. Returns the normalised encoder
-        output of every history token [T, D] (row-major, as user_BLD[valid_BL]), the index of each history
-        token in the jagged values, and the history lengths. With last_only the output is each row's last
-        token [B, D] (FuXi-alpha and HSTU with kernel="fast" compute only those in their final block)."""
+        """The encoder on the batch's history tokens, jagged, in length groups (model/jagged.py).
+
+        Returns the normalised encoder output of every history token [T, D] (row-major), the index of each
+        history token in the jagged values (its target is the next value), and the history lengths [B].
+        With last_only the output is each row's last token [B, D] (the final block computes only those)."""
         cfg = self.cfg
         lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
         rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)
@@ -137,48 +111,28 @@ class SequentialRecommender(nn.Module):
         if self.use_abs_positions:
             x = x + self.position_embedding.weight[cols[hist_tok]]
         x = self.input_dropout(x)
-        times = seq[TIME_FEATURE].values()
-        if self._jagged_stack:
-            y = self.encoder.forward_jagged(x, lengths_B - 1, times, cfg.length_buckets, last_only=last_only)
-        else:
-            y = bucketed_encode(self.encoder, x, lengths_B - 1, times, cfg.length_buckets)
-            if last_only:
-                y = y[torch.cumsum(lengths_B - 1, 0) - 1]
+        # padding="fixed": every group as wide as the official code's padded batches (N slots)
+        min_width = cfg.padded_length if cfg.padding == "fixed" else 0
+        batch = length_groups(lengths_B - 1, seq[TIME_FEATURE].values(), max(cfg.length_buckets, 1), min_width)
+        y = self.encoder(x, batch, last_only=last_only)
         return l2_normalize(y, cfg.l2_norm_eps), hist_tok, lengths_B - 1
 
     def forward(self, seq: KeyedJaggedTensor, negatives: JaggedTensor | None = None) -> SequenceOutput:
         emb_TD, neg_XD = self._lookup(seq, negatives)
-        if self.cfg.length_buckets > 1:
-            user_TD, hist_tok, hist_B = self._encode_bucketed(seq, emb_TD)
-            return SequenceOutput(
-                user_TD=user_TD,
-                target_TD=l2_normalize(emb_TD[hist_tok + 1], self.cfg.l2_norm_eps),
-                target_ids_T=seq[ITEM_FEATURE].values()[hist_tok + 1],
-                negatives_XD=l2_normalize(neg_XD, self.cfg.l2_norm_eps) if neg_XD is not None else None,
-                history_lengths_B=hist_B,
-            )
-        user_BLD, valid_BL, ids_BW = self._encode(seq, emb_TD)
-        lengths_B = seq[ITEM_FEATURE].lengths().long()
-        width = ids_BW.shape[1]
-        emb_BWD = jagged_to_padded(emb_TD, lengths_B, width)
-        targets_BLD = l2_normalize(emb_BWD[:, 1:], self.cfg.l2_norm_eps)
+        user_TD, hist_tok, hist_B = self._encode(seq, emb_TD)
         return SequenceOutput(
-            user_TD=user_BLD[valid_BL],
-            target_TD=targets_BLD[valid_BL],
-            target_ids_T=ids_BW[:, 1:][valid_BL],
+            user_TD=user_TD,
+            target_TD=l2_normalize(emb_TD[hist_tok + 1], self.cfg.l2_norm_eps),
+            target_ids_T=seq[ITEM_FEATURE].values()[hist_tok + 1],
             negatives_XD=l2_normalize(neg_XD, self.cfg.l2_norm_eps) if neg_XD is not None else None,
-            history_lengths_B=lengths_B - 1,
+            history_lengths_B=hist_B,
         )
 
     @torch.no_grad()
     def encode_last(self, seq: KeyedJaggedTensor) -> Tensor:
         """User vectors [B, D] at each history's last position (they predict the target)."""
         emb_TD, _ = self._lookup(seq, None)
-        if self.cfg.length_buckets > 1:
-            return self._encode_bucketed(seq, emb_TD, last_only=True)[0]
-        user_BLD, valid_BL, _ = self._encode(seq, emb_TD)
-        last = valid_BL.sum(1) - 1
-        return user_BLD[torch.arange(user_BLD.shape[0], device=user_BLD.device), last]
+        return self._encode(seq, emb_TD, last_only=True)[0]
 
     def item_table_weight(self) -> Tensor:
         """The raw (unsharded) item table [num_items, D]."""

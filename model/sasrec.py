@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.jagged import LengthGroups, run_padded_groups
 
 
 class SASRecBlock(nn.Module):
@@ -45,7 +46,11 @@ class SASRecStack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(SASRecBlock(cfg) for _ in range(cfg.num_layers))
 
-    def forward(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
+    def forward(self, x_TD: Tensor, batch: LengthGroups, last_only: bool = False) -> Tensor:
+        """Jagged tokens [T, D] -> [T, D] (or each row's last [B, D]), each length group run padded."""
+        return run_padded_groups(self.padded, x_TD, batch, last_only)
+
+    def padded(self, x_BLD: Tensor, valid_BL: Tensor, ts_BL1: Tensor) -> Tensor:
         for block in self.blocks:
             x_BLD = block(x_BLD, valid_BL, ts_BL1)
         return x_BLD

@@ -1,7 +1,8 @@
 """Fast paths against their slow twins, forward and backward, over random jagged lengths.
 
-The twins: model.fuxi.AMS / model.hstu.HSTUBlock with the padded reference path (kernel="reference"),
-themselves tested against the official indexing and a per-(i, j) loop in tests/test_model.py.
+The twins: model.fuxi.AMS / model.hstu.HSTUBlock on the reference core (kernel="reference", padded
+einsums), itself tested against the official indexing and a per-(i, j) loop in tests/test_model.py. Both
+kernels run the same jagged path (model/jagged.py); only the attention core differs.
 Tolerances: the fast path reorders fp32 sums (chunked matmuls, scatter-add of bucket gradients), so
 values agree to rounding: rtol 1e-4 / atol 1e-5 on O(1) tensors; gradcheck runs in float64.
 """
@@ -14,14 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from model.attention import KERNELS, ams_channels, build_plan, hstu_attention, inverse_n
 from model.config import ModelConfig
-from model.fast_ams import ams_channels, build_plan, hstu_attention, inverse_n, plan_groups
 from model.fuxi import AMS, FuXiStack
 from model.hstu import HSTUBlock, HSTUStack
-from model.layers import batch_context, time_buckets, time_deltas
+from model.jagged import plan_groups
+from model.layers import time_buckets, time_deltas
 from model.loss import NegativeSampler, sampled_softmax_loss
 from model.recommender import SequenceOutput, build_model
-from tests.conftest import make_seq, random_rows
+from tests.conftest import make_seq, padded_as_jagged, random_rows
 from tests.test_model import naive_ams
 
 TOL = {"rtol": 1e-4, "atol": 1e-5}
@@ -38,6 +40,8 @@ def cfg_(**kw) -> ModelConfig:
         "padded_length": 32,
         "input_dropout": 0.0,
         "linear_dropout": 0.0,
+        "kernel": "reference",
+        "length_buckets": 1,
     }
     base.update(kw)
     return ModelConfig(**base)
@@ -65,18 +69,21 @@ def randomize_scalars(module: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g))
 
 
-def run_both(module, forward, x, valid, grad_seed=7):
-    """Output (valid rows) and every gradient, reference path first then fast."""
+def run_both(module, x, valid, ts, cfg, kind, out_dim, grad_seed=7):
+    """Output and every gradient of one layer on the jagged path: the reference core on one group padded
+    to the batch's longest row first, then the fast core on three length groups."""
     g = torch.Generator().manual_seed(grad_seed)
-    w = torch.randn(x.shape[0], x.shape[1], forward.out_dim, generator=g)
+    w = torch.randn(int(valid.sum()), out_dim, generator=g)
     results = []
-    for fast in (False, True):
+    for kernel, groups in (("reference", 1), ("fast", 3)):
+        module.kernel = KERNELS[kernel]
+        x_TD, batch = padded_as_jagged(x, valid, ts, cfg, kind, kernel=kernel, max_groups=groups)
         module.zero_grad(set_to_none=True)
-        xx = x.clone().requires_grad_(True)
-        y = forward(xx, fast)
-        (y * w * valid[..., None]).sum().backward()
+        xx = x_TD.clone().requires_grad_(True)
+        y = module(xx, batch)
+        (y * w).sum().backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-        results.append((y[valid].detach(), xx.grad[valid].clone(), grads))
+        results.append((y.detach(), xx.grad.clone(), grads))
     return results
 
 
@@ -87,14 +94,6 @@ def assert_same(results):
     assert gp0.keys() == gp1.keys() and gp0
     for name in gp0:
         torch.testing.assert_close(gp1[name], gp0[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
-
-
-class _Fwd:
-    def __init__(self, fn, out_dim):
-        self.fn, self.out_dim = fn, out_dim
-
-    def __call__(self, x, fast):
-        return self.fn(x, fast)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -122,19 +121,8 @@ def test_fast_ams_matches_reference(kw, chunk, seed):
     ams = AMS(cfg)
     randomize_scalars(ams)
     x, valid, ts = jagged_batch(seed, 5, 23, cfg.embedding_dim)
-    ref_ctx = batch_context(valid, ts, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
-    plan = build_plan(
-        ts,
-        23,
-        "hstu" if cfg.attention == "vanilla" else "fuxi",
-        cfg.time_delta,
-        cfg.num_time_buckets,
-        cfg.time_bucket_divisor,
-        cfg.padded_length,
-        chunk,
-    )
-    fwd = _Fwd(lambda xx, fast: ams(xx, valid, ts, plan if fast else ref_ctx), ams.u_width)
-    assert_same(run_both(ams, fwd, x, valid))
+    kind = "hstu" if cfg.attention == "vanilla" else "fuxi"
+    assert_same(run_both(ams, x, valid, ts, cfg, kind, ams.u_width))
 
 
 @pytest.mark.parametrize(
@@ -147,19 +135,7 @@ def test_fast_hstu_matches_reference(kw, chunk, seed):
     block = HSTUBlock(cfg)
     randomize_scalars(block)
     x, valid, ts = jagged_batch(seed, 5, 23, cfg.embedding_dim)
-    ref_ctx = batch_context(valid, ts, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor)
-    plan = build_plan(
-        ts,
-        23,
-        "hstu",
-        cfg.time_delta,
-        cfg.num_time_buckets,
-        cfg.time_bucket_divisor,
-        cfg.padded_length,
-        chunk,
-    )
-    fwd = _Fwd(lambda xx, fast: block(xx, valid, ts, plan if fast else ref_ctx), cfg.embedding_dim)
-    assert_same(run_both(block, fwd, x, valid))
+    assert_same(run_both(block, x, valid, ts, cfg, "hstu", cfg.embedding_dim))
 
 
 def test_fast_ams_matches_naive_loop():
@@ -172,10 +148,9 @@ def test_fast_ams_matches_naive_loop():
     valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     x = x * valid[..., None]
     ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
-    plan = build_plan(ts, 5, "fuxi", "next", 128, 0.301, cfg.padded_length, chunk=2)
-    torch.testing.assert_close(
-        ams(x, valid, ts, plan)[valid], naive_ams(ams, x, valid, ts, cfg)[valid], **TOL
-    )
+    ams.kernel = KERNELS["fast"]
+    x_TD, batch = padded_as_jagged(x, valid, ts, dataclasses.replace(cfg, fast_chunk=2), kernel="fast")
+    torch.testing.assert_close(ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], **TOL)
 
 
 def test_gradcheck_float64():
@@ -256,10 +231,8 @@ def _train_grads(model, items, times, negatives_seed=0):
     ],
 )
 def test_model_variants_match_reference(arch, variant):
-    """Loss, user vectors, encode_last and every parameter gradient of the full recommender (jagged input).
-
-    kernel="fast" with length_buckets > 1 runs FuXiStack/HSTUStack.forward_jagged (per-token layers on the
-    real tokens, attention per length group); the other encoders go through bucketed_encode."""
+    """Loss, user vectors, encode_last and every parameter gradient of the full recommender, against the
+    reference core on one group padded to the batch's longest row (what a padded batch computes)."""
     items, times = random_rows(9, 60, 30, seed=11)
     shape_keys = {"attention", "channels"}  # these change the parameters: the reference shares them
     base_cfg = cfg_(
@@ -289,7 +262,7 @@ def test_model_variants_match_reference(arch, variant):
 @pytest.mark.parametrize("stack,arch", [(FuXiStack, "fuxi"), (HSTUStack, "hstu")])
 def test_stack_kernel_switch_is_a_pure_speed_switch(stack, arch):
     """Same parameters under both kernels (state dicts interchangeable)."""
-    a, b = stack(cfg_(architecture=arch)), stack(cfg_(architecture=arch, kernel="fast"))
+    a, b = stack(cfg_(architecture=arch, kernel="reference")), stack(cfg_(architecture=arch, kernel="fast"))
     assert a.state_dict().keys() == b.state_dict().keys()
 
 
@@ -326,7 +299,7 @@ def test_plan_groups_is_an_optimal_partition(seed):
 
 
 def test_fast_dropout_distribution_and_gradient():
-    from model.fast_ams import fast_dropout
+    from model.layers import fast_dropout
 
     torch.manual_seed(0)
     x = torch.ones(200_000, requires_grad=True)
@@ -343,7 +316,7 @@ def test_fast_dropout_distribution_and_gradient():
 def test_dropout_keep_mask_rate_shape_and_independence(p):
     """16 random bits per element, four elements per 64-bit draw: the keep rate is 1 - p, odd sizes keep
     their shape, and neighbours (which share a draw) are uncorrelated."""
-    from model.fast_ams import dropout_keep_mask
+    from model.layers import dropout_keep_mask
 
     torch.manual_seed(1)
     keep = dropout_keep_mask(torch.Size([1001, 301]), p, torch.device("cpu"))
@@ -392,7 +365,7 @@ def test_training_run_fast_recipe_equals_reference_recipe(tmp_path, arch):
 
 def test_gemm_rows_rounds_only_under_autocast():
     """T itself without autocast; under it, T rounded up to a multiple of 2^(floor(log2 T) - 5)."""
-    from model.fast_ams import gemm_rows
+    from model.jagged import gemm_rows
 
     cpu = torch.device("cpu")
     assert gemm_rows(11_000, cpu) == 11_000
@@ -410,10 +383,11 @@ def test_gemm_rows_rounds_only_under_autocast():
 def test_padded_token_rows_and_fp32_cores_keep_the_function(monkeypatch, arch):
     """Extra zero token rows (`pad_rows`) never reach the real tokens, forward or backward, and small groups'
     cores computing in fp32 change nothing: the jagged fast model with both forced on equals the reference."""
-    import model.fast_ams as fast_ams
+    import model.attention
+    import model.jagged
 
-    monkeypatch.setattr(fast_ams, "gemm_rows", lambda n, device: n + 37)
-    monkeypatch.setattr(fast_ams, "BF16_CORE_MIN_SLOTS", 10**9)  # every group: fp32 core
+    monkeypatch.setattr(model.jagged, "gemm_rows", lambda n, device: n + 37)
+    monkeypatch.setattr(model.attention, "BF16_CORE_MIN_SLOTS", 10**9)  # every group: fp32 core
     items, times = random_rows(9, 60, 30, seed=12)
     base = cfg_(architecture=arch, max_sequence_length=30, padded_length=31)
     torch.manual_seed(0)

@@ -8,11 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from model.attention import KERNELS
 from model.config import ModelConfig
 from model.fuxi import AMS
 from model.layers import RelativePositionWeights, RelativeTimeWeights, rms_norm, time_buckets
 from model.recommender import build_model, count_parameters
-from tests.conftest import make_seq, random_rows
+from tests.conftest import make_seq, padded_as_jagged, random_rows
 
 ARCHS = ["fuxi", "hstu", "sasrec", "llama"]
 
@@ -95,7 +96,10 @@ def test_ams_matches_naive_reference_loop():
     valid = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool)
     x = x * valid[..., None]
     ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
-    torch.testing.assert_close(ams(x, valid, ts)[valid], naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6)
+    for kernel in ("reference", "fast"):
+        x_TD, batch = padded_as_jagged(x, valid, ts, cfg, kernel=kernel)
+        ams.kernel = KERNELS[kernel]
+        torch.testing.assert_close(ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6)
 
 
 def test_reference_parameter_counts_ml1m():
@@ -190,13 +194,14 @@ def test_ablation_shapes(kw, encoder_params):
 
 
 def test_attention_denominator_modes():
-    from model.layers import attention_denominator
+    from model.attention import inverse_n
 
     valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
-    assert attention_denominator(valid, 211, "padded").flatten().tolist() == [211.0]  # official: constant N
-    assert attention_denominator(valid, 211, "length").flatten().tolist() == [3.0, 1.0]  # paper: true length
+    one_over = lambda n: torch.tensor([1.0]) / n  # noqa: E731  (float32, as the cores compute)
+    assert torch.equal(inverse_n(valid, 211, "padded"), one_over(211))  # official: constant N
+    assert torch.equal(inverse_n(valid, 211, "length"), one_over(torch.tensor([3.0, 1.0])))  # paper: true length
     with pytest.raises(ValueError, match="attn_norm"):
-        attention_denominator(valid, 211, "other")
+        inverse_n(valid, 211, "other")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])

@@ -1,59 +1,53 @@
-"""Fast CPU/GPU paths for the FuXi-alpha AMS layer and the HSTU attention (`ModelConfig.kernel="fast"`).
+"""Attention cores of FuXi-alpha's AMS layer and of HSTU, on one length group at a time.
 
-The padded reference (model/fuxi.py, model/hstu.py) materialises, per layer, every [B, H, L, L] score,
-weight and mask tensor and lets autograd store them. The fast path computes the same function with:
+`ModelConfig.kernel` picks the core; it changes nothing else about how a batch flows (model/jagged.py):
 
-* **causal row chunks**: query rows are processed in chunks of `chunk` rows; chunk [r0, r1) only
-  reads keys [0, r1), so the strictly-upper triangle is never computed (about half the work at long
-  lengths) and every [B, C, r1] temporary is small enough to stay in cache. Only the chunk's diagonal
-  [C, C] block needs a mask.
-* **no key-padding mask**: padded rows of v are zero (v is multiplied by the validity mask, as in the
-  reference), so weights on padded keys contribute nothing; padded query rows are zeroed by the block.
-* **bucketed weights gathered once**: time-gap buckets (and, for HSTU, a combined position x bucket
-  index) are computed once per batch for all layers (`build_plan`); each layer then does one
-  `index_select` from a tiny table per chunk. Masked (future) entries of FuXi's temporal channel point
-  to a zero sentinel slot, so the gather itself applies the causal mask (no masked copies).
-* **positional channel as one GEMM**: FuXi's positional weights depend on (i - j) only and are shared
-  by heads and batch, so A_pos V is a single [C, r1] x [r1, B*H*dv] matmul per chunk. (An FFT causal
-  convolution, O(L log L), was measured slower than this matmul up to L = 800 on CPU.)
-* **heads share** the positional/temporal work (one gather, one bmm over all heads' v).
-* **hand-written backward** (custom autograd Functions): nothing [L, L]-sized is saved; the backward
-  recomputes q k^T per chunk (flash-attention style), uses the fused `silu_backward`, and accumulates
-  the bucket/position gradients with `scatter_add_`.
-* **keys and values pre-transposed** once per layer ([B*H, d, L], `_transposed`): the chunk products
-  against a key prefix avoid the transposed-view path of CPU batched matmuls (a copy per chunk in bf16).
-* **last-token evaluation** (`last_row_attention`): when only each row's last output is needed (the
-  final block at evaluation), attention is computed for that query alone, O(L) per row.
-* **bf16 with shapes that change every step** (`amp=bf16`, jagged batches): oneDNN builds a primitive
-  for every new bf16 matmul shape, so the per-token layers run on T rounded up to one of 32 row counts per
-  doubling (`gemm_rows`), small length groups run their core in fp32 (`core_dtype`), and the cores
-  return their input dtype so no elementwise op mixes bf16 and fp32 (a slow CPU path).
+* "reference": the padded einsums, materialising every [n, H, L, L] score, weight and mask tensor and
+  letting autograd store them. Tested against the official indexing and a per-(i, j) loop
+  (tests/test_model.py); the slow twin of the fast core.
+* "fast" (the default): the same function with
+  - **causal row chunks**: query rows in chunks of `chunk` rows; chunk [r0, r1) only reads keys [0, r1),
+    so the strictly-upper triangle is never computed and every [n, C, r1] temporary stays in cache. Only
+    the chunk's diagonal [C, C] block needs a mask.
+  - **no key-padding mask**: padded rows of v are zero, so weights on padded keys contribute nothing.
+  - **bucketed weights gathered once**: time-gap buckets (and, for HSTU, a combined position x bucket
+    index) are computed once per group for all layers (`build_plan`); each layer then does one
+    `index_select` from a tiny table per chunk. Masked (future) entries of FuXi's temporal channel point
+    to a zero sentinel slot, so the gather itself applies the causal mask.
+  - **positional channel as one GEMM**: FuXi's positional weights depend on (i - j) only and are shared
+    by heads and rows, so A_pos V is a single [C, r1] x [r1, n*H*dv] matmul per chunk. (An FFT causal
+    convolution, O(L log L), was measured slower than this matmul up to L = 800 on CPU.)
+  - **hand-written backward** (custom autograd Functions): nothing [L, L]-sized is saved; the backward
+    recomputes q k^T per chunk (flash-attention style), uses the fused `silu_backward`, and accumulates
+    the bucket/position gradients with `scatter_add_`.
+  - **keys and values pre-transposed** once per layer ([n*H, d, L], `_transposed`): the chunk products
+    against a key prefix avoid the transposed-view path of CPU batched matmuls (a copy per chunk in bf16).
+  - **bf16 with shapes that change every step**: oneDNN builds a primitive for every new bf16 matmul
+    shape, so small groups run their core in fp32 (`core_dtype`) and the cores return their input dtype,
+    so no elementwise op mixes bf16 and fp32 (a slow CPU path).
 
-The reference path stays the slow twin; tests/test_fast_paths.py checks outputs and gradients of every
-fast function against it over random jagged lengths.
+`last_row_attention` (either kernel) computes only each row's last query: the final block at evaluation.
+tests/test_fast_paths.py checks every fast core against the reference core, outputs and gradients, over
+random jagged lengths, and the hand-written backward with gradcheck.
 
-Also here, for jagged batches (`ModelConfig.length_buckets > 1`): `length_groups` splits rows into
-groups of similar length (`plan_groups`, an exact DP on a padded-work cost model), each padded only to its
-own longest row. FuXiStack/HSTUStack.forward_jagged (kernel="fast") run the per-token layers once on the
-real tokens and only attention per group; `bucketed_encode` runs any other stack group by group.
-`fast_dropout` is F.dropout's distribution with a cheaper mask; `Dropout(p, kernel)` uses it under
-kernel="fast" (FuXi-alpha's MFFN, HSTU's output, the input dropout).
+Shapes: n rows of a group, L its width, H heads, C active channels, d per-head width.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from model.layers import time_buckets
+from model.layers import time_buckets, time_deltas
 
 if TYPE_CHECKING:
     from model.config import ModelConfig
+    from model.jagged import Group, LengthGroups
 
 DEFAULT_CHUNK = 64
 
@@ -171,7 +165,7 @@ def _scale_rows(x_BL: Tensor, inv_n: Tensor) -> Tensor:
 BF16_CORE_MIN_SLOTS = 2048  # padded slots (rows x L_g) from which a group's core keeps the autocast dtype
 
 
-def core_dtype(group: "Group") -> torch.dtype | None:
+def core_dtype(group: Group) -> torch.dtype | None:
     """Compute dtype for a length group's attention core: on CPU fp32 for small groups, else the input's."""
     small = group.valid.numel() < BF16_CORE_MIN_SLOTS
     return torch.float32 if small and group.valid.device.type == "cpu" else None
@@ -193,8 +187,7 @@ def _apply_core(core: type[torch.autograd.Function], q: Tensor, k: Tensor, v: Te
 def _transposed(t: Tensor) -> Tensor:
     """[X, L, d] -> contiguous [X, d, L]. Batched matmuls against a key-prefix slice of this layout avoid
     the per-chunk copy bf16 (oneDNN) makes of the transposed view t[:, :r1].transpose(1, 2); in fp32 the
-    two run alike (benchmarks/bench_kernels.py, one chunk product at L=800: 1.13x in session 3, 1.01x in
-    session 4)."""
+    two run alike (benchmarks/bench_kernels.py times one chunk product both ways)."""
     return t.transpose(1, 2).contiguous()
 
 
@@ -418,146 +411,12 @@ def hstu_attention(
 
 
 def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
-    """1/n of SiLU(qk)/n as [B] or [1] (model.layers.attention_denominator, inverted)."""
+    """1/n of SiLU(qk)/n as [B] or [1] (the official code divides by n)."""
     if mode == "padded":
         return torch.full((1,), 1.0 / padded_length, device=valid_BL.device)
     if mode == "length":
         return 1.0 / valid_BL.sum(1).clamp(min=1).to(torch.float32)
     raise ValueError(f"unknown attn_norm {mode!r}; expected 'padded' or 'length'")
-
-
-# --------------------------------------------------------------------------------------------------
-# dropout with a cheaper mask
-
-
-def dropout_keep_mask(shape: torch.Size, p: float, device: torch.device) -> Tensor:
-    """Bool mask, True w.p. 1 - p (to 1/65536): each element compares 16 random bits with a threshold.
-    The bits come four to a 64-bit draw, ~2.3x cheaper on CPU than rand_like(x) >= p and ~5x cheaper
-    than bernoulli_."""
-    n = shape.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
-    threshold = round(p * 65536) - 32768  # int16 draws are uniform on [-32768, 32767]
-    return (bits.view(torch.int16)[:n] >= threshold).view(shape)
-
-
-class _Dropout(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, p: float) -> Tensor:
-        keep = dropout_keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
-        ctx.scale = 1.0 / (1.0 - p)
-        return x.mul(keep).mul_(ctx.scale)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
-
-
-def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout, F.dropout's distribution (keep w.p. 1 - p, p to 1/65536; scale 1 / (1 - p)) with
-    a cheaper mask (`dropout_keep_mask`), so the random stream differs from F.dropout's."""
-    if not training or p == 0.0:
-        return x
-    if p >= 1.0:
-        return torch.zeros_like(x)
-    return _Dropout.apply(x, p)
-
-
-class Dropout(nn.Dropout):
-    """nn.Dropout whose kernel="fast" variant draws its mask with `fast_dropout` (same distribution,
-    different random stream): the one place the model chooses between the two."""
-
-    def __init__(self, p: float, kernel: str) -> None:
-        super().__init__(p)
-        self.fast = kernel == "fast"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training) if self.fast else super().forward(x)
-
-
-# --------------------------------------------------------------------------------------------------
-# length-bucketed execution of a whole encoder stack
-
-
-def plan_groups(
-    lengths: np.ndarray, max_groups: int, token_weight: float = 500.0, group_cost: float = 1e5
-) -> list[np.ndarray]:
-    """Split rows into at most `max_groups` groups of similar length (rows sorted by length, longest first).
-
-    Minimises  sum over groups of  rows_g * (L_g^2 + token_weight * L_g) + group_cost,  L_g the group's
-    longest row, i.e. the padded work of the group: attention pairs ~L^2 per row, per-token layers
-    (projections, FFN, norms, dropout) ~L per row, and a fixed cost per encoder call (op dispatch, small
-    matmuls). The weights are in units of one attention (query, key) pair; the defaults were measured
-    for FuXi-alpha/HSTU at d=50 on 2 CPU cores (per-token work ~500 pairs, one call ~1e5 pairs).
-    Exact dynamic programme over contiguous runs of the sorted lengths.
-    """
-    order = np.argsort(-lengths, kind="stable")
-    srt = lengths[order].astype(np.float64)
-    b = len(srt)
-    if b == 0 or max_groups <= 1:
-        return [order]
-    per_row = srt**2 + token_weight * srt  # cost of a row padded to the length of row s (the group's first)
-    # cost[s, e] of rows s..e-1 in one group = (e - s) * per_row[s] + group_cost
-    s_idx = np.arange(b)[:, None]
-    e_idx = np.arange(1, b + 1)[None, :]
-    cost = np.where(e_idx > s_idx, (e_idx - s_idx) * per_row[:, None] + group_cost, np.inf)
-    best = cost[0].copy()  # best[e-1]: rows 0..e-1 in one group
-    back = [np.zeros(b, dtype=np.int64)]
-    for _ in range(1, max_groups):
-        # new_best[e] = min over s of best[s-1] + cost[s, e] (s >= 1), or the previous best
-        prev = np.concatenate([[np.inf], best[:-1]])  # prev[s] = best for rows 0..s-1
-        total = prev[:, None] + cost
-        arg = total.argmin(0)
-        cand = total[arg, np.arange(b)]
-        improved = cand < best
-        best = np.where(improved, cand, best)
-        back.append(np.where(improved, arg, -1))
-    # walk back
-    groups, e, g = [], b, len(back) - 1
-    while e > 0:
-        while g > 0 and back[g][e - 1] == -1:
-            g -= 1
-        s = int(back[g][e - 1]) if g > 0 else 0
-        groups.append(order[s:e])
-        e, g = s, g - 1
-    return groups[::-1]
-
-
-@dataclass
-class Group:
-    """One length group of a jagged batch, padded to its own longest history L_g."""
-
-    tok: Tensor  # int64 [n, L_g]: index of each slot's token in the jagged history (0 on padding)
-    valid: Tensor  # bool [n, L_g]
-    ts: Tensor  # int64 [n, L_g + 1]: history + target timestamps, zero-padded
-    flat: Tensor  # tok[valid]: the group's tokens in row-major order
-    plan: FastPlan | None = None  # attention plan, when built for a fast stack
-    _slots: Tensor | None = None  # flat indices of the real slots (`real`), built on first use
-
-    def gather(self, x_TX: Tensor) -> Tensor:
-        """Jagged [T, X] -> this group's padded [n, L_g, X], zero on padding."""
-        n, lg = self.tok.shape
-        return x_TX.index_select(0, self.tok.view(-1)).view(n, lg, -1) * self.valid[..., None]
-
-    def real(self, x_nLX: Tensor) -> Tensor:
-        """Padded [n, L_g, ...] -> its real slots [n_real, X] in row-major order (= x[valid], whose backward,
-        an accumulating index_put_, is slower on CPU than index_select's index_add_)."""
-        if self._slots is None:
-            self._slots = self.valid.view(-1).nonzero()[:, 0]
-        return x_nLX.reshape(self.valid.numel(), -1).index_select(0, self._slots)
-
-
-class JaggedBlock(nn.Module):
-    """A block with a padded path (`forward_padded`) and a jagged one (`forward_jagged`, kernel="fast").
-    Both are reached through `forward`, i.e. `block(...)`, so module hooks run for either: FSDP2 unshards
-    a block's parameters in its forward pre-hook, and a path that bypassed it would see sharded weights."""
-
-    def forward(self, x: Tensor, valid_BL: Tensor | None = None, ts_BL1: Tensor | None = None,
-                ctx: object = None, groups: list[Group] | None = None, last_only: bool = False) -> Tensor:
-        if groups is not None:  # last_only: [B, D] outputs of each row's last token (`forward_last`)
-            return self.forward_last(x, groups) if last_only else self.forward_jagged(x, groups)
-        return self.forward_padded(x, valid_BL, ts_BL1, ctx)
 
 
 def last_row_attention(
@@ -600,8 +459,9 @@ def last_row_attention(
     return torch.stack(outs, dim=2).reshape(n, -1)  # [n, H, C, dv]
 
 
-def last_token_outputs(
-    x_norm: Tensor, uvqk: Tensor, split: tuple[int, int, int, int], groups: list[Group], cfg: "ModelConfig",
+
+def last_token_attention(
+    x_norm: Tensor, uvqk: Tensor, split: tuple[int, int, int, int], batch: LengthGroups, cfg: ModelConfig,
     w_pos: Tensor | None, w_ts: Tensor | None, channels: tuple[str, ...], vanilla: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The final block's attention at each row's last history token only (evaluation), for FuXi-alpha's AMS
@@ -611,134 +471,103 @@ def last_token_outputs(
     u_width = split[0]
     vqk = F.silu(x_norm @ uvqk[:, u_width:])
     outs = []
-    for g in groups:
+    for g in batch:
         v, q, k = torch.split(g.gather(vqk), split[1:], dim=-1)  # zero on padding: no key mask
         inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
         outs.append(last_row_attention(
             q, k, v, w_pos, w_ts, inv_n, g, channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
             cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=vanilla,
         ))
-    last_tok, order = last_slots(groups)
+    last_tok, order = batch.last()
     u = F.silu(x_norm[last_tok] @ uvqk[:, :u_width])
     return u, torch.cat(outs)[order], last_tok
 
 
-def last_slots(groups: list[Group]) -> tuple[Tensor, Tensor]:
-    """(jagged index of every row's last history token, in batch order; the permutation that takes the
-    groups' concatenated rows to batch order). Rows are row-major in the jagged tokens, so sorting the
-    last tokens sorts the rows."""
-    last_tok = torch.cat([g.tok.gather(1, (g.valid.sum(1) - 1)[:, None])[:, 0] for g in groups])
-    order = torch.argsort(last_tok)
-    return last_tok[order], order
+# --------------------------------------------------------------------------------------------------
+# the reference cores: padded einsums (the slow twins)
 
 
-def length_groups(hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> list[Group]:
-    """Rows grouped by history length (`plan_groups`), each padded only to its own longest row.
+@dataclass
+class ReferencePlan:
+    """kernel="reference": per-group tensors every layer reuses, each [n, L, L] (or [L, L])."""
 
-    ts_T: timestamps of history + target, jagged with lengths hist + 1 (the target's timestamp is read by
-    the official dt = t[i+1] - t[j]).
-    """
-    device = ts_T.device
-    hist = hist_lengths_B.long()
-    hist_off = torch.zeros(hist.numel() + 1, dtype=torch.long, device=device)
-    hist_off[1:] = torch.cumsum(hist, 0)
-    full_off = hist_off + torch.arange(hist.numel() + 1, device=device)  # rows hold hist + 1 timestamps
-    groups = []
-    for g in plan_groups(hist.cpu().numpy(), max_groups):
-        rows = torch.as_tensor(g, device=device)
-        h = hist[rows]
-        lg = max(int(h.max()), 1)
-        cols = torch.arange(lg + 1, device=device)
-        valid = cols[None, :lg] < h[:, None]
-        tok = torch.where(valid, hist_off[rows][:, None] + cols[None, :lg], 0)
-        with_target = cols[None, :] <= h[:, None]
-        ts_idx = torch.where(with_target, full_off[rows][:, None] + cols[None, :], 0)
-        groups.append(Group(tok, valid, torch.where(with_target, ts_T[ts_idx], 0), tok[valid]))
-    return groups
+    mask: Tensor  # float [n, L, L]: key j visible to query i iff j <= i and j is a real item
+    buckets: Tensor | None  # int64 [n, L, L]: time-gap bucket of every (query, key) pair
+    pos_index: Tensor  # int64 [L, L]: (N-1) + (j - i), into the 2N-1 relative-position table
 
 
-def scatter_groups(values: list[Tensor], groups: list[Group], num_tokens: int) -> Tensor:
-    """Per-group outputs at the real slots ([n_g, L_g, X][valid]) -> jagged [num_tokens, X] (one gather).
-    Rows past the groups' tokens (`gemm_rows` padding) are zero."""
-    flat = torch.cat([g.flat for g in groups])
-    real = flat.numel()
-    inverse = torch.full((num_tokens,), real, dtype=torch.long, device=flat.device)  # -> the zero row
-    inverse[flat] = torch.arange(real, device=flat.device)  # every real token is in exactly one group
-    if num_tokens > real:
-        values = [*values, values[0].new_zeros(1, values[0].shape[-1])]
-    return torch.cat(values).index_select(0, inverse)
+@torch.no_grad()
+def reference_plan(group: Group, cfg: ModelConfig, kind: str, with_time: bool) -> ReferencePlan:
+    valid = group.valid
+    length = valid.shape[1]
+    tril = torch.ones(length, length, dtype=torch.bool, device=valid.device).tril()
+    mask = (tril[None] & valid[:, None, :]).to(torch.float32)
+    buckets = None
+    if with_time or kind == "hstu":
+        dt = time_deltas(group.ts, length, cfg.time_delta)
+        buckets = time_buckets(dt, cfg.num_time_buckets, cfg.time_bucket_divisor)
+    idx = torch.arange(length, device=valid.device)
+    pos_index = (cfg.padded_length - 1) + (idx[None, :] - idx[:, None])
+    return ReferencePlan(mask, buckets, pos_index)
 
 
-def gemm_rows(num_tokens: int, device: torch.device) -> int:
-    """Rows to pad a jagged batch's T tokens to before the per-token layers: T itself, or on CPU under
-    autocast T rounded up to a multiple of 2^(floor(log2 T) - 5) (at most 1/32 more rows). Every step's T
-    is new, and oneDNN builds a primitive for each new bf16 matmul shape (+0.7 ms on a 1.8 ms [11200, 50]
-    x [50, 300] product, benchmarks/bench_kernels.py; ~30 per-token matmuls a step in a 2-layer
-    FuXi-alpha); rounding lets 32 row counts per doubling of T cover every step."""
-    if device.type != "cpu" or not torch.is_autocast_enabled(device.type) or num_tokens < 64:
-        return num_tokens
-    quantum = 1 << (num_tokens.bit_length() - 6)
-    return -(-num_tokens // quantum) * quantum
-
-
-def pad_rows(x_TD: Tensor) -> Tensor:
-    """x_TD with zero rows appended up to `gemm_rows` (the per-token layers keep padded rows to themselves:
-    attention gathers only real tokens; slice the result back to T)."""
-    rows = gemm_rows(x_TD.shape[0], x_TD.device)
-    return F.pad(x_TD, (0, 0, 0, rows - x_TD.shape[0])) if rows > x_TD.shape[0] else x_TD
-
-
-def encode_jagged(
-    blocks: nn.ModuleList, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int,
-    plan_for, last_only: bool = False,
+def ams_reference(
+    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor | None, w_ts: Tensor | None, inv_n: Tensor,
+    plan: ReferencePlan, channels: tuple[str, ...], heads: int, dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """FuXiStack/HSTUStack.forward_jagged: length groups (each with `plan_for(group)` as its attention
-    plan), token rows padded to `gemm_rows` while training, then the blocks. Returns [T, D], or with
-    last_only (evaluation) [B, D]: each row's last token, the final block computing only those."""
-    groups = length_groups(hist_lengths_B, ts_T, max_groups)
-    for g in groups:
-        g.plan = plan_for(g)
-    num_tokens = x_TD.shape[0]
-    if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
-        x_TD = pad_rows(x_TD)
-    for i, block in enumerate(blocks):
-        x_TD = block(x_TD, groups=groups, last_only=last_only and i == len(blocks) - 1)
-    return x_TD if last_only else x_TD[:num_tokens]
+    """FuXi-alpha's channel outputs [n, L, H, C, dv] as einsums (`ams_channels`' slow twin):
+    pos: w_pos[(N-1) + j - i] * causal;  ts: w_ts[b(dt(i, j))] * causal;  sem: SiLU(q_h k_h^T) / n * causal.
+    `dtype` is accepted for the kernel interface; autocast alone decides the einsums' dtype here."""
+    n, length, hdv = v.shape
+    h = heads
+    v_h = v.view(n, length, h, hdv // h)
+    outs = []
+    for channel in channels:
+        if channel == "pos":
+            a = w_pos[plan.pos_index][None] * plan.mask
+            outs.append(torch.einsum("bij,bjhd->bihd", a, v_h))
+        elif channel == "ts":
+            a = w_ts[plan.buckets] * plan.mask
+            outs.append(torch.einsum("bij,bjhd->bihd", a, v_h))
+        else:
+            s = torch.einsum("bihd,bjhd->bhij", q.view(n, length, h, -1), k.view(n, length, h, -1))
+            a = F.silu(s) * inv_n.view(-1, 1, 1, 1) * plan.mask[:, None]
+            outs.append(torch.einsum("bhij,bjhd->bihd", a, v_h))
+    return torch.stack(outs, dim=3)
 
 
-def bucketed_encode(encoder, x_TD: Tensor, hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int) -> Tensor:
-    """Run `encoder(x [n, L, D], valid [n, L], ts [n, L + 1])` on length groups of a jagged batch.
-
-    x_TD: the history tokens of every row, jagged (row-major, T = sum of history lengths), embedded.
-    Each group is padded only to its own longest row, run through the whole stack, and its real rows are
-    written back in jagged order; nothing is padded to the batch's longest row. Exact for every encoder
-    here: a row's outputs depend on its own items, relative positions, and the constant N of the official
-    1/n (or the row's true length), never on the padded width. (FuXi-alpha and HSTU with kernel="fast"
-    go further: `forward_jagged` runs their per-token layers once on the jagged tokens.)
-    """
-    groups = length_groups(hist_lengths_B, ts_T, max_groups)
-    values = [g.real(encoder(g.gather(x_TD), g.valid, g.ts)) for g in groups]
-    return scatter_groups(values, groups, x_TD.shape[0])
+def hstu_reference(
+    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor, w_ts: Tensor, inv_n: Tensor, plan: ReferencePlan,
+    heads: int, dtype: torch.dtype | None = None,
+) -> Tensor:
+    """SiLU(q_h k_h^T + w_pos + w_ts) / n * causal, times v_h: [n, L, H*dv] (`hstu_attention`'s slow twin)."""
+    n, length, hdv = v.shape
+    h = heads
+    s = torch.einsum("bihd,bjhd->bhij", q.view(n, length, h, -1), k.view(n, length, h, -1))
+    s = s + w_pos[plan.pos_index] + w_ts[plan.buckets][:, None]
+    a = F.silu(s) * inv_n.view(-1, 1, 1, 1) * plan.mask[:, None]
+    return torch.einsum("bhij,bjhd->bihd", a, v.view(n, length, h, hdv // h)).reshape(n, length, hdv)
 
 
-__all__ = [
-    "FastPlan",
-    "core_dtype",
-    "encode_jagged",
-    "gemm_rows",
-    "pad_rows",
-    "last_row_attention",
-    "last_slots",
-    "last_token_outputs",
-    "Group",
-    "ams_channels",
-    "bucketed_encode",
-    "build_plan",
-    "Dropout",
-    "fast_dropout",
-    "hstu_attention",
-    "inverse_n",
-    "length_groups",
-    "plan_groups",
-    "scatter_groups",
-]
+# --------------------------------------------------------------------------------------------------
+# kernel = (plan builder, AMS core, HSTU core): what `ModelConfig.kernel` selects
+
+
+def fast_plan(group: Group, cfg: ModelConfig, kind: str, with_time: bool) -> FastPlan:
+    return build_plan(
+        group.ts, group.valid.shape[1], kind, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
+        cfg.padded_length, cfg.fast_chunk, with_time=with_time,
+    )
+
+
+@dataclass(frozen=True)
+class Kernel:
+    plan: Callable[..., Any]  # (group, cfg, kind "fuxi" | "hstu", with_time) -> the cores' per-group plan
+    ams: Callable[..., Tensor]  # (q, k, v, w_pos, w_ts, inv_n, plan, channels, heads, dtype) -> [n, L, H, C, dv]
+    hstu: Callable[..., Tensor]  # (q, k, v, w_pos, w_ts, inv_n, plan, heads, dtype) -> [n, L, H*dv]
+
+
+KERNELS = {
+    "reference": Kernel(reference_plan, ams_reference, hstu_reference),
+    "fast": Kernel(fast_plan, ams_channels, hstu_attention),
+}
