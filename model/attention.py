@@ -254,7 +254,7 @@ class _AMSCore(torch.autograd.Function):
         return torch.stack(outs, dim=3)  # [B, L, H, C, dv]
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # pyrefly: ignore[bad-override]
         plan, channels, h = ctx.plan, ctx.channels, ctx.heads
         b, length, hdv, hdqk = ctx.shape
         inv_n, *tensors = ctx.saved_tensors
@@ -363,7 +363,7 @@ class _HSTUCore(torch.autograd.Function):
         return _scale_rows(_unheads(out, b, h), inv_n).reshape(b, length, hdv)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, grad):  # pyrefly: ignore[bad-override]
         plan, h = ctx.plan, ctx.heads
         inv_n, qh, kh, vh, table = ctx.saved_tensors
         b, length, _ = grad.shape
@@ -447,6 +447,7 @@ def last_row_attention(
     s = torch.einsum("nhd,nlhd->nhl", q[rows, last].reshape(n, h, -1), kh)
     scale = inv_n.to(v.dtype).view(-1, 1, 1)
     if vanilla:
+        assert pos is not None and ts_w is not None, "the vanilla channel needs both tables"
         a = F.silu(s + pos[:, None] + ts_w[:, None]) * scale * mask[:, None]
         return torch.einsum("nhl,nlhd->nhd", a, vh).reshape(n, -1)
     outs = []
@@ -454,7 +455,9 @@ def last_row_attention(
         if channel == "sem":
             outs.append(torch.einsum("nhl,nlhd->nhd", F.silu(s) * scale * mask[:, None], vh))
         else:
-            w = (pos if channel == "pos" else ts_w) * mask
+            w = pos if channel == "pos" else ts_w
+            assert w is not None, f"channel {channel!r} has no weight table"
+            w = w * mask
             outs.append(torch.einsum("nl,nlhd->nhd", w, vh))
     return torch.stack(outs, dim=2).reshape(n, -1)  # [n, H, C, dv]
 
@@ -472,7 +475,7 @@ def last_token_attention(
     vqk = F.silu(x_norm @ uvqk[:, u_width:])
     outs = []
     for g in batch:
-        v, q, k = torch.split(g.gather(vqk), split[1:], dim=-1)  # zero on padding: no key mask
+        v, q, k = torch.split(g.gather(vqk), list(split[1:]), dim=-1)  # zero on padding: no key mask
         inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
         outs.append(last_row_attention(
             q, k, v, w_pos, w_ts, inv_n, g, channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
@@ -524,9 +527,11 @@ def ams_reference(
     outs = []
     for channel in channels:
         if channel == "pos":
+            assert w_pos is not None
             a = w_pos[plan.pos_index][None] * plan.mask
             outs.append(torch.einsum("bij,bjhd->bihd", a, v_h))
         elif channel == "ts":
+            assert w_ts is not None and plan.buckets is not None
             a = w_ts[plan.buckets] * plan.mask
             outs.append(torch.einsum("bij,bjhd->bihd", a, v_h))
         else:
@@ -544,6 +549,7 @@ def hstu_reference(
     n, length, hdv = v.shape
     h = heads
     s = torch.einsum("bihd,bjhd->bhij", q.view(n, length, h, -1), k.view(n, length, h, -1))
+    assert plan.buckets is not None
     s = s + w_pos[plan.pos_index] + w_ts[plan.buckets][:, None]
     a = F.silu(s) * inv_n.view(-1, 1, 1, 1) * plan.mask[:, None]
     return torch.einsum("bhij,bjhd->bihd", a, v.view(n, length, h, hdv // h)).reshape(n, length, hdv)

@@ -77,10 +77,10 @@ class AMS(nn.Module):
                 rms_norm(x_TD), self.uvqk, self.split, batch, cfg, pos, ts, self.channels, self.vanilla
             )
             return u * rms_norm(out)
-        u, vqk = torch.split(F.silu(rms_norm(x_TD) @ self.uvqk), (self.u_width, sum(self.split[1:])), dim=-1)
+        u, vqk = torch.split(F.silu(rms_norm(x_TD) @ self.uvqk), [self.u_width, sum(self.split[1:])], dim=-1)
         outs = []
         for g in batch:
-            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
+            v, q, k = torch.split(g.gather(vqk), list(self.split[1:]), dim=-1)  # zero on padding: no key mask
             inv_n, dtype = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm), core_dtype(g)
             if self.vanilla:
                 out = self.kernel.hstu(q, k, v, pos, ts, inv_n, g.plan, cfg.num_heads, dtype)

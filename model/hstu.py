@@ -47,10 +47,10 @@ class HSTUBlock(nn.Module):
             )
             return x_TD[last_tok] + self.out(self.dropout(u * layer_norm(attn)))
         hdv = cfg.num_heads * cfg.dv
-        u, vqk = torch.split(F.silu(layer_norm(x_TD) @ self.uvqk), (hdv, sum(self.split[1:])), dim=-1)
+        u, vqk = torch.split(F.silu(layer_norm(x_TD) @ self.uvqk), [hdv, sum(self.split[1:])], dim=-1)
         outs = []
         for g in batch:
-            v, q, k = torch.split(g.gather(vqk), self.split[1:], dim=-1)  # zero on padding: no key mask
+            v, q, k = torch.split(g.gather(vqk), list(self.split[1:]), dim=-1)  # zero on padding: no key mask
             inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
             outs.append(g.real(self.kernel.hstu(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads, core_dtype(g))))
         attn = batch.scatter(outs, x_TD.shape[0])

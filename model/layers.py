@@ -26,7 +26,7 @@ class _RMSNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    def backward(ctx, g: Tensor):
+    def backward(ctx, g: Tensor):  # pyrefly: ignore[bad-override]
         x, rstd = ctx.saved_tensors
         acc = torch.promote_types(x.dtype, torch.float32)  # bf16 in, fp32 math
         xf, gf = x.to(acc), g.to(acc)
@@ -178,7 +178,7 @@ class _Dropout(torch.autograd.Function):
         return x.mul(keep).mul_(ctx.scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
+    def backward(ctx, grad: Tensor):  # pyrefly: ignore[bad-override]
         (keep,) = ctx.saved_tensors
         return grad.mul(keep).mul_(ctx.scale), None
 
@@ -201,5 +201,5 @@ class Dropout(nn.Dropout):
         super().__init__(p)
         self.fast = kernel == "fast"
 
-    def forward(self, x: Tensor) -> Tensor:
-        return fast_dropout(x, self.p, self.training) if self.fast else super().forward(x)
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002  (nn.Dropout's parameter name)
+        return fast_dropout(input, self.p, self.training) if self.fast else super().forward(input)

@@ -136,7 +136,9 @@ class SequentialRecommender(nn.Module):
 
     def item_table_weight(self) -> Tensor:
         """The raw (unsharded) item table [num_items, D]."""
-        return self.item_embedding.embeddings[ITEM_TABLE].weight
+        table = self.item_embedding.embeddings[ITEM_TABLE]
+        assert isinstance(table, nn.Embedding)
+        return table.weight
 
     def normalized_item_embeddings(self) -> Tensor:
         return l2_normalize(self.item_table_weight(), self.cfg.l2_norm_eps)
