@@ -17,3 +17,10 @@ test-fast: setup
 
 clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache
+
+# Lint gate (CI runs it before the tests): ruff lint + format check over the repo, pyrefly over the
+# model and the training path (scope: [tool.pyrefly] in pyproject.toml).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pyrefly check
