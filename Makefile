@@ -2,7 +2,7 @@
 VENV ?= .venv
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast clean
 setup:
 	@scripts/install.sh
 

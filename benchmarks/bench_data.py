@@ -16,22 +16,21 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.config import ModelConfig  # noqa: E402
-from model.loss import NegativeSampler  # noqa: E402
-from model.recommender import ITEM_FEATURE, build_model  # noqa: E402
-from pipeline.build_sequences import BuildConfig, build_sequences  # noqa: E402
-from pipeline.data import Backend, ShardBatches, ensure_ray  # noqa: E402
-from pipeline.synth_logs import LogConfig, write_logs  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from model.config import ModelConfig
+from model.loss import NegativeSampler
+from model.recommender import build_model
+from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.schema import ITEM_FEATURE
+from pipeline.data.stream import Backend, ShardBatches, ensure_ray
+from pipeline.data.synth_logs import LogConfig, write_logs
+from pipeline.train.trainer import Trainer
 
 
 def timed(fn):

@@ -20,18 +20,14 @@ in one process, and prints the median times and their ratio:
 from __future__ import annotations
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from model.attention import ams_channels, build_plan  # noqa: E402
-from model.layers import dropout_keep_mask, rms_norm  # noqa: E402
-from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax  # noqa: E402
+from model.attention import ams_channels, build_plan
+from model.layers import dropout_keep_mask, rms_norm
+from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax
 
 
 def timed(fns: dict, rounds: int = 7) -> dict[str, float]:

@@ -4,7 +4,7 @@
     python benchmarks/bench_sharding.py --rows 2000000 --steps 5
 
 Each world size is one `torchrun` launch of this file. Each rank builds the model through
-pipeline/parallelize.py (meta device -> DMP row_wise, fused row-wise Adagrad -> FSDP2 blocks; the
+pipeline/train/parallelize.py (meta device -> DMP row_wise, fused row-wise Adagrad -> FSDP2 blocks; the
 kernel's own uniform init, so that building a 5 GB table takes seconds), then trains `--steps` steps on
 random sequences of ids drawn from the whole table with the real Trainer.train_step, and reports:
   table MB      bytes of this rank's table shard(s) (weights) + the fused optimizer's state
@@ -34,13 +34,12 @@ def worker(args: argparse.Namespace) -> None:
     import psutil
     import torch
 
-    sys.path.insert(0, str(ROOT))
     from model.loss import NegativeSampler
-    from pipeline.collate import Batch
-    from pipeline.config import tiny
-    from pipeline.distributed import all_reduce_sum, init_distributed, teardown
-    from pipeline.parallelize import parallelize
-    from pipeline.trainer import Trainer
+    from pipeline.data.collate import Batch
+    from pipeline.train.config import tiny
+    from pipeline.train.distributed import all_reduce_sum, init_distributed, teardown
+    from pipeline.train.parallelize import parallelize
+    from pipeline.train.trainer import Trainer
     from torchrec import KeyedJaggedTensor
 
     ctx = init_distributed("cpu")

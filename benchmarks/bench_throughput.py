@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -49,9 +48,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from model.config import ModelConfig
 from model.fuxi import FuXiStack
@@ -64,6 +60,8 @@ from model.sasrec import SASRecStack
 ARCHS = ("fuxi", "hstu", "sasrec", "llama")
 STACKS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
 KUAIRAND_ITEMS = 7_550  # paper Table 1 (Table 4 is measured on KuaiRand)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +420,7 @@ def section_mix(args, report: dict) -> None:
         full = make_rows(np.full(args.batch, max_len), KUAIRAND_ITEMS, rng).to(args.device)
         # token-budget batches (`data.batch_tokens = B * L_max`): the training loader's own cut rule over
         # a stream of mix users, i.e. as many users as it takes to fill a full-length batch's token count
-        from pipeline.sequences import token_budget_cuts  # (pyarrow; not needed by the other sections)
+        from pipeline.data.sequences import token_budget_cuts  # (pyarrow; not needed by the other sections)
 
         users = 2 * (args.rounds + 1) * args.batch * max_len // max(int(args.mix_mean), 1)
         stream = mix_lengths(users, max_len, rng, args.mix_mean)

@@ -62,11 +62,11 @@ def train_once(seq: Path, ranks: int, overrides: list[str], epochs: int, seed: i
     for o in overrides:
         args += ["--set", o]
     if ranks == 1:
-        cmd = [sys.executable, "-m", "pipeline.cli", "train", *args]
+        cmd = [sys.executable, "-m", "jobs.cli", "train", *args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # all cores
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "pipeline.cli", "train", *args]
+               "-m", "jobs.cli", "train", *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -93,10 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
                                       "(the anchor always runs: every ratio is against it)")
     args = p.parse_args(argv)
 
-    sys.path.insert(0, str(ROOT))
     from tqdm import tqdm
 
-    from pipeline.readers import prepare_sequences
+    from pipeline.data.readers import prepare_sequences
 
     todo = recipes(args.nproc)
     if args.recipes:

@@ -16,17 +16,12 @@ Percentages are within one profile; absolute times on a shared machine are indic
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_throughput import (
     ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, _autocast, make_rows, model_config,

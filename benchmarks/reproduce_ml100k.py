@@ -19,9 +19,9 @@ import statistics
 import time
 from pathlib import Path
 
-from pipeline.config import apply_overrides, ml_100k
-from pipeline.readers import prepare_sequences
-from pipeline.train import run
+from pipeline.data.readers import prepare_sequences
+from pipeline.train.config import apply_overrides, ml_100k
+from pipeline.train.run import run
 
 MODELS = {
     "FuXi-α": {"architecture": "fuxi"},

@@ -28,7 +28,6 @@ from pathlib import Path
 import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 BYTES_PER_EVENT_PEAK = 30  # logs (~6) + scatter temporaries (~12) + shards (~7) + margin, measured at 10M/100M
 
@@ -118,7 +117,7 @@ def run_stage(name: str, args: list[str], folder: Path | None) -> dict:
 
 def stage(name: str, argv: list[str]) -> dict:
     if name == "synth":
-        from pipeline.synth_logs import LogConfig, write_logs
+        from pipeline.data.synth_logs import LogConfig, write_logs
 
         out, events, seed = Path(argv[0]), int(argv[1]), 0
         cfg = LogConfig(num_users=events // 50, num_items=max(100_000, events // 100), num_days=10,
@@ -126,11 +125,11 @@ def stage(name: str, argv: list[str]) -> dict:
         write_logs(cfg, out, overwrite=True, progress=False)
         return {"events": events, "users": cfg.num_users, "items": cfg.num_items,
                 "events_per_s": None, "files": len(list(out.glob("date=*/*.parquet")))}
-    from pipeline.data import ensure_ray
+    from pipeline.data.stream import ensure_ray
 
     ensure_ray(num_cpus=os.cpu_count(), object_store_memory=2 << 30)
     if name == "build":
-        from pipeline.build_sequences import BuildConfig, build_sequences
+        from pipeline.data.build import BuildConfig, build_sequences
 
         logs, out = Path(argv[0]), Path(argv[1])
         report = build_sequences(logs, out, BuildConfig(max_length=200), progress=False)
@@ -139,8 +138,8 @@ def stage(name: str, argv: list[str]) -> dict:
                 "duplicates": report.duplicates_dropped, "truncated": report.truncated,
                 "partitions": report.partitions, "build_seconds": round(report.seconds, 2)}
     if name == "stream":
-        from model.recommender import ITEM_FEATURE
-        from pipeline.data import Backend, ShardBatches
+        from pipeline.data.schema import ITEM_FEATURE
+        from pipeline.data.stream import Backend, ShardBatches
 
         seq = Path(argv[0])
         s = ShardBatches(seq, batch_size=256, max_sequence_length=200, drop_last_items=0, shuffle=True, seed=0,

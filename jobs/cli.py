@@ -1,6 +1,9 @@
-"""`fuxi sweep | report | register | promote | nightly`: registered by `add_commands(subparsers)`.
+"""The `fuxi` command, the one module that builds its parser: `fuxi train | eval | presets`, `fuxi data ...`,
+`fuxi sweep | report | register | promote | nightly`.
 
-Imports stay inside the handlers so `fuxi --help` does not load MLflow or torch.
+Imports stay inside the handlers so `fuxi --help` does not load torch, Ray or MLflow. Training and data
+commands call the layers below (`pipeline.train`, `pipeline.data`); jobs call training only through this
+command line or `pipeline.train.loading` (tests/test_layout.py).
 """
 
 from __future__ import annotations
@@ -8,8 +11,165 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METRIC_ORDER = ("hr_at_10", "ndcg_at_10", "hr_at_50", "ndcg_at_50", "mrr")
 
 
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    print(title)
+    for key in METRIC_ORDER:
+        if key in metrics:
+            print(f"  {key.replace('_at_', '@'):10s} {metrics[key]:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.run import run
+
+    cfg = get_preset(args.preset)
+    if args.data:
+        cfg.data.source = args.data
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.no_tracking:
+        cfg.tracking.enabled = False
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    if args.resume:
+        cfg.resume = True
+    if args.init_checkpoint:
+        cfg.init_checkpoint = args.init_checkpoint
+    if args.parent_run_id:
+        cfg.tracking.parent_run_id = args.parent_run_id
+    apply_overrides(cfg, args.set or [])
+    report = run(cfg, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
+        return 0
+    print(f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
+          f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch ==")
+    _print_metrics(f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
+                   report["test"])
+    print(f"checkpoint: {report['checkpoint']}")
+    if report.get("run_id"):
+        print(f"mlflow run: {report['run_id']}")
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model
+
+    loaded = load_checkpoint_model(args.checkpoint)
+    metrics = evaluate_checkpoint(loaded, args.data, args.split)
+    _print_metrics(f"{args.split} metrics of {loaded.path} ({int(metrics['num_users'])} users):", metrics)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from pipeline.train.config import PRESETS, apply_overrides, get_preset, to_flat_dict
+
+    if args.show:
+        cfg = apply_overrides(get_preset(args.show), args.set or [])
+        for key, value in to_flat_dict(cfg).items():
+            print(f"{key} = {value!r}")
+        return 0
+    for name, fn in PRESETS.items():
+        print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+    return 0
+
+
+# --- data ------------------------------------------------------------------------------------------
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pipeline.data.sequences import write_sequences
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
+
+    cfg = SyntheticConfig(num_users=args.users, num_items=args.items, mean_length=args.mean_length, seed=args.seed)
+    data = synthetic_sequences(cfg)
+    write_sequences(data, args.out)
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, {cfg.num_items} items")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from pipeline.data.readers import prepare_sequences
+
+    data, report = prepare_sequences(args.input, args.out, layout=args.layout, min_length=args.min_length)
+    print(report.summary())
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    return 0
+
+
+def cmd_data_download(args: argparse.Namespace) -> int:
+    from pipeline.data.download import download_movielens
+
+    path = download_movielens(args.dataset, args.dest)
+    print(f"ratings file: {path}")
+    if args.out:
+        args.input, args.layout, args.min_length = path, "auto", 2
+        return cmd_data_prepare(args)
+    return 0
+
+
+def cmd_data_kuairand(args: argparse.Namespace) -> int:
+    from pipeline.data.kuairand import preprocess_kuairand
+
+    data, report = preprocess_kuairand(args.logs, args.out, positive=args.positive, min_length=args.min_length)
+    print(report.summary())
+    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    return 0
+
+
+def cmd_data_stats(args: argparse.Namespace) -> int:
+    from pipeline.data.sequences import read_sequences
+
+    data = read_sequences(args.path)
+    lengths = data.lengths()
+    print(json.dumps({
+        "users": data.num_users, "interactions": data.num_interactions, "num_items": data.num_items,
+        "mean_length": float(lengths.mean()) if len(lengths) else 0.0, "max_length": int(lengths.max()) if len(lengths) else 0,
+        "meta": data.meta,
+    }, indent=1, default=str))
+    return 0
+
+
+def cmd_data_synth_logs(args: argparse.Namespace) -> int:
+    from pipeline.data.synth_logs import LogConfig, write_logs
+
+    cfg = LogConfig(num_users=args.users, num_items=args.items, num_days=args.days, num_events=args.events,
+                    seed=args.seed, bad_fraction=args.bad_fraction, rows_per_part=args.rows_per_part)
+    summary = write_logs(cfg, args.out, overwrite=args.overwrite)
+    parts = sum(d["parts"] for d in summary["days"].values())
+    print(f"wrote {args.out}: {cfg.num_events:,} events over {cfg.num_days} days ({parts} part files), "
+          f"{cfg.num_users:,} users, catalogue of {cfg.num_items:,} items")
+    return 0
+
+
+def cmd_data_build_sequences(args: argparse.Namespace) -> int:
+    from pipeline.data.build import BuildConfig, build_sequences
+    from pipeline.data.ingest import IngestRules
+
+    cfg = BuildConfig(max_length=args.max_length, num_partitions=args.partitions,
+                      rules=IngestRules(num_items=args.num_items))
+    dates = args.dates.split(",") if args.dates else None
+    print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
+    return 0
+
+
+def cmd_data_append_day(args: argparse.Namespace) -> int:
+    from pipeline.data.build import append_day
+
+    print(append_day(args.logs, args.date, args.sequences).summary())
+    return 0
+
+
+# --- jobs: sweeps, reports, registry, nightly -------------------------------------------------------
 def _quiet_mlflow() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
@@ -91,7 +251,9 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_job_commands(sub: argparse._SubParsersAction) -> None:
+    """fuxi sweep, report, register, promote, nightly."""
+
     def tracking(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
 
@@ -160,3 +322,115 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler-args")
     tracking(p)
     p.set_defaults(func=cmd_nightly)
+
+
+# ---------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fuxi", description="Train and evaluate FuXi-alpha and its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from a preset (+ overrides), evaluate, checkpoint, track")
+    p.add_argument("--preset", default="cpu-demo", help="named config (see `fuxi presets`)")
+    p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output-dir")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--run-dir", help="checkpoint directory (shared by retries of one job)")
+    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    p.add_argument("--init-checkpoint", help="warm start: load model weights from this checkpoint")
+    p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
+    p.add_argument("--report-json", help="also write the final report here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="full-ranking evaluation of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a checkpoints root with 'latest'")
+    p.add_argument("--data", help="sequence Parquet (default: the data the run trained on)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list presets, or --show NAME to print a resolved config")
+    p.add_argument("--show")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_presets)
+
+    data = sub.add_parser("data", help="data preparation").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="write the embedded synthetic data set as sequence Parquet")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=1000)
+    p.add_argument("--mean-length", type=float, default=40.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_data_synth)
+
+    p = data.add_parser("prepare", help="MovieLens ratings.dat / u.data / ratings.csv or event Parquet -> sequences")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--layout", default="auto", choices=["auto", "ml-dat", "ml-tsv", "ml-csv", "parquet"])
+    p.add_argument("--min-length", type=int, default=2)
+    p.set_defaults(func=cmd_data_prepare)
+
+    p = data.add_parser("download", help="download MovieLens from the GroupLens site (needs internet)")
+    p.add_argument("--dataset", required=True, choices=["ml-100k", "ml-1m", "ml-20m"])
+    p.add_argument("--dest", default="data/raw")
+    p.add_argument("--out", help="also prepare the sequence Parquet here")
+    p.set_defaults(func=cmd_data_download)
+
+    p = data.add_parser("kuairand", help="KuaiRand-1K / Pure logs -> sequences")
+    p.add_argument("--logs", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--positive", default="is_click")
+    p.add_argument("--min-length", type=int, default=5)
+    p.set_defaults(func=cmd_data_kuairand)
+
+    p = data.add_parser("stats", help="summary of a sequence Parquet file")
+    p.add_argument("path")
+    p.set_defaults(func=cmd_data_stats)
+
+    p = data.add_parser("synth-logs", help="write synthetic raw event logs (date-partitioned Parquet)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--users", type=int, default=100_000)
+    p.add_argument("--items", type=int, default=50_000, help="catalogue size: item ids 1..N")
+    p.add_argument("--days", type=int, default=7)
+    p.add_argument("--events", type=int, default=5_000_000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bad-fraction", type=float, default=0.0, help="plant this fraction of invalid rows")
+    p.add_argument("--rows-per-part", type=int, default=2_000_000)
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_data_synth_logs)
+
+    p = data.add_parser("build-sequences", help="raw event logs -> sequence shards (Ray Data), with a manifest")
+    p.add_argument("--logs", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-length", type=int, default=200, help="most recent events kept per user")
+    p.add_argument("--partitions", type=int, help="hash partitions (default: about 4M events each)")
+    p.add_argument("--num-items", type=int, help="catalogue size (item ids 1..N); default: the logs' _logs.json")
+    p.add_argument("--dates", help="comma-separated YYYY-MM-DD subset of the log days (default: all)")
+    p.set_defaults(func=cmd_data_build_sequences)
+
+    p = data.add_parser("append-day", help="merge one day of logs into sequence shards (no-op if applied)")
+    p.add_argument("--logs", required=True)
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--sequences", required=True)
+    p.set_defaults(func=cmd_data_append_day)
+    add_job_commands(sub)
+    return parser
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
+        print(f"fuxi: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["main", "build_parser"]

@@ -4,7 +4,7 @@
     torchx run -s kubernetes --dryrun jobs/components.py:train --preset ml-20m --nnodes 4 --gpu 8 ...
     torchx run -s slurm      --dryrun jobs/components.py:train ...
 
-Each replica runs `torchrun ... -m pipeline.cli train ...`; the trainer finds its rank from torchrun's
+Each replica runs `torchrun ... -m jobs.cli train ...`; the trainer finds its rank from torchrun's
 environment (gloo on CPU, nccl with `--gpu`). Every attempt of a job trains in the same run directory
 (`run_dir`, default `runs/<name>/<app id>`: the app id is the same for all retries of a job) with
 `--resume`, so a retry granted by `max_retries` continues from the last complete checkpoint; the first
@@ -77,7 +77,7 @@ def train(
     job_env.update(env or {})
     return ddp(
         *args,
-        m="pipeline.cli",
+        m="jobs.cli",
         image=image,
         name=name,
         cpu=cpu,

@@ -123,11 +123,11 @@ def _maybe_fail(step: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# data: the one place that knows how logs become sequences (`fuxi data ...`, pipeline/build_sequences.py)
+# data: the one place that knows how logs become sequences (`fuxi data ...`, pipeline/data/build.py)
 
 
 def _fuxi(*args: str) -> None:
-    cmd = [sys.executable, "-m", "pipeline.cli", *args]
+    cmd = [sys.executable, "-m", "jobs.cli", *args]
     print("[nightly] $ fuxi " + " ".join(args), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -160,7 +160,7 @@ def ingest_logs(cfg: NightlyConfig) -> dict[str, Any]:
 def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
     """Fold the day's logs into the sequence shards: `fuxi data append-day` (a no-op for a day already
     applied); the very first day builds the shard directory with `fuxi data build-sequences`."""
-    from pipeline.sequences import SHARD_MANIFEST
+    from pipeline.data.schema import SHARD_MANIFEST
 
     manifest_path = cfg.sequences / SHARD_MANIFEST
     if manifest_path.exists():
@@ -196,7 +196,7 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     """Warm start from the champion's checkpoint (cold start when there is none), as a TorchX job."""
     from jobs import registry
     from jobs.sweep import Job, absolute_tracking_uri, component_args, ensure_experiment, run_jobs
-    from pipeline.checkpoint import resolve_checkpoint
+    from pipeline.train.loading import resolve_checkpoint
 
     data = state.outputs("update_sequences")["sequences"]
     client = _client(cfg)
@@ -239,10 +239,10 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
 def warm_start_overrides(cfg: NightlyConfig, checkpoint: str, num_items: int | None) -> tuple[list[str], str | None]:
     """`model.*` overrides that give the champion's architecture (the weights must fit), then the job's own
     overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more."""
-    from pipeline.checkpoint import read_meta
-    from pipeline.config import TrainConfig, apply_overrides, from_dict, get_preset
+    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.loading import checkpoint_config
 
-    champion_model = from_dict(TrainConfig, read_meta(checkpoint)["config"]).model
+    champion_model = checkpoint_config(checkpoint).model
     skip = {"num_items", "extra"}
     arch = []
     for f in dataclasses.fields(champion_model):

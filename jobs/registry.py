@@ -39,60 +39,24 @@ CODE_PATHS = [str(PROJECT_ROOT / pkg) for pkg in ("model", "pipeline", "jobs")]
 
 
 class Recommender:
-    """A checkpoint loaded on one CPU process: top-k items for user histories."""
+    """A checkpoint loaded on one CPU process: top-k items for user histories (`LoadedModel.top_k`)."""
 
-    def __init__(self, model: Any, max_sequence_length: int, num_items: int) -> None:
-        self.model = model.eval()
-        self.max_sequence_length = max_sequence_length
-        self.num_items = num_items
+    def __init__(self, loaded: Any) -> None:
+        self.loaded = loaded  # pipeline.train.loading.LoadedModel
+        self.model = loaded.model
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> Recommender:
-        from model.recommender import build_model
-        from pipeline.checkpoint import read_meta, resolve_checkpoint
-        from pipeline.config import TrainConfig, from_dict
-        from pipeline.train import load_model_weights
+        from pipeline.train.loading import load_checkpoint_model
 
-        path = resolve_checkpoint(checkpoint)
-        cfg: TrainConfig = from_dict(TrainConfig, read_meta(path)["config"])
-        model = build_model(cfg.model, device="cpu")
-        load_model_weights(model, path)
-        return cls(model, cfg.model.max_sequence_length, cfg.model.num_items)
+        return cls(load_checkpoint_model(checkpoint, device="cpu"))
 
     def top_k(
         self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
         request_times: list[int] | None = None, k: int = 10, filter_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids [B, k], scores [B, k]), best first. `request_times` is the time of the request
-        (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
-        import pyarrow as pa
-        import torch
-
-        from pipeline.collate import collate_arrow
-
-        if not histories or any(len(h) == 0 for h in histories):
-            raise ValueError("every history needs at least one item")
-        timestamps = timestamps if timestamps is not None else [[0] * len(h) for h in histories]
-        if request_times is None:
-            request_times = [int(t[-1]) for t in timestamps]
-        items, times = [], []
-        for h, t, now in zip(histories, timestamps, request_times, strict=True):
-            if len(h) != len(t):
-                raise ValueError("item_ids and timestamps differ in length")
-            items.append([int(i) for i in h] + [0])  # the target slot: id 0 (padding), time of the request
-            times.append([int(x) for x in t] + [int(now)])
-        table = pa.table({"user_id": pa.array(range(len(items)), pa.int64()),
-                          "item_ids": pa.array(items, pa.list_(pa.int64())),
-                          "timestamps": pa.array(times, pa.list_(pa.int64()))})
-        batch = collate_arrow(table, self.max_sequence_length, drop_last=0)
-        with torch.no_grad():
-            scores = self.model.encode_last(batch.seq) @ self.model.normalized_item_embeddings().T
-        scores[:, 0] = -torch.inf
-        if filter_seen:
-            for row, h in enumerate(histories):
-                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
-        top = torch.topk(scores, min(k, self.num_items - 1), dim=1)
-        return top.indices.numpy(), top.values.numpy()
+        """(item ids [B, k], scores [B, k]), best first; see `LoadedModel.top_k`."""
+        return self.loaded.top_k(histories, timestamps, request_times, k, filter_seen)
 
 
 class FuxiTopK(mlflow.pyfunc.PythonModel):
@@ -141,7 +105,7 @@ def _requirements() -> list[str]:
 
 def run_checkpoint(client: Any, run_id: str) -> Path:
     """The latest complete checkpoint a training run wrote (its run_dir, else the default layout)."""
-    from pipeline.checkpoint import resolve_checkpoint
+    from pipeline.train.loading import resolve_checkpoint
 
     params = client.get_run(run_id).data.params
     run_dir = params.get("run_dir")
@@ -157,7 +121,7 @@ def register(
     """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion."""
     import mlflow
 
-    from pipeline.checkpoint import resolve_checkpoint
+    from pipeline.train.loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
     run = client.get_run(run_id)
@@ -193,25 +157,9 @@ def register(
 
 def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "valid") -> dict[str, float]:
     """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
-    from model.recommender import build_model
-    from pipeline.checkpoint import read_meta, resolve_checkpoint
-    from pipeline.config import TrainConfig, from_dict
-    from pipeline.evaluate import evaluate
-    from pipeline.train import build_batches, load_data, load_model_weights
+    from pipeline.train.loading import evaluate_checkpoint as evaluate
 
-    path = resolve_checkpoint(checkpoint)
-    cfg: TrainConfig = from_dict(TrainConfig, read_meta(path)["config"])
-    if data:
-        cfg.data.source = data
-    seqs = load_data(cfg)
-    if seqs.num_items > cfg.model.num_items:
-        raise ValueError(f"{path} knows {cfg.model.num_items} item ids; the data has {seqs.num_items}")
-    model = build_model(cfg.model)
-    load_model_weights(model, path)
-    batches = build_batches(cfg, seqs)
-    if split not in batches:
-        raise ValueError(f"split {split!r} does not exist under protocol {cfg.data.protocol!r}")
-    return evaluate(model, batches[split].epoch(), "cpu")
+    return evaluate(checkpoint, data, split)
 
 
 def champion(client: Any, name: str = MODEL_NAME) -> Any | None:

@@ -53,15 +53,15 @@ def _literal(text: Any) -> Any:
 
 @lru_cache(maxsize=256)
 def _count(model_items: tuple[tuple[str, Any], ...]) -> int:
-    from model.config import ModelConfig
-    from model.recommender import build_model, count_parameters
+    from pipeline.train.config import ModelConfig
+    from pipeline.train.loading import parameter_count as count
 
-    return count_parameters(build_model(ModelConfig(**dict(model_items)), device="meta"))
+    return count(ModelConfig(**dict(model_items)))
 
 
 def parameter_count(params: dict[str, Any]) -> int:
     """Trainable parameters of the model a run's params describe ({'model.num_layers': '2', ...})."""
-    from model.config import ModelConfig
+    from pipeline.train.config import ModelConfig
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     items = {k.split(".", 1)[1]: _literal(v) for k, v in params.items()

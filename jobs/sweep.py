@@ -29,7 +29,7 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
 
 def absolute_tracking_uri(uri: str | None) -> str:
     """The tracking URI jobs should use: relative SQLite paths made absolute (jobs may run elsewhere)."""
-    from pipeline.tracking import resolve_tracking_uri
+    from pipeline.train.tracking import resolve_tracking_uri
 
     uri = resolve_tracking_uri(uri)
     prefix = "sqlite:///"
@@ -88,7 +88,7 @@ def point_name(point: dict[str, str]) -> str:
 
 def validate_point(preset: str, overrides: list[str]) -> None:
     """Fail before launching anything if a field or value is wrong."""
-    from pipeline.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides, get_preset
 
     apply_overrides(get_preset(preset), overrides)
 
@@ -214,7 +214,7 @@ def run_sweep(
     log: Any = print,
 ) -> SweepResult:
     """Create the parent run, launch one TorchX job per grid point, wait, close the parent run."""
-    from pipeline.config import get_preset
+    from pipeline.train.config import get_preset
 
     overrides = list(overrides or [])
     points = expand_grid(grid)

@@ -1,7 +1,7 @@
 """SequentialRecommender: TorchRec item table + shared input/output + one of the encoder stacks.
 
 The item table is an unsharded torchrec `EmbeddingCollection` (table `item_table`, features `item_id`
-for the sequences and `neg_id` for sampled negatives), so `pipeline/parallelize.py` can shard it from
+for the sequences and `neg_id` for sampled negatives), so `pipeline/train/parallelize.py` can shard it from
 outside without touching this file.
 
 Input: a `KeyedJaggedTensor` with keys ("item_id", "timestamp"); each user's row holds its history
@@ -25,11 +25,10 @@ from model.jagged import length_groups
 from model.layers import Dropout
 from model.llama import LlamaStack
 from model.sasrec import SASRecStack
+from pipeline.data.schema import ITEM_FEATURE, TIME_FEATURE
 
 ITEM_TABLE = "item_table"  # not "items": that collides with nn.ModuleDict.items
-ITEM_FEATURE = "item_id"
-NEG_FEATURE = "neg_id"
-TIME_FEATURE = "timestamp"
+NEG_FEATURE = "neg_id"  # sampled negatives: a model-internal key of the item table
 
 ENCODERS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
 

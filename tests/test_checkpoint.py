@@ -23,14 +23,14 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.checkpoint import Checkpointer, resolve_checkpoint
+from pipeline.train.checkpoint import Checkpointer, resolve_checkpoint
 from tests.test_parallelize import run_recorded, torchrun
 
 GLOBAL_BATCH = 48  # divisible by 1, 2 and 3 ranks
 
 
 def resume_config(world_size: int, run_dir: str, epochs: int, resume: bool) -> Any:
-    from pipeline.config import tiny
+    from pipeline.train.config import tiny
 
     cfg = tiny()
     cfg.epochs = epochs
@@ -90,7 +90,7 @@ def test_resume_equals_uninterrupted_on_2_ranks_and_reshards_to_1_and_3(tmp_path
 
 
 def test_cut_off_checkpoint_is_never_loaded_as_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.checkpoint as checkpoint
+    import pipeline.train.checkpoint as checkpoint
 
     store = Checkpointer(tmp_path)
     store.save(4, {"w": torch.arange(6.0)}, meta={"step": 4})
@@ -125,7 +125,7 @@ def test_cut_off_checkpoint_is_never_loaded_as_latest(tmp_path: Path, monkeypatc
 
 
 def _worker(mode: str, root: str, out: str) -> None:
-    from pipeline.distributed import init_distributed, teardown
+    from pipeline.train.distributed import init_distributed, teardown
 
     ctx = init_distributed("cpu")
     world = ctx.world_size

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.cli import main
+from jobs.cli import main
 
 
 def test_fuxi_help_lists_the_commands(capsys):

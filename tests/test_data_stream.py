@@ -13,12 +13,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.build_sequences import BuildConfig, build_sequences
-from pipeline.checkpoint import Checkpointer
-from pipeline.collate import Batch, collate_arrow
-from pipeline.data import Backend, ShardBatches, step_sizes
-from pipeline.sequences import read_sequences
-from pipeline.synth_logs import LogConfig, write_logs
+from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.collate import Batch, collate_arrow
+from pipeline.data.sequences import read_sequences
+from pipeline.data.stream import Backend, ShardBatches, step_sizes
+from pipeline.data.synth_logs import LogConfig, write_logs
+from pipeline.train.checkpoint import Checkpointer
 
 MAX_LEN = 12
 BATCH = 16

@@ -13,7 +13,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.build_sequences import (
+from jobs.cli import main
+from pipeline.data.build import (
     BuildConfig,
     append_day,
     build_sequences,
@@ -21,10 +22,9 @@ from pipeline.build_sequences import (
     partition_of,
     read_manifest,
 )
-from pipeline.cli import main
-from pipeline.ingest import IngestRules, check_log_schema
-from pipeline.sequences import read_sequences
-from pipeline.synth_logs import LogConfig, write_logs
+from pipeline.data.ingest import IngestRules, check_log_schema
+from pipeline.data.sequences import read_sequences
+from pipeline.data.synth_logs import LogConfig, write_logs
 
 T = 1_704_067_200  # 2024-01-01 00:00 UTC
 DAY = 86_400
@@ -275,7 +275,7 @@ def test_cli_synth_build_append_stats_and_train(tmp_path, capsys):
                  "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0
     in_memory = json.loads(report.read_text())
     assert in_memory["test"]["num_users"] > 100
-    # the same training, its train split streamed shard by shard (pipeline/data.py), sees the same users
+    # the same training, its train split streamed shard by shard (pipeline/data/stream.py), sees the same users
     assert main(["train", "--preset", "tiny", "--data", str(seq), "--epochs", "1", "--no-tracking",
                  "--set", "data.stream=true", "--set", "data.stream_backend=pyarrow",
                  "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0

@@ -63,7 +63,7 @@ class RecordingLogger:
 
 
 def parity_config(kind: str, world_size: int, run_dir: str, epochs: int = 2) -> Any:
-    from pipeline.config import tiny
+    from pipeline.train.config import tiny
 
     cfg = tiny()
     cfg.epochs = epochs
@@ -119,10 +119,10 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     import torch.distributed as dist
 
     from model.loss import NegativeSampler
-    from pipeline.distributed import all_reduce_sum
-    from pipeline.parallelize import parallelize
-    from pipeline.train import build_batches, load_data
-    from pipeline.trainer import Trainer
+    from pipeline.train.distributed import all_reduce_sum
+    from pipeline.train.parallelize import parallelize
+    from pipeline.train.run import build_batches, load_data
+    from pipeline.train.trainer import Trainer
 
     data = load_data(cfg)
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
@@ -142,7 +142,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
 
 def run_recorded(cfg: Any) -> dict[str, Any]:
     """run(cfg) with a recording logger: per-step losses, per-epoch metrics, final test metrics, plan."""
-    from pipeline.train import run
+    from pipeline.train.run import run
 
     logger = RecordingLogger()
     report = run(cfg, logger=logger)
@@ -156,8 +156,8 @@ def plain_test_metrics(cfg: Any, checkpoint: str) -> dict[str, float]:
     import dataclasses
 
     from model.recommender import build_model
-    from pipeline.evaluate import evaluate
-    from pipeline.train import build_batches, load_data, load_model_weights
+    from pipeline.train.evaluate import evaluate
+    from pipeline.train.run import build_batches, load_data, load_model_weights
 
     data = load_data(cfg)
     model = build_model(dataclasses.replace(cfg.model, num_items=data.num_items))
@@ -220,7 +220,7 @@ def test_one_rank_equals_two_ranks_for_every_sharding_type(tmp_path: Path) -> No
 
 
 def measure(kind: str, world_size: int, run_dir: str) -> dict[str, Any]:
-    from pipeline.distributed import init_distributed, teardown
+    from pipeline.train.distributed import init_distributed, teardown
 
     ctx = init_distributed("cpu")  # a world of one in this process, or torchrun's group in a worker
     try:
@@ -235,9 +235,9 @@ def test_sharded_evaluation_scores_every_user_once_on_every_world_size() -> None
     without rows in the last global batch evaluates one padding row, marked invalid)."""
     import numpy as np
 
-    from pipeline.config import tiny
-    from pipeline.evaluate import _eval_rows
-    from pipeline.train import build_batches, load_data
+    from pipeline.train.config import tiny
+    from pipeline.train.evaluate import _eval_rows
+    from pipeline.train.run import build_batches, load_data
 
     cfg = tiny()
     data = load_data(cfg)
@@ -254,7 +254,7 @@ def test_sharded_evaluation_scores_every_user_once_on_every_world_size() -> None
 
 def _worker(out: str, run_root: str) -> None:
     """torchrun entry: the 2-rank side of the parity test, every sharding type in one launch."""
-    from pipeline.distributed import init_distributed, teardown
+    from pipeline.train.distributed import init_distributed, teardown
 
     ctx = init_distributed("cpu")  # the process group outlives the runs below (run() does not own it)
     results = {kind: measure(kind, ctx.world_size, f"{run_root}/{kind}") for kind in KINDS}

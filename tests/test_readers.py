@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.download import download_movielens
-from pipeline.kuairand import preprocess_kuairand
-from pipeline.readers import detect_layout, prepare_sequences, read_interactions
-from pipeline.sequences import read_sequences
+from pipeline.data.download import download_movielens
+from pipeline.data.kuairand import preprocess_kuairand
+from pipeline.data.readers import detect_layout, prepare_sequences, read_interactions
+from pipeline.data.sequences import read_sequences
 
 # (user, item, rating, timestamp); user 1 has a timestamp tie (items 10 and 5 at t=100), user 2 too (30, 20 at 300)
 ROWS = [

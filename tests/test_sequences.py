@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.collate import collate_arrow
-from pipeline.datasets import SequenceBatches
-from pipeline.sequences import SequenceData, events_to_sequences, read_sequences, write_sequences
-from pipeline.synthetic import SyntheticConfig, generate_events, synthetic_sequences
+from pipeline.data.batches import SequenceBatches
+from pipeline.data.collate import collate_arrow
+from pipeline.data.sequences import SequenceData, events_to_sequences, read_sequences, write_sequences
+from pipeline.data.synthetic import SyntheticConfig, generate_events, synthetic_sequences
 
 EVENTS = pa.table(
     {
@@ -118,8 +118,8 @@ def test_token_budget_batches_cover_every_row_once_with_bounded_tokens():
 
 
 def test_training_with_a_token_budget_takes_the_planned_steps(tmp_path):
-    from pipeline.config import tiny
-    from pipeline.train import build_batches, load_data, run
+    from pipeline.train.config import tiny
+    from pipeline.train.run import build_batches, load_data, run
 
     cfg = tiny()
     cfg.tracking.enabled = False
@@ -136,7 +136,7 @@ def test_training_with_a_token_budget_takes_the_planned_steps(tmp_path):
 
 def test_token_budget_cuts_by_hand():
     """Running totals 3, 7, 9, 14, 15 against a budget of 6: a batch ends where the total crosses 6 and 12."""
-    from pipeline.sequences import token_budget_cuts
+    from pipeline.data.sequences import token_budget_cuts
 
     tokens = np.array([3, 4, 2, 5, 1])
     cuts = token_budget_cuts(tokens, 6)

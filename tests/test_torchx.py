@@ -54,7 +54,7 @@ def test_kubernetes_dryrun_spec() -> None:
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         command = " ".join(container["command"])
         assert "--nnodes 2 --nproc_per_node 8" in command
-        assert "-m pipeline.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
+        assert "-m jobs.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
         assert "--set model.num_layers=4" in command
 
 
@@ -70,7 +70,7 @@ def test_slurm_dryrun_spec() -> None:
     srun = [line for line in script.splitlines() if "torchrun " in line]
     assert len(srun) == 2  # one srun per node, joined as one heterogeneous job step
     for line in srun:
-        assert "--nnodes 2 --nproc_per_node 4" in line and "-m pipeline.cli train --preset tiny" in line
+        assert "--nnodes 2 --nproc_per_node 4" in line and "-m jobs.cli train --preset tiny" in line
         # no run_dir given: the default names the job, which a requeue keeps, so a retry finds its checkpoints
         assert "runs/fuxi-train/'\"$SLURM_JOB_ID\"" in line and "--resume --device cuda" in line
 

@@ -19,7 +19,7 @@ import torch
 from jobs import registry
 from jobs.report import build_report, parameter_count
 from jobs.sweep import expand_grid, mlflow_client, parse_grid, point_name, run_sweep
-from pipeline.config import apply_overrides, get_preset, to_flat_dict
+from pipeline.train.config import apply_overrides, get_preset, to_flat_dict
 
 GRID = {"model.num_layers": ["1", "2"], "loss.num_negatives": ["8", "32"]}
 # ~15 s per job on an idle 2-core machine (mostly imports and torchrun): 100 users, 2 epochs, every step logged
@@ -161,10 +161,10 @@ def test_registered_model_reloads_with_same_topk(store: dict, sweep) -> None:
     import mlflow
 
     from model.recommender import build_model
-    from pipeline.checkpoint import read_meta
-    from pipeline.collate import collate_arrow
-    from pipeline.config import TrainConfig, from_dict
-    from pipeline.train import load_data, load_model_weights
+    from pipeline.data.collate import collate_arrow
+    from pipeline.train.checkpoint import read_meta
+    from pipeline.train.config import TrainConfig, from_dict
+    from pipeline.train.run import load_data, load_model_weights
 
     client = store["client"]
     champ = registry.champion(client, MODEL)

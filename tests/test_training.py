@@ -1,6 +1,6 @@
 """Training on the embedded synthetic data must learn more than item popularity.
 
-The generator (pipeline/synthetic.py) gives every user a long-term taste theme and makes the theme of the
+The generator (pipeline/data/synthetic.py) gives every user a long-term taste theme and makes the theme of the
 next item depend on the time gap before it; items inside a theme follow a power law, so popularity alone
 is a strong baseline (NDCG@10 0.150 on this split). A sequence model has to find the user's theme to beat
 it. Measured with this setting (per-position negatives, fast kernels, 40 epochs, test NDCG@10):
@@ -21,10 +21,10 @@ import dataclasses
 import pytest
 import torch
 
-from pipeline.config import tiny
-from pipeline.evaluate import evaluate
-from pipeline.synthetic import SyntheticConfig
-from pipeline.train import build_batches, load_data, run
+from pipeline.data.synthetic import SyntheticConfig
+from pipeline.train.config import tiny
+from pipeline.train.evaluate import evaluate
+from pipeline.train.run import build_batches, load_data, run
 
 
 def _config(**model_overrides):
@@ -83,7 +83,7 @@ def test_dropout_and_negative_streams_are_independent():
     and the negatives generator would draw the same numbers."""
     import torch
 
-    from pipeline.trainer import NEGATIVES_STREAM, step_seed
+    from pipeline.train.trainer import NEGATIVES_STREAM, step_seed
 
     assert step_seed(3, 7, 0) == step_seed(3, 7, 0)  # a pure function: resuming needs no generator state
     assert step_seed(3, 7, 0) != step_seed(3, 7, 0, NEGATIVES_STREAM)

@@ -20,7 +20,7 @@ fbgemm's TBE needs multiples of 4). Steps 2 and 3 are then skipped (DMP gets an 
 Gradient scale: every reduction *averages* over ranks, as the libraries do by default: TorchRec's
 all-to-all backward divides the embedding gradients by the world size (comm_ops GRADIENT_DIVISION), FSDP2's
 reduce-scatter averages, and the hook of a replicated table averages too. Each rank therefore
-backpropagates world_size * (sum of its position losses) / (global number of positions) (pipeline/trainer.py),
+backpropagates world_size * (sum of its position losses) / (global number of positions) (pipeline/train/trainer.py),
 and the averaged gradients are those of the global mean loss in one process.
 """
 
@@ -49,7 +49,7 @@ from torchrec.optim.optimizers import Adam as FusedAdam
 
 from model.config import ModelConfig
 from model.recommender import ITEM_TABLE, SequentialRecommender, build_model
-from pipeline.config import OptimConfig, ParallelConfig
+from pipeline.train.config import OptimConfig, ParallelConfig
 
 TABLE_KEY = f"item_embedding.embeddings.{ITEM_TABLE}.weight"  # the table's FQN in dmp.state_dict()
 MODEL_PARALLEL = ("row_wise", "table_wise", "column_wise")

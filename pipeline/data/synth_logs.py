@@ -1,6 +1,6 @@
 """Synthetic industrial event logs: up to a billion interactions, written day by day with bounded memory.
 
-The raw-log twin of `pipeline.synthetic` (same planted time structure, vectorised): items are split into
+The raw-log twin of `pipeline.data.synthetic` (same planted time structure, vectorised): items are split into
 themes with power-law popularity inside each theme and across themes; every user has a long-term taste
 theme. A user's events inside one time slice form a session (gaps of minutes); between sessions lie hours
 to days. The first event of a session returns to the taste theme with probability `return_prob`; later
@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.ingest import DATE_RE, LOGS_META
+from pipeline.data.schema import DATE_RE, LOGS_META
 
 SECONDS_PER_DAY = 86_400
 LOG_SCHEMA = pa.schema(
@@ -182,7 +182,7 @@ def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progres
     out.mkdir(parents=True, exist_ok=True)
     st = _static(cfg)
     days = plan_days(cfg)
-    summary = {"generator": "pipeline.synth_logs", "num_items": cfg.num_items, "config": asdict(cfg), "days": {}}
+    summary = {"generator": "pipeline.data.synth_logs", "num_items": cfg.num_items, "config": asdict(cfg), "days": {}}
     bar = tqdm(total=cfg.num_events, unit="ev", unit_scale=True, desc="synth-logs", disable=not progress)
     for d, (date, t_day, parts) in enumerate(days):
         folder = out / f"date={date}"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.sequences import SequenceData, events_to_sequences
+from pipeline.data.sequences import SequenceData, events_to_sequences
 
 SECONDS_PER_DAY = 86_400
 START_TIME = 1_700_000_000  # 2023-11-14, unix seconds

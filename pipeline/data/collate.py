@@ -16,7 +16,7 @@ from torch import Tensor
 from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
-from model.recommender import ITEM_FEATURE, TIME_FEATURE
+from pipeline.data.schema import ITEM_FEATURE, TIME_FEATURE
 
 
 @dataclass

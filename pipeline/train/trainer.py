@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from model.loss import NegativeSampler, sampled_softmax_loss
 from model.recommender import SequentialRecommender
-from pipeline.collate import Batch
-from pipeline.tracking import MetricLogger, NullLogger
+from pipeline.data.collate import Batch
+from pipeline.train.tracking import MetricLogger, NullLogger
 
 SELECT_METRIC = "ndcg_at_10"
 

@@ -15,7 +15,7 @@ Choices:
     were shown at random, not by the production recommender, so they are a different distribution (KuaiRand
     ships them for debiasing/evaluation). Left-out files are named in the report's notes and the metadata.
   * timestamp = time_ms // 1000 (unix seconds, like MovieLens). Sequences are ordered by that second, ties by
-    (remapped) item id, the rule of `pipeline.sequences`; sub-second order within one second is not kept.
+    (remapped) item id, the rule of `pipeline.data.sequences`; sub-second order within one second is not kept.
   * video_id is remapped to contiguous item ids 1..n (0 stays the padding id) in order of first appearance over
     time among the kept interactions: sorted by (time_ms, user_id, video_id), the first video seen gets 1.
     The mapping (item_id, video_id, first_time_ms) is written next to the output as
@@ -24,7 +24,7 @@ Choices:
     iterated k-core), counted as `user_too_short`. user_id is kept as is.
   * Repeated (user, video) interactions are kept: each is a separate positive event.
   * Malformed rows (non-integer / negative / missing user_id, video_id, positive flag, missing or unparsable
-    time_ms, wrong field count) are quarantined as in `pipeline.readers`, all files into one file
+    time_ms, wrong field count) are quarantined as in `pipeline.data.readers`, all files into one file
     `<quarantine_dir>/<out stem>.quarantine.parquet` (default: next to the output) whose `source` column names
     the log file; raw holds the read fields ("user_id=..., ...") and row_number the file line.
     A log file in which every row is bad is a ValueError naming it.
@@ -43,8 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.readers import (
-    QUARANTINE_SCHEMA,
+from pipeline.data.readers import (
     ColumnSpec,
     ReadReport,
     check_readable,
@@ -56,7 +55,8 @@ from pipeline.readers import (
     with_source,
     write_quarantine,
 )
-from pipeline.sequences import SequenceData, events_to_sequences, write_sequences
+from pipeline.data.schema import QUARANTINE_SCHEMA
+from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,11 @@ from torchrec import KeyedJaggedTensor
 
 from model.jagged import jagged_to_padded
 from model.metrics import full_ranks, ranking_metrics
-from model.recommender import ITEM_FEATURE, NEG_FEATURE, SequentialRecommender, l2_normalize
-from pipeline.collate import Batch, collate_arrow
-from pipeline.datasets import SequenceBatches
-from pipeline.parallelize import TABLE_KEY, ParallelModel
+from model.recommender import NEG_FEATURE, SequentialRecommender, l2_normalize
+from pipeline.data.batches import SequenceBatches
+from pipeline.data.collate import Batch, collate_arrow
+from pipeline.data.schema import ITEM_FEATURE
+from pipeline.train.parallelize import TABLE_KEY, ParallelModel
 
 
 def split_history_target(batch: Batch) -> tuple[Tensor, Tensor]:

@@ -1,7 +1,7 @@
 """Process group and device for one training process: torchrun's environment, or a world of one.
 
 Under torchrun (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR set) the default group is initialised from
-the environment: nccl on CUDA, gloo on CPU. A plain `python -m pipeline.cli train` gets a one-rank gloo
+the environment: nccl on CUDA, gloo on CPU. A plain `python -m jobs.cli train` gets a one-rank gloo
 group on an in-memory store, so the single process runs the very same sharded code path (DMP + FSDP2 +
 DCP) as N ranks. `teardown` destroys only a group this module created.
 """

@@ -1,4 +1,4 @@
-"""Raw interaction files -> the events table and the sequence Parquet format (`pipeline.sequences`).
+"""Raw interaction files -> the events table and the sequence Parquet format (`pipeline.data.sequences`).
 
 Layouts read by `read_interactions`:
   ml-dat   MovieLens-1M `ratings.dat`: `UserID::MovieID::Rating::Timestamp`, no header.
@@ -49,7 +49,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
-from pipeline.sequences import SequenceData, events_to_sequences, write_sequences
+from pipeline.data.schema import QUARANTINE_SCHEMA
+from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +65,6 @@ _CSV_NAMES = {
     "timestamp": ("timestamp",),
     "rating": ("rating",),
 }
-
-QUARANTINE_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("row_number", pa.int64()),
-        ("reason", pa.string()),
-        ("field", pa.string()),
-        ("value", pa.string()),
-        ("raw", pa.string()),
-    ]
-)
 
 _BLOCK_SIZE = 16 << 20
 _INT_RE = r"^-?[0-9]{1,18}$"  # fits int64 without overflow checks

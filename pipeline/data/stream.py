@@ -39,10 +39,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.sequences import SEQUENCE_SCHEMA, SHARD_MANIFEST
+from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST
 
 if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray read workers
-    from pipeline.collate import Batch
+    from pipeline.data.collate import Batch
 
 COLUMNS = [f.name for f in SEQUENCE_SCHEMA]
 MANIFEST_MIN_LENGTHS = (2, 3, 4)  # `pipeline.build_sequences.MIN_LENGTHS`: counts stored per row group
@@ -293,7 +293,7 @@ class ShardBatches:
 
     def epoch(self, epoch: int = 0, start_batch: int | None = None) -> Iterator["Batch"]:
         """Batches of `epoch`; by default from the recorded position when it is in this epoch."""
-        from pipeline.collate import collate_arrow
+        from pipeline.data.collate import collate_arrow
 
         if start_batch is None:
             start_batch = self._batch if self._epoch == epoch else 0

@@ -21,16 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-SEQUENCE_SCHEMA = pa.schema(
-    [
-        pa.field("user_id", pa.int64(), nullable=False),
-        pa.field("item_ids", pa.list_(pa.int64()), nullable=False),
-        pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
-    ]
-)
+from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST
+
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
-SHARD_MANIFEST = "manifest.json"  # a sequence shard directory (`pipeline.build_sequences`)
 
 # number of trailing items held out of training, and of the evaluation sequence, per protocol
 PROTOCOLS = {
@@ -131,7 +125,7 @@ def token_budget_cuts(tokens: np.ndarray, budget: int) -> np.ndarray:
     """Split points of a sequence of rows with `tokens` positions each into batches of about `budget`
     positions: a batch ends where the running token count crosses a multiple of the budget (so every
     batch but the last holds >= budget - max(tokens) positions). For np.split. Used by
-    pipeline.datasets.SequenceBatches (`data.batch_tokens`) and the throughput benchmark."""
+    pipeline.data.batches.SequenceBatches (`data.batch_tokens`) and the throughput benchmark."""
     cum = np.cumsum(tokens)
     return np.flatnonzero(np.diff((cum - 1) // budget)) + 1
 

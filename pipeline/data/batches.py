@@ -9,7 +9,7 @@ Token budgets (`batch_tokens > 0`, training only): instead of `batch_size` users
 many users as fit in `batch_tokens * world_size` supervised positions (histories after truncation), so a
 step costs about the same whatever the length mix: a batch of short histories holds more users. Each
 rank takes every world_size-th row of the batch sorted by length, which balances tokens across ranks.
-The loss is the mean over the global batch's positions either way (pipeline/trainer.py).
+The loss is the mean over the global batch's positions either way (pipeline/train/trainer.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.collate import Batch, collate_arrow
-from pipeline.sequences import SequenceData, eligible_rows, token_budget_cuts
+from pipeline.data.collate import Batch, collate_arrow
+from pipeline.data.sequences import SequenceData, eligible_rows, token_budget_cuts
 
 
 class SequenceBatches:

@@ -2,7 +2,7 @@
 
 Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: stack-notes section 2 measured
 `groupby().map_groups()` 30x slower than hash-partition + per-partition sort):
-  scatter  one task per raw part file: validate (`pipeline.ingest`), quarantine bad rows, hash the user id
+  scatter  one task per raw part file: validate (`pipeline.data.ingest`), quarantine bad rows, hash the user id
            into P partitions and write the good events of each partition as their own row groups of one
            temporary file. Memory: one 1M-row batch.
   gather   one task per partition: read its row groups from every scattered file (+ the existing shard when
@@ -10,18 +10,18 @@ Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: st
            last `max_length` events of each user with their timestamps, write the shard sorted by user.
            Memory: one partition (about rows_per_partition events).
 
-Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipeline.data` read it):
+Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipeline.data.stream` read it):
     manifest.json                          format, num_items, max_length, partitions, shards, days, totals
     part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups of
-                                           `row_group_rows` users (the streaming unit of `pipeline.data`)
-    quarantine/date=YYYY-MM-DD/<part>.quarantine.parquet   bad rows (`pipeline.ingest`)
+                                           `row_group_rows` users (the streaming unit of `pipeline.data.stream`)
+    quarantine/date=YYYY-MM-DD/<part>.quarantine.parquet   bad rows (`pipeline.data.ingest`)
 The manifest is the commit point: shards of a new generation are written first, then the manifest is replaced
 atomically, then the previous generation is deleted. A job killed before the commit leaves the old manifest
 valid (and re-running redoes the work); a day recorded in the manifest is never applied twice: `append_day`
 of a recorded day with the same files (name, bytes, rows) is a no-op, with different files an error.
 
 Rules (the same for a full build and for appends, so appending day by day equals a full rebuild):
-  order      time, ties broken by item id (as `pipeline.sequences.events_to_sequences`)
+  order      time, ties broken by item id (as `pipeline.data.sequences.events_to_sequences`)
   dedup      exact duplicates of (user_id, item_id, timestamp) are kept once (event_type is not kept)
   truncate   the last `max_length` events per user. Appending keeps only the stored last max_length events
              of a user and merges the new ones: the same result as a rebuild, since anything truncated
@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from pipeline.ingest import (
+from pipeline.data.ingest import (
     EVENT_SCHEMA,
     IngestReport,
     IngestRules,
@@ -58,11 +58,11 @@ from pipeline.ingest import (
     report_of,
     scan_log_file,
 )
-from pipeline.readers import QUARANTINE_SCHEMA, write_quarantine
-from pipeline.sequences import SEQUENCE_SCHEMA, SHARD_MANIFEST
+from pipeline.data.readers import write_quarantine
+from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST
 
 FORMAT = "fuxi.sequence-shards/1"
-MIN_LENGTHS = (2, 3, 4)  # row-group counts of users with at least this many events (see `pipeline.data`)
+MIN_LENGTHS = (2, 3, 4)  # row-group counts of users with at least this many events (see `pipeline.data.stream`)
 _SHARD_WRITE = dict(
     compression="zstd", use_dictionary=False, column_encoding={"timestamps.list.element": "DELTA_BINARY_PACKED"}
 )
@@ -239,7 +239,7 @@ def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progres
     """Run `fn` over specs as Ray Data map tasks (one task per spec), with a progress bar."""
     import ray.data
 
-    from pipeline.data import ensure_ray, quiet_context
+    from pipeline.data.stream import ensure_ray, quiet_context
 
     if not specs:
         return []

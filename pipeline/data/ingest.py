@@ -13,7 +13,7 @@ first failing check, in this order):
     missing_item_id, negative_item_id, zero_item_id (0 is the padding id), out_of_range_item_id,
     out_of_catalogue_item_id (item_id > the configured catalogue size),
     missing_timestamp, absurd_timestamp (outside [min_timestamp, max_timestamp]; e.g. milliseconds)
-Quarantine files follow `pipeline.readers`: QUARANTINE_SCHEMA (source, row_number, reason, field, value, raw),
+Quarantine files follow `pipeline.data.readers`: QUARANTINE_SCHEMA (source, row_number, reason, field, value, raw),
 `source` = the file's path relative to LOGDIR, `row_number` = 1-based row position in the file,
 `raw` = "user_id=..., item_id=..., timestamp=...[, event_type=...]".
 Report arithmetic: rows_read == rows_kept + rows_quarantined.
@@ -32,13 +32,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.readers import QUARANTINE_SCHEMA, reason_counts
+from pipeline.data.readers import reason_counts
+from pipeline.data.schema import DATE_RE, LOGS_META, QUARANTINE_SCHEMA
 
 EVENT_FIELDS = ("user_id", "item_id", "timestamp")
 OPTIONAL_FIELDS = ("event_type",)
 EVENT_SCHEMA = pa.schema([(c, pa.int64()) for c in EVENT_FIELDS])  # what validation hands on
-LOGS_META = "_logs.json"
-DATE_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
 SCAN_ROWS = 1 << 20  # rows per validated batch: bounds memory per file
 
 

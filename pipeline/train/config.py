@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 from model.config import ModelConfig
-from pipeline.synthetic import SyntheticConfig
+from pipeline.data.synthetic import SyntheticConfig
 
 
 @dataclass
@@ -23,7 +23,7 @@ class DataConfig:
     source: str = "synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     protocol: Literal["anchor", "validated"] = "validated"
-    # stream the training split of a shard directory (pipeline/data.py) instead of holding it in memory
+    # stream the training split of a shard directory (pipeline/data/stream.py) instead of holding it in memory
     stream: bool = False
     stream_backend: Literal["ray", "pyarrow"] = "ray"
     # > 0: training batches hold as many users as fit in this many positions per rank (batch_size is then
@@ -49,7 +49,7 @@ class OptimConfig:
 
 @dataclass
 class ParallelConfig:
-    """How pipeline/parallelize.py shards the model (the dense FuXi blocks are always FSDP2-sharded)."""
+    """How pipeline/train/parallelize.py shards the model (the dense FuXi blocks are always FSDP2-sharded)."""
 
     # How the item table is split, as TorchRec sharding types the planner may choose from:
     #   row_wise / table_wise / column_wise: model parallel, each rank holds a part; the optimizer is

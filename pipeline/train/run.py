@@ -17,16 +17,16 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from model.loss import NegativeSampler
-from pipeline.checkpoint import RunCheckpoints, resolve_checkpoint
-from pipeline.config import TrainConfig, to_flat_dict
-from pipeline.datasets import SequenceBatches
-from pipeline.distributed import DistContext, all_reduce_sum, broadcast_object, init_distributed, teardown
-from pipeline.evaluate import evaluate_sharded
-from pipeline.parallelize import ParallelModel, parallelize
-from pipeline.sequences import PROTOCOLS, SequenceData, read_sequences
-from pipeline.synthetic import synthetic_sequences
-from pipeline.tracking import MetricLogger, MLflowLogger, NullLogger
-from pipeline.trainer import Trainer
+from pipeline.data.batches import SequenceBatches
+from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
+from pipeline.data.synthetic import synthetic_sequences
+from pipeline.train.checkpoint import RunCheckpoints, resolve_checkpoint
+from pipeline.train.config import TrainConfig, to_flat_dict
+from pipeline.train.distributed import DistContext, all_reduce_sum, broadcast_object, init_distributed, teardown
+from pipeline.train.evaluate import evaluate_sharded
+from pipeline.train.parallelize import ParallelModel, parallelize
+from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
+from pipeline.train.trainer import Trainer
 
 
 def load_data(cfg: TrainConfig) -> SequenceData:
@@ -73,7 +73,7 @@ def build_batches(cfg: TrainConfig, data: SequenceData, rank: int = 0, world_siz
         for split, drop in drops.items()
     }
     if cfg.data.stream:
-        from pipeline.data import ShardBatches
+        from pipeline.data.stream import ShardBatches
 
         if cfg.data.batch_tokens:
             raise ValueError("data.batch_tokens is not supported with data.stream (the stream batches by users)")

@@ -1,0 +1,120 @@
+"""The one way to load a checkpoint as a model, outside a training run: `fuxi eval`, the MLflow registry
+(pyfunc serving, promotion), the nightly job. One CPU process, no process group: DCP reshards the weights
+of a run on any world size into the plain (unsharded) model.
+
+    loaded = load_checkpoint_model("runs/tiny/<run>/checkpoints")   # a checkpoint folder, or a root
+    loaded.model, loaded.cfg, loaded.path, loaded.meta
+    metrics = evaluate_checkpoint(loaded, split="valid")             # or a path
+    ids, scores = loaded.top_k([[5, 17, 3]], [[t0, t1, t2]], k=10)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.train.checkpoint import read_meta, resolve_checkpoint
+from pipeline.train.config import ModelConfig, TrainConfig, from_dict
+from pipeline.train.run import load_model_weights
+
+__all__ = [
+    "LoadedModel", "checkpoint_config", "evaluate_checkpoint", "load_checkpoint_model", "parameter_count",
+    "resolve_checkpoint",
+]
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # model.recommender.SequentialRecommender, in eval mode
+    cfg: TrainConfig  # the config the checkpoint was trained with (train.json)
+    path: Path  # the resolved checkpoint folder
+    meta: dict[str, Any]  # the whole train.json
+
+    def top_k(
+        self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None, k: int = 10, filter_seen: bool = True,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids [B, k], scores [B, k]), best first. `request_times` is the time of the request
+        (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
+        import pyarrow as pa
+        import torch
+
+        from pipeline.data.collate import collate_arrow
+
+        if not histories or any(len(h) == 0 for h in histories):
+            raise ValueError("every history needs at least one item")
+        timestamps = timestamps if timestamps is not None else [[0] * len(h) for h in histories]
+        if request_times is None:
+            request_times = [int(t[-1]) for t in timestamps]
+        items, times = [], []
+        for h, t, now in zip(histories, timestamps, request_times, strict=True):
+            if len(h) != len(t):
+                raise ValueError("item_ids and timestamps differ in length")
+            items.append([int(i) for i in h] + [0])  # the target slot: id 0 (padding), time of the request
+            times.append([int(x) for x in t] + [int(now)])
+        table = pa.table({"user_id": pa.array(range(len(items)), pa.int64()),
+                          "item_ids": pa.array(items, pa.list_(pa.int64())),
+                          "timestamps": pa.array(times, pa.list_(pa.int64()))})
+        batch = collate_arrow(table, self.cfg.model.max_sequence_length, drop_last=0)
+        with torch.no_grad():
+            scores = self.model.encode_last(batch.seq) @ self.model.normalized_item_embeddings().T
+        scores[:, 0] = -torch.inf
+        if filter_seen:
+            for row, h in enumerate(histories):
+                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
+        top = torch.topk(scores, min(k, self.cfg.model.num_items - 1), dim=1)
+        return top.indices.numpy(), top.values.numpy()
+
+
+def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
+    """The training config a checkpoint records (its train.json), without loading weights."""
+    path = resolve_checkpoint(checkpoint)
+    meta = read_meta(path)
+    if "config" not in meta:
+        raise FileNotFoundError(f"{path}: no train.json with the training config")
+    return from_dict(TrainConfig, meta["config"])
+
+
+def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedModel:
+    """resolve the checkpoint -> its train.json config -> build the model -> DCP-load the weights."""
+    from model.recommender import build_model
+
+    resolved = resolve_checkpoint(path)
+    meta = read_meta(resolved)
+    if "config" not in meta:
+        raise FileNotFoundError(f"{resolved}: no train.json with the training config")
+    cfg: TrainConfig = from_dict(TrainConfig, meta["config"])
+    model = build_model(cfg.model, device=device)
+    load_model_weights(model, resolved)
+    return LoadedModel(model.eval(), cfg, resolved, meta)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path | LoadedModel, data: str | None = None, split: str = "valid", device: str = "cpu",
+) -> dict[str, float]:
+    """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
+    from pipeline.train.evaluate import evaluate
+    from pipeline.train.run import build_batches, load_data
+
+    loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint_model(checkpoint, device)
+    cfg = copy.deepcopy(loaded.cfg)
+    if data:
+        cfg.data.source = data
+    seqs = load_data(cfg)
+    if seqs.num_items > cfg.model.num_items:
+        raise ValueError(f"{loaded.path} knows {cfg.model.num_items} item ids; the data has {seqs.num_items}")
+    batches = build_batches(cfg, seqs)
+    if split not in batches:
+        raise ValueError(f"split {split!r} does not exist under protocol {cfg.data.protocol!r}: {sorted(batches)}")
+    return evaluate(loaded.model, batches[split].epoch(), device)
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """Trainable parameters of the model a config describes (built on the meta device: no memory)."""
+    from model.recommender import build_model, count_parameters
+
+    return count_parameters(build_model(model_cfg, device="meta"))
