@@ -31,7 +31,7 @@ from model.recommender import ITEM_FEATURE, build_model  # noqa: E402
 from pipeline.build_sequences import BuildConfig, build_sequences  # noqa: E402
 from pipeline.data import Backend, ShardBatches, ensure_ray  # noqa: E402
 from pipeline.synth_logs import LogConfig, write_logs  # noqa: E402
-from pipeline.trainer import Trainer  # noqa: E402
+from pipeline.trainer import Trainer, TrainerConfig  # noqa: E402
 
 
 def timed(fn):
@@ -60,9 +60,8 @@ def trainer_rate(seq: Path, num_items: int, batch_size: int, max_len: int, steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
     sampler = NegativeSampler(128, "shared", low=1, high=num_items)
     stream = ShardBatches(seq, batch_size, max_len, drop_last_items=1, shuffle=True, seed=0, backend=Backend.RAY)
-    trainer = Trainer(model=model, optimizer=optimizer, sampler=sampler, train_batches=stream.epoch,
-                      steps_per_epoch=len(stream), evaluate=lambda split: {}, protocol="anchor", temperature=0.05,
-                      epochs=1, progress=False, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(model=model, optimizer=optimizer, sampler=sampler, data=stream, evaluate=lambda split: {},
+                      cfg=TrainerConfig(protocol="anchor", temperature=0.05, epochs=1, seed=0, progress=False))
     it = stream.epoch(0)
     trainer.train_step(next(it))  # warm-up (allocations, first Ray task)
     inter, step_seconds = 0, 0.0
