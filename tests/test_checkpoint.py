@@ -194,8 +194,9 @@ def recorded_run(cfg: Any, monkeypatch: pytest.MonkeyPatch, kill_at: int | None 
 
 
 @pytest.fixture(scope="module")
-def small_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A shard directory of ~600 users in row groups of 24 (an epoch spans many units and windows)."""
+def small_shards(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """A shard directory of ~600 users in row groups of 24 (an epoch spans many units and windows); built
+    with Ray Data, whose local instance ends with this module (tests/conftest.py)."""
     from pipeline.build_sequences import BuildConfig, build_sequences
     from pipeline.synth_logs import LogConfig, write_logs
 
