@@ -123,13 +123,16 @@ class TrainData(Protocol):
 
 class Checkpoints(Protocol):
     """Where the trainer's checkpoints go: pipeline.checkpoint.RunCheckpoints (DCP on disk) or
-    MemoryCheckpoints (in memory: tests, benchmarks, the default)."""
+    pipeline.checkpoint.MemoryCheckpoints (in memory: tests, benchmarks, the default).
+      save(step, trainer_state)  model + optimizer + the trainer's JSON-able state, as one checkpoint
+      resume()                   the latest into model + optimizer; (where, trainer_state), or None
+      save_best() / load_best()  the current weights as the best so far / back into the model
+    """
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Any: ...  # model + optimizer + trainer_state
-    def resume(self) -> tuple[str, dict[str, Any]] | None: ...  # load the latest into model + optimizer;
-    # returns (where, trainer_state), None when there is no checkpoint
-    def save_best(self) -> None: ...  # the current weights as the best so far
-    def load_best(self) -> None: ...  # the best weights back into the model
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Any: ...
+    def resume(self) -> tuple[str, dict[str, Any]] | None: ...
+    def save_best(self) -> None: ...
+    def load_best(self) -> None: ...
 
 
 class Trainer:
@@ -143,7 +146,7 @@ class Trainer:
         cfg: TrainerConfig,
         dist: DistInfo = DistInfo(),
         logger: MetricLogger | None = None,
-        checkpointer: Checkpoints | None = None,  # None: the best weights in memory, nothing else saved
+        checkpointer: Checkpoints | None = None,  # None: MemoryCheckpoints(model, optimizer)
     ) -> None:
         self.model = model
         self.optimizer = optimizer
