@@ -2,7 +2,7 @@
 VENV ?= .venv
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast loss-curves lint clean
 setup:
 	@scripts/install.sh
 
@@ -14,6 +14,10 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# rewrite tests/assets/losses/*.txt after a change meant to alter numerics (tests/test_loss_curve.py)
+loss-curves: setup
+	FUXI_UPDATE_LOSS_CURVES=1 $(VENV)/bin/python -m pytest -q tests/test_loss_curve.py
 
 clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache

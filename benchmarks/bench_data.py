@@ -30,7 +30,7 @@ from pipeline.data.build import BuildConfig, build_sequences
 from pipeline.data.schema import ITEM_FEATURE
 from pipeline.data.stream import Backend, ShardBatches, ensure_ray
 from pipeline.data.synth_logs import LogConfig, write_logs
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import Trainer, TrainerConfig
 
 
 def timed(fn):
@@ -59,9 +59,8 @@ def trainer_rate(seq: Path, num_items: int, batch_size: int, max_len: int, steps
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
     sampler = NegativeSampler(128, "shared", low=1, high=num_items)
     stream = ShardBatches(seq, batch_size, max_len, drop_last_items=1, shuffle=True, seed=0, backend=Backend.RAY)
-    trainer = Trainer(model=model, optimizer=optimizer, sampler=sampler, train_batches=stream.epoch,
-                      steps_per_epoch=len(stream), evaluate=lambda split: {}, protocol="anchor", temperature=0.05,
-                      epochs=1, progress=False, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(model=model, optimizer=optimizer, sampler=sampler, data=stream, evaluate=lambda split: {},
+                      cfg=TrainerConfig(protocol="anchor", temperature=0.05, epochs=1, seed=0, progress=False))
     it = stream.epoch(0)
     trainer.train_step(next(it))  # warm-up (allocations, first Ray task)
     inter, step_seconds = 0, 0.0

@@ -30,6 +30,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+class FixedBatches:
+    """The Trainer's TrainData over a list of prepared batches (the timed loop calls train_step itself)."""
+
+    def __init__(self, batches: list) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start_batch: int = 0):
+        return iter(self.batches[start_batch:])
+
+    def state_dict(self) -> dict:
+        return {"epoch": 0, "batch": 0}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def worker(args: argparse.Namespace) -> None:
     import psutil
     import torch
@@ -39,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.train.config import tiny
     from pipeline.train.distributed import all_reduce_sum, init_distributed, teardown
     from pipeline.train.parallelize import parallelize
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
     from torchrec import KeyedJaggedTensor
 
     ctx = init_distributed("cpu")
@@ -73,13 +92,13 @@ def worker(args: argparse.Namespace) -> None:
                                                   torch.cat([lengths, lengths]).int())
         return Batch(seq=seq, user_ids=torch.arange(args.batch))
 
+    batches = [batch() for _ in range(args.steps + 2)]
     trainer = Trainer(
         model=pm.model, optimizer=pm.optimizer, sampler=NegativeSampler(args.negatives, "shared", 1, args.rows),
-        train_batches=lambda e, s: iter(()), steps_per_epoch=0, evaluate=lambda split: {}, protocol="validated",
-        temperature=0.05, epochs=1, generator=torch.Generator(), progress=False, reduce_sum=all_reduce_sum,
-        seed=0, rank=ctx.rank, world_size=ctx.world_size,
+        data=FixedBatches(batches),
+        evaluate=lambda split: {}, cfg=TrainerConfig(protocol="validated", temperature=0.05, epochs=1, progress=False),
+        dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
     )
-    batches = [batch() for _ in range(args.steps + 2)]
     times = []
     for b in batches:
         t = time.perf_counter()

@@ -39,17 +39,17 @@ def absolute_tracking_uri(uri: str | None) -> str:
 
 
 def ensure_experiment(client: Any, name: str, artifact_root: str | Path | None = None) -> str:
-    """Experiment id by name, created if needed. With a SQLite store MLflow puts artifacts in ./mlruns of
-    whichever process creates the experiment; pin them next to the database file instead."""
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
+    """Experiment id by name, created if needed (with pipeline.train.tracking's experiment-kind tag). With a
+    SQLite store MLflow puts artifacts in ./mlruns of whichever process creates the experiment; pin them
+    next to the database file instead."""
+    from pipeline.train.tracking import get_or_create_experiment
+
     location = None
     if artifact_root is not None:
         location = Path(artifact_root).resolve().as_uri()
     elif client.tracking_uri.startswith("sqlite:///"):
         location = (Path(client.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    return get_or_create_experiment(client, name, artifact_location=location)
 
 
 def mlflow_client(tracking_uri: str | None = None) -> Any:

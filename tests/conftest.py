@@ -57,3 +57,15 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def deterministic():
+    """Bit-reproducible CPU training for one test. With more than one thread an accumulating index_put_
+    (the backward of gathering the time-bucket weights, model/fast_ams.py) adds with float atomics in
+    thread order, so two identical runs differ in the last bits from the first steps on; deterministic
+    mode makes it add serially."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)

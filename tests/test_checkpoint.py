@@ -142,3 +142,116 @@ def _worker(mode: str, root: str, out: str) -> None:
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
     _worker(*sys.argv[2:5])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# mid-epoch checkpoints (checkpoint_every_steps): a run killed mid-epoch resumes at the next batch
+
+
+class Killed(BaseException):
+    """Stands for the job being killed: raised while the trainer waits for a batch."""
+
+
+class RecordedBatches:
+    """The training split of a run, recording each batch's user ids; raises Killed when the trainer asks
+    for batch number `kill_at` (counted over the run). Everything else is the real split's."""
+
+    def __init__(self, inner: Any, seen: list[list[int]], kill_at: int | None) -> None:
+        self.inner, self.seen, self.kill_at = inner, seen, kill_at
+
+    def __getattr__(self, name: str) -> Any:  # state_dict, load_state_dict, num_rows, skipped_users, ...
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def epoch(self, epoch: int, start_batch: int) -> Any:
+        for batch in self.inner.epoch(epoch, start_batch):
+            if len(self.seen) + 1 == self.kill_at:
+                raise Killed(f"killed before step {self.kill_at}")
+            self.seen.append(batch.user_ids.tolist())
+            yield batch
+
+
+def recorded_run(cfg: Any, monkeypatch: pytest.MonkeyPatch, kill_at: int | None = None) -> dict[str, Any]:
+    """run_recorded(cfg) plus the user ids of every trained step (`users`), or {"users": ..} when killed."""
+    import pipeline.train.run as train
+
+    seen: list[list[int]] = []
+    build = train.build_batches
+
+    def build_recorded(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        splits = build(*args, **kwargs)
+        return {**splits, "train": RecordedBatches(splits["train"], seen, kill_at)}
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train, "build_batches", build_recorded)
+        try:
+            result = run_recorded(cfg)
+        except Killed:
+            return {"users": seen}
+    return {**result, "users": seen}
+
+
+@pytest.fixture(scope="module")
+def small_shards(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> Path:
+    """A shard directory of ~600 users in row groups of 24 (an epoch spans many units and windows); built
+    with Ray Data, whose local instance ends with this module (tests/conftest.py)."""
+    from pipeline.data.build import BuildConfig, build_sequences
+    from pipeline.data.synth_logs import LogConfig, write_logs
+
+    root = tmp_path_factory.mktemp("shards")
+    write_logs(LogConfig(num_users=600, num_items=300, num_days=2, num_events=12_000, seed=3, num_themes=10),
+               root / "logs", progress=False)
+    build_sequences(root / "logs", root / "seq", BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
+                    progress=False)
+    return root / "seq"
+
+
+def mid_epoch_config(source: str, run_dir: Path, every_steps: int, resume: bool = False) -> Any:
+    from pipeline.train.config import tiny
+
+    cfg = tiny()  # dropout stays on: its masks are a function of (seed, step, rank), as are the negatives
+    cfg.epochs = 2
+    if source != "synthetic":
+        cfg.data.source, cfg.data.stream, cfg.data.stream_backend = source, True, "pyarrow"
+    cfg.tracking.enabled = False
+    cfg.tracking.log_every_steps = 1
+    cfg.checkpoint_every_epochs = 1
+    cfg.checkpoint_every_steps = every_steps
+    cfg.run_dir, cfg.resume = str(run_dir), resume
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("deterministic")  # exact comparisons below (tests/conftest.py)
+@pytest.mark.parametrize("path", ["stream", "in_memory"])
+def test_killed_mid_epoch_resumes_at_the_next_batch(path: str, request: pytest.FixtureRequest, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    source = str(request.getfixturevalue("small_shards")) if path == "stream" else "synthetic"
+    every = 3
+    full = recorded_run(mid_epoch_config(source, tmp_path / "uninterrupted", every), monkeypatch)
+    steps = full["steps"]
+    per_epoch = steps // 2
+    assert per_epoch >= 4 and len(full["users"]) == len(full["losses"]) == steps
+    # the last step checkpoint inside epoch 2 (not at its end), and a kill two steps after it
+    mid = max(s for s in range(every, steps - 1, every) if s > per_epoch and s % per_epoch)
+    killed = recorded_run(mid_epoch_config(source, tmp_path / "run", every), monkeypatch, kill_at=mid + 2)
+    assert "steps" not in killed and len(killed["users"]) == mid + 1  # step mid + 1 was trained, then lost
+    assert Checkpointer(tmp_path / "run" / "checkpoints").latest().name == f"step-{mid:06d}"
+
+    resumed = recorded_run(mid_epoch_config(source, tmp_path / "run", every, resume=True), monkeypatch)
+    assert resumed["resumed_from"].endswith(f"step-{mid:06d}")
+    # (a) the steps kept by the killed run, then the resumed ones: the uninterrupted run's batches, in order
+    assert killed["users"][:mid] + resumed["users"] == full["users"]
+    users = [u for step in full["users"][:per_epoch] for u in step]
+    assert len(users) == len(set(users))  # and one epoch holds each user once
+    # (b) bit-identical continuation: per-step losses, the epoch means (epoch 2 spans both runs), metrics
+    assert resumed["losses"] == full["losses"][mid:]
+    assert resumed["steps"] == steps
+
+    def without_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{k: v for k, v in h.items() if k != "epoch_seconds"} for h in history]
+
+    assert without_time(resumed["history"]) == without_time(full["history"])
+    assert resumed["test"] == full["test"]

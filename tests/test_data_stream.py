@@ -122,8 +122,17 @@ def test_resume_from_a_checkpointed_position_continues_exactly(shards, tmp_path,
 
 
 def test_resume_refuses_a_different_plan(shards):
-    state = stream(shards, world_size=2).state_dict()
+    first = stream(shards, world_size=2, backend=Backend.PYARROW)
+    next(iter(first.epoch(0)))
+    state = first.state_dict()  # mid-epoch: batch 1 of epoch 0
     with pytest.raises(ValueError, match="world_size"):
         stream(shards, world_size=3).load_state_dict(state)
     with pytest.raises(ValueError, match="batch_size"):
         stream(shards, world_size=2, batch_size=8).load_state_dict(state)
+    with pytest.raises(ValueError, match="seed"):
+        stream(shards, world_size=2, seed=8).load_state_dict(state)
+    # at an epoch boundary the next epoch is planned for the new world size; other data is still refused
+    boundary = {**state, "epoch": 1, "batch": 0}
+    stream(shards, world_size=3).load_state_dict(boundary)
+    with pytest.raises(ValueError, match="seed"):
+        stream(shards, world_size=3, seed=8).load_state_dict(boundary)

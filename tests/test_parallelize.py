@@ -122,7 +122,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     from pipeline.train.distributed import all_reduce_sum
     from pipeline.train.parallelize import parallelize
     from pipeline.train.run import build_batches, load_data
-    from pipeline.train.trainer import Trainer
+    from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
 
     data = load_data(cfg)
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
@@ -132,9 +132,9 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     probe = GradProbe(pm)
     trainer = Trainer(
         model=pm.model, optimizer=probe, sampler=NegativeSampler(cfg.loss.num_negatives, "shared", 1, data.num_items),
-        train_batches=batches.epoch, steps_per_epoch=len(batches), evaluate=lambda split: {}, protocol="validated",
-        temperature=cfg.loss.temperature, epochs=1, generator=torch.Generator(), progress=False,
-        reduce_sum=all_reduce_sum, seed=cfg.seed, rank=rank, world_size=world,
+        data=batches, evaluate=lambda split: {},
+        cfg=TrainerConfig(protocol="validated", temperature=cfg.loss.temperature, epochs=1, seed=cfg.seed, progress=False),
+        dist=DistInfo(rank, world, "cpu", all_reduce_sum),
     )
     trainer.train_step(next(iter(batches.epoch(0))))
     return probe.norms

@@ -65,6 +65,19 @@ def test_grid_expansion_and_validation() -> None:
         run_sweep("tiny", {"model.num_layer": ["1"]}, tracking_uri="sqlite:///unused.db")
 
 
+def test_experiments_are_tagged_as_model_development(store: dict) -> None:
+    from pipeline.train.tracking import MLflowLogger, get_or_create_experiment
+
+    client = store["client"]
+    kind = {"mlflow.experimentKind": "custom_model_development"}
+    logger = MLflowLogger("tagged-at-creation", "r", store["uri"], system_metrics=False)
+    logger.close()
+    assert client.get_experiment(logger.experiment_id).tags.items() >= kind.items()
+    untagged = client.create_experiment("created-elsewhere")  # e.g. by an older version, or by hand
+    assert get_or_create_experiment(client, "created-elsewhere") == untagged
+    assert client.get_experiment(untagged).tags.items() >= kind.items()
+
+
 @pytest.mark.slow
 def test_short_run_logs_params_metrics_artifacts(store: dict, sweep) -> None:
     client = store["client"]
@@ -85,7 +98,8 @@ def test_short_run_logs_params_metrics_artifacts(store: dict, sweep) -> None:
     for key in ("final_test/hr_at_10", "final_test/ndcg_at_10", "final_test/mrr"):
         assert 0.0 <= run.data.metrics[key] <= 1.0
     assert not any("@" in k for k in run.data.metrics)
-    # tags and artifacts
+    # tags and artifacts; the experiment opens on its runs table in the MLflow 3 UI
+    assert client.get_experiment(sweep.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.data.tags["git_commit"] and json.loads(run.data.tags["data.meta"])["source"] == "synthetic"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "train.json" in artifacts

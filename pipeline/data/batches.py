@@ -10,11 +10,18 @@ many users as fit in `batch_tokens * world_size` supervised positions (histories
 step costs about the same whatever the length mix: a batch of short histories holds more users. Each
 rank takes every world_size-th row of the batch sorted by length, which balances tokens across ranks.
 The loss is the mean over the global batch's positions either way (pipeline/train/trainer.py).
+
+Position: (epoch, batches yielded in that epoch), kept as batches are yielded; `state_dict()` records it
+with the plan it belongs to and a checkpoint stores it (pipeline/train/trainer.py). The global batches of an
+epoch depend only on the rows, the seed and the global batch (`batch_size * world_size` rows, or
+`batch_tokens * world_size` positions), so a position continues exactly on another world size with the
+same global batch; at an epoch boundary any plan continues.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -54,6 +61,7 @@ class SequenceBatches:
         self.tokens = np.minimum(data.lengths()[self.rows] - drop_last_items, max_sequence_length + 1) - 1
         self.skipped_users = data.num_users - len(self.rows)  # too short for this split; reported by the trainer
         self._num_batches: int | None = None
+        self._epoch, self._batch = 0, 0
 
     def _global_batches(self, epoch: int) -> list[np.ndarray]:
         order = np.arange(len(self.rows))
@@ -80,10 +88,35 @@ class SequenceBatches:
     def num_rows(self) -> int:
         return len(self.rows)
 
+    # -- position -------------------------------------------------------------------------------------------
+    def _plan_key(self) -> dict[str, Any]:
+        return {"rows": len(self.rows), "seed": self.seed, "shuffle": self.shuffle,
+                "global_batch": self.batch_size * self.world_size, "global_tokens": self.batch_tokens * self.world_size,
+                "drop_last_items": self.drop_last_items, "max_sequence_length": self.max_sequence_length}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "batch": self._batch, **self._plan_key()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a recorded position; mid-epoch only with the plan that recorded it."""
+        if int(state["batch"]):
+            key = self._plan_key()
+            if not key["global_tokens"]:  # batch_size does not shape the batches under a token budget
+                key.pop("global_tokens")
+            else:
+                key.pop("global_batch")
+            diff = {k: (state.get(k), v) for k, v in key.items() if state.get(k) != v}
+            if diff:
+                raise ValueError(f"cannot resume mid-epoch exactly: the recorded plan differs in {diff} "
+                                 "(recorded, now); resume with the same data, seed and global batch")
+        self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
+
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
-        for global_rows in self._global_batches(epoch)[start_batch:]:
+        batches = self._global_batches(epoch)
+        for k, global_rows in enumerate(batches[start_batch:], start=start_batch + 1):
             if self.batch_tokens:  # sorted by length: dealing round robin balances tokens
                 mine = global_rows[self.rank :: self.world_size]
             else:
                 mine = np.array_split(global_rows, self.world_size)[self.rank]
+            self._epoch, self._batch = (epoch + 1, 0) if k == len(batches) else (epoch, k)
             yield collate_arrow(self.data.table.take(mine), self.max_sequence_length, self.drop_last_items)

@@ -7,6 +7,7 @@ list offsets: no per-row Python.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,19 @@ from torchrec import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from pipeline.data.schema import ITEM_FEATURE, TIME_FEATURE
+
+
+class _DropFxTracingNotice(logging.Filter):
+    """torchrec's JaggedTensor and KeyedJaggedTensor are built through torch.fx's ProxyableClassMeta, whose
+    __call__ asks the deprecated torch.fx.is_fx_tracing() on every construction; the first call logs (once
+    per process, at the first batch) a notice addressed to the caller of is_fx_tracing, i.e. torch itself.
+    Nothing here traces, so only that one message of that logger is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("is_fx_tracing will return true for both fx.symbolic_trace")
+
+
+logging.getLogger("torch.fx._symbolic_trace").addFilter(_DropFxTracingNotice())
 
 
 @dataclass

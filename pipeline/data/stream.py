@@ -2,7 +2,7 @@
 
 The only Ray Data streaming file. Two backends, picked by one enum, yield identical batches:
   ray      Ray Data: one read task per planned segment, streamed with backpressure and kept in plan order
-           (`preserve_order`); the driver only cuts batches and collates (`pipeline.collate`).
+           (`preserve_order`); the driver only cuts batches and collates (`pipeline.data.collate`).
   pyarrow  the reference: the same segments read in this process with pyarrow.
 
 The plan of an epoch is pure numpy, computed identically by every rank from the manifest (no data read):
@@ -17,8 +17,8 @@ The plan of an epoch is pure numpy, computed identically by every rank from the 
   ranks     rank r reads the contiguous range of the epoch order holding its rows (about 1/W of the data).
 Position: (epoch, batches yielded in that epoch); `state_dict()` records it with the plan parameters and
 `load_state_dict()` continues from it: the next batch is the first not yet yielded, so a resumed job neither
-repeats nor skips a sequence. A different world size, batch size, seed or data cannot continue exactly and
-is an error. Memory: Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver
+repeats nor skips a sequence. A different seed or data cannot continue and is an error; so is a different
+world size or batch size mid-epoch (at an epoch boundary the next epoch is planned for the new ones). Memory: Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver
 holds at most one segment plus one batch.
 """
 
@@ -45,7 +45,7 @@ if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray re
     from pipeline.data.collate import Batch
 
 COLUMNS = [f.name for f in SEQUENCE_SCHEMA]
-MANIFEST_MIN_LENGTHS = (2, 3, 4)  # `pipeline.build_sequences.MIN_LENGTHS`: counts stored per row group
+MANIFEST_MIN_LENGTHS = (2, 3, 4)  # `pipeline.data.build.MIN_LENGTHS`: counts stored per row group
 
 
 class Backend(str, Enum):
@@ -213,7 +213,7 @@ def cut_batches(tables: Iterator[pa.Table], sizes: np.ndarray) -> Iterator[pa.Ta
 
 
 class ShardBatches:
-    """One rank's batches over a shard directory; the API of `pipeline.datasets.SequenceBatches` plus a position."""
+    """One rank's batches over a shard directory; the API of `pipeline.data.batches.SequenceBatches` plus a position."""
 
     def __init__(
         self,
@@ -264,6 +264,8 @@ class ShardBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         key = self._plan_key()
+        if not int(state["batch"]):  # an epoch boundary: the next epoch is planned for this batch and world size
+            key.pop("batch_size"), key.pop("world_size")
         diff = {k: (state.get(k), v) for k, v in key.items() if state.get(k) != v}
         if diff:
             raise ValueError(f"cannot resume this stream exactly: the recorded plan differs in {diff} "

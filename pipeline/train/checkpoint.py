@@ -2,7 +2,8 @@
 
 Layout under `root` (a folder every rank can reach: a shared filesystem on several nodes):
     step-000120/            a complete training checkpoint: .metadata + one .distcp file per rank
-    step-000120/train.json  run config, trainer state and world size, written by rank 0 before the commit
+    step-000120/train.json  run config, world size and the trainer state (loop position, best metric, history,
+                            data stream position), written by rank 0 before the commit
     latest                  a text file naming the newest complete training checkpoint (what --resume loads)
     best/                   model only: the best validation weights so far (validated protocol)
     final/                  the model the run reports (selected weights) + train.json with the report
@@ -16,6 +17,7 @@ stores them with their global shapes, so a checkpoint loads into any world size 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -125,13 +127,20 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return found
 
 
-class RunCheckpoints:
-    """A training run's checkpoints: what is saved together, and when (every rank calls every method).
+def _json_ready(state: dict[str, Any]) -> dict[str, Any]:
+    """Plain JSON types (numpy scalars in metrics become floats), so what train.json holds reads back equal."""
+    return json.loads(json.dumps(state, default=float))
 
-    A training checkpoint holds {"model": dmp.state_dict() (ShardedTensor table + DTensor dense),
-    "optim": the CombinedOptimizer's state (fused table state + AdamW), "trainer": the TrainState as JSON
-    (step, epoch, data position, best metric, history)}. Randomness needs no saved state: it is a function
-    of (seed, step, rank) (pipeline/trainer.py), and the seed is in the config.
+
+class RunCheckpoints:
+    """A training run's checkpoints on disk; implements the Trainer's `Checkpoints` protocol (every rank
+    calls every method).
+
+    A training checkpoint holds {"model": dmp.state_dict() (ShardedTensor table + DTensor dense), "optim":
+    the CombinedOptimizer's state (fused table state + AdamW)} in DCP, and the trainer's state (step,
+    epoch, batch in the epoch, best metric, history, and the data stream's position with the plan it
+    belongs to) as JSON in train.json, which every rank reads back as text. Randomness needs no saved
+    state: it is a function of (seed, step, rank) (pipeline/train/trainer.py), and the seed is in the config.
     """
 
     def __init__(
@@ -143,32 +152,28 @@ class RunCheckpoints:
         self.init_optimizer_state = init_optimizer_state
         self.meta = dict(meta or {})
 
-    def _state(self, trainer_state: Any) -> dict[str, Any]:
-        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict(),
-                "trainer": json.dumps(trainer_state.state_dict(), default=float)}
+    def _state(self) -> dict[str, Any]:
+        return {"model": self.dmp.state_dict(), "optim": self.optimizer.state_dict()}
 
-    def _meta(self, trainer_state: Any, **extra: Any) -> dict[str, Any]:
-        return {**self.meta, "trainer": trainer_state.state_dict(), **extra}
+    def _meta(self, trainer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        return {**self.meta, "trainer": _json_ready(trainer_state), **extra}
 
-    def maybe_save(self, trainer_state: Any, every_epochs: int, epochs: int) -> Path | None:
-        """At the end of an epoch: every `every_epochs` epochs and after the last one."""
-        epoch = trainer_state.epoch
-        if every_epochs <= 0 or (epoch % every_epochs and epoch != epochs):
-            return None
-        return self.store.save(trainer_state.step, self._state(trainer_state), self._meta(trainer_state))
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+        """A training checkpoint at `step`; `latest` names it once it is complete."""
+        return self.store.save(step, self._state(), self._meta(trainer_state))
 
-    def resume(self, trainer_state: Any) -> Path | None:
-        """Load the latest complete training checkpoint, if any, into model, optimizer and trainer state."""
+    def resume(self) -> tuple[str, dict[str, Any]] | None:
+        """Load the latest complete training checkpoint, if any, into model and optimizer; returns its
+        path and the trainer state it holds."""
         path = self.store.latest()
         if path is None:
             return None
         self.init_optimizer_state()
-        state = self._state(trainer_state)
+        state = self._state()
         dcp.load(state, checkpoint_id=str(path))
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        trainer_state.load_state_dict(json.loads(state["trainer"]))
-        return path
+        return str(path), read_meta(path)["trainer"]
 
     def save_best(self) -> None:
         self.store.save_named(BEST, {"model": self.dmp.state_dict()})
@@ -181,7 +186,37 @@ class RunCheckpoints:
         dcp.load(state, checkpoint_id=str(path))
         self.dmp.load_state_dict(state["model"])
 
-    def save_final(self, trainer_state: Any, report: dict[str, Any]) -> Path:
+    def save_final(self, trainer_state: dict[str, Any], report: dict[str, Any]) -> Path:
         """The model the run reports (the selected weights), for `fuxi eval`, warm starts and the registry."""
-        state = {"model": self.dmp.state_dict(), "trainer": json.dumps(trainer_state.state_dict(), default=float)}
-        return self.store.save_named(FINAL, state, self._meta(trainer_state, report=report))
+        return self.store.save_named(FINAL, {"model": self.dmp.state_dict()}, self._meta(trainer_state, report=report))
+
+
+class MemoryCheckpoints:
+    """The Trainer's `Checkpoints` protocol in memory (one process): tests, benchmarks, and the default
+    that keeps the best weights of a validated run. Copies are taken, so later steps do not change them."""
+
+    def __init__(self, model: Any, optimizer: Any) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.saved: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}  # step -> (model, optim, trainer)
+        self.best: dict[str, Any] | None = None
+
+    def save(self, step: int, trainer_state: dict[str, Any]) -> int:
+        self.saved[step] = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), trainer_state))
+        return step
+
+    def resume(self) -> tuple[str, dict[str, Any]] | None:
+        if not self.saved:
+            return None
+        step = max(self.saved)
+        model, optim, trainer_state = copy.deepcopy(self.saved[step])
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(optim)
+        return f"memory:step-{step:06d}", trainer_state
+
+    def save_best(self) -> None:
+        self.best = copy.deepcopy(self.model.state_dict())
+
+    def load_best(self) -> None:
+        if self.best is not None:
+            self.model.load_state_dict(self.best)

@@ -96,6 +96,9 @@ class TrainConfig:
     run_dir: str | None = None
     resume: bool = False
     checkpoint_every_epochs: int = 1
+    # > 0: also checkpoint every this many optimizer steps, mid-epoch included (a streamed epoch resumes
+    # at its next batch); 0: at epoch ends only
+    checkpoint_every_steps: int = 0
     init_checkpoint: str | None = None  # warm start: model weights only (the nightly job's champion)
     progress: bool = True
     # "bf16": forward and loss under torch.autocast(bfloat16) (matmuls in bf16, weights, optimizer and

@@ -1,6 +1,6 @@
 """Entry point: config -> process group -> data -> sharded model -> Trainer.fit() -> checkpoint -> close.
 
-One code path for every world size: without torchrun the process is a world of one (pipeline/distributed.py).
+One code path for every world size: without torchrun the process is a world of one (pipeline/train/distributed.py).
 Each rank reads the data and trains on its slice of every global batch; only rank 0 logs to MLflow.
 """
 
@@ -26,7 +26,7 @@ from pipeline.train.distributed import DistContext, all_reduce_sum, broadcast_ob
 from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
-from pipeline.train.trainer import Trainer
+from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
 
 
 def load_data(cfg: TrainConfig) -> SequenceData:
@@ -113,7 +113,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
         logger.close(status)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[str, SequenceBatches],
+def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[str, Any],
            pm: ParallelModel, logger: MetricLogger) -> dict[str, Any]:
     default_dir = Path(cfg.output_dir) / cfg.name / (logger.run_id or time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(str(broadcast_object(str(cfg.run_dir or default_dir))))
@@ -121,29 +121,29 @@ def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[
         "config": dataclasses.asdict(cfg), "world_size": ctx.world_size, "sharding": pm.table_sharding(),
         "mlflow_run_id": logger.run_id})
     trainer = Trainer(
-        model=pm.model, optimizer=pm.optimizer, train_batches=splits["train"].epoch,
+        model=pm.model, optimizer=pm.optimizer,
         sampler=NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items,
-                              dedup=cfg.loss.dedup_negatives),
-        steps_per_epoch=len(splits["train"]),
-        evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
-        protocol=cfg.data.protocol, temperature=cfg.loss.temperature, epochs=cfg.epochs,
-        eval_every_epochs=cfg.eval_every_epochs, logger=logger, log_every_steps=cfg.tracking.log_every_steps,
-        generator=torch.Generator(device=ctx.device), device=ctx.device, progress=cfg.progress and ctx.is_main,
-        on_epoch_end=lambda t: ckpt.maybe_save(t.state, cfg.checkpoint_every_epochs, cfg.epochs),
-        reduce_sum=all_reduce_sum, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
-        keep_best=ckpt.save_best, restore_best=ckpt.load_best, amp=cfg.amp,
+                                dedup=cfg.loss.dedup_negatives),
+        data=splits["train"], evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
+        cfg=TrainerConfig(
+            protocol=cfg.data.protocol, temperature=cfg.loss.temperature, epochs=cfg.epochs,
+            eval_every_epochs=cfg.eval_every_epochs, log_every_steps=cfg.tracking.log_every_steps, seed=cfg.seed,
+            amp=cfg.amp, checkpoint_every_steps=cfg.checkpoint_every_steps,
+            checkpoint_every_epochs=cfg.checkpoint_every_epochs, progress=cfg.progress and ctx.is_main,
+        ),
+        dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum), logger=logger, checkpointer=ckpt,
     )
-    resumed = ckpt.resume(trainer.state) if cfg.resume else None
+    resumed = trainer.resume() if cfg.resume else None
     if resumed is not None:
-        logger.set_tags({"resumed_from": str(resumed)})
+        logger.set_tags({"resumed_from": resumed})
     elif cfg.init_checkpoint:
         load_model_weights(pm.dmp, cfg.init_checkpoint)
     report = trainer.fit()
-    final = ckpt.save_final(trainer.state, report)
+    final = ckpt.save_final(trainer.state_dict(), report)
     logger.log_artifacts(final / "train.json")
     report.update(
         checkpoint=str(final), run_id=logger.run_id, run_dir=str(run_dir), world_size=ctx.world_size,
-        resumed_from=str(resumed) if resumed else None, sharding=pm.table_sharding(),
+        resumed_from=resumed, sharding=pm.table_sharding(),
         parameters=pm.num_parameters(), users={s: b.num_rows() for s, b in splits.items()},
         skipped_users={s: b.skipped_users for s, b in splits.items()}, history=trainer.state.history,
     )

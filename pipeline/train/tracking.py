@@ -8,12 +8,16 @@ directory. Metric names never contain '@' (MLflow rejects it).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# the experiments hold training runs: the MLflow 3 UI opens such an experiment on its runs table
+# (without the tag it asks what kind the experiment is, and may offer the GenAI traces view)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 class MetricLogger(Protocol):
@@ -51,6 +55,18 @@ def resolve_tracking_uri(uri: str | None) -> str:
     return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
+def get_or_create_experiment(client: Any, name: str, artifact_location: str | None = None) -> str:
+    """The id of experiment `name`, created with the experiment-kind tag if needed (the tag is added to
+    an existing experiment that lacks it). `artifact_location` applies only when it is created."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        return client.create_experiment(name, artifact_location=artifact_location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 class MLflowLogger:
     def __init__(
         self,
@@ -70,8 +86,7 @@ class MLflowLogger:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         mlflow.set_tracking_uri(self.tracking_uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        exp_id = get_or_create_experiment(self.client, experiment)
         all_tags = dict(tags or {})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
@@ -86,6 +101,8 @@ class MLflowLogger:
         if system_metrics:  # cpu, memory, disk, network (and GPU with pynvml) as system/* metrics
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+            # its start / stop / "no GPU" notices are INFO lines on every run; warnings still show
+            logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
             self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, tracking_uri=self.tracking_uri)
             self._monitor.start()
 

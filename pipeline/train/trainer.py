@@ -1,6 +1,6 @@
 """Trainer: the training step, the evaluation schedule and model selection. Receives built components.
 
-Protocols (see pipeline/sequences.py):
+Protocols (see pipeline/data/sequences.py):
   validated  evaluate the validation split every `eval_every_epochs`; keep the weights of the best
              validation NDCG@10; at the end load them and report the test split once.
   anchor     the official code: evaluate the test split every epoch, report the last epoch (the
@@ -8,20 +8,25 @@ Protocols (see pipeline/sequences.py):
 
 Distributed: each rank trains on its slice of the global batch. The loss each rank backpropagates is
 world_size * (sum of its position losses) / (global number of positions); with gradients averaged over
-ranks (see pipeline/parallelize.py) that is the gradient of the global mean, as in one process. Randomness is a pure
+ranks (see pipeline/train/parallelize.py) that is the gradient of the global mean, as in one process. Randomness is a pure
 function of (seed, step, rank): negatives are drawn from a generator reseeded every step (with rank 0's
 seed on every rank in the shared mode, so all ranks score the same R negatives as one process would),
 and dropout from the global generator reseeded every step, from a different seed stream (`step_seed`).
 Resuming at step k therefore needs no saved generator state, and a run resumed on another world size
 draws the same shared negatives.
+
+Checkpoints: the trainer decides when (`checkpoint_every_epochs` at epoch ends, after the evaluation;
+`checkpoint_every_steps` also mid-epoch) and hands its `state_dict()` (loop state + the data's position)
+to the checkpointer, which saves it with the model and optimizer. A run resumed from a mid-epoch
+checkpoint continues the epoch at the next batch: no sequence is trained twice or skipped, and every
+later step equals the uninterrupted run's.
 """
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +36,7 @@ from tqdm.auto import tqdm
 from model.loss import NegativeSampler, sampled_softmax_loss
 from model.recommender import SequentialRecommender
 from pipeline.data.collate import Batch
+from pipeline.train.checkpoint import MemoryCheckpoints
 from pipeline.train.tracking import MetricLogger, NullLogger
 
 SELECT_METRIC = "ndcg_at_10"
@@ -49,27 +55,84 @@ def step_seed(seed: int, step: int, rank: int = 0, stream: int = DROPOUT_STREAM)
 
 @dataclass
 class TrainState:
-    """Everything about the loop's position that a checkpoint must restore (with the model and optimizer)."""
+    """The loop's position and model-selection record; with the model, optimizer and data position it is
+    everything a checkpoint must restore."""
 
     step: int = 0
     epoch: int = 0  # epochs completed
     batch_in_epoch: int = 0  # data position: batches of the current epoch already trained
+    epoch_loss_sum: float = 0.0  # sum of those batches' losses (the epoch mean survives a mid-epoch resume)
     best_metric: float = -1.0
     best_epoch: int = -1
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "best_metric": self.best_metric, "best_epoch": self.best_epoch, "history": list(self.history)}
+                "epoch_loss_sum": self.epoch_loss_sum, "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "history": list(self.history)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
+        self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))
         self.best_metric, self.best_epoch = float(state["best_metric"]), int(state["best_epoch"])
         self.history = list(state.get("history", []))
 
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """What the loop does (TrainConfig's training fields; pipeline/train/run.py fills it)."""
+
+    protocol: str  # "validated" or "anchor" (module docstring)
+    temperature: float
+    epochs: int
+    eval_every_epochs: int = 1
+    log_every_steps: int = 10
+    seed: int = 0  # negatives and dropout are reseeded from (seed, step, rank) every step
+    amp: str = "none"  # "bf16": forward + loss under autocast (TrainConfig.amp)
+    checkpoint_every_steps: int = 0  # 0: off; else also mid-epoch, every this many optimizer steps
+    checkpoint_every_epochs: int = 0  # 0: off; else every this many epochs and after the last one
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.amp not in AMP_DTYPES:
+            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the world; the default is one process on the CPU."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device | str = "cpu"
+    reduce_sum: Callable[[Tensor], Tensor] | None = None  # sum over ranks (None: one process)
+
+
+class TrainData(Protocol):
+    """The training batches of this rank (pipeline.data.batches.SequenceBatches, pipeline.data.stream.ShardBatches)."""
+
+    def __len__(self) -> int: ...  # batches per epoch (the progress bar's total)
+    def epoch(self, epoch: int, start_batch: int) -> Iterable[Batch]: ...
+    def state_dict(self) -> dict[str, Any]: ...  # JSON-able: position and the plan it belongs to
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...  # refuses a plan it cannot continue
+
+
+class Checkpoints(Protocol):
+    """Where the trainer's checkpoints go: pipeline.train.checkpoint.RunCheckpoints (DCP on disk) or
+    pipeline.train.checkpoint.MemoryCheckpoints (in memory: tests, benchmarks, the default).
+      save(step, trainer_state)  model + optimizer + the trainer's JSON-able state, as one checkpoint
+      resume()                   the latest into model + optimizer; (where, trainer_state), or None
+      save_best() / load_best()  the current weights as the best so far / back into the model
+    """
+
+    def save(self, step: int, trainer_state: dict[str, Any]) -> Any: ...
+    def resume(self) -> tuple[str, dict[str, Any]] | None: ...
+    def save_best(self) -> None: ...
+    def load_best(self) -> None: ...
 
 
 class Trainer:
@@ -78,66 +141,56 @@ class Trainer:
         model: SequentialRecommender,
         optimizer: torch.optim.Optimizer,
         sampler: NegativeSampler,
-        train_batches: Callable[[int, int], Iterable[Batch]],  # (epoch, start batch) -> batches
-        steps_per_epoch: int,
+        data: TrainData,
         evaluate: Callable[[str], dict[str, float]],  # split name -> metrics
-        protocol: str,
-        temperature: float,
-        epochs: int,
-        eval_every_epochs: int = 1,
+        cfg: TrainerConfig,
+        dist: DistInfo = DistInfo(),
         logger: MetricLogger | None = None,
-        log_every_steps: int = 10,
-        generator: torch.Generator | None = None,
-        device: torch.device | str = "cpu",
-        progress: bool = True,
-        on_epoch_end: Callable[["Trainer"], None] | None = None,
-        reduce_sum: Callable[[Tensor], Tensor] | None = None,  # sum over ranks (None: one process)
-        seed: int | None = None,  # per-step reseeding of negatives and dropout (None: generators run on)
-        rank: int = 0,
-        world_size: int = 1,
-        keep_best: Callable[[], None] | None = None,  # store the current weights as the best (default: in memory)
-        restore_best: Callable[[], None] | None = None,  # load them back into the model
-        amp: str = "none",  # "bf16": forward + loss under autocast (TrainConfig.amp)
+        checkpointer: Checkpoints | None = None,  # None: MemoryCheckpoints(model, optimizer)
     ) -> None:
-        if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {amp!r}")
-        self.amp_dtype = AMP_DTYPES[amp]
         self.model = model
         self.optimizer = optimizer
         self.sampler = sampler
-        self.train_batches = train_batches
-        self.steps_per_epoch = steps_per_epoch
+        self.data = data
         self.evaluate = evaluate
-        self.protocol = protocol
-        self.temperature = temperature
-        self.epochs = epochs
-        self.eval_every_epochs = eval_every_epochs
+        self.cfg = cfg
+        self.dist = dist
+        self.device = torch.device(dist.device)
         self.logger = logger or NullLogger()
-        self.log_every_steps = log_every_steps
-        self.generator = generator
-        self.device = torch.device(device)
-        self.progress = progress
-        self.on_epoch_end = on_epoch_end
-        self.reduce_sum = reduce_sum
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.keep_best = keep_best or self._keep_best_in_memory
-        self.restore_best = restore_best or self._restore_best_from_memory
+        self.checkpointer = checkpointer or MemoryCheckpoints(model, optimizer)
+        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.generator = torch.Generator(device=self.device)  # negatives; reseeded every step
         self.state = TrainState()
-        self.best_weights: dict[str, torch.Tensor] | None = None
         self.epoch_seconds: list[float] = []
+
+    # -- what a checkpoint holds besides model and optimizer ------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able: the loop's state and the data position (identical on every rank)."""
+        return {**self.state.state_dict(), "data": self.data.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state.load_state_dict(state)
+        if "data" in state:
+            self.data.load_state_dict(state["data"])
+
+    def resume(self) -> str | None:
+        """Continue from the checkpointer's latest checkpoint, if any; returns where it came from."""
+        found = self.checkpointer.resume()
+        if found is None:
+            return None
+        where, state = found
+        self.load_state_dict(state)
+        return where
+
+    def _save(self) -> None:
+        self.checkpointer.save(self.state.step, self.state_dict())
 
     # ------------------------------------------------------------------------------------------
     def _reseed(self) -> None:
-        if self.seed is None:
-            return
-        step = self.state.step
-        torch.manual_seed(step_seed(self.seed, step, self.rank))  # dropout: differs per rank
-        if self.generator is not None:
-            shared = self.sampler.mode == "shared"
-            rank = 0 if shared else self.rank
-            self.generator.manual_seed(step_seed(self.seed, step, rank, NEGATIVES_STREAM))
+        seed, step, rank = self.cfg.seed, self.state.step, self.dist.rank
+        torch.manual_seed(step_seed(seed, step, rank))  # dropout: differs per rank
+        negatives_rank = 0 if self.sampler.mode == "shared" else rank
+        self.generator.manual_seed(step_seed(seed, step, negatives_rank, NEGATIVES_STREAM))
 
     def train_step(self, batch: Batch) -> float:
         """One optimizer step; returns the global mean loss (the same on every rank)."""
@@ -146,12 +199,12 @@ class Trainer:
         negatives = self.sampler.sample(batch.history_lengths(), self.generator)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.model(batch.seq, negatives.lookup)
-            loss_mean = sampled_softmax_loss(out, negatives, self.temperature).float()
+            loss_mean = sampled_softmax_loss(out, negatives, self.cfg.temperature).float()
         positions = float(out.user_TD.shape[0])
         totals = torch.stack([torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions])
-        if self.reduce_sum is not None:
-            totals = self.reduce_sum(totals.double()).to(loss_mean.dtype)
-        loss = loss_mean * (positions * self.world_size / totals[0])  # gradients are averaged over ranks
+        if self.dist.reduce_sum is not None:
+            totals = self.dist.reduce_sum(totals.double()).to(loss_mean.dtype)
+        loss = loss_mean * (positions * self.dist.world_size / totals[0])  # gradients are averaged over ranks
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -159,69 +212,76 @@ class Trainer:
         return (totals[1] / totals[0]).item()
 
     def train_epoch(self, epoch: int) -> float:
+        """The rest of `epoch` from the current position; returns the epoch's mean loss. With
+        `checkpoint_every_steps` a checkpoint follows every such step but an epoch's last (fit() saves
+        there, after the evaluation)."""
+        cfg = self.cfg
         self.model.train()
-        losses = []
         start = self.state.batch_in_epoch
         bar = tqdm(
-            self.train_batches(epoch, start), total=self.steps_per_epoch - start,
-            desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress, leave=False, dynamic_ncols=True,
+            self.data.epoch(epoch, start), total=len(self.data) - start,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, dynamic_ncols=True,
         )
         for batch in bar:
             loss = self.train_step(batch)
             self.state.batch_in_epoch += 1
-            losses.append(loss)
-            if self.state.step % self.log_every_steps == 0:
+            self.state.epoch_loss_sum += loss
+            if self.state.step % cfg.log_every_steps == 0:
                 self.logger.log({"train/loss": loss}, self.state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
-        self.state.batch_in_epoch = 0
-        return sum(losses) / max(len(losses), 1)
+            if self._step_checkpoint_due() and self.state.batch_in_epoch < len(self.data):
+                self._save()
+        mean = self.state.epoch_loss_sum / max(self.state.batch_in_epoch, 1)
+        self.state.batch_in_epoch, self.state.epoch_loss_sum = 0, 0.0
+        return mean
 
-    def _keep_best_in_memory(self) -> None:
-        self.best_weights = copy.deepcopy(self.model.state_dict())
+    def _step_checkpoint_due(self) -> bool:
+        every = self.cfg.checkpoint_every_steps
+        return every > 0 and self.state.step % every == 0
 
-    def _restore_best_from_memory(self) -> None:
-        if self.best_weights is not None:
-            self.model.load_state_dict(self.best_weights)
+    def _epoch_checkpoint_due(self) -> bool:
+        every, epoch = self.cfg.checkpoint_every_epochs, self.state.epoch
+        return (every > 0 and (epoch % every == 0 or epoch == self.cfg.epochs)) or self._step_checkpoint_due()
 
     def _select_split(self) -> str:
-        return "valid" if self.protocol == "validated" else "test"
+        return "valid" if self.cfg.protocol == "validated" else "test"
 
     def fit(self) -> dict[str, Any]:
         split = self._select_split()
         start_epoch = self.state.epoch
-        for epoch in range(start_epoch, self.epochs):
+        for epoch in range(start_epoch, self.cfg.epochs):
             t0 = time.perf_counter()
             mean_loss = self.train_epoch(epoch)
             self.epoch_seconds.append(time.perf_counter() - t0)
             self.state.epoch = epoch + 1
             record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_loss, "epoch_seconds": self.epoch_seconds[-1]}
             self.logger.log({"train/epoch_loss": mean_loss, "train/epoch_seconds": self.epoch_seconds[-1]}, self.state.step)
-            last = epoch + 1 == self.epochs
-            if (epoch + 1) % self.eval_every_epochs == 0 or last:
+            last = epoch + 1 == self.cfg.epochs
+            if (epoch + 1) % self.cfg.eval_every_epochs == 0 or last:
                 metrics = self.evaluate(split)
                 record.update({f"{split}/{k}": v for k, v in metrics.items()})
                 self.logger.log({f"{split}/{k}": v for k, v in metrics.items() if k != "num_users"}, self.state.step)
                 if metrics[SELECT_METRIC] > self.state.best_metric:
                     self.state.best_metric, self.state.best_epoch = metrics[SELECT_METRIC], epoch + 1
-                    if self.protocol == "validated":
-                        self.keep_best()
-                if self.progress:
+                    if self.cfg.protocol == "validated":
+                        self.checkpointer.save_best()
+                if self.cfg.progress:
                     tqdm.write(
                         f"epoch {epoch + 1:3d}  loss {mean_loss:.4f}  {split} "
                         + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("hr_at_10", "ndcg_at_10", "mrr"))
                         + f"  ({self.epoch_seconds[-1]:.1f}s)"
                     )
             self.state.history.append(record)
-            if self.on_epoch_end is not None:
-                self.on_epoch_end(self)
+            if self._epoch_checkpoint_due():
+                self._save()
         return self.final_report()
 
     def final_report(self) -> dict[str, Any]:
         """Test metrics of the selected model, plus timing."""
-        report: dict[str, Any] = {"protocol": self.protocol, "epochs": self.state.epoch, "steps": self.state.step}
-        if self.protocol == "validated":
+        report: dict[str, Any] = {"protocol": self.cfg.protocol, "epochs": self.state.epoch, "steps": self.state.step}
+        if self.cfg.protocol == "validated":
             if self.state.best_epoch > 0:
-                self.restore_best()
+                self.checkpointer.load_best()
             report["selected_epoch"] = self.state.best_epoch
             report["valid_ndcg_at_10"] = self.state.best_metric
             report["test"] = self.evaluate("test")
