@@ -116,7 +116,7 @@ def test_one_module_builds_the_fuxi_parser() -> None:
     assert scripts["fuxi"] == "jobs.cli:main"
 
 
-@pytest.mark.parametrize("path", ["pipeline/cli.py", "pipeline/train/run.py", "pipeline/data/stream.py"])
+@pytest.mark.parametrize("path", ["pipeline/cli.py", "pipeline/train.py", "pipeline/data.py"])
 def test_old_modules_are_gone(path: str) -> None:
     assert not (ROOT / path).exists()
 
