@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from model.attention import ams_channels, build_plan
 from model.layers import dropout_keep_mask, rms_norm
-from model.loss import MASKED_LOGIT, DENSE_SCORE_RATIO, _PerPositionSoftmax
+from model.loss import DENSE_SCORE_RATIO, MASKED_LOGIT, _PerPositionSoftmax
 
 
 def timed(fns: dict, rounds: int = 7) -> dict[str, float]:
@@ -45,8 +45,12 @@ def timed(fns: dict, rounds: int = 7) -> dict[str, float]:
 
 def report(title: str, ms: dict[str, float]) -> None:
     new, old = list(ms)[0], list(ms)[1:]
-    print(f"{title:52s} " + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items())
-          + "   " + "  ".join(f"{o}/{new} {ms[o] / ms[new]:.2f}x" for o in old))
+    print(
+        f"{title:52s} "
+        + "  ".join(f"{k} {v:7.2f} ms" for k, v in ms.items())
+        + "   "
+        + "  ".join(f"{o}/{new} {ms[o] / ms[new]:.2f}x" for o in old)
+    )
 
 
 def unfused_loss(user, target, neg, index, same, temperature, dense):
@@ -73,6 +77,7 @@ def bench_loss(catalogue: int, t: int = 11_200, r: int = 128, d: int = 50) -> No
         def run():
             leaves = [x.clone().requires_grad_(True) for x in base]
             loss_fn(*leaves, index, same, 0.05, dense).backward()
+
         return run
 
     ms = timed({"fused": step(_PerPositionSoftmax.apply), "unfused": step(unfused_loss)}, rounds=5)
@@ -86,11 +91,16 @@ def main() -> None:
     bench_loss(100_000)
 
     x = torch.randn(11_200, 150)
-    report("dropout mask p=0.2, [11200, 150]", timed({
-        "keep_mask": lambda: dropout_keep_mask(x.shape, 0.2, x.device),
-        "rand>=p": lambda: torch.rand_like(x) >= 0.2,
-        "bernoulli": lambda: torch.empty_like(x).bernoulli_(0.8),
-    }))
+    report(
+        "dropout mask p=0.2, [11200, 150]",
+        timed(
+            {
+                "keep_mask": lambda: dropout_keep_mask(x.shape, 0.2, x.device),
+                "rand>=p": lambda: torch.rand_like(x) >= 0.2,
+                "bernoulli": lambda: torch.empty_like(x).bernoulli_(0.8),
+            }
+        ),
+    )
 
     a32, w32 = torch.randn(11_200, 50), torch.randn(300, 50)
     a16, w16 = a32.bfloat16(), w32.bfloat16()
@@ -98,18 +108,30 @@ def main() -> None:
 
     q, k = torch.randn(32, 800, 50), torch.randn(32, 800, 50)
     k_t = k.transpose(1, 2).contiguous()
-    report("bmm q[:, 320:384] k[:, :384]^T, fp32", timed({
-        "pretransposed": lambda: torch.bmm(q[:, 320:384], k_t[:, :, :384]),
-        "view": lambda: torch.bmm(q[:, 320:384], k[:, :384].transpose(1, 2)),
-    }))
+    report(
+        "bmm q[:, 320:384] k[:, :384]^T, fp32",
+        timed(
+            {
+                "pretransposed": lambda: torch.bmm(q[:, 320:384], k_t[:, :, :384]),
+                "view": lambda: torch.bmm(q[:, 320:384], k[:, :384].transpose(1, 2)),
+            }
+        ),
+    )
 
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         xr = torch.randn(11_200, 150).to(dtype).requires_grad_(True)
         gr = torch.randn(11_200, 150).to(dtype)
-        report(f"RMSNorm fwd+bwd [11200, 150], {name}", timed({
-            "layers.rms_norm": lambda: torch.autograd.grad(rms_norm(xr), xr, gr),
-            "F.rms_norm": lambda: torch.autograd.grad(F.rms_norm(xr, (150,), eps=1e-6), xr, gr),
-        }))
+        report(
+            f"RMSNorm fwd+bwd [11200, 150], {name}",
+            timed(
+                {
+                    "layers.rms_norm": lambda xr=xr, gr=gr: torch.autograd.grad(rms_norm(xr), xr, gr),
+                    "F.rms_norm": lambda xr=xr, gr=gr: torch.autograd.grad(
+                        F.rms_norm(xr, (150,), eps=1e-6), xr, gr
+                    ),
+                }
+            ),
+        )
     bench_new_shapes()
 
 
@@ -133,8 +155,10 @@ def bench_new_shapes() -> None:
     report("bf16 GEMM [~11200, 50] x [50, 300]", fresh_shapes(lambda i: xs[i + 1] @ w, lambda: xs[0] @ w))
     qs = [torch.randn(30 + i, 64, 50).bfloat16() for i in range(10)]
     ks = [torch.randn(30 + i, 50, 192).bfloat16() for i in range(10)]
-    report("bf16 bmm [~30, 64, 50] x [~30, 50, 192]",
-           fresh_shapes(lambda i: torch.bmm(qs[i + 1], ks[i + 1]), lambda: torch.bmm(qs[0], ks[0])))
+    report(
+        "bf16 bmm [~30, 64, 50] x [~30, 50, 192]",
+        fresh_shapes(lambda i: torch.bmm(qs[i + 1], ks[i + 1]), lambda: torch.bmm(qs[0], ks[0])),
+    )
 
     def core(b: int, length: int, dtype: torch.dtype) -> None:
         g = torch.Generator().manual_seed(b)
@@ -148,22 +172,40 @@ def bench_new_shapes() -> None:
     u = torch.randn(12_000, 300).bfloat16()[:, :150]  # u: a column slice of the u/v/q/k projection
     y32 = torch.randn(12_000, 150)
     y16 = y32.bfloat16()
-    report("u * RMSNorm(attention), [12000, 150] u a bf16 view", timed({
-        "bf16 x bf16": lambda: u * y16,
-        "bf16 x fp32": lambda: u * y32,
-    }))
+    report(
+        "u * RMSNorm(attention), [12000, 150] u a bf16 view",
+        timed(
+            {
+                "bf16 x bf16": lambda: u * y16,
+                "bf16 x fp32": lambda: u * y32,
+            }
+        ),
+    )
     idx, src = torch.randint(0, 1682, (311, 128)), torch.rand(311, 128)
-    report("loss gradient scatter [311, 1682] <- [311, 128]", timed({
-        "fp32, then to bf16": lambda: torch.zeros(311, 1682).scatter_add_(1, idx, src).bfloat16(),
-        "in bf16": lambda: torch.zeros(311, 1682, dtype=torch.bfloat16).scatter_add_(1, idx, src.bfloat16()),
-    }))
+    report(
+        "loss gradient scatter [311, 1682] <- [311, 128]",
+        timed(
+            {
+                "fp32, then to bf16": lambda: torch.zeros(311, 1682).scatter_add_(1, idx, src).bfloat16(),
+                "in bf16": lambda: torch.zeros(311, 1682, dtype=torch.bfloat16).scatter_add_(
+                    1, idx, src.bfloat16()
+                ),
+            }
+        ),
+    )
 
     for rows in (8, 32):  # a new width L each call (120, 121, ...): every call a new shape
         widths = iter(range(120, 200))
-        report(f"AMS core fwd+bwd, {rows} rows, new L~128 each call", timed({
-            "fp32": lambda: core(rows, next(widths), torch.float32),
-            "bf16": lambda: core(rows, next(widths), torch.bfloat16),
-        }, rounds=9))
+        report(
+            f"AMS core fwd+bwd, {rows} rows, new L~128 each call",
+            timed(
+                {
+                    "fp32": lambda rows=rows, widths=widths: core(rows, next(widths), torch.float32),
+                    "bf16": lambda rows=rows, widths=widths: core(rows, next(widths), torch.bfloat16),
+                },
+                rounds=9,
+            ),
+        )
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ class FixedBatches:
 def worker(args: argparse.Namespace) -> None:
     import psutil
     import torch
+    from torchrec import KeyedJaggedTensor
 
     from model.loss import NegativeSampler
     from pipeline.data.collate import Batch
@@ -59,12 +60,16 @@ def worker(args: argparse.Namespace) -> None:
     from pipeline.train.distributed import all_reduce_sum, init_distributed, teardown
     from pipeline.train.parallelize import parallelize
     from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
-    from torchrec import KeyedJaggedTensor
 
     ctx = init_distributed("cpu")
     cfg = tiny()
     cfg.model = dataclasses.replace(
-        cfg.model, num_items=args.rows, embedding_dim=args.dim, dqk=args.dim, dv=args.dim, input_dropout=0.0,
+        cfg.model,
+        num_items=args.rows,
+        embedding_dim=args.dim,
+        dqk=args.dim,
+        dv=args.dim,
+        input_dropout=0.0,
         linear_dropout=0.0,
     )
     cfg.parallel.sharding_types = ("row_wise",)
@@ -72,13 +77,17 @@ def worker(args: argparse.Namespace) -> None:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     t0 = time.perf_counter()
-    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=args.batch, init_table=False)
+    pm = parallelize(
+        cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=args.batch, init_table=False
+    )
     build_s = time.perf_counter() - t0
     rss1 = proc.memory_info().rss
     table = pm.dmp.state_dict()["item_embedding.embeddings.item_table.weight"]
     weight_bytes = sum(s.tensor.numel() * s.tensor.element_size() for s in table.local_shards())
     state = pm.optimizer.state_dict()["state"]["fused.item_embedding.embeddings.item_table.weight"]
-    optim_bytes = sum(s.tensor.numel() * s.tensor.element_size() for v in state.values() for s in v.local_shards())
+    optim_bytes = sum(
+        s.tensor.numel() * s.tensor.element_size() for v in state.values() for s in v.local_shards()
+    )
     rows = [list(s["sizes"]) for s in pm.table_sharding()["shards"] if s["rank"] == ctx.rank]
 
     g = torch.Generator().manual_seed(1000 + ctx.rank)
@@ -88,15 +97,19 @@ def worker(args: argparse.Namespace) -> None:
         n = int(lengths.sum())
         items = torch.randint(1, args.rows, (n,), generator=g)
         times = torch.cumsum(torch.randint(1, 10**5, (n,), generator=g), 0) + 1_700_000_000
-        seq = KeyedJaggedTensor.from_lengths_sync(["item_id", "timestamp"], torch.cat([items, times]),
-                                                  torch.cat([lengths, lengths]).int())
+        seq = KeyedJaggedTensor.from_lengths_sync(
+            ["item_id", "timestamp"], torch.cat([items, times]), torch.cat([lengths, lengths]).int()
+        )
         return Batch(seq=seq, user_ids=torch.arange(args.batch))
 
     batches = [batch() for _ in range(args.steps + 2)]
     trainer = Trainer(
-        model=pm.model, optimizer=pm.optimizer, sampler=NegativeSampler(args.negatives, "shared", 1, args.rows),
+        model=pm.model,
+        optimizer=pm.optimizer,
+        sampler=NegativeSampler(args.negatives, "shared", 1, args.rows),
         data=FixedBatches(batches),
-        evaluate=lambda split: {}, cfg=TrainerConfig(protocol="validated", temperature=0.05, epochs=1, progress=False),
+        evaluate=lambda split: {},
+        cfg=TrainerConfig(protocol="validated", temperature=0.05, epochs=1, progress=False),
         dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
     )
     times = []
@@ -105,19 +118,47 @@ def worker(args: argparse.Namespace) -> None:
         trainer.train_step(b)
         times.append(time.perf_counter() - t)
     result = {
-        "world_size": ctx.world_size, "rank": ctx.rank, "shard_rows_cols": rows,
-        "table_MB": weight_bytes / 1e6, "optim_MB": optim_bytes / 1e6, "rss_growth_MB": (rss1 - rss0) / 1e6,
-        "build_s": build_s, "step_ms": 1000 * statistics.median(times[2:]),
+        "world_size": ctx.world_size,
+        "rank": ctx.rank,
+        "shard_rows_cols": rows,
+        "table_MB": weight_bytes / 1e6,
+        "optim_MB": optim_bytes / 1e6,
+        "rss_growth_MB": (rss1 - rss0) / 1e6,
+        "build_s": build_s,
+        "step_ms": 1000 * statistics.median(times[2:]),
     }
     Path(args.out, f"w{ctx.world_size}-r{ctx.rank}.json").write_text(json.dumps(result))
     teardown(ctx)
 
 
 def launch(world_size: int, args: argparse.Namespace, out: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", __file__, "--worker", "--out", out,
-           "--rows", str(args.rows), "--dim", str(args.dim), "--batch", str(args.batch),
-           "--length", str(args.length), "--negatives", str(args.negatives), "--steps", str(args.steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(world_size),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        __file__,
+        "--worker",
+        "--out",
+        out,
+        "--rows",
+        str(args.rows),
+        "--dim",
+        str(args.dim),
+        "--batch",
+        str(args.batch),
+        "--length",
+        str(args.length),
+        "--negatives",
+        str(args.negatives),
+        "--steps",
+        str(args.steps),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -138,19 +179,26 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    print(f"item table {args.rows:,} x {args.dim} fp32 = {args.rows * args.dim * 4 / 1e6:,.0f} MB; "
-          f"{args.batch} users/rank, histories <= {args.length}, {args.negatives} shared negatives, "
-          f"{args.threads} thread(s)/rank, gloo on CPU")
-    print(f"{'ranks':>5} {'rank':>4} {'shard rows x cols':>20} {'table MB':>9} {'optim MB':>9} {'RSS +MB':>8} "
-          f"{'build s':>8} {'step ms':>8}")
+    print(
+        f"item table {args.rows:,} x {args.dim} fp32 = {args.rows * args.dim * 4 / 1e6:,.0f} MB; "
+        f"{args.batch} users/rank, histories <= {args.length}, {args.negatives} shared negatives, "
+        f"{args.threads} thread(s)/rank, gloo on CPU"
+    )
+    print(
+        f"{'ranks':>5} {'rank':>4} {'shard rows x cols':>20} {'table MB':>9} {'optim MB':>9} {'RSS +MB':>8} "
+        f"{'build s':>8} {'step ms':>8}"
+    )
     with tempfile.TemporaryDirectory() as out:
         for world in (int(w) for w in args.world_sizes.split(",")):
             launch(world, args, out)
             for rank in range(world):
                 r = json.loads(Path(out, f"w{world}-r{rank}.json").read_text())
                 shard = " + ".join(f"{a:,} x {b}" for a, b in r["shard_rows_cols"])
-                print(f"{world:>5} {rank:>4} {shard:>20} {r['table_MB']:>9,.0f} {r['optim_MB']:>9,.1f} "
-                      f"{r['rss_growth_MB']:>8,.0f} {r['build_s']:>8.1f} {r['step_ms']:>8.1f}", flush=True)
+                print(
+                    f"{world:>5} {rank:>4} {shard:>20} {r['table_MB']:>9,.0f} {r['optim_MB']:>9,.1f} "
+                    f"{r['rss_growth_MB']:>8,.0f} {r['build_s']:>8.1f} {r['step_ms']:>8.1f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

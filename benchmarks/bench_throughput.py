@@ -141,8 +141,9 @@ class Recipe:
 BEST = Recipe()
 REFERENCE = Recipe(kernel="reference", length_buckets=0)
 # the official recipe in fp32 whatever --amp says (on CPU the official code autocasts nothing)
-ANCHOR = Recipe(kernel="reference", length_buckets=0, negatives="per_position", padding="fixed", dedup=False,
-                amp="none")
+ANCHOR = Recipe(
+    kernel="reference", length_buckets=0, negatives="per_position", padding="fixed", dedup=False, amp="none"
+)
 
 
 CHUNK: dict[
@@ -178,7 +179,9 @@ class ModelStep:
         torch.manual_seed(0)
         self.model = build_model(cfg, device=device)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-        self.sampler = NegativeSampler(recipe.num_negatives, recipe.negatives, 1, cfg.num_items, dedup=recipe.dedup)
+        self.sampler = NegativeSampler(
+            recipe.num_negatives, recipe.negatives, 1, cfg.num_items, dedup=recipe.dedup
+        )
         self.loss_fn = sampled_softmax_loss
         self.recipe, self.device, self.amp = recipe, device, recipe.amp or amp
         self.gen = torch.Generator(device=device).manual_seed(0)
@@ -350,7 +353,11 @@ def forward_macs_per_sample(cfg: ModelConfig, length: int, num_negatives: int) -
     keys = (length + 1) / 2
     if cfg.architecture == "fuxi":
         c = len(cfg.channels)
-        token = d * (c * h * dv + h * dv + 2 * h * dqk) + c * h * dv * d + (0 if cfg.ffn_single_stage else 3 * d * cfg.d_ffn)
+        token = (
+            d * (c * h * dv + h * dv + 2 * h * dqk)
+            + c * h * dv * d
+            + (0 if cfg.ffn_single_stage else 3 * d * cfg.d_ffn)
+        )
         attn = h * (dqk + dv) * keys + (c - 1) * h * dv * keys  # semantic q.k and a.v; pos/ts a.v each
     elif cfg.architecture == "hstu":
         token, attn = d * (2 * h * dv + 2 * h * dqk) + h * dv * d, h * (dqk + dv) * keys
@@ -369,7 +376,8 @@ def build_step(args, arch, max_len, num_items, recipe, padded_length=None):
 
 def section_lengths(args, report: dict) -> None:
     print(
-        f"\n== 1. full-length batches (B={args.batch}, d=50, 2 layers, {BEST.num_negatives} shared negatives) =="
+        f"\n== 1. full-length batches (B={args.batch}, d=50, 2 layers, "
+        f"{BEST.num_negatives} shared negatives) =="
     )
     rng = np.random.default_rng(0)
     for length in args.lengths:
@@ -391,8 +399,12 @@ def section_lengths(args, report: dict) -> None:
             for k, v in times.items()
         }
         row["fuxi/hstu"] = ratio(times, "fuxi", "hstu") if {"fuxi", "hstu"} <= set(times) else None
-        macs = {a: forward_macs_per_sample(model_config(a, length, KUAIRAND_ITEMS, BEST), length, BEST.num_negatives)
-                for a in ("fuxi", "hstu")}
+        macs = {
+            a: forward_macs_per_sample(
+                model_config(a, length, KUAIRAND_ITEMS, BEST), length, BEST.num_negatives
+            )
+            for a in ("fuxi", "hstu")
+        }
         row["fuxi/hstu MAC floor"] = macs["hstu"] / macs["fuxi"]  # the ratio at equal efficiency per MAC
         for arch in ("fuxi", "hstu"):
             if f"{arch}-ref" in times:
@@ -470,7 +482,8 @@ def section_mix(args, report: dict) -> None:
             }
             report.setdefault("mix", {}).setdefault(max_len, {})[arch] = row
             print(
-                f"L_max={max_len:4d} {arch:6s} mean len {mean_len:5.1f}, batch max ~{max_in:.0f}, token-budget batch "
+                f"L_max={max_len:4d} {arch:6s} mean len {mean_len:5.1f}, batch max ~{max_in:.0f}, "
+                f"token-budget batch "
                 f"~{users_budget:.0f} users; real tokens/s: "
                 + "  ".join(f"{k} {v:,.0f}" for k, v in row["tokens_per_s"].items())
                 + "\n        ratios: "
@@ -483,7 +496,8 @@ def section_mix(args, report: dict) -> None:
 
 def section_eval(args, report: dict) -> None:
     print(
-        f"\n== 3. evaluation: full ranking over {KUAIRAND_ITEMS:,} items, seen items filtered, B={args.eval_batch} =="
+        f"\n== 3. evaluation: full ranking over {KUAIRAND_ITEMS:,} items, seen items filtered, "
+        f"B={args.eval_batch} =="
     )
     rng = np.random.default_rng(2)
     for label, lens in (
@@ -598,7 +612,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--eval-batch", type=int, default=128)
     p.add_argument("--anchor-batch", type=int, default=128)
-    p.add_argument("--ml100k", help="MovieLens-100K ratings Parquet for section 4 (else synthetic ML-like lengths)")
+    p.add_argument(
+        "--ml100k", help="MovieLens-100K ratings Parquet for section 4 (else synthetic ML-like lengths)"
+    )
     p.add_argument("--rounds", type=int)
     p.add_argument("--no-reference", dest="reference", action="store_false")
     p.add_argument("--reference-max-len", type=int)

@@ -35,9 +35,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 128
-COMMON = ["--preset", "ml-100k", "--no-tracking", "--set", "data.protocol=validated",
-          "--set", "progress=false"]
-ANCHOR = ["model.kernel=reference", "model.length_buckets=1", "model.padding=fixed", "loss.dedup_negatives=false"]
+COMMON = [
+    "--preset",
+    "ml-100k",
+    "--no-tracking",
+    "--set",
+    "data.protocol=validated",
+    "--set",
+    "progress=false",
+]
+ANCHOR = [
+    "model.kernel=reference",
+    "model.length_buckets=1",
+    "model.padding=fixed",
+    "loss.dedup_negatives=false",
+]
 OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
 
 
@@ -57,16 +69,36 @@ def recipes(nproc: int) -> dict[str, tuple[int, list[str]]]:
 
 def train_once(seq: Path, ranks: int, overrides: list[str], epochs: int, seed: int, work: Path) -> dict:
     report = work / "report.json"
-    args = [*COMMON, "--data", str(seq), "--epochs", str(epochs), "--output-dir", str(work / "runs"),
-            "--report-json", str(report), "--set", f"seed={seed}"]
+    args = [
+        *COMMON,
+        "--data",
+        str(seq),
+        "--epochs",
+        str(epochs),
+        "--output-dir",
+        str(work / "runs"),
+        "--report-json",
+        str(report),
+        "--set",
+        f"seed={seed}",
+    ]
     for o in overrides:
         args += ["--set", o]
     if ranks == 1:
         cmd = [sys.executable, "-m", "jobs.cli", "train", *args]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # all cores
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "jobs.cli", "train", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={ranks}",
+            "-m",
+            "jobs.cli",
+            "train",
+            *args,
+        ]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per rank
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -83,14 +115,19 @@ def train_once(seq: Path, ranks: int, overrides: list[str], epochs: int, seed: i
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="MovieLens-100K ratings (any layout `fuxi data prepare` reads)")
+    p.add_argument(
+        "--data", required=True, help="MovieLens-100K ratings (any layout `fuxi data prepare` reads)"
+    )
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="ranks of the data-parallel row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the figures here")
-    p.add_argument("--recipes", help="comma-separated subset of anchor,reference,defaults,ours,ours-Nranks "
-                                      "(the anchor always runs: every ratio is against it)")
+    p.add_argument(
+        "--recipes",
+        help="comma-separated subset of anchor,reference,defaults,ours,ours-Nranks "
+        "(the anchor always runs: every ratio is against it)",
+    )
     args = p.parse_args(argv)
 
     from tqdm import tqdm
@@ -115,19 +152,34 @@ def main(argv: list[str] | None = None) -> dict:
         bar.close()
 
     cores = os.cpu_count()
-    print(f"\nMovieLens-100K, validated protocol, B={BATCH}, {args.epochs} epochs a run, {args.rounds} rounds, "
-          f"{cores} cores; s/epoch excludes evaluation")
+    print(
+        f"\nMovieLens-100K, validated protocol, B={BATCH}, {args.epochs} epochs a run, {args.rounds} rounds, "
+        f"{cores} cores; s/epoch excludes evaluation"
+    )
     print(f"{'recipe':16s} {'ranks':>5s} {'s/epoch':>8s} {'samples/s':>10s} {'x anchor':>9s}")
     summary = {}
     for name, runs in per_run.items():
         spe = statistics.median(r["seconds_per_epoch"] for r in runs)
-        summary[name] = {"ranks": todo[name][0], "seconds_per_epoch": spe,
-                         "samples_per_s": runs[0]["users"] / spe, "runs": runs}
+        summary[name] = {
+            "ranks": todo[name][0],
+            "seconds_per_epoch": spe,
+            "samples_per_s": runs[0]["users"] / spe,
+            "runs": runs,
+        }
     for name, s in summary.items():
         ratio = summary["anchor"]["seconds_per_epoch"] / s["seconds_per_epoch"]
         s["x_anchor"] = ratio
-        print(f"{name:16s} {s['ranks']:5d} {s['seconds_per_epoch']:8.2f} {s['samples_per_s']:10.1f} {ratio:9.2f}")
-    report = {"epochs": args.epochs, "rounds": args.rounds, "cores": cores, "batch": BATCH, "recipes": summary}
+        print(
+            f"{name:16s} {s['ranks']:5d} {s['seconds_per_epoch']:8.2f} "
+            f"{s['samples_per_s']:10.1f} {ratio:9.2f}"
+        )
+    report = {
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "cores": cores,
+        "batch": BATCH,
+        "recipes": summary,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
     return report

@@ -21,11 +21,17 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
-
 from bench_throughput import (
-    ANCHOR, BEST, KUAIRAND_ITEMS, REFERENCE, ModelStep, _autocast, make_rows, model_config,
+    ANCHOR,
+    BEST,
+    KUAIRAND_ITEMS,
+    REFERENCE,
+    ModelStep,
+    _autocast,
+    make_rows,
+    model_config,
 )
+from torch.profiler import ProfilerActivity, profile, record_function
 
 GROUPS = {
     "matmul": (

@@ -36,8 +36,16 @@ def cell_key(model: str, protocol: str, negatives: str, seed: int) -> str:
     return f"{model}|{protocol}|{negatives}|{seed}"
 
 
-def run_cell(seq_path: Path, model: str, protocol: str, negatives: str, seed: int, epochs: int,
-             num_negatives: int, extra: list[str]) -> dict:
+def run_cell(
+    seq_path: Path,
+    model: str,
+    protocol: str,
+    negatives: str,
+    seed: int,
+    epochs: int,
+    num_negatives: int,
+    extra: list[str],
+) -> dict:
     cfg = ml_100k()
     cfg.data.source = str(seq_path)
     cfg.data.protocol = protocol
@@ -54,12 +62,20 @@ def run_cell(seq_path: Path, model: str, protocol: str, negatives: str, seed: in
     t0 = time.perf_counter()
     report = run(cfg)
     return {
-        "model": model, "protocol": protocol, "negatives": negatives, "seed": seed, "epochs": epochs,
-        "num_negatives": num_negatives, "seconds_per_epoch": report["seconds_per_epoch"],
-        "wall_seconds": time.perf_counter() - t0, "selected_epoch": report["selected_epoch"],
+        "model": model,
+        "protocol": protocol,
+        "negatives": negatives,
+        "seed": seed,
+        "epochs": epochs,
+        "num_negatives": num_negatives,
+        "seconds_per_epoch": report["seconds_per_epoch"],
+        "wall_seconds": time.perf_counter() - t0,
+        "selected_epoch": report["selected_epoch"],
         "test": {k: report["test"][k] for k in METRICS},
-        "curve": [{k: v for k, v in h.items() if k in ("epoch", "train_loss") or k.endswith("ndcg_at_10")}
-                  for h in report["history"]],
+        "curve": [
+            {k: v for k, v in h.items() if k in ("epoch", "train_loss") or k.endswith("ndcg_at_10")}
+            for h in report["history"]
+        ],
     }
 
 
@@ -69,8 +85,13 @@ def aggregate(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["model"], r["protocol"], r["negatives"]), []).append(r)
     out = []
     for (model, protocol, negatives), rs in groups.items():
-        agg = {"model": model, "protocol": protocol, "negatives": negatives, "seeds": len(rs),
-               "s_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs)}
+        agg = {
+            "model": model,
+            "protocol": protocol,
+            "negatives": negatives,
+            "seeds": len(rs),
+            "s_per_epoch": statistics.mean(r["seconds_per_epoch"] for r in rs),
+        }
         for m in METRICS:
             vals = [r["test"][m] for r in rs]
             agg[m] = (statistics.mean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -84,7 +105,10 @@ def to_markdown(aggs: list[dict]) -> str:
     lines = [head, "|" + "---|" * 10]
     for a in aggs:
         cells = " | ".join(f"{a[m][0]:.4f} ± {a[m][1]:.4f}" for m in METRICS)
-        lines.append(f"| {a['protocol']} | {a['negatives']} | {a['model']} | {a['seeds']} | {cells} | {a['s_per_epoch']:.2f} |")
+        lines.append(
+            f"| {a['protocol']} | {a['negatives']} | {a['model']} | {a['seeds']} | {cells} | "
+            f"{a['s_per_epoch']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -101,8 +125,14 @@ def plot(aggs: list[dict], path: Path) -> None:
         sub = {a["model"]: a for a in aggs if (a["protocol"], a["negatives"]) == (protocol, negatives)}
         xs = [i + k * width for i, m in enumerate(MODELS) if m in sub]
         models = [m for m in MODELS if m in sub]
-        axes[0].bar(xs, [sub[m]["ndcg_at_10"][0] for m in models], width, yerr=[sub[m]["ndcg_at_10"][1] for m in models],
-                    label=f"{protocol}/{negatives}", capsize=3)
+        axes[0].bar(
+            xs,
+            [sub[m]["ndcg_at_10"][0] for m in models],
+            width,
+            yerr=[sub[m]["ndcg_at_10"][1] for m in models],
+            label=f"{protocol}/{negatives}",
+            capsize=3,
+        )
         axes[1].bar(xs, [sub[m]["s_per_epoch"] for m in models], width, label=f"{protocol}/{negatives}")
     for ax, title in zip(axes, ("test NDCG@10 (mean ± std over seeds)", "seconds per training epoch")):
         ax.set_xticks([i + width * (len(settings) - 1) / 2 for i in range(len(MODELS))], list(MODELS))
@@ -133,10 +163,21 @@ def main() -> None:
         _, report = prepare_sequences(args.data, seq_path)
         print(report.summary())
     results_path = out / "results.jsonl"
-    rows = [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
-    done = {cell_key(r["model"], r["protocol"], r["negatives"], r["seed"]) for r in rows
-            if r["epochs"] == args.epochs and r["num_negatives"] == args.num_negatives}
-    cells = [(m, pr, n, s) for pr in args.protocols for n in args.negative_modes for s in args.seeds for m in args.models]
+    rows = (
+        [json.loads(line) for line in results_path.read_text().splitlines()] if results_path.exists() else []
+    )
+    done = {
+        cell_key(r["model"], r["protocol"], r["negatives"], r["seed"])
+        for r in rows
+        if r["epochs"] == args.epochs and r["num_negatives"] == args.num_negatives
+    }
+    cells = [
+        (m, pr, n, s)
+        for pr in args.protocols
+        for n in args.negative_modes
+        for s in args.seeds
+        for m in args.models
+    ]
     from tqdm.auto import tqdm
 
     for model, protocol, negatives, seed in tqdm(cells, desc="cells"):
@@ -146,8 +187,10 @@ def main() -> None:
         rows.append(row)
         with results_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        tqdm.write(f"{model:7s} {protocol:9s} {negatives:12s} seed {seed}: ndcg@10 {row['test']['ndcg_at_10']:.4f} "
-                   f"hr@10 {row['test']['hr_at_10']:.4f}  {row['seconds_per_epoch']:.2f} s/epoch")
+        tqdm.write(
+            f"{model:7s} {protocol:9s} {negatives:12s} seed {seed}: ndcg@10 {row['test']['ndcg_at_10']:.4f} "
+            f"hr@10 {row['test']['hr_at_10']:.4f}  {row['seconds_per_epoch']:.2f} s/epoch"
+        )
     rows = [r for r in rows if r["epochs"] == args.epochs and r["num_negatives"] == args.num_negatives]
     aggs = aggregate(rows)
     table = to_markdown(aggs)

@@ -51,10 +51,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     report = run(cfg, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
         return 0
-    print(f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
-          f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch ==")
-    _print_metrics(f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
-                   report["test"])
+    print(
+        f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
+        f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch =="
+    )
+    _print_metrics(
+        f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
+        report["test"],
+    )
     print(f"checkpoint: {report['checkpoint']}")
     if report.get("run_id"):
         print(f"mlflow run: {report['run_id']}")
@@ -90,10 +94,15 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from pipeline.data.sequences import write_sequences
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
 
-    cfg = SyntheticConfig(num_users=args.users, num_items=args.items, mean_length=args.mean_length, seed=args.seed)
+    cfg = SyntheticConfig(
+        num_users=args.users, num_items=args.items, mean_length=args.mean_length, seed=args.seed
+    )
     data = synthetic_sequences(cfg)
     write_sequences(data, args.out)
-    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, {cfg.num_items} items")
+    print(
+        f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, "
+        f"{cfg.num_items} items"
+    )
     return 0
 
 
@@ -102,7 +111,10 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
     data, report = prepare_sequences(args.input, args.out, layout=args.layout, min_length=args.min_length)
     print(report.summary())
-    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    print(
+        f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, "
+        f"num_items {data.num_items}"
+    )
     return 0
 
 
@@ -120,9 +132,14 @@ def cmd_data_download(args: argparse.Namespace) -> int:
 def cmd_data_kuairand(args: argparse.Namespace) -> int:
     from pipeline.data.kuairand import preprocess_kuairand
 
-    data, report = preprocess_kuairand(args.logs, args.out, positive=args.positive, min_length=args.min_length)
+    data, report = preprocess_kuairand(
+        args.logs, args.out, positive=args.positive, min_length=args.min_length
+    )
     print(report.summary())
-    print(f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, num_items {data.num_items}")
+    print(
+        f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, "
+        f"num_items {data.num_items}"
+    )
     return 0
 
 
@@ -131,23 +148,41 @@ def cmd_data_stats(args: argparse.Namespace) -> int:
 
     data = read_sequences(args.path)
     lengths = data.lengths()
-    print(json.dumps({
-        "users": data.num_users, "interactions": data.num_interactions, "num_items": data.num_items,
-        "mean_length": float(lengths.mean()) if len(lengths) else 0.0, "max_length": int(lengths.max()) if len(lengths) else 0,
-        "meta": data.meta,
-    }, indent=1, default=str))
+    print(
+        json.dumps(
+            {
+                "users": data.num_users,
+                "interactions": data.num_interactions,
+                "num_items": data.num_items,
+                "mean_length": float(lengths.mean()) if len(lengths) else 0.0,
+                "max_length": int(lengths.max()) if len(lengths) else 0,
+                "meta": data.meta,
+            },
+            indent=1,
+            default=str,
+        )
+    )
     return 0
 
 
 def cmd_data_synth_logs(args: argparse.Namespace) -> int:
     from pipeline.data.synth_logs import LogConfig, write_logs
 
-    cfg = LogConfig(num_users=args.users, num_items=args.items, num_days=args.days, num_events=args.events,
-                    seed=args.seed, bad_fraction=args.bad_fraction, rows_per_part=args.rows_per_part)
+    cfg = LogConfig(
+        num_users=args.users,
+        num_items=args.items,
+        num_days=args.days,
+        num_events=args.events,
+        seed=args.seed,
+        bad_fraction=args.bad_fraction,
+        rows_per_part=args.rows_per_part,
+    )
     summary = write_logs(cfg, args.out, overwrite=args.overwrite)
     parts = sum(d["parts"] for d in summary["days"].values())
-    print(f"wrote {args.out}: {cfg.num_events:,} events over {cfg.num_days} days ({parts} part files), "
-          f"{cfg.num_users:,} users, catalogue of {cfg.num_items:,} items")
+    print(
+        f"wrote {args.out}: {cfg.num_events:,} events over {cfg.num_days} days ({parts} part files), "
+        f"{cfg.num_users:,} users, catalogue of {cfg.num_items:,} items"
+    )
     return 0
 
 
@@ -155,8 +190,11 @@ def cmd_data_build_sequences(args: argparse.Namespace) -> int:
     from pipeline.data.build import BuildConfig, build_sequences
     from pipeline.data.ingest import IngestRules
 
-    cfg = BuildConfig(max_length=args.max_length, num_partitions=args.partitions,
-                      rules=IngestRules(num_items=args.num_items))
+    cfg = BuildConfig(
+        max_length=args.max_length,
+        num_partitions=args.partitions,
+        rules=IngestRules(num_items=args.num_items),
+    )
     dates = args.dates.split(",") if args.dates else None
     print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
     return 0
@@ -181,16 +219,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _quiet_mlflow()
     grid = parse_grid(args.grid)
     result = run_sweep(
-        args.preset, grid, args.set or [], name=args.name, experiment=args.experiment, tracking_uri=args.tracking_uri,
-        sweep_dir=args.sweep_dir, scheduler=args.scheduler, scheduler_cfg=parse_scheduler_args(args.scheduler_args),
-        parallel=args.parallel, data=args.data, cpu=args.cpu,
+        args.preset,
+        grid,
+        args.set or [],
+        name=args.name,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        sweep_dir=args.sweep_dir,
+        scheduler=args.scheduler,
+        scheduler_cfg=parse_scheduler_args(args.scheduler_args),
+        parallel=args.parallel,
+        data=args.data,
+        cpu=args.cpu,
     )
-    print(f"sweep parent run {result.parent_run_id}: {sum(j.state == 'SUCCEEDED' for j in result.jobs)}/"
-          f"{len(result.jobs)} jobs succeeded in {result.seconds:.0f}s")
+    print(
+        f"sweep parent run {result.parent_run_id}: {sum(j.state == 'SUCCEEDED' for j in result.jobs)}/"
+        f"{len(result.jobs)} jobs succeeded in {result.seconds:.0f}s"
+    )
     if not args.no_report:
         out = args.report_dir or f"{args.sweep_dir}/{args.name or result.parent_run_id}"
-        report = build_report(mlflow_client(args.tracking_uri), result.parent_run_id, out, args.metric,
-                              name=args.report_name)
+        report = build_report(
+            mlflow_client(args.tracking_uri), result.parent_run_id, out, args.metric, name=args.report_name
+        )
         print(report.markdown)
         print(f"report: {report.paths['plot']} {report.paths['leaderboard']}")
     return 0 if result.ok else 1
@@ -201,8 +251,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from jobs.sweep import mlflow_client
 
     _quiet_mlflow()
-    report = build_report(mlflow_client(args.tracking_uri), args.parent_run_id, args.out, args.metric,
-                          log_to_parent=not args.no_log, name=args.name)
+    report = build_report(
+        mlflow_client(args.tracking_uri),
+        args.parent_run_id,
+        args.out,
+        args.metric,
+        log_to_parent=not args.no_log,
+        name=args.name,
+    )
     print(report.markdown)
     print(f"report: {report.paths['plot']} {report.paths['leaderboard']}")
     return 0
@@ -227,8 +283,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from jobs.sweep import mlflow_client
 
     _quiet_mlflow()
-    decision = registry.promote_if_better(mlflow_client(args.tracking_uri), args.name, args.version, data=args.data,
-                                          min_delta=args.min_delta)
+    decision = registry.promote_if_better(
+        mlflow_client(args.tracking_uri), args.name, args.version, data=args.data, min_delta=args.min_delta
+    )
     print(json.dumps(decision.as_dict(), indent=1))
     return 0
 
@@ -238,16 +295,27 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     from jobs.sweep import parse_scheduler_args
 
     cfg = NightlyConfig(
-        date=args.date, workdir=args.workdir, preset=args.preset, overrides=args.set or [], model_name=args.name,
-        experiment=args.experiment, tracking_uri=args.tracking_uri, scheduler=args.scheduler,
-        scheduler_cfg=parse_scheduler_args(args.scheduler_args), logs_dir=args.logs, sequences=args.sequences,
-        demo_data=not args.no_demo_data, demo_logs=parse_scheduler_args(args.demo_logs),
+        date=args.date,
+        workdir=args.workdir,
+        preset=args.preset,
+        overrides=args.set or [],
+        model_name=args.name,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        scheduler=args.scheduler,
+        scheduler_cfg=parse_scheduler_args(args.scheduler_args),
+        logs_dir=args.logs,
+        sequences=args.sequences,
+        demo_data=not args.no_demo_data,
+        demo_logs=parse_scheduler_args(args.demo_logs),
     )
     state = run_nightly(cfg, args.step, force=args.force)
     final = state["steps"].get("register_promote", {}).get("outputs")
     if final:
-        print(f"nightly {args.date}: v{final['version']} promoted={final['decision']['promoted']} "
-              f"({final['decision']['reason']})")
+        print(
+            f"nightly {args.date}: v{final['version']} promoted={final['decision']['promoted']} "
+            f"({final['decision']['reason']})"
+        )
     return 0
 
 
@@ -255,23 +323,35 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     """fuxi sweep, report, register, promote, nightly."""
 
     def tracking(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+        p.add_argument(
+            "--tracking-uri",
+            help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)",
+        )
 
     p = sub.add_parser("sweep", help="launch a grid of TorchX training jobs under one parent MLflow run")
     p.add_argument("--preset", default="tiny")
-    p.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2",
-                   help="one axis of the grid, any config field, e.g. --grid model.num_layers=1,2,4")
+    p.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="one axis of the grid, any config field, e.g. --grid model.num_layers=1,2,4",
+    )
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every point")
     p.add_argument("--data", help="sequence Parquet for every point (overrides data.source)")
     p.add_argument("--name", help="sweep (parent run) name; default sweep-<preset>-<time>")
     p.add_argument("--experiment", help="MLflow experiment (default: the preset's)")
-    p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler: local_cwd, kubernetes, slurm, ...")
+    p.add_argument(
+        "--scheduler", default="local_cwd", help="TorchX scheduler: local_cwd, kubernetes, slurm, ..."
+    )
     p.add_argument("--scheduler-args", help="TorchX scheduler options, e.g. queue=default,namespace=recsys")
     p.add_argument("--parallel", type=int, default=1, help="jobs in flight at once")
     p.add_argument("--cpu", type=int, help="CPUs per job (default: cores / parallel)")
     p.add_argument("--sweep-dir", default="runs/sweeps", help="run dirs and TorchX logs (local schedulers)")
     p.add_argument("--report-dir", help="where the report goes (default <sweep-dir>/<name>)")
-    p.add_argument("--report-name", default="sweep_report", help="report file names: NAME.md, NAME.png, NAME.json")
+    p.add_argument(
+        "--report-name", default="sweep_report", help="report file names: NAME.md, NAME.png, NAME.json"
+    )
     p.add_argument("--metric", default="final_test/ndcg_at_10")
     p.add_argument("--no-report", action="store_true")
     tracking(p)
@@ -290,12 +370,16 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run-id", required=True)
     p.add_argument("--name", default="fuxi-alpha", help="registered model name")
     p.add_argument("--checkpoint", help="checkpoint folder (default: the run's latest)")
-    p.add_argument("--promote", action="store_true", help="then promote to @champion if it beats the champion")
+    p.add_argument(
+        "--promote", action="store_true", help="then promote to @champion if it beats the champion"
+    )
     p.add_argument("--data", help="validation data for the comparison (default: the candidate's)")
     tracking(p)
     p.set_defaults(func=cmd_register)
 
-    p = sub.add_parser("promote", help="move @champion to a version only if it beats the champion on validation")
+    p = sub.add_parser(
+        "promote", help="move @champion to a version only if it beats the champion on validation"
+    )
     p.add_argument("--version", required=True)
     p.add_argument("--name", default="fuxi-alpha")
     p.add_argument("--data", help="validation data for the comparison (default: the candidate's)")
@@ -303,17 +387,24 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     tracking(p)
     p.set_defaults(func=cmd_promote)
 
-    p = sub.add_parser("nightly", help="ingest -> sequences -> warm-start train -> evaluate -> register/promote")
+    p = sub.add_parser(
+        "nightly", help="ingest -> sequences -> warm-start train -> evaluate -> register/promote"
+    )
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
-    p.add_argument("--step", action="append", choices=["ingest", "update_sequences", "train", "evaluate",
-                                                       "register_promote"],
-                   help="run only this step (repeatable); default: all steps not yet done")
+    p.add_argument(
+        "--step",
+        action="append",
+        choices=["ingest", "update_sequences", "train", "evaluate", "register_promote"],
+        help="run only this step (repeatable); default: all steps not yet done",
+    )
     p.add_argument("--force", action="store_true", help="re-run steps already done for this date")
     p.add_argument("--workdir", default="runs/nightly", help="state, logs, sequences and runs")
     p.add_argument("--logs", help="log root holding date=YYYY-MM-DD partitions (default <workdir>/logs)")
     p.add_argument("--sequences", help="sequence data updated by the job (default <workdir>/sequences)")
     p.add_argument("--no-demo-data", action="store_true", help="fail when the day's logs are missing")
-    p.add_argument("--demo-logs", help="synth-logs sizes of the demo window, e.g. users=300,items=200,events=21000")
+    p.add_argument(
+        "--demo-logs", help="synth-logs sizes of the demo window, e.g. users=300,items=200,events=21000"
+    )
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--name", default="fuxi-alpha", help="registered model name")
@@ -326,27 +417,37 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fuxi", description="Train and evaluate FuXi-alpha and its baselines.")
+    parser = argparse.ArgumentParser(
+        prog="fuxi", description="Train and evaluate FuXi-alpha and its baselines."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a preset (+ overrides), evaluate, checkpoint, track")
     p.add_argument("--preset", default="cpu-demo", help="named config (see `fuxi presets`)")
     p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
     p.add_argument("--epochs", type=int)
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--output-dir")
     p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("--run-dir", help="checkpoint directory (shared by retries of one job)")
-    p.add_argument("--resume", action="store_true", help="continue from the run dir's latest complete checkpoint")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run dir's latest complete checkpoint"
+    )
     p.add_argument("--init-checkpoint", help="warm start: load model weights from this checkpoint")
     p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
     p.add_argument("--report-json", help="also write the final report here")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="full-ranking evaluation of a checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint folder or a checkpoints root with 'latest'")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder or a checkpoints root with 'latest'"
+    )
     p.add_argument("--data", help="sequence Parquet (default: the data the run trained on)")
     p.add_argument("--split", default="test")
     p.set_defaults(func=cmd_eval)
@@ -365,7 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
 
-    p = data.add_parser("prepare", help="MovieLens ratings.dat / u.data / ratings.csv or event Parquet -> sequences")
+    p = data.add_parser(
+        "prepare", help="MovieLens ratings.dat / u.data / ratings.csv or event Parquet -> sequences"
+    )
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--layout", default="auto", choices=["auto", "ml-dat", "ml-tsv", "ml-csv", "parquet"])
@@ -401,12 +504,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_synth_logs)
 
-    p = data.add_parser("build-sequences", help="raw event logs -> sequence shards (Ray Data), with a manifest")
+    p = data.add_parser(
+        "build-sequences", help="raw event logs -> sequence shards (Ray Data), with a manifest"
+    )
     p.add_argument("--logs", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, default=200, help="most recent events kept per user")
     p.add_argument("--partitions", type=int, help="hash partitions (default: about 4M events each)")
-    p.add_argument("--num-items", type=int, help="catalogue size (item ids 1..N); default: the logs' _logs.json")
+    p.add_argument(
+        "--num-items", type=int, help="catalogue size (item ids 1..N); default: the logs' _logs.json"
+    )
     p.add_argument("--dates", help="comma-separated YYYY-MM-DD subset of the log days (default: all)")
     p.set_defaults(func=cmd_data_build_sequences)
 
@@ -417,7 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_data_append_day)
     add_job_commands(sub)
     return parser
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,7 +95,9 @@ class State:
         """Append-only audit trail next to the state file: one JSON line per step and invocation."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_suffix(".events.jsonl"), "a") as fh:
-            fh.write(json.dumps({"time": round(time.time(), 3), "step": step, "event": event, **extra}) + "\n")
+            fh.write(
+                json.dumps({"time": round(time.time(), 3), "step": step, "event": event, **extra}) + "\n"
+            )
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,15 +148,29 @@ def ingest_logs(cfg: NightlyConfig) -> dict[str, Any]:
     part = cfg.logs_dir / f"date={cfg.date}"
     if not part.exists() and cfg.demo_data and not (cfg.logs_dir / "_logs.json").exists():
         demo = {**DEMO_LOGS, **cfg.demo_logs}
-        _fuxi("data", "synth-logs", "--out", str(cfg.logs_dir), *[a for k, v in demo.items() for a in (f"--{k}", str(v))])
+        _fuxi(
+            "data",
+            "synth-logs",
+            "--out",
+            str(cfg.logs_dir),
+            *[a for k, v in demo.items() for a in (f"--{k}", str(v))],
+        )
     if not part.exists():
         have = sorted(p.name for p in cfg.logs_dir.glob("date=*")) if cfg.logs_dir.exists() else []
-        raise FileNotFoundError(f"no logs for {cfg.date}: {part} does not exist (log root has {have[:1]}..{have[-1:]})")
+        raise FileNotFoundError(
+            f"no logs for {cfg.date}: {part} does not exist (log root has {have[:1]}..{have[-1:]})"
+        )
     files = sorted(part.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{part} holds no Parquet files")
-    return {"logs": {"path": str(part), "files": len(files), "bytes": sum(p.stat().st_size for p in files),
-                     "sha256": _digest(files)}}
+    return {
+        "logs": {
+            "path": str(part),
+            "files": len(files),
+            "bytes": sum(p.stat().st_size for p in files),
+            "sha256": _digest(files),
+        }
+    }
 
 
 def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
@@ -164,9 +180,27 @@ def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
 
     manifest_path = cfg.sequences / SHARD_MANIFEST
     if manifest_path.exists():
-        _fuxi("data", "append-day", "--logs", str(cfg.logs_dir), "--date", cfg.date, "--sequences", str(cfg.sequences))
+        _fuxi(
+            "data",
+            "append-day",
+            "--logs",
+            str(cfg.logs_dir),
+            "--date",
+            cfg.date,
+            "--sequences",
+            str(cfg.sequences),
+        )
     else:
-        _fuxi("data", "build-sequences", "--logs", str(cfg.logs_dir), "--out", str(cfg.sequences), "--dates", cfg.date)
+        _fuxi(
+            "data",
+            "build-sequences",
+            "--logs",
+            str(cfg.logs_dir),
+            "--out",
+            str(cfg.sequences),
+            "--dates",
+            cfg.date,
+        )
     manifest = json.loads(manifest_path.read_text())
     summary = {k: manifest.get(k) for k in ("generation", "users", "interactions", "num_items")}
     summary.update(days=sorted(manifest.get("days", {})), sha256=_digest([manifest_path]))
@@ -204,8 +238,14 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     champ = registry.champion(client, cfg.model_name)
     init, arch, cold_reason = None, [], "no champion"
     if champ is not None:
-        init = str(registry.version_checkpoint(client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"))
-        arch, cold_reason = warm_start_overrides(cfg, init, state.outputs("update_sequences")["manifest"]["num_items"])
+        init = str(
+            registry.version_checkpoint(
+                client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"
+            )
+        )
+        arch, cold_reason = warm_start_overrides(
+            cfg, init, state.outputs("update_sequences")["manifest"]["num_items"]
+        )
         if cold_reason:
             print(f"[nightly] cold start: {cold_reason}", flush=True)
             init = None
@@ -213,30 +253,57 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     state.step("train")["attempts"] = attempt
     state.save()
     run_name = f"nightly-{cfg.date}-a{attempt}"
-    run_dir = cfg.day_dir / f"train-a{attempt}"  # one MLflow run and one run dir per attempt (TorchX retries share it)
-    overrides = arch + list(cfg.overrides) + [
-        f"tracking.run_name={run_name}", f"tracking.experiment={cfg.experiment}", "progress=false"]
+    run_dir = (
+        cfg.day_dir / f"train-a{attempt}"
+    )  # one MLflow run and one run dir per attempt (TorchX retries share it)
+    overrides = (
+        arch
+        + list(cfg.overrides)
+        + [f"tracking.run_name={run_name}", f"tracking.experiment={cfg.experiment}", "progress=false"]
+    )
     if init:
         overrides.append(f"init_checkpoint={init}")
-    args = component_args(cfg.preset, overrides, run_dir=str(run_dir), tracking_uri=absolute_tracking_uri(cfg.tracking_uri),
-                          parent_run_id=None, data=data, name="fuxi-nightly")
+    args = component_args(
+        cfg.preset,
+        overrides,
+        run_dir=str(run_dir),
+        tracking_uri=absolute_tracking_uri(cfg.tracking_uri),
+        parent_run_id=None,
+        data=data,
+        name="fuxi-nightly",
+    )
     scheduler_cfg = dict(cfg.scheduler_cfg)
     if cfg.scheduler == "local_cwd":
         scheduler_cfg.setdefault("log_dir", str(cfg.day_dir / "torchx_logs"))
-    (job,) = run_jobs([Job(run_name, {}, args)], cfg.scheduler, scheduler_cfg, log=lambda m: print(m, flush=True))
+    (job,) = run_jobs(
+        [Job(run_name, {}, args)], cfg.scheduler, scheduler_cfg, log=lambda m: print(m, flush=True)
+    )
     if job.state != "SUCCEEDED":
-        raise RuntimeError(f"training job {job.handle} ended {job.state}; logs under {scheduler_cfg.get('log_dir')}")
+        raise RuntimeError(
+            f"training job {job.handle} ended {job.state}; logs under {scheduler_cfg.get('log_dir')}"
+        )
     exp = client.get_experiment_by_name(cfg.experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     if not runs:
         raise RuntimeError(f"no finished MLflow run named {run_name}")
-    return {"run_id": runs[0].info.run_id, "checkpoint": str(resolve_checkpoint(run_dir / "checkpoints")),
-            "init_version": None if init is None else str(champ.version), "init_checkpoint": init,
-            "cold_start_reason": cold_reason, "seconds": round(job.seconds, 1)}
+    return {
+        "run_id": runs[0].info.run_id,
+        "checkpoint": str(resolve_checkpoint(run_dir / "checkpoints")),
+        "init_version": None if init is None else str(champ.version),
+        "init_checkpoint": init,
+        "cold_start_reason": cold_reason,
+        "seconds": round(job.seconds, 1),
+    }
 
 
-def warm_start_overrides(cfg: NightlyConfig, checkpoint: str, num_items: int | None) -> tuple[list[str], str | None]:
+def warm_start_overrides(
+    cfg: NightlyConfig, checkpoint: str, num_items: int | None
+) -> tuple[list[str], str | None]:
     """`model.*` overrides that give the champion's architecture (the weights must fit), then the job's own
     overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more."""
     from pipeline.train.config import apply_overrides, get_preset
@@ -248,14 +315,21 @@ def warm_start_overrides(cfg: NightlyConfig, checkpoint: str, num_items: int | N
     for f in dataclasses.fields(champion_model):
         if f.name not in skip:
             value = getattr(champion_model, f.name)
-            arch.append(f"model.{f.name}=" + (",".join(map(str, value)) if isinstance(value, tuple) else str(value)))
+            arch.append(
+                f"model.{f.name}=" + (",".join(map(str, value)) if isinstance(value, tuple) else str(value))
+            )
     preset_model = get_preset(cfg.preset).model
-    if champion_model.padded_length > preset_model.padded_length:  # keep max_len < padded_length at every step
+    if (
+        champion_model.padded_length > preset_model.padded_length
+    ):  # keep max_len < padded_length at every step
         pad = next(i for i, a in enumerate(arch) if a.startswith("model.padded_length="))
         arch.insert(0, arch.pop(pad))
     planned = apply_overrides(get_preset(cfg.preset), arch + list(cfg.overrides)).model
-    changed = [f.name for f in dataclasses.fields(planned)
-               if f.name not in skip and getattr(planned, f.name) != getattr(champion_model, f.name)]
+    changed = [
+        f.name
+        for f in dataclasses.fields(planned)
+        if f.name not in skip and getattr(planned, f.name) != getattr(champion_model, f.name)
+    ]
     if changed:
         return [], f"the job's overrides change the champion's architecture ({', '.join(changed)})"
     if num_items is not None and int(num_items) != champion_model.num_items:
@@ -274,16 +348,24 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     champ = registry.champion(client, cfg.model_name)
     champion_metrics = None
     if champ is not None:
-        ckpt = registry.version_checkpoint(client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}")
+        ckpt = registry.version_checkpoint(
+            client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"
+        )
         champion_metrics = registry.evaluate_checkpoint(ckpt, data, "valid")
     key = registry.SELECT_METRIC
-    client.set_tag(trained["run_id"], "data.manifest", json.dumps(state.outputs("update_sequences")["manifest"]))
+    client.set_tag(
+        trained["run_id"], "data.manifest", json.dumps(state.outputs("update_sequences")["manifest"])
+    )
     client.set_tag(trained["run_id"], "nightly.date", cfg.date)
     client.log_metric(trained["run_id"], f"nightly/valid_{key}", candidate[key])
     if champion_metrics is not None:
         client.log_metric(trained["run_id"], f"nightly/champion_valid_{key}", champion_metrics[key])
-    return {"metric": key, "candidate": candidate, "champion_version": None if champ is None else str(champ.version),
-            "champion": champion_metrics}
+    return {
+        "metric": key,
+        "candidate": candidate,
+        "champion_version": None if champ is None else str(champ.version),
+        "champion": champion_metrics,
+    }
 
 
 def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
@@ -293,9 +375,16 @@ def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     client = _client(cfg)
     step = state.step("register_promote")
     if "version" not in step:  # registered on an earlier, failed attempt: do not register twice
-        mv = registry.register(client, trained["run_id"], cfg.model_name, trained["checkpoint"],
-                               tags={"nightly.date": cfg.date, "data.manifest": json.dumps(
-                                   state.outputs("update_sequences")["manifest"])})
+        mv = registry.register(
+            client,
+            trained["run_id"],
+            cfg.model_name,
+            trained["checkpoint"],
+            tags={
+                "nightly.date": cfg.date,
+                "data.manifest": json.dumps(state.outputs("update_sequences")["manifest"]),
+            },
+        )
         step["version"] = str(mv.version)
         state.save()
     _maybe_fail("register_promote")  # before the alias moves
@@ -303,14 +392,21 @@ def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     current = registry.champion(client, cfg.model_name)
     same_champion = (None if current is None else str(current.version)) == measured["champion_version"]
     decision = registry.promote_if_better(
-        client, cfg.model_name, step["version"],
+        client,
+        cfg.model_name,
+        step["version"],
         candidate_metric=measured["candidate"][key],
         # if the champion moved since `evaluate`, measure the new one on today's data
         champion_metric=(measured["champion"] or {}).get(key) if same_champion else None,
-        data=state.outputs("update_sequences")["sequences"], metric=key, workdir=cfg.day_dir,
+        data=state.outputs("update_sequences")["sequences"],
+        metric=key,
+        workdir=cfg.day_dir,
     )
-    print(f"[nightly] {cfg.date}: v{step['version']} {'PROMOTED' if decision.promoted else 'not promoted'}: "
-          f"{decision.reason}", flush=True)
+    print(
+        f"[nightly] {cfg.date}: v{step['version']} {'PROMOTED' if decision.promoted else 'not promoted'}: "
+        f"{decision.reason}",
+        flush=True,
+    )
     return {"version": step["version"], "decision": decision.as_dict()}
 
 
@@ -340,7 +436,10 @@ def run_nightly(cfg: NightlyConfig, steps: list[str] | None = None, force: bool 
                 continue
             if force and name in state.data["steps"]:  # start the step afresh (keep the attempt count)
                 old = state.data["steps"][name]
-                state.data["steps"][name] = {"status": "pending", **({"attempts": old["attempts"]} if "attempts" in old else {})}
+                state.data["steps"][name] = {
+                    "status": "pending",
+                    **({"attempts": old["attempts"]} if "attempts" in old else {}),
+                }
             record = state.step(name)
             record.update(status="running", started=time.time())
             record.pop("error", None)
@@ -350,12 +449,18 @@ def run_nightly(cfg: NightlyConfig, steps: list[str] | None = None, force: bool 
                 outputs = STEP_FUNCS[name](cfg, state)
                 _maybe_fail(name)
             except BaseException as exc:
-                record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                              traceback=traceback.format_exc(limit=5), seconds=round(time.monotonic() - t0, 1))
+                record.update(
+                    status="failed",
+                    error=f"{type(exc).__name__}: {exc}",
+                    traceback=traceback.format_exc(limit=5),
+                    seconds=round(time.monotonic() - t0, 1),
+                )
                 state.save()
                 state.event(name, "failed", error=record["error"])
                 raise RuntimeError(f"nightly {cfg.date}: step {name} failed: {exc}") from exc
-            record.update(status="done", outputs=outputs, seconds=round(time.monotonic() - t0, 1), finished=time.time())
+            record.update(
+                status="done", outputs=outputs, seconds=round(time.monotonic() - t0, 1), finished=time.time()
+            )
             state.save()
             state.event(name, "done", seconds=record["seconds"])
             print(f"[nightly] {cfg.date} {name}: done in {record['seconds']}s", flush=True)

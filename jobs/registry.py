@@ -52,8 +52,12 @@ class Recommender:
         return cls(load_checkpoint_model(checkpoint, device="cpu"))
 
     def top_k(
-        self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
-        request_times: list[int] | None = None, k: int = 10, filter_seen: bool = True,
+        self,
+        histories: list[list[int]],
+        timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None,
+        k: int = 10,
+        filter_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(item ids [B, k], scores [B, k]), best first; see `LoadedModel.top_k`."""
         return self.loaded.top_k(histories, timestamps, request_times, k, filter_seen)
@@ -66,7 +70,9 @@ class FuxiTopK(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         self.recommender = Recommender.from_checkpoint(context.artifacts["checkpoint"])
 
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
+    ) -> pd.DataFrame:
         params = params or {}
         histories = [list(h) for h in model_input["item_ids"]]
         stamps = None
@@ -75,9 +81,12 @@ class FuxiTopK(mlflow.pyfunc.PythonModel):
         now = None
         if "request_time" in model_input and model_input["request_time"].notna().all():
             now = [int(t) for t in model_input["request_time"]]
-        ids, scores = self.recommender.top_k(histories, stamps, now, int(params.get("k", 10)),
-                                             bool(params.get("filter_seen", True)))
-        return pd.DataFrame({"item_ids": list(ids.astype(np.int64)), "scores": list(scores.astype(np.float64))})
+        ids, scores = self.recommender.top_k(
+            histories, stamps, now, int(params.get("k", 10)), bool(params.get("filter_seen", True))
+        )
+        return pd.DataFrame(
+            {"item_ids": list(ids.astype(np.int64)), "scores": list(scores.astype(np.float64))}
+        )
 
 
 def _signature() -> Any:
@@ -85,8 +94,13 @@ def _signature() -> Any:
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
-        inputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("long"), "timestamps", required=False),
-                       ColSpec("long", "request_time", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec(Array("long"), "item_ids"),
+                ColSpec(Array("long"), "timestamps", required=False),
+                ColSpec("long", "request_time", required=False),
+            ]
+        ),
         outputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("double"), "scores")]),
         params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("filter_seen", "boolean", True)]),
     )
@@ -95,8 +109,10 @@ def _signature() -> Any:
 def _requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in
-            ("torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "pyarrow", "mlflow")]
+    return [
+        f"{pkg}=={version(pkg).split('+')[0]}"
+        for pkg in ("torch", "torchrec", "fbgemm-gpu-cpu", "numpy", "pandas", "pyarrow", "mlflow")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -115,7 +131,10 @@ def run_checkpoint(client: Any, run_id: str) -> Path:
 
 
 def register(
-    client: Any, run_id: str, name: str = MODEL_NAME, checkpoint: str | Path | None = None,
+    client: Any,
+    run_id: str,
+    name: str = MODEL_NAME,
+    checkpoint: str | Path | None = None,
     tags: dict[str, str] | None = None,
 ) -> Any:
     """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion."""
@@ -135,8 +154,12 @@ def register(
             shutil.copytree(pkg, code[-1], ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=FuxiTopK(), artifacts={"checkpoint": str(staged)},
-                code_paths=code, signature=_signature(), pip_requirements=_requirements(),
+                name="model",
+                python_model=FuxiTopK(),
+                artifacts={"checkpoint": str(staged)},
+                code_paths=code,
+                signature=_signature(),
+                pip_requirements=_requirements(),
             )
     version_tags = {
         "checkpoint": str(ckpt),
@@ -155,7 +178,9 @@ def register(
     return mv
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | None = None, split: str = "valid") -> dict[str, float]:
+def evaluate_checkpoint(
+    checkpoint: str | Path, data: str | None = None, split: str = "valid"
+) -> dict[str, float]:
     """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
     from pipeline.train.loading import evaluate_checkpoint as evaluate
 
@@ -181,7 +206,8 @@ def version_checkpoint(client: Any, name: str, version: str | int, dest: str | P
         if dest.exists():
             shutil.rmtree(dest)
         mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=client.tracking_uri)
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=client.tracking_uri
+        )
         marker.write_text(str(version))
     found = [p.parent for p in (dest / "artifacts").rglob(".metadata")]
     if len(found) != 1:
@@ -204,9 +230,16 @@ class Decision:
 
 
 def promote_if_better(
-    client: Any, name: str, version: str | int, *, candidate_metric: float | None = None,
-    champion_metric: float | None = None, data: str | None = None, metric: str = SELECT_METRIC,
-    workdir: str | Path | None = None, min_delta: float = 0.0,
+    client: Any,
+    name: str,
+    version: str | int,
+    *,
+    candidate_metric: float | None = None,
+    champion_metric: float | None = None,
+    data: str | None = None,
+    metric: str = SELECT_METRIC,
+    workdir: str | Path | None = None,
+    min_delta: float = 0.0,
 ) -> Decision:
     """Set `champion` to `version` only if it beats the current champion on the validation metric.
 
@@ -231,10 +264,18 @@ def promote_if_better(
         better, reason = True, "no champion yet"
     else:
         better = candidate_metric > float(champion_metric) + min_delta
-        reason = (f"valid {metric} {candidate_metric:.4f} {'>' if better else '<='} "
-                  f"champion v{current.version} {float(champion_metric):.4f}")
+        reason = (
+            f"valid {metric} {candidate_metric:.4f} {'>' if better else '<='} "
+            f"champion v{current.version} {float(champion_metric):.4f}"
+        )
     if better:
         client.set_registered_model_alias(name, CHAMPION, version)
-    return Decision(better, version, metric, float(candidate_metric),
-                    None if current is None else str(current.version),
-                    None if champion_metric is None else float(champion_metric), reason)
+    return Decision(
+        better,
+        version,
+        metric,
+        float(candidate_metric),
+        None if current is None else str(current.version),
+        None if champion_metric is None else float(champion_metric),
+        reason,
+    )

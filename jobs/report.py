@@ -64,8 +64,11 @@ def parameter_count(params: dict[str, Any]) -> int:
     from pipeline.train.config import ModelConfig
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
-    items = {k.split(".", 1)[1]: _literal(v) for k, v in params.items()
-             if k.startswith("model.") and k.split(".", 1)[1] in names and v is not None}
+    items = {
+        k.split(".", 1)[1]: _literal(v)
+        for k, v in params.items()
+        if k.startswith("model.") and k.split(".", 1)[1] in names and v is not None
+    }
     items.pop("extra", None)
     frozen = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in items.items()))
     return _count(frozen)
@@ -97,7 +100,11 @@ def build_table(df: pd.DataFrame, fields: list[str], metric: str) -> pd.DataFram
     rows = []
     for _, r in df.iterrows():
         params = {c[7:]: r[c] for c in df.columns if c.startswith("params.")}
-        row: dict[str, Any] = {"run": r.get("tags.mlflow.runName"), "run_id": r["run_id"], "status": r["status"]}
+        row: dict[str, Any] = {
+            "run": r.get("tags.mlflow.runName"),
+            "run_id": r["run_id"],
+            "status": r["status"],
+        }
         for f in fields:
             row[f] = _literal(params.get(f))
         row[PARAMS_COLUMN] = parameter_count(params) if any(k.startswith("model.") for k in params) else None
@@ -108,15 +115,30 @@ def build_table(df: pd.DataFrame, fields: list[str], metric: str) -> pd.DataFram
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    return table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    return table.sort_values(metric, ascending=False, na_position="last", kind="stable").reset_index(
+        drop=True
+    )
 
 
 def to_markdown(table: pd.DataFrame, fields: list[str], metric: str, title: str) -> str:
     metrics = list(dict.fromkeys((metric, *TABLE_METRICS)))
-    head = ["#", "run", *[f.rsplit(".", 1)[-1] for f in fields], "params",
-            *[m.replace("_at_", "@") for m in metrics], "s/epoch", "status"]
-    lines = [f"### {title}", "", f"Sorted by `{metric}` (the test split at the validation-selected epoch).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "#",
+        "run",
+        *[f.rsplit(".", 1)[-1] for f in fields],
+        "params",
+        *[m.replace("_at_", "@") for m in metrics],
+        "s/epoch",
+        "status",
+    ]
+    lines = [
+        f"### {title}",
+        "",
+        f"Sorted by `{metric}` (the test split at the validation-selected epoch).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
 
     def fmt(v: Any, digits: int = 4) -> str:
         if v is None or (isinstance(v, float) and pd.isna(v)):
@@ -124,14 +146,22 @@ def to_markdown(table: pd.DataFrame, fields: list[str], metric: str, title: str)
         return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
     for i, r in table.iterrows():
-        cells = [str(i + 1), str(r["run"]).rsplit("/", 1)[-1], *[fmt(r[f]) for f in fields],
-                 fmt(r[PARAMS_COLUMN]) if r[PARAMS_COLUMN] is not None else "-",
-                 *[fmt(r[m]) for m in metrics], fmt(r["train/epoch_seconds"], 1), str(r["status"])]
+        cells = [
+            str(i + 1),
+            str(r["run"]).rsplit("/", 1)[-1],
+            *[fmt(r[f]) for f in fields],
+            fmt(r[PARAMS_COLUMN]) if r[PARAMS_COLUMN] is not None else "-",
+            *[fmt(r[m]) for m in metrics],
+            fmt(r["train/epoch_seconds"], 1),
+            str(r["status"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def scaling_series(table: pd.DataFrame, fields: list[str], metric: str) -> dict[str, dict[str, list[list[float]]]]:
+def scaling_series(
+    table: pd.DataFrame, fields: list[str], metric: str
+) -> dict[str, dict[str, list[list[float]]]]:
     """Points of each panel, grouped into lines; only finished runs with the metric."""
     done = table[(table["status"] == "FINISHED") & table[metric].notna()]
     series: dict[str, dict[str, list[list[float]]]] = {}
@@ -194,7 +224,11 @@ def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: st
 
 
 def build_report(
-    client: Any, parent_run_id: str, out_dir: str | Path, metric: str = DEFAULT_METRIC, log_to_parent: bool = True,
+    client: Any,
+    parent_run_id: str,
+    out_dir: str | Path,
+    metric: str = DEFAULT_METRIC,
+    log_to_parent: bool = True,
     name: str = "sweep_report",
 ) -> Report:
     """Writes <out_dir>/<name>.md (leaderboard), .png (scaling curves), .json (the plotted data)."""
@@ -213,9 +247,18 @@ def build_report(
     markdown = to_markdown(table, fields, metric, title)
     paths["leaderboard"].write_text(markdown)
     plot(series, metric, title, paths["plot"])
-    paths["data"].write_text(json.dumps({"parent_run_id": parent_run_id, "metric": metric, "fields": fields,
-                                         "series": series, "runs": json.loads(table.to_json(orient="records"))},
-                                        indent=1))
+    paths["data"].write_text(
+        json.dumps(
+            {
+                "parent_run_id": parent_run_id,
+                "metric": metric,
+                "fields": fields,
+                "series": series,
+                "runs": json.loads(table.to_json(orient="records")),
+            },
+            indent=1,
+        )
+    )
     if log_to_parent:
         for p in paths.values():
             client.log_artifact(parent_run_id, str(p), "report")

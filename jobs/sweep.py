@@ -48,7 +48,7 @@ def ensure_experiment(client: Any, name: str, artifact_root: str | Path | None =
     if artifact_root is not None:
         location = Path(artifact_root).resolve().as_uri()
     elif client.tracking_uri.startswith("sqlite:///"):
-        location = (Path(client.tracking_uri[len("sqlite:///"):]).resolve().parent / "mlruns").as_uri()
+        location = (Path(client.tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
     return get_or_create_experiment(client, name, artifact_location=location)
 
 
@@ -121,8 +121,20 @@ def component_args(
     nnodes: int = 1,
     name: str = "fuxi-train",
 ) -> list[str]:
-    args = ["--preset", preset, "--tracking_uri", tracking_uri, "--cpu", str(cpu),
-            "--nproc_per_node", str(nproc_per_node), "--nnodes", str(nnodes), "--name", name]
+    args = [
+        "--preset",
+        preset,
+        "--tracking_uri",
+        tracking_uri,
+        "--cpu",
+        str(cpu),
+        "--nproc_per_node",
+        str(nproc_per_node),
+        "--nnodes",
+        str(nnodes),
+        "--name",
+        name,
+    ]
     if run_dir:
         args += ["--run_dir", run_dir]
     if parent_run_id:
@@ -143,8 +155,12 @@ def parse_scheduler_args(text: str | None) -> dict[str, Any]:
 
 
 def run_jobs(
-    jobs: list[Job], scheduler: str = "local_cwd", scheduler_cfg: dict[str, Any] | None = None,
-    parallel: int = 1, poll_seconds: float = 2.0, log: Any = print,
+    jobs: list[Job],
+    scheduler: str = "local_cwd",
+    scheduler_cfg: dict[str, Any] | None = None,
+    parallel: int = 1,
+    poll_seconds: float = 2.0,
+    log: Any = print,
 ) -> list[Job]:
     """Submit TorchX jobs, at most `parallel` in flight, and wait for all of them."""
     from torchx.runner import get_runner
@@ -225,15 +241,26 @@ def run_sweep(
     uri = absolute_tracking_uri(tracking_uri)
     client = mlflow_client(uri)
     exp_id = ensure_experiment(client, experiment)
-    parent = client.create_run(exp_id, run_name=name, tags={
-        "mlflow.runName": name, "sweep.preset": preset, "sweep.grid": json.dumps(grid),
-        "sweep.overrides": json.dumps(overrides), "sweep.scheduler": scheduler, "fuxi.kind": "sweep",
-    })
+    parent = client.create_run(
+        exp_id,
+        run_name=name,
+        tags={
+            "mlflow.runName": name,
+            "sweep.preset": preset,
+            "sweep.grid": json.dumps(grid),
+            "sweep.overrides": json.dumps(overrides),
+            "sweep.scheduler": scheduler,
+            "fuxi.kind": "sweep",
+        },
+    )
     pid = parent.info.run_id
     from mlflow.entities import Param
 
-    client.log_batch(pid, params=[Param("preset", preset), Param("points", str(len(points)))]
-                     + [Param(f"grid.{k}", ",".join(v)) for k, v in grid.items()])
+    client.log_batch(
+        pid,
+        params=[Param("preset", preset), Param("points", str(len(points)))]
+        + [Param(f"grid.{k}", ",".join(v)) for k, v in grid.items()],
+    )
     root = Path(sweep_dir) / name
     root.mkdir(parents=True, exist_ok=True)
     cfg = dict(scheduler_cfg or {})
@@ -243,11 +270,22 @@ def run_sweep(
     jobs = []
     for point in points:
         run_name = f"{name}/{point_name(point)}"
-        point_overrides = overrides + [f"{k}={v}" for k, v in point.items()] + [
-            f"tracking.run_name={run_name}", f"tracking.experiment={experiment}", "progress=false"]
+        point_overrides = (
+            overrides
+            + [f"{k}={v}" for k, v in point.items()]
+            + [f"tracking.run_name={run_name}", f"tracking.experiment={experiment}", "progress=false"]
+        )
         run_dir = str((root / point_name(point)).resolve()) if scheduler.startswith("local") else None
-        args = component_args(preset, point_overrides, run_dir=run_dir, tracking_uri=uri, parent_run_id=pid,
-                              data=data, cpu=cpu, name="fuxi-sweep")
+        args = component_args(
+            preset,
+            point_overrides,
+            run_dir=run_dir,
+            tracking_uri=uri,
+            parent_run_id=pid,
+            data=data,
+            cpu=cpu,
+            name="fuxi-sweep",
+        )
         jobs.append(Job(point_name(point), point, args))
     t0 = time.monotonic()
     status = "FAILED"
@@ -256,7 +294,9 @@ def run_sweep(
         status = "FINISHED" if all(j.state == "SUCCEEDED" for j in jobs) else "FAILED"
     finally:
         seconds = time.monotonic() - t0
-        client.set_tag(pid, "sweep.jobs", json.dumps({j.name: [j.state, j.handle, round(j.seconds, 1)] for j in jobs}))
+        client.set_tag(
+            pid, "sweep.jobs", json.dumps({j.name: [j.state, j.handle, round(j.seconds, 1)] for j in jobs})
+        )
         client.log_metric(pid, "sweep/seconds", seconds)
         client.log_metric(pid, "sweep/succeeded", sum(j.state == "SUCCEEDED" for j in jobs))
         client.set_terminated(pid, status=status)

@@ -171,8 +171,9 @@ def core_dtype(group: Group) -> torch.dtype | None:
     return torch.float32 if small and group.valid.device.type == "cpu" else None
 
 
-def _apply_core(core: type[torch.autograd.Function], q: Tensor, k: Tensor, v: Tensor,
-                dtype: torch.dtype | None, *args) -> Tensor:
+def _apply_core(
+    core: type[torch.autograd.Function], q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype | None, *args
+) -> Tensor:
     """Run an attention core on q, k, v cast to `dtype` (default v's) with autocast off (the cores cast
     explicitly; autocast must not re-cast their matmuls), and return the result in v's dtype."""
     dtype = dtype or v.dtype
@@ -384,7 +385,10 @@ class _HSTUCore(torch.autograd.Function):
         d_wts = d_table.sum(0)
         d_wpos = torch.zeros(2 * n - 1, **f32)
         d_wpos[(n - 1) - torch.arange(length, device=grad.device)] = d_table.sum(1)
-        unh = lambda t: _unheads(t.to(grad.dtype), b, h).reshape(b, length, -1)
+
+        def unh(t: Tensor) -> Tensor:
+            return _unheads(t.to(grad.dtype), b, h).reshape(b, length, -1)
+
         return unh(_cat_rows(dq_chunks)), unh(dkh), unh(dvh), d_wpos, d_wts, None, None, None
 
 
@@ -397,7 +401,14 @@ def _hstu_scores(
 
 
 def hstu_attention(
-    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor, w_ts: Tensor, inv_n: Tensor, plan: FastPlan, heads: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_pos: Tensor,
+    w_ts: Tensor,
+    inv_n: Tensor,
+    plan: FastPlan,
+    heads: int,
     dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SiLU(q_h k_h^T + w_pos[(N-1)+j-i] + w_ts[b(dt)]) / n, causal, times v_h; [B, L, H*dv], head-major.
@@ -420,9 +431,20 @@ def inverse_n(valid_BL: Tensor, padded_length: int, mode: str) -> Tensor:
 
 
 def last_row_attention(
-    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor | None, w_ts: Tensor | None, inv_n: Tensor, group: Group,
-    channels: tuple[str, ...], heads: int, padded_length: int, time_delta: str, num_buckets: int,
-    divisor: float, vanilla: bool = False,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_pos: Tensor | None,
+    w_ts: Tensor | None,
+    inv_n: Tensor,
+    group: Group,
+    channels: tuple[str, ...],
+    heads: int,
+    padded_length: int,
+    time_delta: str,
+    num_buckets: int,
+    divisor: float,
+    vanilla: bool = False,
 ) -> Tensor:
     """Attention output of each row's *last* history slot only (evaluation needs no other query in the
     final block): [n, H * C * dv], head-major, channels in `channels` order, as ams_channels; or, with
@@ -462,10 +484,16 @@ def last_row_attention(
     return torch.stack(outs, dim=2).reshape(n, -1)  # [n, H, C, dv]
 
 
-
 def last_token_attention(
-    x_norm: Tensor, uvqk: Tensor, split: tuple[int, int, int, int], batch: LengthGroups, cfg: ModelConfig,
-    w_pos: Tensor | None, w_ts: Tensor | None, channels: tuple[str, ...], vanilla: bool,
+    x_norm: Tensor,
+    uvqk: Tensor,
+    split: tuple[int, int, int, int],
+    batch: LengthGroups,
+    cfg: ModelConfig,
+    w_pos: Tensor | None,
+    w_ts: Tensor | None,
+    channels: tuple[str, ...],
+    vanilla: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The final block's attention at each row's last history token only (evaluation), for FuXi-alpha's AMS
     and HSTU alike: (u [B, split[0]], attention output [B, ...], those tokens' jagged indices [B]), rows in
@@ -477,10 +505,24 @@ def last_token_attention(
     for g in batch:
         v, q, k = torch.split(g.gather(vqk), list(split[1:]), dim=-1)  # zero on padding: no key mask
         inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
-        outs.append(last_row_attention(
-            q, k, v, w_pos, w_ts, inv_n, g, channels, cfg.num_heads, cfg.padded_length, cfg.time_delta,
-            cfg.num_time_buckets, cfg.time_bucket_divisor, vanilla=vanilla,
-        ))
+        outs.append(
+            last_row_attention(
+                q,
+                k,
+                v,
+                w_pos,
+                w_ts,
+                inv_n,
+                g,
+                channels,
+                cfg.num_heads,
+                cfg.padded_length,
+                cfg.time_delta,
+                cfg.num_time_buckets,
+                cfg.time_bucket_divisor,
+                vanilla=vanilla,
+            )
+        )
     last_tok, order = batch.last()
     u = F.silu(x_norm[last_tok] @ uvqk[:, :u_width])
     return u, torch.cat(outs)[order], last_tok
@@ -515,8 +557,16 @@ def reference_plan(group: Group, cfg: ModelConfig, kind: str, with_time: bool) -
 
 
 def ams_reference(
-    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor | None, w_ts: Tensor | None, inv_n: Tensor,
-    plan: ReferencePlan, channels: tuple[str, ...], heads: int, dtype: torch.dtype | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_pos: Tensor | None,
+    w_ts: Tensor | None,
+    inv_n: Tensor,
+    plan: ReferencePlan,
+    channels: tuple[str, ...],
+    heads: int,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """FuXi-alpha's channel outputs [n, L, H, C, dv] as einsums (`ams_channels`' slow twin):
     pos: w_pos[(N-1) + j - i] * causal;  ts: w_ts[b(dt(i, j))] * causal;  sem: SiLU(q_h k_h^T) / n * causal.
@@ -542,8 +592,15 @@ def ams_reference(
 
 
 def hstu_reference(
-    q: Tensor, k: Tensor, v: Tensor, w_pos: Tensor, w_ts: Tensor, inv_n: Tensor, plan: ReferencePlan,
-    heads: int, dtype: torch.dtype | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    w_pos: Tensor,
+    w_ts: Tensor,
+    inv_n: Tensor,
+    plan: ReferencePlan,
+    heads: int,
+    dtype: torch.dtype | None = None,
 ) -> Tensor:
     """SiLU(q_h k_h^T + w_pos + w_ts) / n * causal, times v_h: [n, L, H*dv] (`hstu_attention`'s slow twin)."""
     n, length, hdv = v.shape
@@ -561,15 +618,24 @@ def hstu_reference(
 
 def fast_plan(group: Group, cfg: ModelConfig, kind: str, with_time: bool) -> FastPlan:
     return build_plan(
-        group.ts, group.valid.shape[1], kind, cfg.time_delta, cfg.num_time_buckets, cfg.time_bucket_divisor,
-        cfg.padded_length, cfg.fast_chunk, with_time=with_time,
+        group.ts,
+        group.valid.shape[1],
+        kind,
+        cfg.time_delta,
+        cfg.num_time_buckets,
+        cfg.time_bucket_divisor,
+        cfg.padded_length,
+        cfg.fast_chunk,
+        with_time=with_time,
     )
 
 
 @dataclass(frozen=True)
 class Kernel:
     plan: Callable[..., Any]  # (group, cfg, kind "fuxi" | "hstu", with_time) -> the cores' per-group plan
-    ams: Callable[..., Tensor]  # (q, k, v, w_pos, w_ts, inv_n, plan, channels, heads, dtype) -> [n, L, H, C, dv]
+    ams: Callable[
+        ..., Tensor
+    ]  # (q, k, v, w_pos, w_ts, inv_n, plan, channels, heads, dtype) -> [n, L, H, C, dv]
     hstu: Callable[..., Tensor]  # (q, k, v, w_pos, w_ts, inv_n, plan, heads, dtype) -> [n, L, H*dv]
 
 

@@ -52,7 +52,9 @@ class HSTUBlock(nn.Module):
         for g in batch:
             v, q, k = torch.split(g.gather(vqk), list(self.split[1:]), dim=-1)  # zero on padding: no key mask
             inv_n = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm)
-            outs.append(g.real(self.kernel.hstu(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads, core_dtype(g))))
+            outs.append(
+                g.real(self.kernel.hstu(q, k, v, w_pos, w_ts, inv_n, g.plan, cfg.num_heads, core_dtype(g)))
+            )
         attn = batch.scatter(outs, x_TD.shape[0])
         return x_TD + self.out(self.dropout(u * layer_norm(attn)))
 

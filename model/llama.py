@@ -38,7 +38,9 @@ class LlamaBlock(nn.Module):
         v = self.wv(z).view(b, length, cfg.num_heads, cfg.dv)
         if cfg.llama_positions == "rope":
             q, k = rotary(q), rotary(k)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
         h = x_BLD + self.dropout(self.wo(a.transpose(1, 2).reshape(b, length, -1)))
         out = h + self.dropout(self.ffn(self.ffn_norm(h)))
         return out * valid_BL[..., None]

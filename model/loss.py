@@ -106,8 +106,9 @@ class NegativeSampler:
             return Negatives("per_position", JaggedTensor(values=values, lengths=(lengths * R).int()), ids_TR)
         distinct, index = _dedup(offsets, self.low, size)
         first_row[0] = distinct.numel()
-        return Negatives("per_position", JaggedTensor(values=distinct, lengths=first_row.int()), ids_TR,
-                         index.view(-1, R))
+        return Negatives(
+            "per_position", JaggedTensor(values=distinct, lengths=first_row.int()), ids_TR, index.view(-1, R)
+        )
 
 
 def sampled_softmax_loss(out: SequenceOutput, negatives: Negatives, temperature: float) -> Tensor:

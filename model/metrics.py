@@ -39,6 +39,8 @@ def ranking_metrics(ranks_B: Tensor, ks: tuple[int, ...] = KS) -> dict[str, floa
     for k in ks:
         hit = ranks <= k
         out[f"hr_at_{k}"] = hit.double().mean().item()
-        out[f"ndcg_at_{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks)).mean().item()
+        out[f"ndcg_at_{k}"] = (
+            torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks)).mean().item()
+        )
     out["mrr"] = (1.0 / ranks).mean().item()
     return out

@@ -112,7 +112,9 @@ class SequentialRecommender(nn.Module):
         x = self.input_dropout(x)
         # padding="fixed": every group as wide as the official code's padded batches (N slots)
         min_width = cfg.padded_length if cfg.padding == "fixed" else 0
-        batch = length_groups(lengths_B - 1, seq[TIME_FEATURE].values(), max(cfg.length_buckets, 1), min_width)
+        batch = length_groups(
+            lengths_B - 1, seq[TIME_FEATURE].values(), max(cfg.length_buckets, 1), min_width
+        )
         y = self.encoder(x, batch, last_only=last_only)
         return l2_normalize(y, cfg.l2_norm_eps), hist_tok, lengths_B - 1
 

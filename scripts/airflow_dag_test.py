@@ -32,7 +32,10 @@ def snapshot(db: Path, workdir: Path) -> dict:
         aliases = dict(con.execute("select alias, version from registered_model_aliases").fetchall())
     finally:
         con.close()
-    states = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted((workdir / "state").glob("*.json"))}
+    states = {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+        for p in sorted((workdir / "state").glob("*.json"))
+    }
     return {"runs": runs, "versions": versions, "aliases": aliases, "states": states}
 
 
@@ -82,26 +85,41 @@ def main() -> int:
     check("day1 registers a champion", s1["aliases"].get("champion") is not None, s1)
     check("day2 succeeds", run("day2", d2) == "success")
     s2 = snapshot(db, workdir)
-    check("day2 adds one run and one version", (s2["runs"], s2["versions"]) == (s1["runs"] + 1, s1["versions"] + 1), s2)
+    check(
+        "day2 adds one run and one version",
+        (s2["runs"], s2["versions"]) == (s1["runs"] + 1, s1["versions"] + 1),
+        s2,
+    )
     skipped_before = events(workdir, dates[1]).count("skipped")
     check("day2 re-run succeeds", run("day2_rerun", d2) == "success")
     s2b = snapshot(db, workdir)
-    check("day2 re-run ran every task, each a no-op", events(workdir, dates[1]).count("skipped") - skipped_before == 5)
+    check(
+        "day2 re-run ran every task, each a no-op",
+        events(workdir, dates[1]).count("skipped") - skipped_before == 5,
+    )
     check("day2 re-run changes nothing", s2b == s2, s2b)
-    check(f"day3 with {args.fail_step} forced to fail fails", run("day3_fail", d3, args.fail_step) == "failed")
+    check(
+        f"day3 with {args.fail_step} forced to fail fails", run("day3_fail", d3, args.fail_step) == "failed"
+    )
     s3f = snapshot(db, workdir)
     steps3 = json.loads((workdir / "state" / f"{dates[2]}.json").read_text())["steps"]
-    check(f"day3 failed at {args.fail_step}", steps3.get(args.fail_step, {}).get("status") == "failed",
-          {k: v["status"] for k, v in steps3.items()})
+    check(
+        f"day3 failed at {args.fail_step}",
+        steps3.get(args.fail_step, {}).get("status") == "failed",
+        {k: v["status"] for k, v in steps3.items()},
+    )
     check("the failure leaves the champion", s3f["aliases"] == s2["aliases"], s3f)
     check("day3 re-run succeeds", run("day3_retry", d3) == "success")
     s3 = snapshot(db, workdir)
     state3 = json.loads((workdir / "state" / f"{dates[2]}.json").read_text())
     decision = state3["steps"]["register_promote"]["outputs"]["decision"]
     check("day3 retry registered no second version", s3["versions"] == s3f["versions"], s3)
-    check("day3 alias follows the decision",
-          str(s3["aliases"]["champion"]) == str(decision["version"] if decision["promoted"] else s2["aliases"]["champion"]),
-          decision["reason"])
+    check(
+        "day3 alias follows the decision",
+        str(s3["aliases"]["champion"])
+        == str(decision["version"] if decision["promoted"] else s2["aliases"]["champion"]),
+        decision["reason"],
+    )
     result.update(final=s3, day3_decision=decision)
     print("AIRFLOW_TEST_RESULT " + json.dumps(result), flush=True)
     return 0

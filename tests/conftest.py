@@ -18,7 +18,9 @@ def make_seq(items: list[list[int]], times: list[list[int]]) -> KeyedJaggedTenso
     return KeyedJaggedTensor.from_lengths_sync(["item_id", "timestamp"], values, lengths)
 
 
-def padded_as_jagged(x_BLD, valid_BL, ts_BL1, cfg, kind: str = "fuxi", kernel: str | None = None, max_groups: int = 1):
+def padded_as_jagged(
+    x_BLD, valid_BL, ts_BL1, cfg, kind: str = "fuxi", kernel: str | None = None, max_groups: int = 1
+):
     """A padded layer input as what every layer takes: the real tokens x_TD (row-major) and their length
     groups, each group's attention plan built for `kernel` (default cfg.kernel). With max_groups=1 the one
     group is as wide as the padded input."""
@@ -34,7 +36,9 @@ def padded_as_jagged(x_BLD, valid_BL, ts_BL1, cfg, kind: str = "fuxi", kernel: s
     return x_BLD[valid_BL], batch
 
 
-def random_rows(n_users: int, num_items: int, max_len: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+def random_rows(
+    n_users: int, num_items: int, max_len: int, seed: int = 0
+) -> tuple[list[list[int]], list[list[int]]]:
     g = torch.Generator().manual_seed(seed)
     items, times = [], []
     for _ in range(n_users):

@@ -89,7 +89,9 @@ def test_resume_equals_uninterrupted_on_2_ranks_and_reshards_to_1_and_3(tmp_path
     assert_continues(full, resumed, 1e-5, "2 -> 1 rank")
 
 
-def test_cut_off_checkpoint_is_never_loaded_as_latest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cut_off_checkpoint_is_never_loaded_as_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.train.checkpoint as checkpoint
 
     store = Checkpointer(tmp_path)
@@ -130,7 +132,9 @@ def _worker(mode: str, root: str, out: str) -> None:
     ctx = init_distributed("cpu")
     world = ctx.world_size
     if mode == "first":
-        results = {"full": run_recorded(resume_config(world, f"{root}/uninterrupted", epochs=2, resume=False))}
+        results = {
+            "full": run_recorded(resume_config(world, f"{root}/uninterrupted", epochs=2, resume=False))
+        }
         run_recorded(resume_config(world, f"{root}/interrupted", epochs=1, resume=False))
     else:
         results = {f"resumed-{world}": run_recorded(resume_config(world, root, epochs=2, resume=True))}
@@ -201,10 +205,17 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> P
     from pipeline.data.synth_logs import LogConfig, write_logs
 
     root = tmp_path_factory.mktemp("shards")
-    write_logs(LogConfig(num_users=600, num_items=300, num_days=2, num_events=12_000, seed=3, num_themes=10),
-               root / "logs", progress=False)
-    build_sequences(root / "logs", root / "seq", BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
-                    progress=False)
+    write_logs(
+        LogConfig(num_users=600, num_items=300, num_days=2, num_events=12_000, seed=3, num_themes=10),
+        root / "logs",
+        progress=False,
+    )
+    build_sequences(
+        root / "logs",
+        root / "seq",
+        BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
+        progress=False,
+    )
     return root / "seq"
 
 
@@ -226,8 +237,9 @@ def mid_epoch_config(source: str, run_dir: Path, every_steps: int, resume: bool 
 @pytest.mark.slow
 @pytest.mark.usefixtures("deterministic")  # exact comparisons below (tests/conftest.py)
 @pytest.mark.parametrize("path", ["stream", "in_memory"])
-def test_killed_mid_epoch_resumes_at_the_next_batch(path: str, request: pytest.FixtureRequest, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_mid_epoch_resumes_at_the_next_batch(
+    path: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     source = str(request.getfixturevalue("small_shards")) if path == "stream" else "synthetic"
     every = 3
     full = recorded_run(mid_epoch_config(source, tmp_path / "uninterrupted", every), monkeypatch)

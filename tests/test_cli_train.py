@@ -1,4 +1,7 @@
-"""End to end through the `fuxi` CLI: train the tiny preset, find the MLflow run, re-evaluate the checkpoint."""
+"""End to end through the `fuxi` CLI.
+
+Train the tiny preset, find the MLflow run, re-evaluate the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -54,6 +57,10 @@ def test_train_logs_mlflow_run_and_checkpoint_reevaluates(tmp_path, monkeypatch,
     # the checkpoint holds the selected (best-validation) weights: evaluating it reproduces the reported test
     # metrics (printed to 4 decimals)
     assert main(["eval", "--checkpoint", report["checkpoint"], "--split", "test"]) == 0
-    printed = {line.split()[0]: float(line.split()[1]) for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    printed = {
+        line.split()[0]: float(line.split()[1])
+        for line in capsys.readouterr().out.splitlines()[1:]
+        if line.strip()
+    }
     assert printed["ndcg@10"] == pytest.approx(report["test"]["ndcg_at_10"], abs=6e-5)
     assert printed["mrr"] == pytest.approx(report["test"]["mrr"], abs=6e-5)

@@ -30,23 +30,38 @@ pytestmark = pytest.mark.usefixtures("ray_local")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("stream")
-    cfg = LogConfig(num_users=700, num_items=2000, num_days=2, num_events=14_000, seed=2, num_themes=10,
-                    activity_sigma=1.5)  # many users with 1-3 events: eligibility depends on drop_last
+    cfg = LogConfig(
+        num_users=700,
+        num_items=2000,
+        num_days=2,
+        num_events=14_000,
+        seed=2,
+        num_themes=10,
+        activity_sigma=1.5,
+    )  # many users with 1-3 events: eligibility depends on drop_last
     write_logs(cfg, root / "logs", progress=False)
-    build_sequences(root / "logs", root / "seq", BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
-                    progress=False)
+    build_sequences(
+        root / "logs",
+        root / "seq",
+        BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
+        progress=False,
+    )
     return root / "seq"
 
 
 def stream(shards: Path, **kw) -> ShardBatches:
-    args = dict(batch_size=BATCH, max_sequence_length=MAX_LEN, drop_last_items=1, shuffle=True, seed=7,
-                window_units=2)
+    args = dict(
+        batch_size=BATCH, max_sequence_length=MAX_LEN, drop_last_items=1, shuffle=True, seed=7, window_units=2
+    )
     return ShardBatches(shards, **{**args, **kw})
 
 
 def same(a: Batch, b: Batch) -> bool:
-    return (torch.equal(a.user_ids, b.user_ids) and torch.equal(a.seq.values(), b.seq.values())
-            and torch.equal(a.seq.lengths(), b.seq.lengths()))
+    return (
+        torch.equal(a.user_ids, b.user_ids)
+        and torch.equal(a.seq.values(), b.seq.values())
+        and torch.equal(a.seq.lengths(), b.seq.lengths())
+    )
 
 
 def test_step_sizes_split_every_row_evenly():
@@ -64,8 +79,14 @@ def test_ranks_get_equal_steps_and_together_every_sequence_once(shards, drop_las
     assert 0 < len(eligible) < data.num_users  # some users are too short for this split
     for world in (1, 2, 3):
         for epoch in (0, 1):
-            ranks = [list(stream(shards, drop_last_items=drop_last, rank=r, world_size=world,
-                                 backend=Backend.PYARROW).epoch(epoch)) for r in range(world)]
+            ranks = [
+                list(
+                    stream(
+                        shards, drop_last_items=drop_last, rank=r, world_size=world, backend=Backend.PYARROW
+                    ).epoch(epoch)
+                )
+                for r in range(world)
+            ]
             steps = {len(b) for b in ranks}
             assert steps == {len(stream(shards, drop_last_items=drop_last, world_size=world))}
             users = [u for batches in ranks for b in batches for u in b.user_ids.tolist()]
@@ -85,7 +106,9 @@ def test_ray_stream_equals_the_pyarrow_reference(shards):
     for world in (1, 2):
         for rank in range(world):
             for epoch in (0, 1):
-                ray_batches = list(stream(shards, rank=rank, world_size=world, backend=Backend.RAY).epoch(epoch))
+                ray_batches = list(
+                    stream(shards, rank=rank, world_size=world, backend=Backend.RAY).epoch(epoch)
+                )
                 ref = list(stream(shards, rank=rank, world_size=world, backend=Backend.PYARROW).epoch(epoch))
                 assert len(ray_batches) == len(ref) > 3
                 assert all(same(a, b) for a, b in zip(ray_batches, ref))
@@ -98,8 +121,10 @@ def test_ray_stream_equals_the_pyarrow_reference(shards):
 @pytest.mark.parametrize("stop_after", [5, "epoch_end"])
 def test_resume_from_a_checkpointed_position_continues_exactly(shards, tmp_path, stop_after):
     world = 2
-    full = {r: [b for e in (0, 1) for b in stream(shards, rank=r, world_size=world, backend="pyarrow").epoch(e)]
-            for r in range(world)}
+    full = {
+        r: [b for e in (0, 1) for b in stream(shards, rank=r, world_size=world, backend="pyarrow").epoch(e)]
+        for r in range(world)
+    }
     steps = len(stream(shards, world_size=world))
     k = steps if stop_after == "epoch_end" else stop_after
     for rank in range(world):

@@ -171,13 +171,17 @@ def test_gradcheck_float64():
     for norm in ("padded", "length"):
         inv_n = inverse_n(valid, n, norm).double()
         plan_f = build_plan(ts, length, "fuxi", "next", 128, 0.301, n, chunk=2)
-        fn = lambda q, k, v, wp, wt, n_=inv_n, p_=plan_f: ams_channels(
-            q, k, v, wp, wt, n_, p_, ("pos", "ts", "sem"), h
-        )
-        assert torch.autograd.gradcheck(fn, (q, k, v, w_pos, w_ts))
+
+        def ams(q, k, v, wp, wt, n_=inv_n, p_=plan_f):
+            return ams_channels(q, k, v, wp, wt, n_, p_, ("pos", "ts", "sem"), h)
+
+        assert torch.autograd.gradcheck(ams, (q, k, v, w_pos, w_ts))
         plan_h = build_plan(ts, length, "hstu", "next", 128, 0.301, n, chunk=2)
-        fn = lambda q, k, v, wp, wt, n_=inv_n, p_=plan_h: hstu_attention(q, k, v, wp, wt, n_, p_, h)
-        assert torch.autograd.gradcheck(fn, (q, k, v, w_pos, w_ts))
+
+        def hstu(q, k, v, wp, wt, n_=inv_n, p_=plan_h):
+            return hstu_attention(q, k, v, wp, wt, n_, p_, h)
+
+        assert torch.autograd.gradcheck(hstu, (q, k, v, w_pos, w_ts))
 
 
 def test_plan_buckets_equal_reference_buckets():
@@ -342,7 +346,9 @@ def test_training_run_fast_recipe_equals_reference_recipe(tmp_path, arch):
         cfg = tiny()
         cfg.tracking.enabled = False
         cfg.output_dir = str(tmp_path / "runs")
-        cfg.model = dataclasses.replace(cfg.model, architecture=arch, input_dropout=0.0, linear_dropout=0.0, **overrides)
+        cfg.model = dataclasses.replace(
+            cfg.model, architecture=arch, input_dropout=0.0, linear_dropout=0.0, **overrides
+        )
         cfg.loss.negatives = "per_position"
         cfg.loss.dedup_negatives = overrides.get("kernel") == "fast"
         cfg.amp = amp
@@ -470,5 +476,7 @@ def test_fused_loss_under_bf16_autocast_matches_fp32():
 
 def _output_pair(t: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(6)
-    return (torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1),
-            torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1))
+    return (
+        torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1),
+        torch.nn.functional.normalize(torch.randn(t, d, generator=g), dim=-1),
+    )

@@ -39,12 +39,14 @@ def write_day(logs: Path, date: str, rows: list[tuple], part: int = 0, types: di
     folder.mkdir(parents=True, exist_ok=True)
     u, i, t = zip(*rows)
     types = types or {}
-    table = pa.table({
-        "user_id": pa.array(u, types.get("user_id", pa.int64())),
-        "item_id": pa.array(i, types.get("item_id", pa.int64())),
-        "timestamp": pa.array(t, types.get("timestamp", pa.int64())),
-        "event_type": pa.array([0] * len(rows), pa.int8()),
-    })
+    table = pa.table(
+        {
+            "user_id": pa.array(u, types.get("user_id", pa.int64())),
+            "item_id": pa.array(i, types.get("item_id", pa.int64())),
+            "timestamp": pa.array(t, types.get("timestamp", pa.int64())),
+            "event_type": pa.array([0] * len(rows), pa.int8()),
+        }
+    )
     path = folder / f"part-{part:05d}.parquet"
     pq.write_table(table, path)
     return path
@@ -54,14 +56,22 @@ def shard_table(seqdir: Path) -> pa.Table:
     return read_sequences(seqdir).table.sort_by("user_id")
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # hand-written events: order, ties, dedup, truncation
 
 DAY1 = [  # not grouped by user, not sorted
-    (1, 10, T + 100), (2, 3, T + 10), (1, 5, T + 100),  # user 1: tie at T+100 -> item 5 before 10
-    (1, 7, T + 50), (1, 7, T + 50),  # exact duplicate: kept once
+    (1, 10, T + 100),
+    (2, 3, T + 10),
+    (1, 5, T + 100),  # user 1: tie at T+100 -> item 5 before 10
+    (1, 7, T + 50),
+    (1, 7, T + 50),  # exact duplicate: kept once
     (1, 8, T + 50),  # same time, other item: kept (after 7)
-    (3, 31, T + 1), (3, 32, T + 2), (3, 33, T + 3), (3, 34, T + 4), (3, 35, T + 5), (3, 36, T + 6),
+    (3, 31, T + 1),
+    (3, 32, T + 2),
+    (3, 33, T + 3),
+    (3, 34, T + 4),
+    (3, 35, T + 5),
+    (3, 36, T + 6),
     (2, 4, T + 20),
 ]
 DAY2 = [
@@ -112,7 +122,7 @@ def test_full_build_and_append_give_the_exact_sequences(tmp_path):
     assert sum(rg[0] for s in manifest["shards"] for rg in s["row_groups"]) == 4
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # validation and quarantine
 
 BAD = [  # (user, item, timestamp, expected reason, field, value)
@@ -170,11 +180,20 @@ def test_schema_errors_name_the_file_and_the_column(tmp_path):
         check_log_schema(path)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # synthetic logs, incremental append, idempotency
 
-SMALL = LogConfig(num_users=400, num_items=3000, num_days=4, num_events=24_000, seed=5, num_themes=20,
-                  rows_per_part=2_500, duplicate_prob=0.01, bad_fraction=0.003)
+SMALL = LogConfig(
+    num_users=400,
+    num_items=3000,
+    num_days=4,
+    num_events=24_000,
+    seed=5,
+    num_themes=20,
+    rows_per_part=2_500,
+    duplicate_prob=0.01,
+    bad_fraction=0.003,
+)
 DATES = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04"]
 
 
@@ -214,9 +233,9 @@ def test_synth_logs_are_deterministic_time_ordered_and_long_tailed(small_logs, t
 def test_appending_day_by_day_equals_a_full_rebuild(small_logs, tmp_path):
     cfg = BuildConfig(max_length=30, num_partitions=3, row_group_rows=32)
     full = build_sequences(small_logs, tmp_path / "full", cfg, progress=False)
-    inc = build_sequences(small_logs, tmp_path / "inc", cfg, dates=DATES[:2], progress=False)
+    build_sequences(small_logs, tmp_path / "inc", cfg, dates=DATES[:2], progress=False)
     for d in DATES[2:]:
-        inc = append_day(small_logs, d, tmp_path / "inc", progress=False)
+        append_day(small_logs, d, tmp_path / "inc", progress=False)
     assert full.truncated > 0 and full.duplicates_dropped > 0 and full.ingest.rows_quarantined > 0
     assert shard_table(tmp_path / "inc").equals(shard_table(tmp_path / "full"))
     a, b = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "inc")
@@ -250,35 +269,119 @@ def test_reappending_a_day_is_a_no_op_and_changed_days_are_refused(small_logs, t
         append_day(changed, DATES[3], seq, progress=False)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the CLI contract
 
 
 def test_cli_synth_build_append_stats_and_train(tmp_path, capsys):
     logs, seq = tmp_path / "logs", tmp_path / "seq"
-    assert main(["data", "synth-logs", "--out", str(logs), "--users", "150", "--items", "400", "--days", "3",
-                 "--events", "6000", "--seed", "1"]) == 0
-    assert main(["data", "build-sequences", "--logs", str(logs), "--out", str(seq), "--max-length", "50",
-                 "--partitions", "2", "--dates", "2024-01-01,2024-01-02"]) == 0
-    assert main(["data", "append-day", "--logs", str(logs), "--date", "2024-01-03", "--sequences", str(seq)]) == 0
-    assert main(["data", "append-day", "--logs", str(logs), "--date", "2024-01-03", "--sequences", str(seq)]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "synth-logs",
+                "--out",
+                str(logs),
+                "--users",
+                "150",
+                "--items",
+                "400",
+                "--days",
+                "3",
+                "--events",
+                "6000",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "data",
+                "build-sequences",
+                "--logs",
+                str(logs),
+                "--out",
+                str(seq),
+                "--max-length",
+                "50",
+                "--partitions",
+                "2",
+                "--dates",
+                "2024-01-01,2024-01-02",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["data", "append-day", "--logs", str(logs), "--date", "2024-01-03", "--sequences", str(seq)])
+        == 0
+    )
+    assert (
+        main(["data", "append-day", "--logs", str(logs), "--date", "2024-01-03", "--sequences", str(seq)])
+        == 0
+    )
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("wrote") and "6,000 events over 3 days" in out[0]
-    assert "4,000 rows read" in out[1] and "0 quarantined" in out[1] and "sequences written to 2 shards" in out[1]
+    assert (
+        "4,000 rows read" in out[1]
+        and "0 quarantined" in out[1]
+        and "sequences written to 2 shards" in out[1]
+    )
     assert "append 2024-01-03: 1 files, 2,000 rows read" in out[2]
     assert "already applied; nothing to do" in out[3]
     assert main(["data", "stats", str(seq)]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["num_items"] == 401 and stats["interactions"] == read_manifest(seq)["interactions"]
     report = tmp_path / "report.json"
-    assert main(["train", "--preset", "tiny", "--data", str(seq), "--epochs", "1", "--no-tracking",
-                 "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(seq),
+                "--epochs",
+                "1",
+                "--no-tracking",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     in_memory = json.loads(report.read_text())
     assert in_memory["test"]["num_users"] > 100
-    # the same training, its train split streamed shard by shard (pipeline/data/stream.py), sees the same users
-    assert main(["train", "--preset", "tiny", "--data", str(seq), "--epochs", "1", "--no-tracking",
-                 "--set", "data.stream=true", "--set", "data.stream_backend=pyarrow",
-                 "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0
+    # the same training, its train split streamed shard by shard (pipeline/data/stream.py), sees the
+    # same users
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(seq),
+                "--epochs",
+                "1",
+                "--no-tracking",
+                "--set",
+                "data.stream=true",
+                "--set",
+                "data.stream_backend=pyarrow",
+                "--output-dir",
+                str(tmp_path / "runs"),
+                "--report-json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     streamed = json.loads(report.read_text())
     assert streamed["users"]["train"] == in_memory["users"]["train"]
     assert streamed["steps"] == in_memory["steps"] > 0

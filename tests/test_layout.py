@@ -1,6 +1,7 @@
 """The layering rules of the source tree, checked on the imports (parsed with `ast`, function-local ones too):
 
-    model/           the network; imports nothing distributed and nothing from pipeline/ but pipeline.data.schema
+    model/           the network; imports nothing distributed and nothing from pipeline/ but
+                     pipeline.data.schema
     pipeline/data/   the data path; imports neither model/ nor pipeline.train
     pipeline/train/  the training path (may import both)
     jobs/            launchers: training only through the command line (jobs/cli.py) or pipeline.train.loading
@@ -11,16 +12,26 @@ from __future__ import annotations
 
 import ast
 import os
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("model", "pipeline", "jobs")
-DISTRIBUTED = ("torch.distributed", "torchrec.distributed", "pipeline.train.parallelize", "pipeline.train.distributed")
+DISTRIBUTED = (
+    "torch.distributed",
+    "torchrec.distributed",
+    "pipeline.train.parallelize",
+    "pipeline.train.distributed",
+)
 # what jobs/ (other than the CLI) may import from the layers below
-JOBS_MAY_IMPORT = ("pipeline.train.loading", "pipeline.train.config", "pipeline.train.tracking", "pipeline.data.schema")
+JOBS_MAY_IMPORT = (
+    "pipeline.train.loading",
+    "pipeline.train.config",
+    "pipeline.train.tracking",
+    "pipeline.data.schema",
+)
 
 
 def module_name(path: Path) -> str:
@@ -65,8 +76,14 @@ def violations(folders: tuple[str, ...], bad) -> list[str]:
 
 
 def test_the_sources_are_where_the_rules_look() -> None:
-    assert len(sources("model")) >= 5 and len(sources("pipeline/data")) >= 10 and len(sources("pipeline/train")) >= 8
-    assert [p.name for p in (ROOT / "pipeline").glob("*.py")] == ["__init__.py"], "pipeline/ holds data/ and train/"
+    assert (
+        len(sources("model")) >= 5
+        and len(sources("pipeline/data")) >= 10
+        and len(sources("pipeline/train")) >= 8
+    )
+    assert [p.name for p in (ROOT / "pipeline").glob("*.py")] == ["__init__.py"], (
+        "pipeline/ holds data/ and train/"
+    )
 
 
 def test_data_path_imports_neither_model_nor_training() -> None:
@@ -77,8 +94,12 @@ def test_model_imports_nothing_distributed_and_only_the_schema_from_pipeline() -
     def bad(name: str) -> bool:
         if any(under(name, d) for d in DISTRIBUTED):
             return True
-        return under(name, "pipeline") and not under(name, "pipeline.data.schema") and name not in (
-            "pipeline", "pipeline.data")  # `from pipeline.data.schema import X` also yields its parents
+        return (
+            under(name, "pipeline")
+            and not under(name, "pipeline.data.schema")
+            and name not in ("pipeline", "pipeline.data")
+        )  # `from pipeline.data.schema import X` also yields its parents
+
     assert violations(("model",), bad) == []
     assert violations(("model",), lambda n: under(n, "jobs")) == []
 
@@ -91,26 +112,42 @@ def test_jobs_call_training_only_through_the_cli_or_loading() -> None:
     def bad(name: str) -> bool:
         if under(name, "model"):
             return True
-        return under(name, "pipeline") and name not in ("pipeline", "pipeline.train", "pipeline.data") and not any(
-            under(name, ok) for ok in JOBS_MAY_IMPORT)
+        return (
+            under(name, "pipeline")
+            and name not in ("pipeline", "pipeline.train", "pipeline.data")
+            and not any(under(name, ok) for ok in JOBS_MAY_IMPORT)
+        )
+
     paths = [p for p in sources("jobs") if p != ROOT / "jobs" / "cli.py"]
-    out = [f"{p.relative_to(ROOT)}:{line} imports {name}" for p in paths for line, name in imports(p) if bad(name)]
+    out = [
+        f"{p.relative_to(ROOT)}:{line} imports {name}"
+        for p in paths
+        for line, name in imports(p)
+        if bad(name)
+    ]
     assert out == []
 
 
 def _builds_a_parser(path: Path) -> bool:
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in (
-                "add_subparsers", "add_parser"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("add_subparsers", "add_parser")
+        ):
             return True
-        if isinstance(node, ast.Call) and any(k.arg == "prog" and isinstance(k.value, ast.Constant)
-                                              and k.value.value == "fuxi" for k in node.keywords):
+        if isinstance(node, ast.Call) and any(
+            k.arg == "prog" and isinstance(k.value, ast.Constant) and k.value.value == "fuxi"
+            for k in node.keywords
+        ):
             return True
     return False
 
 
 def test_one_module_builds_the_fuxi_parser() -> None:
-    builders = [str(p.relative_to(ROOT)) for p in sources(*PACKAGES, "benchmarks", "scripts") if _builds_a_parser(p)]
+    builders = [
+        str(p.relative_to(ROOT)) for p in sources(*PACKAGES, "benchmarks", "scripts") if _builds_a_parser(p)
+    ]
     assert builders == ["jobs/cli.py"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fuxi"] == "jobs.cli:main"
@@ -128,10 +165,15 @@ def test_no_stale_module_paths_in_commands() -> None:
     hits = []
     for folder, dirs, names in os.walk(ROOT):
         top = Path(folder) == ROOT
-        dirs[:] = [d for d in dirs if not d.startswith(".") and d != "__pycache__" and not (top and d in skip)]
+        dirs[:] = [
+            d for d in dirs if not d.startswith(".") and d != "__pycache__" and not (top and d in skip)
+        ]
         for name in names:
             path = Path(folder) / name
-            if path.suffix in {".py", ".md", ".sh", ".toml", ".yaml", ""} and path != Path(__file__).resolve():
+            if (
+                path.suffix in {".py", ".md", ".sh", ".toml", ".yaml", ""}
+                and path != Path(__file__).resolve()
+            ):
                 text = path.read_text(errors="ignore")
                 hits += [f"{path.relative_to(ROOT)}: {s}" for s in stale if s in text]
     assert hits == []

@@ -16,7 +16,6 @@ import os
 import platform
 from pathlib import Path
 
-import pytest
 import torch
 
 CURVE = Path(__file__).parent / "assets" / "losses" / "tiny_cpu.txt"
@@ -52,7 +51,10 @@ def cpu_model() -> str:
 
 def write_curve(path: Path, losses: list[float]) -> None:
     header = [
-        f"# Per-step training loss of the `tiny` preset (pipeline/train/config.py), {EPOCHS} epochs, seed 42, one",
+        (
+            f"# Per-step training loss of the `tiny` preset (pipeline/train/config.py), {EPOCHS} epochs, "
+            "seed 42, one"
+        ),
         "# process, one CPU thread, fp32; tests/test_loss_curve.py compares a fresh run to it exactly.",
         "# Regenerate after a change meant to alter numerics (and say why in the commit):",
         "#   FUXI_UPDATE_LOSS_CURVES=1 PYTHONPATH=$PWD python -m pytest -q tests/test_loss_curve.py",
@@ -64,8 +66,12 @@ def write_curve(path: Path, losses: list[float]) -> None:
 
 
 def read_curve(path: Path) -> list[float]:
-    rows = [line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert [int(step) for step, _ in rows] == list(range(1, len(rows) + 1)), f"{path}: steps must be 1, 2, ..."
+    rows = [
+        line.split() for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")
+    ]
+    assert [int(step) for step, _ in rows] == list(range(1, len(rows) + 1)), (
+        f"{path}: steps must be 1, 2, ..."
+    )
     return [float(loss) for _, loss in rows]
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.loss import MASKED_LOGIT, NegativeSampler, Negatives, sampled_softmax_loss
+from model.loss import MASKED_LOGIT, Negatives, NegativeSampler, sampled_softmax_loss
 from model.metrics import full_ranks, ranking_metrics
 from model.recommender import SequenceOutput
 
@@ -17,7 +17,14 @@ def test_full_ranks_with_seen_filtering_by_hand():
     # items 0..5; id 0 is padding and never a candidate
     scores = torch.tensor(
         [
-            [9.0, 0.1, 0.5, 0.9, 0.3, 0.7],  # target 4 (0.3): beaten by 3, 5, 2 -> rank 4; history {3} -> rank 3
+            [
+                9.0,
+                0.1,
+                0.5,
+                0.9,
+                0.3,
+                0.7,
+            ],  # target 4 (0.3): beaten by 3, 5, 2 -> rank 4; history {3} -> rank 3
             [9.0, 0.1, 0.5, 0.9, 0.3, 0.7],  # target 3 (best) -> rank 1
             [9.0, 0.1, 0.5, 0.9, 0.3, 0.7],  # target 2, in the history -> filtered -> miss
         ]
@@ -53,7 +60,9 @@ def test_per_position_loss_matches_direct_computation_and_masks_positive():
     target_ids = torch.tensor([5, 6, 7, 8])
     r = 3
     neg_ids = torch.tensor([[5, 1, 2], [3, 4, 9], [7, 7, 1], [2, 3, 4]])  # row 0 and 2 contain the positive
-    negs = torch.nn.functional.normalize(torch.randn(4 * r, 6, generator=torch.Generator().manual_seed(1)), dim=-1)
+    negs = torch.nn.functional.normalize(
+        torch.randn(4 * r, 6, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
     from torchrec import JaggedTensor
 
     jt = JaggedTensor(values=neg_ids.flatten(), lengths=torch.tensor([r * 2, r * 2]))
@@ -64,7 +73,11 @@ def test_per_position_loss_matches_direct_computation_and_masks_positive():
         logits = [user[t] @ target[t] / 0.05]
         for k in range(r):
             nid = neg_ids[t, k].item()
-            logits.append(torch.tensor(MASKED_LOGIT) if nid == target_ids[t].item() else user[t] @ negs[t * r + k] / 0.05)
+            logits.append(
+                torch.tensor(MASKED_LOGIT)
+                if nid == target_ids[t].item()
+                else user[t] @ negs[t * r + k] / 0.05
+            )
         expected.append(-F.log_softmax(torch.stack(logits), 0)[0])
     torch.testing.assert_close(loss, torch.stack(expected).mean())
 
@@ -73,7 +86,9 @@ def test_shared_loss_matches_direct_computation():
     user, target = _output(seed=2)
     target_ids = torch.tensor([5, 6, 7, 8])
     neg_ids = torch.tensor([6, 1, 2, 9])
-    negs = torch.nn.functional.normalize(torch.randn(4, 6, generator=torch.Generator().manual_seed(3)), dim=-1)
+    negs = torch.nn.functional.normalize(
+        torch.randn(4, 6, generator=torch.Generator().manual_seed(3)), dim=-1
+    )
     from torchrec import JaggedTensor
 
     jt = JaggedTensor(values=neg_ids, lengths=torch.tensor([4, 0]))
@@ -111,11 +126,17 @@ def test_deduplicated_per_position_negatives_equal_the_as_sampled_layout(
     monkeypatch.setattr(model.loss, "CHUNK_BYTES", chunk_bytes)
     lengths = torch.tensor([7, 3, 5])
     t, r, d = int(lengths.sum()), 6, 8
-    plain = NegativeSampler(r, "per_position", 1, catalogue, dedup=False).sample(lengths, torch.Generator().manual_seed(4))
+    plain = NegativeSampler(r, "per_position", 1, catalogue, dedup=False).sample(
+        lengths, torch.Generator().manual_seed(4)
+    )
     dedup = NegativeSampler(r, "per_position", 1, catalogue).sample(lengths, torch.Generator().manual_seed(4))
     assert torch.equal(plain.ids, dedup.ids)
     distinct = dedup.lookup.values()
-    assert torch.equal(distinct, torch.unique(plain.ids)) and dedup.lookup.lengths().tolist() == [distinct.numel(), 0, 0]
+    assert torch.equal(distinct, torch.unique(plain.ids)) and dedup.lookup.lengths().tolist() == [
+        distinct.numel(),
+        0,
+        0,
+    ]
     assert torch.equal(distinct[dedup.index], dedup.ids)
     g = torch.Generator().manual_seed(5)
     table = torch.randn(catalogue, d, generator=g)

@@ -19,8 +19,17 @@ ARCHS = ["fuxi", "hstu", "sasrec", "llama"]
 
 
 def small_cfg(**kw) -> ModelConfig:
-    base = dict(num_items=50, embedding_dim=8, dqk=4, dv=4, num_heads=2, max_sequence_length=12, padded_length=13,
-                input_dropout=0.0, linear_dropout=0.0)
+    base = dict(
+        num_items=50,
+        embedding_dim=8,
+        dqk=4,
+        dv=4,
+        num_heads=2,
+        max_sequence_length=12,
+        padded_length=13,
+        input_dropout=0.0,
+        linear_dropout=0.0,
+    )
     base.update(kw)
     return ModelConfig(**base)
 
@@ -28,8 +37,19 @@ def small_cfg(**kw) -> ModelConfig:
 # --- reference worked examples -----------------------------------------------------------------------
 @pytest.mark.parametrize(
     "dt,bucket",
-    [(0, 0), (1, 0), (-1, 0), (10, 7), (60, 13), (3600, 27), (86400, 37), (30 * 86400, 49), (365 * 86400, 57),
-     (3 * 365 * 86400, 61), (2**62, 128)],
+    [
+        (0, 0),
+        (1, 0),
+        (-1, 0),
+        (10, 7),
+        (60, 13),
+        (3600, 27),
+        (86400, 37),
+        (30 * 86400, 49),
+        (365 * 86400, 57),
+        (3 * 365 * 86400, 61),
+        (2**62, 128),
+    ],
 )
 def test_time_bucket_worked_examples(dt, bucket):
     assert time_buckets(torch.tensor([dt], dtype=torch.int64)).item() == bucket
@@ -99,7 +119,9 @@ def test_ams_matches_naive_reference_loop():
     for kernel in ("reference", "fast"):
         x_TD, batch = padded_as_jagged(x, valid, ts, cfg, kernel=kernel)
         ams.kernel = KERNELS[kernel]
-        torch.testing.assert_close(ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6
+        )
 
 
 def test_reference_parameter_counts_ml1m():
@@ -186,7 +208,10 @@ def test_forward_backward_all_parameters_receive_gradients(arch):
         ({"ffn_single_stage": True}, 2 * (15_000 + 421 + 129 + 7_550)),  # w/o MFFN
         ({"channels": ("pos", "sem")}, 2 * (50 * 250 + 421 + 100 * 50 + 50 + 7_500)),  # no temporal channel
         ({"attention": "vanilla"}, 2 * (50 * 200 + 421 + 129 + 50 * 50 + 50 + 7_500)),  # w/o AMS
-        ({"attention": "vanilla", "ffn_single_stage": True}, 2 * (50 * 200 + 421 + 129 + 50 * 50 + 50)),  # Base
+        (
+            {"attention": "vanilla", "ffn_single_stage": True},
+            2 * (50 * 200 + 421 + 129 + 50 * 50 + 50),
+        ),  # Base
     ],
 )
 def test_ablation_shapes(kw, encoder_params):
@@ -199,7 +224,9 @@ def test_attention_denominator_modes():
     valid = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.bool)
     one_over = lambda n: torch.tensor([1.0]) / n  # noqa: E731  (float32, as the cores compute)
     assert torch.equal(inverse_n(valid, 211, "padded"), one_over(211))  # official: constant N
-    assert torch.equal(inverse_n(valid, 211, "length"), one_over(torch.tensor([3.0, 1.0])))  # paper: true length
+    assert torch.equal(
+        inverse_n(valid, 211, "length"), one_over(torch.tensor([3.0, 1.0]))
+    )  # paper: true length
     with pytest.raises(ValueError, match="attn_norm"):
         inverse_n(valid, 211, "other")
 
@@ -219,7 +246,9 @@ def test_rms_norm_fused_backward_matches_pytorch(dtype):
         x64 = x.detach().double().requires_grad_(True)
         (dx64,) = torch.autograd.grad(F.rms_norm(x64, (shape[-1],), eps=1e-6), x64, g.double())
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-        torch.testing.assert_close(y.double(), F.rms_norm(x64, (shape[-1],), eps=1e-6).detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            y.double(), F.rms_norm(x64, (shape[-1],), eps=1e-6).detach(), rtol=tol, atol=tol
+        )
         torch.testing.assert_close(dx.double(), dx64, rtol=tol, atol=tol)
         assert dx.dtype == dtype
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)

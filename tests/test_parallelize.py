@@ -128,12 +128,19 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = build_batches(cfg, data, rank, world)["train"]
-    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed, batch_size=cfg.batch_size)
+    pm = parallelize(
+        cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed, batch_size=cfg.batch_size
+    )
     probe = GradProbe(pm)
     trainer = Trainer(
-        model=pm.model, optimizer=probe, sampler=NegativeSampler(cfg.loss.num_negatives, "shared", 1, data.num_items),
-        data=batches, evaluate=lambda split: {},
-        cfg=TrainerConfig(protocol="validated", temperature=cfg.loss.temperature, epochs=1, seed=cfg.seed, progress=False),
+        model=pm.model,
+        optimizer=probe,
+        sampler=NegativeSampler(cfg.loss.num_negatives, "shared", 1, data.num_items),
+        data=batches,
+        evaluate=lambda split: {},
+        cfg=TrainerConfig(
+            protocol="validated", temperature=cfg.loss.temperature, epochs=1, seed=cfg.seed, progress=False
+        ),
         dist=DistInfo(rank, world, "cpu", all_reduce_sum),
     )
     trainer.train_step(next(iter(batches.epoch(0))))
@@ -146,9 +153,15 @@ def run_recorded(cfg: Any) -> dict[str, Any]:
 
     logger = RecordingLogger()
     report = run(cfg, logger=logger)
-    return {"losses": logger.losses(), "history": report["history"], "test": report["test"],
-            "sharding": report["sharding"], "resumed_from": report["resumed_from"], "steps": report["steps"],
-            "checkpoint": report["checkpoint"]}
+    return {
+        "losses": logger.losses(),
+        "history": report["history"],
+        "test": report["test"],
+        "sharding": report["sharding"],
+        "resumed_from": report["resumed_from"],
+        "steps": report["steps"],
+        "checkpoint": report["checkpoint"],
+    }
 
 
 def plain_test_metrics(cfg: Any, checkpoint: str) -> dict[str, float]:
@@ -168,8 +181,18 @@ def plain_test_metrics(cfg: Any, checkpoint: str) -> dict[str, float]:
 def torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
     """Launch this repository's tests/<file>.py as a torchrun worker (gloo, CPU, one thread per rank)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--rdzv_backend",
+        "c10d",
+        "--rdzv_endpoint",
+        "localhost:0",
+        *args,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     (tmp_path / f"torchrun-{nproc}.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

@@ -18,7 +18,8 @@ from pipeline.data.kuairand import preprocess_kuairand
 from pipeline.data.readers import detect_layout, prepare_sequences, read_interactions
 from pipeline.data.sequences import read_sequences
 
-# (user, item, rating, timestamp); user 1 has a timestamp tie (items 10 and 5 at t=100), user 2 too (30, 20 at 300)
+# (user, item, rating, timestamp); user 1 has a timestamp tie (items 10 and 5 at t=100),
+# user 2 too (30, 20 at 300)
 ROWS = [
     (2, 30, 4, 300),
     (1, 10, 5, 100),
@@ -27,9 +28,7 @@ ROWS = [
     (1, 7, 1, 50),
     (2, 20, 5, 300),
 ]
-EXPECTED_EVENTS = [
-    {"user_id": u, "item_id": i, "timestamp": t, "rating": float(r)} for u, i, r, t in ROWS
-]
+EXPECTED_EVENTS = [{"user_id": u, "item_id": i, "timestamp": t, "rating": float(r)} for u, i, r, t in ROWS]
 EXPECTED_SEQUENCES = [
     {"user_id": 1, "item_ids": [7, 5, 10], "timestamps": [50, 100, 100]},
     {"user_id": 2, "item_ids": [1, 20, 30], "timestamps": [200, 300, 300]},
@@ -46,13 +45,22 @@ def write_layout(folder: Path, layout: str, rows=ROWS) -> Path:
         path.write_text("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
     elif layout == "ml-csv":
         path = folder / "ratings.csv"
-        path.write_text("userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r}.0,{t}\n" for u, i, r, t in rows))
+        path.write_text(
+            "userId,movieId,rating,timestamp\n" + "".join(f"{u},{i},{r}.0,{t}\n" for u, i, r, t in rows)
+        )
     else:
         path = folder / "events.parquet"
         u, i, r, t = zip(*rows)
         pq.write_table(
-            pa.table({"timestamp": list(t), "item_id": list(i), "user_id": list(u), "rating": [float(x) for x in r],
-                      "extra": ["x"] * len(rows)}),
+            pa.table(
+                {
+                    "timestamp": list(t),
+                    "item_id": list(i),
+                    "user_id": list(u),
+                    "rating": [float(x) for x in r],
+                    "extra": ["x"] * len(rows),
+                }
+            ),
             path,
         )
     return path
@@ -134,12 +142,30 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path):
     assert report.reasons == {"non_integer_user_id": 1, "missing_timestamp": 1, "negative_item_id": 1}
     assert report.quarantine_path == tmp_path / "ratings.quarantine.parquet"  # default: next to the input
     assert pq.read_table(report.quarantine_path).to_pylist() == [
-        {"source": "ratings.dat", "row_number": 2, "reason": "non_integer_user_id", "field": "user_id",
-         "value": "abc", "raw": "abc::11::4::101"},
-        {"source": "ratings.dat", "row_number": 3, "reason": "missing_timestamp", "field": "timestamp",
-         "value": "", "raw": "1::12::3::"},
-        {"source": "ratings.dat", "row_number": 4, "reason": "negative_item_id", "field": "item_id",
-         "value": "-4", "raw": "2::-4::3::105"},
+        {
+            "source": "ratings.dat",
+            "row_number": 2,
+            "reason": "non_integer_user_id",
+            "field": "user_id",
+            "value": "abc",
+            "raw": "abc::11::4::101",
+        },
+        {
+            "source": "ratings.dat",
+            "row_number": 3,
+            "reason": "missing_timestamp",
+            "field": "timestamp",
+            "value": "",
+            "raw": "1::12::3::",
+        },
+        {
+            "source": "ratings.dat",
+            "row_number": 4,
+            "reason": "negative_item_id",
+            "field": "item_id",
+            "value": "-4",
+            "raw": "2::-4::3::105",
+        },
     ]
     assert "3 quarantined" in report.summary() and str(report.quarantine_path) in report.summary()
 
@@ -152,7 +178,10 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path):
     assert data.num_items == 22
     assert (report.rows_read, report.rows_kept, report.rows_quarantined, report.rows_dropped) == (6, 2, 3, 1)
     assert report.reasons == {
-        "non_integer_user_id": 1, "missing_timestamp": 1, "negative_item_id": 1, "user_too_short": 1,
+        "non_integer_user_id": 1,
+        "missing_timestamp": 1,
+        "negative_item_id": 1,
+        "user_too_short": 1,
     }
     assert read_sequences(tmp_path / "seq.parquet").meta["users_dropped"] == 1
 
@@ -170,7 +199,9 @@ def test_bad_rows_in_csv_and_parquet(tmp_path):
     )
     events, report = read_interactions(csv)
     assert events.to_pylist() == [{"user_id": 1, "item_id": 10, "timestamp": 100, "rating": 4.5}]
-    assert pq.read_table(report.quarantine_path).select(["row_number", "reason", "value", "raw"]).to_pylist() == [
+    assert pq.read_table(report.quarantine_path).select(
+        ["row_number", "reason", "value", "raw"]
+    ).to_pylist() == [
         {"row_number": 3, "reason": "non_integer_item_id", "value": "2.5", "raw": "1,2.5,4.0,101"},
         {"row_number": 4, "reason": "wrong_field_count", "value": "3 fields, expected 4", "raw": "1,11,4.0"},
         {"row_number": 5, "reason": "zero_item_id", "value": "0", "raw": "1,0,4.0,102"},
@@ -181,18 +212,35 @@ def test_bad_rows_in_csv_and_parquet(tmp_path):
 
     parquet = tmp_path / "events.parquet"
     pq.write_table(
-        pa.table({"user_id": pa.array([1, -3, 1], pa.int64()), "item_id": [5, 6, 7],
-                  "timestamp": pa.array([100, 101, None], pa.int64())}),
+        pa.table(
+            {
+                "user_id": pa.array([1, -3, 1], pa.int64()),
+                "item_id": [5, 6, 7],
+                "timestamp": pa.array([100, 101, None], pa.int64()),
+            }
+        ),
         parquet,
     )
     events, report = read_interactions(parquet, quarantine_dir=tmp_path / "q")
     assert events.to_pylist() == [{"user_id": 1, "item_id": 5, "timestamp": 100}]
     assert report.reasons == {"negative_user_id": 1, "missing_timestamp": 1}
     assert pq.read_table(tmp_path / "q" / "events.quarantine.parquet").to_pylist() == [
-        {"source": "events.parquet", "row_number": 2, "reason": "negative_user_id", "field": "user_id",
-         "value": "-3", "raw": "user_id=-3, item_id=6, timestamp=101"},
-        {"source": "events.parquet", "row_number": 3, "reason": "missing_timestamp", "field": "timestamp",
-         "value": None, "raw": "user_id=1, item_id=7, timestamp=null"},
+        {
+            "source": "events.parquet",
+            "row_number": 2,
+            "reason": "negative_user_id",
+            "field": "user_id",
+            "value": "-3",
+            "raw": "user_id=-3, item_id=6, timestamp=101",
+        },
+        {
+            "source": "events.parquet",
+            "row_number": 3,
+            "reason": "missing_timestamp",
+            "field": "timestamp",
+            "value": None,
+            "raw": "user_id=1, item_id=7, timestamp=null",
+        },
     ]
     # a clean re-run removes the stale quarantine file
     pq.write_table(pa.table({"user_id": [1], "item_id": [5], "timestamp": [100]}), parquet)
@@ -208,7 +256,8 @@ def test_all_rows_bad_raises_naming_file_and_field(tmp_path):
     with pytest.raises(ValueError, match=expected):
         read_interactions(path)
     assert pq.read_table(tmp_path / "ratings.quarantine.parquet").column("reason").to_pylist() == [
-        "non_integer_user_id", "non_integer_item_id",
+        "non_integer_user_id",
+        "non_integer_item_id",
     ]
     empty = tmp_path / "u.data"
     empty.write_text("")
@@ -247,24 +296,34 @@ def kr_row(user, video, time_ms, click, is_rand=0) -> str:
 def write_kuairand(folder: Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     a = folder / "log_standard_4_08_to_4_21_1k.csv"
-    a.write_text("\n".join([
-        KR_HEADER,
-        kr_row(0, 500, 1_000_000, 1),  # line 2
-        kr_row(0, 300, 1_000_500, 1),  # same second as the row above
-        kr_row(1, 300, 999_000, 1),  # earliest click: video 300 gets item id 1
-        kr_row(1, 700, 1_001_000, 0),  # not clicked
-        kr_row(0, 800, 1_002_000, 1),
-        kr_row(2, 900, 1_003_000, 1),  # user 2: one click only
-        kr_row("x", 100, 1_004_000, 1),  # line 8: bad user id
-    ]) + "\n")
+    a.write_text(
+        "\n".join(
+            [
+                KR_HEADER,
+                kr_row(0, 500, 1_000_000, 1),  # line 2
+                kr_row(0, 300, 1_000_500, 1),  # same second as the row above
+                kr_row(1, 300, 999_000, 1),  # earliest click: video 300 gets item id 1
+                kr_row(1, 700, 1_001_000, 0),  # not clicked
+                kr_row(0, 800, 1_002_000, 1),
+                kr_row(2, 900, 1_003_000, 1),  # user 2: one click only
+                kr_row("x", 100, 1_004_000, 1),  # line 8: bad user id
+            ]
+        )
+        + "\n"
+    )
     b = folder / "log_standard_4_22_to_5_08_1k.csv"
-    b.write_text("\n".join([
-        KR_HEADER,
-        kr_row(1, 500, 2_000_000, 1),
-        kr_row(1, 800, 2_000_000, 1),
-        kr_row(0, 300, 2_500_000, 1),  # a repeat: kept
-        kr_row(1, 600, "", 1),  # line 5: missing time_ms
-    ]) + "\n")
+    b.write_text(
+        "\n".join(
+            [
+                KR_HEADER,
+                kr_row(1, 500, 2_000_000, 1),
+                kr_row(1, 800, 2_000_000, 1),
+                kr_row(0, 300, 2_500_000, 1),  # a repeat: kept
+                kr_row(1, 600, "", 1),  # line 5: missing time_ms
+            ]
+        )
+        + "\n"
+    )
     r = folder / "log_random_4_22_to_5_08_1k.csv"
     r.write_text("\n".join([KR_HEADER, kr_row(0, 999, 3_000_000, 1, is_rand=1)]) + "\n")
     return [a, b, r]
@@ -287,14 +346,29 @@ def test_kuairand_sequences_and_mapping(tmp_path):
     ]
     assert (report.rows_read, report.rows_kept, report.rows_quarantined, report.rows_dropped) == (11, 7, 2, 2)
     assert report.reasons == {
-        "non_integer_user_id": 1, "missing_time_ms": 1, "not_positive": 1, "user_too_short": 1,
+        "non_integer_user_id": 1,
+        "missing_time_ms": 1,
+        "not_positive": 1,
+        "user_too_short": 1,
     }
     assert report.quarantine_path == tmp_path / "out" / "kr.quarantine.parquet"
     assert pq.read_table(report.quarantine_path).to_pylist() == [
-        {"source": a.name, "row_number": 8, "reason": "non_integer_user_id", "field": "user_id", "value": "x",
-         "raw": "user_id=x, video_id=100, time_ms=1004000, is_click=1"},
-        {"source": b.name, "row_number": 5, "reason": "missing_time_ms", "field": "time_ms", "value": "",
-         "raw": "user_id=1, video_id=600, time_ms=, is_click=1"},
+        {
+            "source": a.name,
+            "row_number": 8,
+            "reason": "non_integer_user_id",
+            "field": "user_id",
+            "value": "x",
+            "raw": "user_id=x, video_id=100, time_ms=1004000, is_click=1",
+        },
+        {
+            "source": b.name,
+            "row_number": 5,
+            "reason": "missing_time_ms",
+            "field": "time_ms",
+            "value": "",
+            "raw": "user_id=1, video_id=600, time_ms=, is_click=1",
+        },
     ]
     assert any(r.name in note for note in report.notes)  # the random log was left out, and says so
     meta = read_sequences(out).meta
@@ -303,19 +377,27 @@ def test_kuairand_sequences_and_mapping(tmp_path):
 
     data, report = preprocess_kuairand(tmp_path / "logs", out, include_random=True, min_length=3)  # a folder
     assert data.table.to_pylist()[0] == {
-        "user_id": 0, "item_ids": [1, 2, 3, 1, 4], "timestamps": [1000, 1000, 1002, 2500, 3000],
+        "user_id": 0,
+        "item_ids": [1, 2, 3, 1, 4],
+        "timestamps": [1000, 1000, 1002, 2500, 3000],
     }
     assert pq.read_table(item_map).column("video_id").to_pylist() == [300, 500, 800, 999]
 
     data, report = preprocess_kuairand([a, b], out, positive="all", min_length=3)
     assert pq.read_table(item_map).column("video_id").to_pylist() == [300, 500, 700, 800]
-    assert data.table.to_pylist()[1] == {"user_id": 1, "item_ids": [1, 3, 2, 4], "timestamps": [999, 1001, 2000, 2000]}
+    assert data.table.to_pylist()[1] == {
+        "user_id": 1,
+        "item_ids": [1, 3, 2, 4],
+        "timestamps": [999, 1001, 2000, 2000],
+    }
     assert "not_positive" not in report.reasons
 
 
 def test_kuairand_missing_positive_column(tmp_path):
     a, _, _ = write_kuairand(tmp_path)
-    with pytest.raises(ValueError, match=r"log_standard_4_08_to_4_21_1k\.csv: missing column\(s\) \['is_watched'\]"):
+    with pytest.raises(
+        ValueError, match=r"log_standard_4_08_to_4_21_1k\.csv: missing column\(s\) \['is_watched'\]"
+    ):
         preprocess_kuairand([a], tmp_path / "kr.parquet", positive="is_watched")
 
 
@@ -382,7 +464,9 @@ def test_download_unreachable_host_says_how_to_do_it_by_hand(tmp_path, no_proxy)
     port = sock.getsockname()[1]
     sock.close()  # nothing listens there now
     with pytest.raises(RuntimeError) as err:
-        download_movielens("ml-100k", tmp_path, base_url=f"http://127.0.0.1:{port}", timeout=5, progress=False)
+        download_movielens(
+            "ml-100k", tmp_path, base_url=f"http://127.0.0.1:{port}", timeout=5, progress=False
+        )
     msg = str(err.value)
     assert f"could not reach 127.0.0.1:{port}" in msg
     assert f"download http://127.0.0.1:{port}/ml-100k.zip by hand" in msg

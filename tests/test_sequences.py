@@ -69,7 +69,9 @@ def test_batches_split_evenly_across_ranks_and_cover_each_row_once():
     data = synthetic_sequences(SyntheticConfig(num_users=101, num_items=60, num_themes=5, mean_length=8))
     seen, counts = [], []
     for rank in range(3):
-        b = SequenceBatches(data, 1, batch_size=8, max_sequence_length=20, shuffle=True, seed=1, rank=rank, world_size=3)
+        b = SequenceBatches(
+            data, 1, batch_size=8, max_sequence_length=20, shuffle=True, seed=1, rank=rank, world_size=3
+        )
         batches = list(b.epoch(0))
         counts.append(len(batches))
         seen += [u for batch in batches for u in batch.user_ids.tolist()]
@@ -96,11 +98,27 @@ def test_token_budget_batches_cover_every_row_once_with_bounded_tokens():
     """batch_tokens: each global batch holds about the budget in positions (at most one history over it),
     every rank steps the same number of times, every user is trained on once per epoch (but a last batch
     with fewer rows than ranks, as in the fixed-size mode), and ranks get balanced token counts."""
-    data = synthetic_sequences(SyntheticConfig(num_users=300, num_items=100, num_themes=5, mean_length=25, max_length=80, seed=3))
+    data = synthetic_sequences(
+        SyntheticConfig(num_users=300, num_items=100, num_themes=5, mean_length=25, max_length=80, seed=3)
+    )
     max_len, budget, world = 40, 100, 3
-    ranks = [SequenceBatches(data, 1, batch_size=8, max_sequence_length=max_len, shuffle=True, seed=2, rank=r,
-                             world_size=world, batch_tokens=budget) for r in range(world)]
-    steps = list(zip(*[list(b.epoch(1)) for b in ranks], strict=True))  # strict: same step count on every rank
+    ranks = [
+        SequenceBatches(
+            data,
+            1,
+            batch_size=8,
+            max_sequence_length=max_len,
+            shuffle=True,
+            seed=2,
+            rank=r,
+            world_size=world,
+            batch_tokens=budget,
+        )
+        for r in range(world)
+    ]
+    steps = list(
+        zip(*[list(b.epoch(1)) for b in ranks], strict=True)
+    )  # strict: same step count on every rank
     assert len(steps) == len(ranks[0]) > 10
     seen = []
     for k, step in enumerate(steps):

@@ -33,10 +33,34 @@ def scheduler_request(out: str) -> str:
 
 
 def test_kubernetes_dryrun_spec() -> None:
-    proc = torchx("run", "--dryrun", "-s", "kubernetes", "--workspace", "", COMPONENT,
-                  "--preset", "ml-20m", "--nnodes", "2", "--nproc_per_node", "8", "--gpu", "8", "--cpu", "32",
-                  "--memMB", "200000", "--max_retries", "3", "--run_dir", "/mnt/runs/nightly",
-                  "--tracking_uri", "http://mlflow:5000", "model.num_layers=4")
+    proc = torchx(
+        "run",
+        "--dryrun",
+        "-s",
+        "kubernetes",
+        "--workspace",
+        "",
+        COMPONENT,
+        "--preset",
+        "ml-20m",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "8",
+        "--gpu",
+        "8",
+        "--cpu",
+        "32",
+        "--memMB",
+        "200000",
+        "--max_retries",
+        "3",
+        "--run_dir",
+        "/mnt/runs/nightly",
+        "--tracking_uri",
+        "http://mlflow:5000",
+        "model.num_layers=4",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     job = yaml.safe_load(scheduler_request(proc.stdout))
     assert job["apiVersion"] == "batch.volcano.sh/v1alpha1" and job["kind"] == "Job"
@@ -54,13 +78,32 @@ def test_kubernetes_dryrun_spec() -> None:
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         command = " ".join(container["command"])
         assert "--nnodes 2 --nproc_per_node 8" in command
-        assert "-m jobs.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
+        assert (
+            "-m jobs.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
+        )
         assert "--set model.num_layers=4" in command
 
 
 def test_slurm_dryrun_spec() -> None:
-    proc = torchx("run", "--dryrun", "-s", "slurm", "--workspace", "", COMPONENT,
-                  "--preset", "tiny", "--nnodes", "2", "--nproc_per_node", "4", "--gpu", "4", "--max_retries", "2")
+    proc = torchx(
+        "run",
+        "--dryrun",
+        "-s",
+        "slurm",
+        "--workspace",
+        "",
+        COMPONENT,
+        "--preset",
+        "tiny",
+        "--nnodes",
+        "2",
+        "--nproc_per_node",
+        "4",
+        "--gpu",
+        "4",
+        "--max_retries",
+        "2",
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = scheduler_request(proc.stdout)
     assert script.count("#SBATCH --job-name=") == 2 and "#SBATCH hetjob" in script  # two nodes
@@ -72,27 +115,47 @@ def test_slurm_dryrun_spec() -> None:
     for line in srun:
         assert "--nnodes 2 --nproc_per_node 4" in line and "-m jobs.cli train --preset tiny" in line
         # no run_dir given: the default names the job, which a requeue keeps, so a retry finds its checkpoints
-        assert "runs/fuxi-train/'\"$SLURM_JOB_ID\"" in line and "--resume --device cuda" in line
+        assert 'runs/fuxi-train/\'"$SLURM_JOB_ID"' in line and "--resume --device cuda" in line
 
 
 @pytest.mark.slow
 def test_local_cwd_two_processes_log_one_mlflow_run(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
     run_dir = tmp_path / "run"
-    proc = torchx("run", "-s", "local_cwd", "-cfg", f"log_dir={tmp_path / 'logs'}", COMPONENT,
-                  "--preset", "tiny", "--nproc_per_node", "2", "--run_dir", str(run_dir),
-                  "--tracking_uri", f"sqlite:///{db}", "--name", "fuxi-tx-test",
-                  "tracking.experiment=torchx-test", "progress=false", timeout=300)
+    proc = torchx(
+        "run",
+        "-s",
+        "local_cwd",
+        "-cfg",
+        f"log_dir={tmp_path / 'logs'}",
+        COMPONENT,
+        "--preset",
+        "tiny",
+        "--nproc_per_node",
+        "2",
+        "--run_dir",
+        str(run_dir),
+        "--tracking_uri",
+        f"sqlite:///{db}",
+        "--name",
+        "fuxi-tx-test",
+        "tracking.experiment=torchx-test",
+        "progress=false",
+        timeout=300,
+    )
     logs = proc.stdout + proc.stderr
     assert proc.returncode == 0, logs[-5000:]
     with sqlite3.connect(db) as con:
         runs = con.execute(
             "select r.run_uuid, r.status from runs r join experiments e on r.experiment_id = e.experiment_id "
-            "where e.name = 'torchx-test'").fetchall()
+            "where e.name = 'torchx-test'"
+        ).fetchall()
         assert len(runs) == 1 and runs[0][1] == "FINISHED", runs  # rank 1 logged nothing
-        (run_id, _), = runs
+        ((run_id, _),) = runs
         params = dict(con.execute("select key, value from params where run_uuid = ?", (run_id,)).fetchall())
-        metrics = {k for (k,) in con.execute("select distinct key from metrics where run_uuid = ?", (run_id,))}
+        metrics = {
+            k for (k,) in con.execute("select distinct key from metrics where run_uuid = ?", (run_id,))
+        }
     assert params["name"] == "tiny"
     assert {"train/epoch_loss", "valid/ndcg_at_10", "final_test/ndcg_at_10"} <= metrics
     assert (run_dir / "checkpoints" / "final" / ".metadata").exists()

@@ -22,7 +22,8 @@ from jobs.sweep import expand_grid, mlflow_client, parse_grid, point_name, run_s
 from pipeline.train.config import apply_overrides, get_preset, to_flat_dict
 
 GRID = {"model.num_layers": ["1", "2"], "loss.num_negatives": ["8", "32"]}
-# ~15 s per job on an idle 2-core machine (mostly imports and torchrun): 100 users, 2 epochs, every step logged
+# ~15 s per job on an idle 2-core machine (mostly imports and torchrun): 100 users, 2 epochs,
+# every step logged
 FAST = ["epochs=2", "data.synthetic.num_users=100", "optim.lr=0.005", "tracking.log_every_steps=1"]
 MODEL = "fuxi-test"
 
@@ -43,14 +44,25 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.fixture(scope="module")
 def sweep(store: dict):
-    result = run_sweep("tiny", GRID, FAST, name="test-sweep", tracking_uri=store["uri"],
-                       sweep_dir=store["root"] / "sweeps", poll_seconds=0.5, parallel=2, cpu=1)
+    result = run_sweep(
+        "tiny",
+        GRID,
+        FAST,
+        name="test-sweep",
+        tracking_uri=store["uri"],
+        sweep_dir=store["root"] / "sweeps",
+        poll_seconds=0.5,
+        parallel=2,
+        cpu=1,
+    )
     assert result.ok, [(j.name, j.state) for j in result.jobs]
     return result
 
 
 def _children(store: dict, sweep) -> list:
-    return store["client"].search_runs([sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
+    return store["client"].search_runs(
+        [sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -82,7 +94,11 @@ def test_experiments_are_tagged_as_model_development(store: dict) -> None:
 def test_short_run_logs_params_metrics_artifacts(store: dict, sweep) -> None:
     client = store["client"]
     runs = _children(store, sweep)
-    run = next(r for r in runs if r.data.params["model.num_layers"] == "2" and r.data.params["loss.num_negatives"] == "32")
+    run = next(
+        r
+        for r in runs
+        if r.data.params["model.num_layers"] == "2" and r.data.params["loss.num_negatives"] == "32"
+    )
     assert run.info.status == "FINISHED"
     # params: the full resolved config of this point
     cfg = apply_overrides(get_preset("tiny"), FAST + ["model.num_layers=2", "loss.num_negatives=32"])
@@ -99,7 +115,9 @@ def test_short_run_logs_params_metrics_artifacts(store: dict, sweep) -> None:
         assert 0.0 <= run.data.metrics[key] <= 1.0
     assert not any("@" in k for k in run.data.metrics)
     # tags and artifacts; the experiment opens on its runs table in the MLflow 3 UI
-    assert client.get_experiment(sweep.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        client.get_experiment(sweep.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    )
     assert run.data.tags["git_commit"] and json.loads(run.data.tags["data.meta"])["source"] == "synthetic"
     artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
     assert "train.json" in artifacts
@@ -115,7 +133,8 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
     runs = _children(store, sweep)
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert {(r.data.params["model.num_layers"], r.data.params["loss.num_negatives"]) for r in runs} == {
-        (a, b) for a in GRID["model.num_layers"] for b in GRID["loss.num_negatives"]}
+        (a, b) for a in GRID["model.num_layers"] for b in GRID["loss.num_negatives"]
+    }
     report = build_report(client, sweep.parent_run_id, store["root"] / "report")
     assert report.paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| 1 |" in report.paths["leaderboard"].read_text()
@@ -125,8 +144,10 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
     # the plotted points are exactly what search_runs returns
     df = mlflow.search_runs([sweep.experiment_id], f"tags.mlflow.parentRunId = '{sweep.parent_run_id}'")
     metric = report.metric
-    by_point = {(int(r["params.model.num_layers"]), int(r["params.loss.num_negatives"])): r[f"metrics.{metric}"]
-                for _, r in df.iterrows()}
+    by_point = {
+        (int(r["params.model.num_layers"]), int(r["params.loss.num_negatives"])): r[f"metrics.{metric}"]
+        for _, r in df.iterrows()
+    }
     plotted = json.loads(report.paths["data"].read_text())["series"]
     for label, pts in plotted["model.num_layers"].items():
         negatives = int(label.split("=")[1])
@@ -134,13 +155,17 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
     for label, pts in plotted["loss.num_negatives"].items():
         layers = int(label.split("=")[1])
         assert pts == [[float(n), by_point[(layers, n)]] for n in (8, 32)]
-    counts = {layers: parameter_count({k[7:]: v for k, v in r.items() if k.startswith("params.")})
-              for layers, r in ((int(r["params.model.num_layers"]), r) for _, r in df.iterrows())}
+    counts = {
+        layers: parameter_count({k[7:]: v for k, v in r.items() if k.startswith("params.")})
+        for layers, r in ((int(r["params.model.num_layers"]), r) for _, r in df.iterrows())
+    }
     assert counts[2] > counts[1]
     assert sorted(p[0] for pts in plotted["parameters"].values() for p in pts) == sorted(
-        float(counts[layers]) for layers, _ in by_point)
+        float(counts[layers]) for layers, _ in by_point
+    )
     # parameter count on the meta device == the real model's
     from model.recommender import build_model, count_parameters
+
     cfg = apply_overrides(get_preset("tiny"), ["model.num_layers=2", "model.num_items=201"])
     assert counts[2] == count_parameters(build_model(cfg.model))
 
@@ -149,8 +174,13 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
 def test_promotion_only_on_improvement(store: dict, sweep) -> None:
     client = store["client"]
     runs = _children(store, sweep)
-    scored = sorted(((registry.evaluate_checkpoint(registry.run_checkpoint(client, r.info.run_id))["ndcg_at_10"], r)
-                     for r in runs), key=lambda x: x[0])
+    scored = sorted(
+        (
+            (registry.evaluate_checkpoint(registry.run_checkpoint(client, r.info.run_id))["ndcg_at_10"], r)
+            for r in runs
+        ),
+        key=lambda x: x[0],
+    )
     (worst_m, worst), (mid_m, mid), (best_m, best) = scored[0], scored[1], scored[-1]
     assert worst_m < mid_m < best_m
 
@@ -194,8 +224,8 @@ def test_registered_model_reloads_with_same_topk(store: dict, sweep) -> None:
     batch = collate_arrow(rows, cfg.model.max_sequence_length, drop_last=0)
     with torch.no_grad():
         scores = model.encode_last(batch.seq) @ model.normalized_item_embeddings().T
-    histories = [r[:-1][-cfg.model.max_sequence_length:] for r in rows.column("item_ids").to_pylist()]
-    stamps = [r[:-1][-cfg.model.max_sequence_length:] for r in rows.column("timestamps").to_pylist()]
+    histories = [r[:-1][-cfg.model.max_sequence_length :] for r in rows.column("item_ids").to_pylist()]
+    stamps = [r[:-1][-cfg.model.max_sequence_length :] for r in rows.column("timestamps").to_pylist()]
     targets_t = [r[-1] for r in rows.column("timestamps").to_pylist()]
     scores[:, 0] = -torch.inf
     for i, h in enumerate(histories):
@@ -203,8 +233,10 @@ def test_registered_model_reloads_with_same_topk(store: dict, sweep) -> None:
     want = torch.topk(scores, 10, dim=1)
 
     loaded = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
-    out = loaded.predict(pd.DataFrame({"item_ids": histories, "timestamps": stamps, "request_time": targets_t}),
-                         params={"k": 10})
+    out = loaded.predict(
+        pd.DataFrame({"item_ids": histories, "timestamps": stamps, "request_time": targets_t}),
+        params={"k": 10},
+    )
     got = np.stack(out["item_ids"].to_list())
     np.testing.assert_array_equal(got, want.indices.numpy())
     np.testing.assert_allclose(np.stack(out["scores"].to_list()), want.values.numpy(), rtol=1e-5, atol=1e-6)
@@ -219,9 +251,15 @@ def test_nightly_idempotent_and_failure_keeps_champion(store: dict, sweep, tmp_p
     client = store["client"]
     before = registry.champion(client, MODEL)
     assert before is not None
-    cfg = NightlyConfig(date="2024-01-02", workdir=tmp_path / "nightly", preset="tiny", model_name=MODEL,
-                        overrides=["epochs=1", "optim.lr=0.005"], tracking_uri=store["uri"],
-                        demo_logs={"users": 100, "events": 7000})
+    cfg = NightlyConfig(
+        date="2024-01-02",
+        workdir=tmp_path / "nightly",
+        preset="tiny",
+        model_name=MODEL,
+        overrides=["epochs=1", "optim.lr=0.005"],
+        tracking_uri=store["uri"],
+        demo_logs={"users": 100, "events": 7000},
+    )
     os.environ[FAIL_ENV] = "register_promote"
     try:
         with pytest.raises(RuntimeError, match="forced failure"):
@@ -229,9 +267,13 @@ def test_nightly_idempotent_and_failure_keeps_champion(store: dict, sweep, tmp_p
     finally:
         os.environ.pop(FAIL_ENV)
     state = json.loads((cfg.workdir / "state" / "2024-01-02.json").read_text())
-    assert [state["steps"][s]["status"] for s in ("ingest", "update_sequences", "train", "evaluate")] == ["done"] * 4
+    assert [state["steps"][s]["status"] for s in ("ingest", "update_sequences", "train", "evaluate")] == [
+        "done"
+    ] * 4
     assert state["steps"]["register_promote"]["status"] == "failed"
-    assert state["steps"]["train"]["outputs"]["init_version"] == str(before.version)  # warm start from the champion
+    assert state["steps"]["train"]["outputs"]["init_version"] == str(
+        before.version
+    )  # warm start from the champion
     assert registry.champion(client, MODEL).version == before.version  # untouched by the failure
     versions = len(client.search_model_versions(f"name = '{MODEL}'"))
 

@@ -32,7 +32,9 @@ def _config(**model_overrides):
     cfg.epochs = 40
     cfg.batch_size = 32
     cfg.loss.negatives = "per_position"
-    cfg.data.synthetic = SyntheticConfig(num_users=500, num_items=200, num_themes=10, mean_length=20, max_length=60, seed=0)
+    cfg.data.synthetic = SyntheticConfig(
+        num_users=500, num_items=200, num_themes=10, mean_length=20, max_length=60, seed=0
+    )
     cfg.model = dataclasses.replace(cfg.model, kernel="fast", length_buckets=4, **model_overrides)
     return cfg
 
@@ -63,7 +65,11 @@ def popularity_ndcg(cfg) -> float:
 @pytest.mark.slow
 def test_models_learn_more_than_popularity(tmp_path):
     results = {}
-    for name, overrides in [("fuxi", {}), ("sasrec", {"architecture": "sasrec"}), ("no_time", {"channels": ("pos", "sem")})]:
+    for name, overrides in [
+        ("fuxi", {}),
+        ("sasrec", {"architecture": "sasrec"}),
+        ("no_time", {"channels": ("pos", "sem")}),
+    ]:
         cfg = _config(**overrides)
         cfg.output_dir = str(tmp_path / name)
         results[name] = run(cfg)
@@ -88,4 +94,6 @@ def test_dropout_and_negative_streams_are_independent():
     assert len({step_seed(3, k, r) for k in range(50) for r in range(4)}) == 200
     a = torch.Generator().manual_seed(step_seed(3, 7, 0))
     b = torch.Generator().manual_seed(step_seed(3, 7, 0, NEGATIVES_STREAM))
-    assert not torch.equal(torch.randint(1 << 30, (64,), generator=a), torch.randint(1 << 30, (64,), generator=b))
+    assert not torch.equal(
+        torch.randint(1 << 30, (64,), generator=a), torch.randint(1 << 30, (64,), generator=b)
+    )

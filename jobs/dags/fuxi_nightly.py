@@ -34,8 +34,10 @@ TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{Path(WORKDIR).
 
 
 def step_command(step: str) -> str:
-    return (f"{shlex.quote(FUXI_BIN)} nightly --date {{{{ ds }}}} --step {step} "
-            f"--workdir {shlex.quote(WORKDIR)} {EXTRA_ARGS}").strip()
+    return (
+        f"{shlex.quote(FUXI_BIN)} nightly --date {{{{ ds }}}} --step {step} "
+        f"--workdir {shlex.quote(WORKDIR)} {EXTRA_ARGS}"
+    ).strip()
 
 
 with DAG(
@@ -45,7 +47,10 @@ with DAG(
     start_date=datetime(2024, 1, 1),
     catchup=False,
     max_active_runs=1,  # day N warm-starts from the champion day N-1 may have promoted
-    default_args={"retries": int(os.environ.get("FUXI_NIGHTLY_RETRIES", "0")), "retry_delay": timedelta(minutes=5)},
+    default_args={
+        "retries": int(os.environ.get("FUXI_NIGHTLY_RETRIES", "0")),
+        "retry_delay": timedelta(minutes=5),
+    },
     tags=["fuxi", "retraining"],
 ) as dag:
     tasks = [

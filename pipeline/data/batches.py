@@ -45,7 +45,8 @@ class SequenceBatches:
         if batch_tokens and batch_tokens < 2 * max_sequence_length:
             # with >= 2 full histories per rank, every global batch but the last has >= world_size rows
             raise ValueError(
-                f"batch_tokens={batch_tokens} must be at least 2 * max_sequence_length = {2 * max_sequence_length}"
+                f"batch_tokens={batch_tokens} must be at least 2 * max_sequence_length = "
+                f"{2 * max_sequence_length}"
             )
         self.data = data
         self.drop_last_items = drop_last_items
@@ -59,7 +60,9 @@ class SequenceBatches:
         self.rows = eligible_rows(data, drop_last_items)
         # supervised positions of each eligible row: history after dropping and truncation
         self.tokens = np.minimum(data.lengths()[self.rows] - drop_last_items, max_sequence_length + 1) - 1
-        self.skipped_users = data.num_users - len(self.rows)  # too short for this split; reported by the trainer
+        self.skipped_users = data.num_users - len(
+            self.rows
+        )  # too short for this split; reported by the trainer
         self._num_batches: int | None = None
         self._epoch, self._batch = 0, 0
 
@@ -70,8 +73,10 @@ class SequenceBatches:
         rows = self.rows[order]
         if self.batch_tokens:  # cut where the running token count crosses a multiple of the budget
             cuts = token_budget_cuts(self.tokens[order], self.batch_tokens * self.world_size)
-            batches = [b[np.argsort(-self.tokens[o], kind="stable")]
-                       for b, o in zip(np.split(rows, cuts), np.split(order, cuts))]
+            batches = [
+                b[np.argsort(-self.tokens[o], kind="stable")]
+                for b, o in zip(np.split(rows, cuts), np.split(order, cuts))
+            ]
         else:
             step = self.batch_size * self.world_size
             batches = [rows[i : i + step] for i in range(0, len(rows), step)]
@@ -90,9 +95,15 @@ class SequenceBatches:
 
     # -- position -------------------------------------------------------------------------------------------
     def _plan_key(self) -> dict[str, Any]:
-        return {"rows": len(self.rows), "seed": self.seed, "shuffle": self.shuffle,
-                "global_batch": self.batch_size * self.world_size, "global_tokens": self.batch_tokens * self.world_size,
-                "drop_last_items": self.drop_last_items, "max_sequence_length": self.max_sequence_length}
+        return {
+            "rows": len(self.rows),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "global_batch": self.batch_size * self.world_size,
+            "global_tokens": self.batch_tokens * self.world_size,
+            "drop_last_items": self.drop_last_items,
+            "max_sequence_length": self.max_sequence_length,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batch": self._batch, **self._plan_key()}
@@ -107,8 +118,10 @@ class SequenceBatches:
                 key.pop("global_batch")
             diff = {k: (state.get(k), v) for k, v in key.items() if state.get(k) != v}
             if diff:
-                raise ValueError(f"cannot resume mid-epoch exactly: the recorded plan differs in {diff} "
-                                 "(recorded, now); resume with the same data, seed and global batch")
+                raise ValueError(
+                    f"cannot resume mid-epoch exactly: the recorded plan differs in {diff} "
+                    "(recorded, now); resume with the same data, seed and global batch"
+                )
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     def epoch(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:

@@ -2,8 +2,8 @@
 
 Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: stack-notes section 2 measured
 `groupby().map_groups()` 30x slower than hash-partition + per-partition sort):
-  scatter  one task per raw part file: validate (`pipeline.data.ingest`), quarantine bad rows, hash the user id
-           into P partitions and write the good events of each partition as their own row groups of one
+  scatter  one task per raw part file: validate (`pipeline.data.ingest`), quarantine bad rows, hash the user
+           id into P partitions and write the good events of each partition as their own row groups of one
            temporary file. Memory: one 1M-row batch.
   gather   one task per partition: read its row groups from every scattered file (+ the existing shard when
            appending), sort by (user, time, item), drop exact duplicate (user, item, time) events, keep the
@@ -12,8 +12,9 @@ Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: st
 
 Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipeline.data.stream` read it):
     manifest.json                          format, num_items, max_length, partitions, shards, days, totals
-    part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups of
-                                           `row_group_rows` users (the streaming unit of `pipeline.data.stream`)
+    part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups
+                                           of `row_group_rows` users (the streaming unit of
+                                           `pipeline.data.stream`)
     quarantine/date=YYYY-MM-DD/<part>.quarantine.parquet   bad rows (`pipeline.data.ingest`)
 The manifest is the commit point: shards of a new generation are written first, then the manifest is replaced
 atomically, then the previous generation is deleted. A job killed before the commit leaves the old manifest
@@ -36,9 +37,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -62,9 +64,15 @@ from pipeline.data.readers import write_quarantine
 from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST
 
 FORMAT = "fuxi.sequence-shards/1"
-MIN_LENGTHS = (2, 3, 4)  # row-group counts of users with at least this many events (see `pipeline.data.stream`)
+MIN_LENGTHS = (
+    2,
+    3,
+    4,
+)  # row-group counts of users with at least this many events (see `pipeline.data.stream`)
 _SHARD_WRITE = dict(
-    compression="zstd", use_dictionary=False, column_encoding={"timestamps.list.element": "DELTA_BINARY_PACKED"}
+    compression="zstd",
+    use_dictionary=False,
+    column_encoding={"timestamps.list.element": "DELTA_BINARY_PACKED"},
 )
 
 
@@ -96,16 +104,19 @@ class BuildReport:
     def summary(self) -> str:
         if not self.days:
             return f"{self.out}: day(s) {', '.join(self.skipped_days)} already applied; nothing to do"
-        text = (f"{self.op} {', '.join(self.days)}: {self.ingest.summary()}; "
-                f"{self.users:,} users, {self.sequences_written:,} sequences written to {self.partitions} shards, "
-                f"{self.interactions:,} events stored ({self.duplicates_dropped:,} duplicates dropped, "
-                f"{self.truncated:,} beyond max length); num_items {self.num_items:,}; {self.seconds:.1f} s")
+        text = (
+            f"{self.op} {', '.join(self.days)}: {self.ingest.summary()}; "
+            f"{self.users:,} users, {self.sequences_written:,} sequences written to "
+            f"{self.partitions} shards, "
+            f"{self.interactions:,} events stored ({self.duplicates_dropped:,} duplicates dropped, "
+            f"{self.truncated:,} beyond max length); num_items {self.num_items:,}; {self.seconds:.1f} s"
+        )
         if self.skipped_days:
             text += f"; skipped (already applied): {', '.join(self.skipped_days)}"
         return text
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # pure functions (numpy / pyarrow; no Ray)
 
 
@@ -146,8 +157,11 @@ def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str,
         lengths = np.minimum(lengths, max_length)
     offsets = pa.array(np.r_[0, np.cumsum(lengths)].astype(np.int32))
     table = pa.Table.from_arrays(
-        [pa.array(u[starts]), pa.ListArray.from_arrays(offsets, pa.array(i)),
-         pa.ListArray.from_arrays(offsets, pa.array(t))],
+        [
+            pa.array(u[starts]),
+            pa.ListArray.from_arrays(offsets, pa.array(i)),
+            pa.ListArray.from_arrays(offsets, pa.array(t)),
+        ],
         schema=SEQUENCE_SCHEMA,
     )
     return table, {"events": n_in, "duplicates": n_dup, "truncated": n_trunc}
@@ -171,7 +185,7 @@ def row_group_counts(lengths: np.ndarray, rows_per_group: int) -> list[list[int]
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the two Ray Data tasks (plain functions of a JSON spec; run inline by `_run_tasks(..., ray=False)`)
 
 
@@ -207,8 +221,13 @@ def scatter_task(spec: dict) -> dict:
     bad_all = pa.concat_tables(bads) if bads else QUARANTINE_SCHEMA.empty_table()
     qpath = write_quarantine(bad_all, Path(spec["quarantine"]))  # no bad rows: removes a stale file
     report = report_of(rows_read, kept, bad_all, str(qpath) if qpath else None)
-    return {"date": spec["date"], "file": spec["out"] if writer is not None else None, "row_groups": part_rgs,
-            "max_item": max_item, "report": report.to_dict()}
+    return {
+        "date": spec["date"],
+        "file": spec["out"] if writer is not None else None,
+        "row_groups": part_rgs,
+        "max_item": max_item,
+        "report": report.to_dict(),
+    }
 
 
 def gather_task(spec: dict) -> dict:
@@ -248,7 +267,9 @@ def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progres
     def task(row: dict[str, Any]) -> dict[str, Any]:
         return {"result": json.dumps(fn(json.loads(row["spec"])))}
 
-    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)).map(task)
+    ds = ray.data.from_items([{"spec": json.dumps(s)} for s in specs], override_num_blocks=len(specs)).map(
+        task
+    )
     quiet_context(ds.context)
     out = []
     with tqdm(total=len(specs), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
@@ -258,14 +279,16 @@ def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progres
     return out
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # manifest
 
 
 def read_manifest(seqdir: str | Path) -> dict:
     path = Path(seqdir) / SHARD_MANIFEST
     if not path.exists():
-        raise FileNotFoundError(f"{seqdir}: no {SHARD_MANIFEST}; build it first with `fuxi data build-sequences`")
+        raise FileNotFoundError(
+            f"{seqdir}: no {SHARD_MANIFEST}; build it first with `fuxi data build-sequences`"
+        )
     manifest = json.loads(path.read_text())
     if manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
@@ -278,12 +301,15 @@ def _write_manifest(seqdir: Path, manifest: dict) -> None:
     tmp.replace(seqdir / SHARD_MANIFEST)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # build and append
 
 
 def build_sequences(
-    logs: str | Path, out: str | Path, cfg: BuildConfig | None = None, dates: list[str] | None = None,
+    logs: str | Path,
+    out: str | Path,
+    cfg: BuildConfig | None = None,
+    dates: list[str] | None = None,
     progress: bool = True,
 ) -> BuildReport:
     """Full (re)build of `out` from the days of `logs` (all days, or `dates`)."""
@@ -331,11 +357,25 @@ def append_day(logs: str | Path, date: str, sequences: str | Path, progress: boo
     if date in manifest["days"]:
         prints = [fingerprint(p, logs) for p in files]
         if prints == manifest["days"][date]["files"]:
-            return BuildReport(out, "append", [], [date], IngestReport(), manifest["users"], 0,
-                               manifest["interactions"], 0, 0, manifest["num_items"], manifest["num_partitions"], 0.0)
+            return BuildReport(
+                out,
+                "append",
+                [],
+                [date],
+                IngestReport(),
+                manifest["users"],
+                0,
+                manifest["interactions"],
+                0,
+                0,
+                manifest["num_items"],
+                manifest["num_partitions"],
+                0.0,
+            )
         raise ValueError(
-            f"{out}: day {date} was already applied from different files ({manifest['days'][date]['files']}); "
-            f"now {prints}. A day cannot be re-applied incrementally: rebuild with `fuxi data build-sequences`"
+            f"{out}: day {date} was already applied from different files "
+            f"({manifest['days'][date]['files']}); now {prints}. A day cannot be re-applied incrementally: "
+            "rebuild with `fuxi data build-sequences`"
         )
     for p in files:
         check_log_schema(p)
@@ -347,7 +387,12 @@ def append_day(logs: str | Path, date: str, sequences: str | Path, progress: boo
 
 
 def _apply(
-    logs: Path, out: Path, manifest: dict, days: dict[str, list[Path]], existing: dict[int, str], progress: bool,
+    logs: Path,
+    out: Path,
+    manifest: dict,
+    days: dict[str, list[Path]],
+    existing: dict[int, str],
+    progress: bool,
     op: str,
 ) -> BuildReport:
     t0 = time.perf_counter()
@@ -359,21 +404,34 @@ def _apply(
     scatter_specs = []
     for d, paths in days.items():
         for k, p in enumerate(paths):
-            scatter_specs.append({
-                "path": str(p), "source": p.relative_to(logs).as_posix(), "date": d, "partitions": parts,
-                "rules": manifest["rules"], "out": str(tmp / f"{d}-{k:05d}.parquet"),
-                "quarantine": str(out / "quarantine" / f"date={d}" / f"{p.stem}.quarantine.parquet"),
-            })
+            scatter_specs.append(
+                {
+                    "path": str(p),
+                    "source": p.relative_to(logs).as_posix(),
+                    "date": d,
+                    "partitions": parts,
+                    "rules": manifest["rules"],
+                    "out": str(tmp / f"{d}-{k:05d}.parquet"),
+                    "quarantine": str(out / "quarantine" / f"date={d}" / f"{p.stem}.quarantine.parquet"),
+                }
+            )
     scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
     gather_specs = []
     for p in range(parts):
         pieces = [[s["file"], s["row_groups"][p]] for s in scattered if s["file"] and s["row_groups"][p]]
-        gather_specs.append({
-            "partition": p, "pieces": pieces, "existing": existing.get(p), "max_length": manifest["max_length"],
-            "row_group_rows": manifest["row_group_rows"], "out": str(out / f"part-{p:05d}-g{gen:06d}.parquet"),
-        })
-    shards = sorted(_run_tasks(gather_task, gather_specs, f"{op}: sort + group", progress),
-                    key=lambda s: s["partition"])
+        gather_specs.append(
+            {
+                "partition": p,
+                "pieces": pieces,
+                "existing": existing.get(p),
+                "max_length": manifest["max_length"],
+                "row_group_rows": manifest["row_group_rows"],
+                "out": str(out / f"part-{p:05d}-g{gen:06d}.parquet"),
+            }
+        )
+    shards = sorted(
+        _run_tasks(gather_task, gather_specs, f"{op}: sort + group", progress), key=lambda s: s["partition"]
+    )
 
     ingest = IngestReport()
     day_reports: dict[str, IngestReport] = {d: IngestReport() for d in days}
@@ -387,28 +445,55 @@ def _apply(
     manifest.update(
         max_item=max_item,
         num_items=(catalogue if catalogue is not None else max_item) + 1,
-        shards=[{k: s[k] for k in ("partition", "file", "rows", "interactions", "row_groups")} for s in shards],
+        shards=[
+            {k: s[k] for k in ("partition", "file", "rows", "interactions", "row_groups")} for s in shards
+        ],
         users=sum(s["rows"] for s in shards),
         interactions=sum(s["interactions"] for s in shards),
-        days=dict(manifest["days"], **{
-            d: {"files": [fingerprint(p, logs) for p in paths], "generation": manifest["generation"],
-                "report": day_reports[d].to_dict()}
-            for d, paths in days.items()
-        }),
+        days=dict(
+            manifest["days"],
+            **{
+                d: {
+                    "files": [fingerprint(p, logs) for p in paths],
+                    "generation": manifest["generation"],
+                    "report": day_reports[d].to_dict(),
+                }
+                for d, paths in days.items()
+            },
+        ),
     )
     seconds = time.perf_counter() - t0
     dups, trunc = sum(s["duplicates"] for s in shards), sum(s["truncated"] for s in shards)
-    manifest["history"] = manifest["history"] + [{
-        "op": op, "generation": manifest["generation"], "days": sorted(days), "logs": str(logs.resolve()),
-        "rows_read": ingest.rows_read, "quarantined": ingest.rows_quarantined, "duplicates": dups,
-        "truncated": trunc, "seconds": round(seconds, 3), "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }]
+    manifest["history"] = manifest["history"] + [
+        {
+            "op": op,
+            "generation": manifest["generation"],
+            "days": sorted(days),
+            "logs": str(logs.resolve()),
+            "rows_read": ingest.rows_read,
+            "quarantined": ingest.rows_quarantined,
+            "duplicates": dups,
+            "truncated": trunc,
+            "seconds": round(seconds, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    ]
     _write_manifest(out, manifest)  # the commit point
     shutil.rmtree(tmp, ignore_errors=True)
     return BuildReport(
-        out=out, op=op, days=sorted(days), skipped_days=[], ingest=ingest, users=manifest["users"],
-        sequences_written=manifest["users"], interactions=manifest["interactions"], duplicates_dropped=dups,
-        truncated=trunc, num_items=manifest["num_items"], partitions=manifest["num_partitions"], seconds=seconds,
+        out=out,
+        op=op,
+        days=sorted(days),
+        skipped_days=[],
+        ingest=ingest,
+        users=manifest["users"],
+        sequences_written=manifest["users"],
+        interactions=manifest["interactions"],
+        duplicates_dropped=dups,
+        truncated=trunc,
+        num_items=manifest["num_items"],
+        partitions=manifest["num_partitions"],
+        seconds=seconds,
     )
 
 

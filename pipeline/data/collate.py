@@ -45,14 +45,17 @@ class Batch(Pipelineable):
     def history_lengths(self) -> Tensor:
         return self.seq[ITEM_FEATURE].lengths().long() - 1
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-        return Batch(self.seq.to(device, non_blocking=non_blocking), self.user_ids.to(device, non_blocking=non_blocking))
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.seq.to(device, non_blocking=non_blocking),
+            self.user_ids.to(device, non_blocking=non_blocking),
+        )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.seq.record_stream(stream)
         self.user_ids.record_stream(stream)
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         return Batch(self.seq.pin_memory(), self.user_ids.pin_memory())
 
 
@@ -95,6 +98,8 @@ def collate_arrow(rows: pa.Table | pa.RecordBatch, max_sequence_length: int, dro
     shift = t_offsets[0] - offsets[0]
     values = torch.from_numpy(np.concatenate([items[idx], times[idx + shift]]).astype(np.int64))
     lengths_t = torch.from_numpy(np.concatenate([lengths, lengths]).astype(np.int32))
-    seq = KeyedJaggedTensor.from_lengths_sync(keys=[ITEM_FEATURE, TIME_FEATURE], values=values, lengths=lengths_t)
+    seq = KeyedJaggedTensor.from_lengths_sync(
+        keys=[ITEM_FEATURE, TIME_FEATURE], values=values, lengths=lengths_t
+    )
     user_ids = torch.from_numpy(rows.column("user_id").to_numpy().astype(np.int64))
     return Batch(seq=seq, user_ids=user_ids)

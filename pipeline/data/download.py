@@ -1,11 +1,11 @@
 """Download and unpack MovieLens from GroupLens.
 
 `download_movielens(name, dest_dir)` fetches `<base_url>/<name>.zip` (urllib, tqdm progress bar), unpacks it
-under dest_dir and returns the ratings file: ml-1m/ratings.dat, ml-20m/ratings.csv or ml-100k/u.data. Nothing is
-fetched when that file already exists; a complete zip already in dest_dir is unpacked without fetching it again.
-The zip is written to `<name>.zip.part` and renamed only when complete, so an interrupted download never passes
-for a finished one. A host that cannot be reached (offline machine, firewall, DNS) is a RuntimeError that says
-how to do the step by hand.
+under dest_dir and returns the ratings file: ml-1m/ratings.dat, ml-20m/ratings.csv or ml-100k/u.data. Nothing
+is fetched when that file already exists; a complete zip already in dest_dir is unpacked without fetching it
+again. The zip is written to `<name>.zip.part` and renamed only when complete, so an interrupted download
+never passes for a finished one. A host that cannot be reached (offline machine, firewall, DNS) is a
+RuntimeError that says how to do the step by hand.
 """
 
 from __future__ import annotations
@@ -30,8 +30,9 @@ _CHUNK = 1 << 20
 
 def _manual_steps(name: str, url: str, dest: Path) -> str:
     return (
-        f"download {url} by hand on a machine with internet access, unzip it (into {dest} or anywhere), and pass "
-        f"its ratings file ({RATINGS_FILES[name]}) to `fuxi data prepare --input <path> --out <sequences.parquet>`"
+        f"download {url} by hand on a machine with internet access, unzip it (into {dest} or anywhere), "
+        f"and pass its ratings file ({RATINGS_FILES[name]}) to "
+        "`fuxi data prepare --input <path> --out <sequences.parquet>`"
     )
 
 
@@ -69,14 +70,16 @@ def _fetch(name: str, url: str, zip_path: Path, dest: Path, timeout: float, prog
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp, open(part, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"{name}.zip", disable=not progress) as bar:
+            with tqdm(
+                total=total, unit="B", unit_scale=True, desc=f"{name}.zip", disable=not progress
+            ) as bar:
                 while chunk := resp.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))
         if total is not None and part.stat().st_size != total:
             raise RuntimeError(
-                f"download of {url} stopped early ({part.stat().st_size:,} of {total:,} bytes); try again, or "
-                + _manual_steps(name, url, dest)
+                f"download of {url} stopped early ({part.stat().st_size:,} of {total:,} bytes); "
+                "try again, or " + _manual_steps(name, url, dest)
             )
     except urllib.error.HTTPError as exc:
         part.unlink(missing_ok=True)

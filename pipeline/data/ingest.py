@@ -2,9 +2,11 @@
 
 Layout (what `fuxi data synth-logs` writes and `fuxi data build-sequences` reads):
     LOGDIR/date=YYYY-MM-DD/part-*.parquet    one row per interaction, in time order, not grouped by user
-    LOGDIR/_logs.json                        optional: {"num_items": catalogue size, ...} (written by synth-logs)
-Columns: user_id, item_id (integers), timestamp (integer unix seconds, or a Parquet timestamp type);
-optional event_type (any type; rendered in quarantine rows); other columns are not read. The sequence format does not carry event types.
+    LOGDIR/_logs.json                        optional: {"num_items": catalogue size, ...}
+                                             (written by synth-logs)
+Columns: user_id, item_id (integers), timestamp (integer unix seconds, or a Parquet timestamp type); optional
+event_type (any type; rendered in quarantine rows); other columns are not read. The sequence format does not
+carry event types.
 
 Schema problems (a missing column, a non-integer id column) are errors naming the file and the column: a file
 with the wrong schema is a pipeline bug, not a bad row. Bad values are quarantined, one reason per row (the
@@ -13,8 +15,8 @@ first failing check, in this order):
     missing_item_id, negative_item_id, zero_item_id (0 is the padding id), out_of_range_item_id,
     out_of_catalogue_item_id (item_id > the configured catalogue size),
     missing_timestamp, absurd_timestamp (outside [min_timestamp, max_timestamp]; e.g. milliseconds)
-Quarantine files follow `pipeline.data.readers`: QUARANTINE_SCHEMA (source, row_number, reason, field, value, raw),
-`source` = the file's path relative to LOGDIR, `row_number` = 1-based row position in the file,
+Quarantine files follow `pipeline.data.readers`: QUARANTINE_SCHEMA (source, row_number, reason, field,
+value, raw), `source` = the file's path relative to LOGDIR, `row_number` = 1-based row position in the file,
 `raw` = "user_id=..., item_id=..., timestamp=...[, event_type=...]".
 Report arithmetic: rows_read == rows_kept + rows_quarantined.
 """
@@ -74,7 +76,7 @@ class IngestReport:
     reasons: dict[str, int] = field(default_factory=dict)
     quarantine_files: list[str] = field(default_factory=list)
 
-    def add(self, other: "IngestReport") -> "IngestReport":
+    def add(self, other: IngestReport) -> IngestReport:
         self.files += other.files
         self.rows_read += other.rows_read
         self.rows_kept += other.rows_kept
@@ -85,25 +87,37 @@ class IngestReport:
         return self
 
     def summary(self) -> str:
-        text = (f"{self.files:,} files, {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
-                f"{self.rows_quarantined:,} quarantined")
+        text = (
+            f"{self.files:,} files, {self.rows_read:,} rows read, {self.rows_kept:,} kept, "
+            f"{self.rows_quarantined:,} quarantined"
+        )
         if self.reasons:
             text += " (" + ", ".join(f"{k}={v:,}" for k, v in sorted(self.reasons.items())) + ")"
         return text
 
     def to_dict(self) -> dict:
-        return {"files": self.files, "rows_read": self.rows_read, "rows_kept": self.rows_kept,
-                "rows_quarantined": self.rows_quarantined, "reasons": dict(sorted(self.reasons.items())),
-                "quarantine_files": sorted(self.quarantine_files)}
+        return {
+            "files": self.files,
+            "rows_read": self.rows_read,
+            "rows_kept": self.rows_kept,
+            "rows_quarantined": self.rows_quarantined,
+            "reasons": dict(sorted(self.reasons.items())),
+            "quarantine_files": sorted(self.quarantine_files),
+        }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "IngestReport":
-        return cls(files=d["files"], rows_read=d["rows_read"], rows_kept=d["rows_kept"],
-                   rows_quarantined=d["rows_quarantined"], reasons=dict(d["reasons"]),
-                   quarantine_files=list(d.get("quarantine_files", [])))
+    def from_dict(cls, d: dict) -> IngestReport:
+        return cls(
+            files=d["files"],
+            rows_read=d["rows_read"],
+            rows_kept=d["rows_kept"],
+            rows_quarantined=d["rows_quarantined"],
+            reasons=dict(d["reasons"]),
+            quarantine_files=list(d.get("quarantine_files", [])),
+        )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # layout
 
 
@@ -134,8 +148,11 @@ def day_files(logs: str | Path, date: str) -> list[Path]:
 
 def fingerprint(path: Path, logs: Path) -> dict:
     """What identifies an input file in the manifest: relative name, bytes and row count."""
-    return {"name": path.relative_to(logs).as_posix(), "bytes": path.stat().st_size,
-            "rows": pq.ParquetFile(path).metadata.num_rows}
+    return {
+        "name": path.relative_to(logs).as_posix(),
+        "bytes": path.stat().st_size,
+        "rows": pq.ParquetFile(path).metadata.num_rows,
+    }
 
 
 def read_logs_meta(logs: str | Path) -> dict:
@@ -161,7 +178,7 @@ def check_log_schema(path: str | Path) -> pa.Schema:
     return schema
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # validation
 
 
@@ -174,7 +191,9 @@ def _ints(arr: pa.Array) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | No
         return (vals // factor if factor > 1 else vals), null, None
     over = None
     if pa.types.is_uint64(arr.type):
-        big = pc.fill_null(pc.greater(arr, pa.scalar(2**63 - 1, pa.uint64())), False).to_numpy(zero_copy_only=False)
+        big = pc.fill_null(pc.greater(arr, pa.scalar(2**63 - 1, pa.uint64())), False).to_numpy(
+            zero_copy_only=False
+        )
         over = big if big.any() else None
         arr = pc.if_else(pa.array(big), pa.scalar(0, pa.uint64()), arr) if over is not None else arr
     return pc.fill_null(arr.cast(pa.int64()), 0).to_numpy().astype(np.int64, copy=False), null, over
@@ -193,7 +212,10 @@ def _mark(code: np.ndarray | None, cond: np.ndarray | None, reason: str, n: int)
 def validate_events(
     batch: pa.RecordBatch | pa.Table, rules: IngestRules, first_row: int, source: str
 ) -> tuple[pa.Table, pa.Table]:
-    """(good rows as EVENT_SCHEMA, bad rows as QUARANTINE_SCHEMA). `first_row`: 0-based file position of row 0."""
+    """(good rows as EVENT_SCHEMA, bad rows as QUARANTINE_SCHEMA).
+
+    `first_row`: 0-based file position of row 0.
+    """
     n = batch.num_rows
     cols = {c: batch.column(c) for c in EVENT_FIELDS}
     if isinstance(batch, pa.Table):
@@ -217,7 +239,9 @@ def validate_events(
         good = pa.Table.from_arrays([pa.array(user), pa.array(item), pa.array(ts)], schema=EVENT_SCHEMA)
         return good, QUARANTINE_SCHEMA.empty_table()
     ok = code == 0
-    good = pa.Table.from_arrays([pa.array(user[ok]), pa.array(item[ok]), pa.array(ts[ok])], schema=EVENT_SCHEMA)
+    good = pa.Table.from_arrays(
+        [pa.array(user[ok]), pa.array(item[ok]), pa.array(ts[ok])], schema=EVENT_SCHEMA
+    )
     bad_idx = np.flatnonzero(~ok)
     bad_code = code[bad_idx]
     names = list(EVENT_FIELDS) + [c for c in OPTIONAL_FIELDS if c in batch.schema.names]
@@ -238,7 +262,9 @@ def validate_events(
         {
             "source": pa.array([source] * len(bad_idx), pa.string()),
             "row_number": pa.array(first_row + bad_idx + 1, pa.int64()),
-            "reason": pa.array(np.array([r for r, _ in REASONS], dtype=object)[bad_code].tolist(), pa.string()),
+            "reason": pa.array(
+                np.array([r for r, _ in REASONS], dtype=object)[bad_code].tolist(), pa.string()
+            ),
             "field": pa.array(field_of.tolist(), pa.string()),
             "value": pa.array(value.tolist(), pa.string()),
             "raw": raw,
@@ -264,5 +290,11 @@ def scan_log_file(
 
 
 def report_of(rows_read: int, rows_kept: int, bad: pa.Table, quarantine_file: str | None) -> IngestReport:
-    return IngestReport(files=1, rows_read=rows_read, rows_kept=rows_kept, rows_quarantined=bad.num_rows,
-                        reasons=reason_counts(bad), quarantine_files=[quarantine_file] if quarantine_file else [])
+    return IngestReport(
+        files=1,
+        rows_read=rows_read,
+        rows_kept=rows_kept,
+        rows_quarantined=bad.num_rows,
+        reasons=reason_counts(bad),
+        quarantine_files=[quarantine_file] if quarantine_file else [],
+    )

@@ -16,9 +16,9 @@ Choices:
     ships them for debiasing/evaluation). Left-out files are named in the report's notes and the metadata.
   * timestamp = time_ms // 1000 (unix seconds, like MovieLens). Sequences are ordered by that second, ties by
     (remapped) item id, the rule of `pipeline.data.sequences`; sub-second order within one second is not kept.
-  * video_id is remapped to contiguous item ids 1..n (0 stays the padding id) in order of first appearance over
-    time among the kept interactions: sorted by (time_ms, user_id, video_id), the first video seen gets 1.
-    The mapping (item_id, video_id, first_time_ms) is written next to the output as
+  * video_id is remapped to contiguous item ids 1..n (0 stays the padding id) in order of first appearance
+    over time among the kept interactions: sorted by (time_ms, user_id, video_id), the first video seen
+    gets 1. The mapping (item_id, video_id, first_time_ms) is written next to the output as
     `<out stem>.item_map.parquet`. num_items = n + 1. Only videos of kept interactions get an id.
   * Users with fewer than min_length (default 5) positive interactions are dropped (one pass, not an
     iterated k-core), counted as `user_too_short`. user_id is kept as is.
@@ -48,9 +48,9 @@ from pipeline.data.readers import (
     ReadReport,
     check_readable,
     header_indices,
+    raise_if_all_bad,
     read_header,
     reason_counts,
-    raise_if_all_bad,
     scan_text,
     with_source,
     write_quarantine,
@@ -84,7 +84,11 @@ def find_logs(log_paths, include_random: bool = False) -> tuple[list[Path], list
     if not chosen:
         raise ValueError(
             f"no KuaiRand log to read in {[str(p) for p in log_paths]}"
-            + (f" (random-exposure logs {[f.name for f in skipped]} need include_random=True)" if skipped else "")
+            + (
+                f" (random-exposure logs {[f.name for f in skipped]} need include_random=True)"
+                if skipped
+                else ""
+            )
         )
     return chosen, skipped
 
@@ -102,7 +106,9 @@ def preprocess_kuairand(
         raise ValueError(f"min_length must be >= 1, got {min_length}")
     out_path = Path(out_path)
     stem = out_path.name[: -len(".parquet")] if out_path.name.endswith(".parquet") else out_path.stem
-    qpath = (Path(quarantine_dir) if quarantine_dir is not None else out_path.parent) / f"{stem}.quarantine.parquet"
+    qpath = (
+        Path(quarantine_dir) if quarantine_dir is not None else out_path.parent
+    ) / f"{stem}.quarantine.parquet"
     files, skipped = find_logs(log_paths, include_random)
 
     specs = (
@@ -178,7 +184,9 @@ def preprocess_kuairand(
         notes=notes,
     )
     if events.num_rows == 0:
-        raise ValueError(f"{[str(f) for f in files]}: no interactions left after filtering; {report.summary()}")
+        raise ValueError(
+            f"{[str(f) for f in files]}: no interactions left after filtering; {report.summary()}"
+        )
 
     # remap video ids by first appearance over time
     order = events.sort_by([("time_ms", "ascending"), ("user_id", "ascending"), ("video_id", "ascending")])
@@ -198,7 +206,9 @@ def preprocess_kuairand(
     item_ids = pc.add(pc.cast(position, pa.int64()), 1)
     seconds = np.floor_divide(events["time_ms"].to_numpy(), 1000)
     seq = events_to_sequences(
-        pa.table({"user_id": events["user_id"], "item_id": item_ids, "timestamp": pa.array(seconds, pa.int64())})
+        pa.table(
+            {"user_id": events["user_id"], "item_id": item_ids, "timestamp": pa.array(seconds, pa.int64())}
+        )
     )
 
     map_path = out_path.with_name(f"{stem}.item_map.parquet")

@@ -10,8 +10,8 @@ Layouts read by `read_interactions`:
 
 Text files are read with pyarrow.csv as one string column per line (blocks streamed, so memory stays bounded),
 split on the layout's separator and validated with pyarrow.compute: no per-row Python. Quoted CSV fields are
-not supported (the MovieLens and KuaiRand files have none); a quoted value is quarantined as non-integer, never
-misread.
+not supported (the MovieLens and KuaiRand files have none); a quoted value is quarantined as non-integer,
+never misread.
 
 Bad rows are never dropped silently. Each is counted under one reason (the first failing check, in the order
 field count, user_id, item_id, timestamp, rating) and written to `<quarantine_dir>/<stem>.quarantine.parquet`
@@ -124,7 +124,7 @@ class ReadReport:
         return d
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # layout detection and file checks
 
 
@@ -140,7 +140,8 @@ def detect_layout(path: str | Path) -> str:
     if suffix in (".parquet", ".pq"):
         return "parquet"
     raise ValueError(
-        f"{p}: cannot detect the layout from the file name (expected ratings.dat, u.data, *.csv or *.parquet); "
+        f"{p}: cannot detect the layout from the file name "
+        "(expected ratings.dat, u.data, *.csv or *.parquet); "
         f"pass layout= one of {list(LAYOUTS)}"
     )
 
@@ -165,7 +166,7 @@ def quarantine_file(path: str | Path, quarantine_dir: str | Path | None, stem: s
     return qdir / f"{stem or p.stem}.quarantine.parquet"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # vectorised validation
 
 
@@ -192,7 +193,11 @@ def _labels(spec: ColumnSpec) -> dict[str, str]:
     if spec.kind in ("time", "float"):
         bad = f"unparsable_{spec.name}"
         return {"missing": f"missing_{spec.name}", "bad": bad, "range": bad}
-    return {"missing": f"missing_{spec.name}", "bad": f"non_integer_{spec.name}", "range": f"out_of_range_{spec.name}"}
+    return {
+        "missing": f"missing_{spec.name}",
+        "bad": f"non_integer_{spec.name}",
+        "range": f"out_of_range_{spec.name}",
+    }
 
 
 class _Reasons:
@@ -225,9 +230,10 @@ def _parse_text(s: pa.Array, spec: ColumnSpec, lab: dict[str, str], reasons: _Re
 
 
 def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | None]:
-    """Validate one column (text or typed). Returns (int64/float64 values, reason per row or None if all good).
+    """Validate one column (text or typed).
 
-    Values at rows with a reason are meaningless; callers drop those rows.
+    Returns (int64/float64 values, reason per row or None if all good). Values at rows with a reason are
+    meaningless; callers drop those rows.
     """
     n = len(arr)
     lab = _labels(spec)
@@ -294,8 +300,8 @@ def validate_columns(
     """Validate the columns named in `specs` (those present in `cols`).
 
     Returns (good rows as a typed table, bad rows as QUARANTINE_SCHEMA without `source`). `row_ids` go to
-    row_number (callers may map them later); `raw` is the original line per row, else the fields are rendered as
-    "name=value, ..."; `extra_reason` is a reason per row found before field validation (e.g. empty_line).
+    row_number (callers may map them later); `raw` is the original line per row, else the fields are rendered
+    as "name=value, ..."; `extra_reason` is a reason per row found before field validation (e.g. empty_line).
     """
     names, values, reasons = [], [], []
     for spec in specs:
@@ -317,15 +323,19 @@ def validate_columns(
     n_bad = int(pc.sum(bad).as_py())
     # which source gave each bad row its reason (the first valid one)
     which = pc.coalesce(
-        *[pc.if_else(pc.is_valid(r.filter(bad)), pa.scalar(k, pa.int32()), pa.scalar(None, pa.int32()))
-          for k, (_, r) in enumerate(sources)]
+        *[
+            pc.if_else(pc.is_valid(r.filter(bad)), pa.scalar(k, pa.int32()), pa.scalar(None, pa.int32()))
+            for k, (_, r) in enumerate(sources)
+        ]
     )
     b_cols = {nm: _as_string(cols[nm].filter(bad)) for nm in names}
     field_names = pa.array([nm for nm, _ in sources], pa.string())
     b_field = pc.take(field_names, which)
     b_value = pc.choose(which, *[b_cols[nm] if nm is not None else _null_str(n_bad) for nm, _ in sources])
     if raw is None:
-        rendered = [pc.binary_join_element_wise(f"{nm}=", pc.fill_null(b_cols[nm], "null"), "") for nm in names]
+        rendered = [
+            pc.binary_join_element_wise(f"{nm}=", pc.fill_null(b_cols[nm], "null"), "") for nm in names
+        ]
         b_raw = pc.binary_join_element_wise(*rendered, ", ") if len(rendered) > 1 else rendered[0]
     else:
         b_raw = raw.filter(bad)
@@ -345,7 +355,7 @@ def _empty_bad() -> pa.Table:
     return pa.schema([f for f in QUARANTINE_SCHEMA if f.name != "source"]).empty_table()
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # scanners
 
 
@@ -395,8 +405,9 @@ def scan_text(
 
     `sep` is one character, or "::" (parsed as ':' with empty fields between the real ones). Lines with the
     wrong number of fields reach the parser's invalid-row handler and are quarantined with their text. The raw
-    line of a bad row is rebuilt exactly when every field is read (MovieLens); otherwise (KuaiRand, whose other
-    columns are not read) it is rendered as "name=value, ..." of the read fields and row_number locates it.
+    line of a bad row is rebuilt exactly when every field is read (MovieLens); otherwise (KuaiRand, whose
+    other columns are not read) it is rendered as "name=value, ..." of the read fields and row_number locates
+    it.
     """
     if sep == "::":
         delim, n_cols = ":", 2 * n_fields - 1
@@ -487,7 +498,8 @@ def scan_text(
             {
                 "row_number": pa.array([s for s, _, _ in skipped], pa.int64()),
                 "reason": pa.array(
-                    ["empty_line" if not t.strip() else "wrong_field_count" for _, t, _ in skipped], pa.string()
+                    ["empty_line" if not t.strip() else "wrong_field_count" for _, t, _ in skipped],
+                    pa.string(),
                 ),
                 "field": _null_str(len(skipped)),
                 "value": pa.array([f"{k} fields, expected {n_fields}" for k in n_found], pa.string()),
@@ -538,7 +550,7 @@ def scan_parquet(path: Path, specs: tuple[ColumnSpec, ...]) -> Scan:
     return Scan(good=good, bad=bad, rows_read=offset)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # quarantine and reports
 
 
@@ -561,7 +573,9 @@ def write_quarantine(bad: pa.Table, qpath: Path) -> Path | None:
         pq.write_table(bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA), tmp, compression="zstd")
         tmp.replace(qpath)
     except OSError as exc:
-        raise OSError(f"cannot write quarantine file {qpath} ({exc}); pass quarantine_dir= a writable folder") from exc
+        raise OSError(
+            f"cannot write quarantine file {qpath} ({exc}); pass quarantine_dir= a writable folder"
+        ) from exc
     return qpath
 
 
@@ -584,7 +598,7 @@ def raise_if_all_bad(path: Path, scan: Scan, qpath: Path | None, layout: str) ->
         )
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # public API
 
 

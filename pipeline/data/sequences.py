@@ -56,9 +56,7 @@ def events_to_sequences(events: pa.Table) -> pa.Table:
     missing = [c for c in EVENT_COLUMNS if c not in events.column_names]
     if missing:
         raise ValueError(f"events table lacks column(s) {missing}; has {events.column_names}")
-    events = events.select(list(EVENT_COLUMNS)).cast(
-        pa.schema([(c, pa.int64()) for c in EVENT_COLUMNS])
-    )
+    events = events.select(list(EVENT_COLUMNS)).cast(pa.schema([(c, pa.int64()) for c in EVENT_COLUMNS]))
     events = events.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
     users = events["user_id"].to_numpy()
     if len(users) == 0:
@@ -109,9 +107,15 @@ def _read_shard_dir(path: Path) -> SequenceData:
         raise ValueError(f"{path}: a directory without {SHARD_MANIFEST}, not a sequence shard directory")
     manifest = json.loads(manifest_path.read_text())
     names = [f.name for f in SEQUENCE_SCHEMA]
-    tables = [pq.read_table(path / s["file"], columns=names).cast(SEQUENCE_SCHEMA) for s in manifest["shards"]]
+    tables = [
+        pq.read_table(path / s["file"], columns=names).cast(SEQUENCE_SCHEMA) for s in manifest["shards"]
+    ]
     table = pa.concat_tables(tables) if tables else SEQUENCE_SCHEMA.empty_table()
-    meta = {k: manifest[k] for k in ("format", "generation", "max_length", "num_partitions", "users") if k in manifest}
+    meta = {
+        k: manifest[k]
+        for k in ("format", "generation", "max_length", "num_partitions", "users")
+        if k in manifest
+    }
     meta.update(source=str(path.resolve()), days=sorted(manifest.get("days", {})))
     return SequenceData(table=table, num_items=int(manifest["num_items"]), meta=meta)
 

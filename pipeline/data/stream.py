@@ -18,8 +18,9 @@ The plan of an epoch is pure numpy, computed identically by every rank from the 
 Position: (epoch, batches yielded in that epoch); `state_dict()` records it with the plan parameters and
 `load_state_dict()` continues from it: the next batch is the first not yet yielded, so a resumed job neither
 repeats nor skips a sequence. A different seed or data cannot continue and is an error; so is a different
-world size or batch size mid-epoch (at an epoch boundary the next epoch is planned for the new ones). Memory: Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver
-holds at most one segment plus one batch.
+world size or batch size mid-epoch (at an epoch boundary the next epoch is planned for the new ones). Memory:
+Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver holds at most one segment
+plus one batch.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class Backend(str, Enum):
     PYARROW = "pyarrow"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Ray runtime helpers
 
 
@@ -63,8 +64,12 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
 
     if ray.is_initialized():
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS", "local"), num_cpus=num_cpus,
-             object_store_memory=object_store_memory, include_dashboard=False)
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS", "local"),
+        num_cpus=num_cpus,
+        object_store_memory=object_store_memory,
+        include_dashboard=False,
+    )
 
 
 def quiet_context(ctx: Any) -> Any:
@@ -76,7 +81,7 @@ def quiet_context(ctx: Any) -> Any:
     return ctx
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # units and the epoch plan (pure numpy)
 
 
@@ -108,25 +113,41 @@ def load_units(path: str | Path, drop_last_items: int) -> Units:
                 file.append(k)
                 rg.append(j)
                 rows.append(counts[0])
-                elig.append(counts[1 + MANIFEST_MIN_LENGTHS.index(need)] if need in MANIFEST_MIN_LENGTHS else -1)
+                elig.append(
+                    counts[1 + MANIFEST_MIN_LENGTHS.index(need)] if need in MANIFEST_MIN_LENGTHS else -1
+                )
         elig_arr = np.asarray(elig, dtype=np.int64)
         if (elig_arr < 0).any():  # drop_last beyond what the manifest counts: count once
             elig_arr = _count_eligible(files, file, rg, need)
-        return Units(tuple(files), np.asarray(file, np.int64), np.asarray(rg, np.int64),
-                     np.asarray(rows, np.int64), elig_arr, int(manifest["generation"]))
+        return Units(
+            tuple(files),
+            np.asarray(file, np.int64),
+            np.asarray(rg, np.int64),
+            np.asarray(rows, np.int64),
+            elig_arr,
+            int(manifest["generation"]),
+        )
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such sequence file or shard directory")
     n_rg = pq.ParquetFile(path).metadata.num_row_groups
     file, rg = [0] * n_rg, list(range(n_rg))
     rows = [pq.ParquetFile(path).metadata.row_group(j).num_rows for j in rg]
-    return Units((str(path),), np.asarray(file, np.int64), np.asarray(rg, np.int64), np.asarray(rows, np.int64),
-                 _count_eligible([str(path)], file, rg, need), None)
+    return Units(
+        (str(path),),
+        np.asarray(file, np.int64),
+        np.asarray(rg, np.int64),
+        np.asarray(rows, np.int64),
+        _count_eligible([str(path)], file, rg, need),
+        None,
+    )
 
 
 def _count_eligible(files, file, rg, need: int) -> np.ndarray:
     out = []
     for f, g in zip(file, rg):
-        lengths = pc.list_value_length(pq.ParquetFile(files[f]).read_row_group(g, columns=["item_ids"])["item_ids"])
+        lengths = pc.list_value_length(
+            pq.ParquetFile(files[f]).read_row_group(g, columns=["item_ids"])["item_ids"]
+        )
         out.append(int(pc.sum(pc.greater_equal(lengths, need)).as_py() or 0))
     return np.asarray(out, dtype=np.int64)
 
@@ -153,8 +174,9 @@ def step_sizes(n_rows: int, batch_size: int, world_size: int) -> np.ndarray:
     return globals_[:, None] // world_size + (ranks[None, :] < (globals_ % world_size)[:, None])
 
 
-def plan_epoch(units: Units, epoch: int, seed: int, shuffle: bool, window_units: int, batch_size: int,
-               world_size: int) -> EpochPlan:
+def plan_epoch(
+    units: Units, epoch: int, seed: int, shuffle: bool, window_units: int, batch_size: int, world_size: int
+) -> EpochPlan:
     order = np.arange(len(units.file))
     if shuffle:
         order = np.random.default_rng([seed, epoch]).permutation(len(order))
@@ -184,8 +206,10 @@ def read_segment(spec: dict) -> pa.Table:
     lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(lengths >= spec["min_length"])
     if len(rows) != spec["expect"]:
-        raise RuntimeError(f"{spec['units']}: {len(rows)} eligible rows, the manifest says {spec['expect']}: "
-                           "the shards changed after the stream was planned")
+        raise RuntimeError(
+            f"{spec['units']}: {len(rows)} eligible rows, the manifest says {spec['expect']}: "
+            "the shards changed after the stream was planned"
+        )
     if spec["perm_seed"] is not None:
         rows = rows[np.random.default_rng(spec["perm_seed"]).permutation(len(rows))]
     return table.take(pa.array(rows[spec["start"] : spec["stop"]])).combine_chunks()
@@ -208,12 +232,15 @@ def cut_batches(tables: Iterator[pa.Table], sizes: np.ndarray) -> Iterator[pa.Ta
         raise RuntimeError(f"stream ended after {k} of {len(sizes)} batches with {have} rows left over")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the stream
 
 
 class ShardBatches:
-    """One rank's batches over a shard directory; the API of `pipeline.data.batches.SequenceBatches` plus a position."""
+    """One rank's batches over a shard directory.
+
+    The API of `pipeline.data.batches.SequenceBatches` plus a position.
+    """
 
     def __init__(
         self,
@@ -255,27 +282,39 @@ class ShardBatches:
 
     # -- position -------------------------------------------------------------------------------------------
     def _plan_key(self) -> dict[str, Any]:
-        return {"rows": self.num_rows(), "generation": self.units.generation, "seed": self.seed,
-                "shuffle": self.shuffle, "batch_size": self.batch_size, "world_size": self.world_size,
-                "window_units": self.window_units, "drop_last_items": self.drop_last_items}
+        return {
+            "rows": self.num_rows(),
+            "generation": self.units.generation,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "window_units": self.window_units,
+            "drop_last_items": self.drop_last_items,
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self._epoch, "batch": self._batch, **self._plan_key()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         key = self._plan_key()
-        if not int(state["batch"]):  # an epoch boundary: the next epoch is planned for this batch and world size
+        if not int(
+            state["batch"]
+        ):  # an epoch boundary: the next epoch is planned for this batch and world size
             key.pop("batch_size"), key.pop("world_size")
         diff = {k: (state.get(k), v) for k, v in key.items() if state.get(k) != v}
         if diff:
-            raise ValueError(f"cannot resume this stream exactly: the recorded plan differs in {diff} "
-                             "(recorded, now); resume with the same data, seed, batch size and world size")
+            raise ValueError(
+                f"cannot resume this stream exactly: the recorded plan differs in {diff} "
+                "(recorded, now); resume with the same data, seed, batch size and world size"
+            )
         self._epoch, self._batch = int(state["epoch"]), int(state["batch"])
 
     # -- iteration ------------------------------------------------------------------------------------------
     def plan(self, epoch: int) -> EpochPlan:
-        return plan_epoch(self.units, epoch, self.seed, self.shuffle, self.window_units, self.batch_size,
-                          self.world_size)
+        return plan_epoch(
+            self.units, epoch, self.seed, self.shuffle, self.window_units, self.batch_size, self.world_size
+        )
 
     def segment_specs(self, epoch: int, start_batch: int = 0) -> tuple[list[dict], np.ndarray]:
         """This rank's read specs from batch `start_batch` on, and the sizes of its remaining batches."""
@@ -286,14 +325,21 @@ class ShardBatches:
         specs = []
         for w, start, stop in segments(plan, lo, hi):
             ids = plan.windows[w]
-            specs.append({
-                "units": [[self.units.files[self.units.file[u]], int(self.units.row_group[u])] for u in ids],
-                "min_length": 2 + self.drop_last_items, "expect": int(plan.window_rows[w]),
-                "perm_seed": [self.seed, epoch, w] if self.shuffle else None, "start": start, "stop": stop,
-            })
+            specs.append(
+                {
+                    "units": [
+                        [self.units.files[self.units.file[u]], int(self.units.row_group[u])] for u in ids
+                    ],
+                    "min_length": 2 + self.drop_last_items,
+                    "expect": int(plan.window_rows[w]),
+                    "perm_seed": [self.seed, epoch, w] if self.shuffle else None,
+                    "start": start,
+                    "stop": stop,
+                }
+            )
         return specs, sizes[start_batch:]
 
-    def epoch(self, epoch: int = 0, start_batch: int | None = None) -> Iterator["Batch"]:
+    def epoch(self, epoch: int = 0, start_batch: int | None = None) -> Iterator[Batch]:
         """Batches of `epoch`; by default from the recorded position when it is in this epoch."""
         from pipeline.data.collate import collate_arrow
 

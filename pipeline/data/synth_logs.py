@@ -118,7 +118,8 @@ def generate_slice(cfg: LogConfig, st: _Static, day: int, part: int, t0: int, t1
     n_dup = int(rng.binomial(n, cfg.duplicate_prob)) if cfg.duplicate_prob > 0 else 0
     base = n - n_dup
     draws = rng.random(base)
-    draws.sort()  # sorted draws give sorted users (one session per user and slice) and a cache-friendly search
+    # sorted draws give sorted users (one session per user and slice) and a cache-friendly search
+    draws.sort()
     users = np.minimum(np.searchsorted(st.user_cdf, draws, side="right"), cfg.num_users - 1)
     first = np.r_[True, users[1:] != users[:-1]] if base else np.zeros(0, bool)
     starts = np.flatnonzero(first)
@@ -174,15 +175,24 @@ def _plant_bad_rows(cfg: LogConfig, rng: np.random.Generator, users, items, time
 def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the logs under `out`; returns the `_logs.json` summary."""
     out = Path(out)
-    existing = [p for p in out.iterdir() if DATE_RE.match(p.name) or p.name == LOGS_META] if out.exists() else []
+    existing = (
+        [p for p in out.iterdir() if DATE_RE.match(p.name) or p.name == LOGS_META] if out.exists() else []
+    )
     if existing and not overwrite:
-        raise ValueError(f"{out} already holds logs ({existing[0].name}, ...); pass overwrite=True / --overwrite")
+        raise ValueError(
+            f"{out} already holds logs ({existing[0].name}, ...); pass overwrite=True / --overwrite"
+        )
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     st = _static(cfg)
     days = plan_days(cfg)
-    summary = {"generator": "pipeline.data.synth_logs", "num_items": cfg.num_items, "config": asdict(cfg), "days": {}}
+    summary = {
+        "generator": "pipeline.data.synth_logs",
+        "num_items": cfg.num_items,
+        "config": asdict(cfg),
+        "days": {},
+    }
     bar = tqdm(total=cfg.num_events, unit="ev", unit_scale=True, desc="synth-logs", disable=not progress)
     for d, (date, t_day, parts) in enumerate(days):
         folder = out / f"date={date}"
@@ -191,8 +201,14 @@ def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progres
         for k, n in enumerate(parts):
             t0, t1 = t_day + int(k * width), t_day + int((k + 1) * width)
             table = generate_slice(cfg, st, d, k, t0, t1, int(n))
-            pq.write_table(table, folder / f"part-{k:05d}.parquet", compression="zstd", row_group_size=1 << 20,
-                           use_dictionary=["event_type"], column_encoding={"timestamp": "DELTA_BINARY_PACKED"})
+            pq.write_table(
+                table,
+                folder / f"part-{k:05d}.parquet",
+                compression="zstd",
+                row_group_size=1 << 20,
+                use_dictionary=["event_type"],
+                column_encoding={"timestamp": "DELTA_BINARY_PACKED"},
+            )
             bar.update(int(n))
         summary["days"][date] = {"rows": int(parts.sum()), "parts": len(parts)}
     bar.close()

@@ -57,14 +57,19 @@ def generate_events(cfg: SyntheticConfig) -> pa.Table:
     # lengths: log-normal with the requested mean and a long tail
     sigma = 0.8
     mu = np.log(max(cfg.mean_length - cfg.min_length, 1.0)) - sigma**2 / 2
-    lengths = np.clip(cfg.min_length + rng.lognormal(mu, sigma, cfg.num_users).astype(np.int64),
-                      cfg.min_length, min(cfg.max_length, cfg.num_items))
+    lengths = np.clip(
+        cfg.min_length + rng.lognormal(mu, sigma, cfg.num_users).astype(np.int64),
+        cfg.min_length,
+        min(cfg.max_length, cfg.num_items),
+    )
     users, items, times = [], [], []
     for user in range(cfg.num_users):
         n = int(lengths[user])
         taste = rng.choice(cfg.num_themes, p=theme_p)
         long_gap = rng.random(n) < cfg.long_gap_prob
-        gaps = np.where(long_gap, rng.lognormal(np.log(2 * SECONDS_PER_DAY), 0.7, n), rng.lognormal(np.log(180), 0.8, n))
+        gaps = np.where(
+            long_gap, rng.lognormal(np.log(2 * SECONDS_PER_DAY), 0.7, n), rng.lognormal(np.log(180), 0.8, n)
+        )
         gaps[0] = 0
         stamps = START_TIME + int(rng.integers(0, 365 * SECONDS_PER_DAY)) + np.cumsum(gaps.astype(np.int64))
         u_rand = rng.random((n, 2))
@@ -90,7 +95,9 @@ def generate_events(cfg: SyntheticConfig) -> pa.Table:
     )
 
 
-def _draw_unseen(ids: np.ndarray, p: np.ndarray, seen: set[int], rng: np.random.Generator, num_items: int) -> int:
+def _draw_unseen(
+    ids: np.ndarray, p: np.ndarray, seen: set[int], rng: np.random.Generator, num_items: int
+) -> int:
     for _ in range(8):
         item = int(ids[rng.choice(len(ids), p=p)])
         if item not in seen:

@@ -93,7 +93,9 @@ class Checkpointer:
             if is_complete(path):
                 return path
         steps = sorted(
-            (int(m.group(1)), p) for p in self.root.glob("step-*") if (m := _STEP.match(p.name)) and is_complete(p)
+            (int(m.group(1)), p)
+            for p in self.root.glob("step-*")
+            if (m := _STEP.match(p.name)) and is_complete(p)
         )
         return steps[-1][1] if steps else None
 
@@ -128,7 +130,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def _json_ready(state: dict[str, Any]) -> dict[str, Any]:
-    """Plain JSON types (numpy scalars in metrics become floats), so what train.json holds reads back equal."""
+    """Plain JSON types (numpy scalars in metrics become floats), so what train.json holds reads back
+    equal."""
     return json.loads(json.dumps(state, default=float))
 
 
@@ -144,7 +147,12 @@ class RunCheckpoints:
     """
 
     def __init__(
-        self, root: Path, dmp: Any, optimizer: Any, init_optimizer_state: Any, meta: dict[str, Any] | None = None
+        self,
+        root: Path,
+        dmp: Any,
+        optimizer: Any,
+        init_optimizer_state: Any,
+        meta: dict[str, Any] | None = None,
     ) -> None:
         self.store = Checkpointer(root)
         self.dmp = dmp
@@ -188,7 +196,9 @@ class RunCheckpoints:
 
     def save_final(self, trainer_state: dict[str, Any], report: dict[str, Any]) -> Path:
         """The model the run reports (the selected weights), for `fuxi eval`, warm starts and the registry."""
-        return self.store.save_named(FINAL, {"model": self.dmp.state_dict()}, self._meta(trainer_state, report=report))
+        return self.store.save_named(
+            FINAL, {"model": self.dmp.state_dict()}, self._meta(trainer_state, report=report)
+        )
 
 
 class MemoryCheckpoints:
@@ -198,11 +208,15 @@ class MemoryCheckpoints:
     def __init__(self, model: Any, optimizer: Any) -> None:
         self.model = model
         self.optimizer = optimizer
-        self.saved: dict[int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]] = {}  # step -> (model, optim, trainer)
+        self.saved: dict[
+            int, tuple[dict[str, Any], dict[str, Any], dict[str, Any]]
+        ] = {}  # step -> (model, optim, trainer)
         self.best: dict[str, Any] | None = None
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> int:
-        self.saved[step] = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), trainer_state))
+        self.saved[step] = copy.deepcopy(
+            (self.model.state_dict(), self.optimizer.state_dict(), trainer_state)
+        )
         return step
 
     def resume(self) -> tuple[str, dict[str, Any]] | None:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from model.config import ModelConfig
 from pipeline.data.synthetic import SyntheticConfig
@@ -185,8 +186,12 @@ def tiny() -> TrainConfig:
     """Seconds-long runs for tests and smoke checks."""
     cfg = cpu_demo()
     cfg.name = "tiny"
-    cfg.data.synthetic = SyntheticConfig(num_users=200, num_items=200, num_themes=10, mean_length=20, max_length=60)
-    cfg.model = dataclasses.replace(cfg.model, embedding_dim=16, dqk=16, dv=16, max_sequence_length=50, padded_length=61)
+    cfg.data.synthetic = SyntheticConfig(
+        num_users=200, num_items=200, num_themes=10, mean_length=20, max_length=60
+    )
+    cfg.model = dataclasses.replace(
+        cfg.model, embedding_dim=16, dqk=16, dv=16, max_sequence_length=50, padded_length=61
+    )
     cfg.loss.num_negatives = 32
     cfg.batch_size = 64
     cfg.epochs = 2

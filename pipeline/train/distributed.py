@@ -54,8 +54,10 @@ def init_distributed(requested_device: str | torch.device = "cpu") -> DistContex
     owns = False
     if not dist.is_initialized():
         if under_torchrun():
-            kwargs = {"device_id": device} if device.type == "cuda" else {}
-            dist.init_process_group(backend=backend, **kwargs)
+            if device.type == "cuda":
+                dist.init_process_group(backend=backend, device_id=device)
+            else:
+                dist.init_process_group(backend=backend)
         else:  # a world of one, no network: an in-process store
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True

@@ -48,7 +48,9 @@ def batch_ranks(model: SequentialRecommender, batch: Batch, filter_seen: bool = 
 
 
 @torch.no_grad()
-def evaluate(model: SequentialRecommender, batches: Iterable[Batch], device: torch.device | str = "cpu") -> dict[str, float]:
+def evaluate(
+    model: SequentialRecommender, batches: Iterable[Batch], device: torch.device | str = "cpu"
+) -> dict[str, float]:
     was_training = model.training
     model.eval()
     ranks = [batch_ranks(model, b.to(torch.device(device))) for b in batches]
@@ -103,24 +105,47 @@ def _count_above(
     return (scores[:, :r] > target_score_B[:, None]).sum(1)
 
 
+def _placement_rank(shard: Any) -> int:
+    """The rank that holds a ShardedTensor shard (every shard of a sharded table is placed)."""
+    assert shard.placement is not None, "a table shard without a placement"
+    return shard.placement.rank()
+
+
 def table_layout(table: Any, rank: int, world_size: int) -> tuple[list[tuple[int, int, int, int, int]], dict]:
     """Who scores what: [(row0, rows, col0, cols, rank)] for the whole table, and this rank's tensors
     keyed by (row0, col0). A sharded table is scored shard by shard where it lives; a replicated
     (data_parallel) table is cut into world_size row ranges, one per rank."""
     if isinstance(table, ShardedTensor):
-        layout = [(md.shard_offsets[0], md.shard_sizes[0], md.shard_offsets[1], md.shard_sizes[1], md.placement.rank())
-                  for md in table.metadata().shards_metadata]
-        local = {(s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]): s.tensor for s in table.local_shards()}
+        layout = [
+            (
+                md.shard_offsets[0],
+                md.shard_sizes[0],
+                md.shard_offsets[1],
+                md.shard_sizes[1],
+                _placement_rank(md),
+            )
+            for md in table.metadata().shards_metadata
+        ]
+        local = {
+            (s.metadata.shard_offsets[0], s.metadata.shard_offsets[1]): s.tensor for s in table.local_shards()
+        }
         return layout, local
     bounds = np.linspace(0, table.shape[0], world_size + 1).astype(int)
-    layout = [(int(bounds[r]), int(bounds[r + 1] - bounds[r]), 0, table.shape[1], r) for r in range(world_size)]
+    layout = [
+        (int(bounds[r]), int(bounds[r + 1] - bounds[r]), 0, table.shape[1], r) for r in range(world_size)
+    ]
     r0, nr = layout[rank][:2]
     return layout, {(r0, 0): table[r0 : r0 + nr]}
 
 
 @torch.no_grad()
 def _sharded_counts(
-    table: Any, user_BD: Tensor, target_B: Tensor, target_score_B: Tensor, history_BL: Tensor, eps: float,
+    table: Any,
+    user_BD: Tensor,
+    target_B: Tensor,
+    target_score_B: Tensor,
+    history_BL: Tensor,
+    eps: float,
     chunk_elems: int = 1 << 24,
 ) -> Tensor:
     """Each rank scores the rows it holds; returns this rank's counts (sum them over ranks).
@@ -181,17 +206,22 @@ def evaluate_sharded(
     world = dist.get_world_size() if dist.is_initialized() else 1
     model = pm.model
     eps = model.cfg.l2_norm_eps
-    table = pm.dmp.state_dict()[TABLE_KEY]  # ShardedTensor (local shards are views of the weights) or a tensor
+    table = pm.dmp.state_dict()[
+        TABLE_KEY
+    ]  # ShardedTensor (local shards are views of the weights) or a tensor
     was_training = model.training
     model.eval()
     ranks = []
     for rows, valid in _eval_rows(batches, rank, world):
-        batch = collate_arrow(batches.data.table.take(rows), batches.max_sequence_length, batches.drop_last_items)
+        batch = collate_arrow(
+            batches.data.table.take(rows), batches.max_sequence_length, batches.drop_last_items
+        )
         batch = batch.to(device)
         user_BD = model.encode_last(batch.seq)
         history, target = split_history_target(batch)
         kjt = KeyedJaggedTensor.from_lengths_sync(
-            keys=[ITEM_FEATURE, NEG_FEATURE], values=target,
+            keys=[ITEM_FEATURE, NEG_FEATURE],
+            values=target,
             lengths=torch.cat([torch.ones_like(target), torch.zeros_like(target)]).int(),
         )
         target_BD = l2_normalize(model.item_embedding(kjt)[ITEM_FEATURE].values(), eps)
@@ -201,13 +231,21 @@ def evaluate_sharded(
         in_history = (history == target[:, None]).any(1)
         parts = [
             _all_gather_padded(t, world)
-            for t in (user_BD.float(), target, target_score.float(), history, in_history.long(),
-                      torch.tensor([valid], device=device))
+            for t in (
+                user_BD.float(),
+                target,
+                target_score.float(),
+                history,
+                in_history.long(),
+                torch.tensor([valid], device=device),
+            )
         ]
         users, targets, t_scores, histories, seen, valids = parts
         width = max(h.shape[1] for h in histories)
         all_history = torch.cat([F.pad(h, (0, width - h.shape[1])) for h in histories])
-        counts = _sharded_counts(table, torch.cat(users), torch.cat(targets), torch.cat(t_scores), all_history, eps)
+        counts = _sharded_counts(
+            table, torch.cat(users), torch.cat(targets), torch.cat(t_scores), all_history, eps
+        )
         if world > 1:
             dist.all_reduce(counts)
         batch_ranks = torch.where(torch.cat(seen).bool(), math.inf, counts.double() + 1)

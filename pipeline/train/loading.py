@@ -22,7 +22,11 @@ from pipeline.train.config import ModelConfig, TrainConfig, from_dict
 from pipeline.train.run import load_model_weights
 
 __all__ = [
-    "LoadedModel", "checkpoint_config", "evaluate_checkpoint", "load_checkpoint_model", "parameter_count",
+    "LoadedModel",
+    "checkpoint_config",
+    "evaluate_checkpoint",
+    "load_checkpoint_model",
+    "parameter_count",
     "resolve_checkpoint",
 ]
 
@@ -35,8 +39,12 @@ class LoadedModel:
     meta: dict[str, Any]  # the whole train.json
 
     def top_k(
-        self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
-        request_times: list[int] | None = None, k: int = 10, filter_seen: bool = True,
+        self,
+        histories: list[list[int]],
+        timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None,
+        k: int = 10,
+        filter_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(item ids [B, k], scores [B, k]), best first. `request_times` is the time of the request
         (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
@@ -56,9 +64,13 @@ class LoadedModel:
                 raise ValueError("item_ids and timestamps differ in length")
             items.append([int(i) for i in h] + [0])  # the target slot: id 0 (padding), time of the request
             times.append([int(x) for x in t] + [int(now)])
-        table = pa.table({"user_id": pa.array(range(len(items)), pa.int64()),
-                          "item_ids": pa.array(items, pa.list_(pa.int64())),
-                          "timestamps": pa.array(times, pa.list_(pa.int64()))})
+        table = pa.table(
+            {
+                "user_id": pa.array(range(len(items)), pa.int64()),
+                "item_ids": pa.array(items, pa.list_(pa.int64())),
+                "timestamps": pa.array(times, pa.list_(pa.int64())),
+            }
+        )
         batch = collate_arrow(table, self.cfg.model.max_sequence_length, drop_last=0)
         with torch.no_grad():
             scores = self.model.encode_last(batch.seq) @ self.model.normalized_item_embeddings().T
@@ -94,7 +106,10 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedModel:
 
 
 def evaluate_checkpoint(
-    checkpoint: str | Path | LoadedModel, data: str | None = None, split: str = "valid", device: str = "cpu",
+    checkpoint: str | Path | LoadedModel,
+    data: str | None = None,
+    split: str = "valid",
+    device: str = "cpu",
 ) -> dict[str, float]:
     """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
     from pipeline.train.evaluate import evaluate
@@ -109,7 +124,9 @@ def evaluate_checkpoint(
         raise ValueError(f"{loaded.path} knows {cfg.model.num_items} item ids; the data has {seqs.num_items}")
     batches = build_batches(cfg, seqs)
     if split not in batches:
-        raise ValueError(f"split {split!r} does not exist under protocol {cfg.data.protocol!r}: {sorted(batches)}")
+        raise ValueError(
+            f"split {split!r} does not exist under protocol {cfg.data.protocol!r}: {sorted(batches)}"
+        )
     return evaluate(loaded.model, batches[split].epoch(), device)
 
 

@@ -20,8 +20,8 @@ fbgemm's TBE needs multiples of 4). Steps 2 and 3 are then skipped (DMP gets an 
 Gradient scale: every reduction *averages* over ranks, as the libraries do by default: TorchRec's
 all-to-all backward divides the embedding gradients by the world size (comm_ops GRADIENT_DIVISION), FSDP2's
 reduce-scatter averages, and the hook of a replicated table averages too. Each rank therefore
-backpropagates world_size * (sum of its position losses) / (global number of positions) (pipeline/train/trainer.py),
-and the averaged gradients are those of the global mean loss in one process.
+backpropagates world_size * (sum of its position losses) / (global number of positions)
+(pipeline/train/trainer.py), and the averaged gradients are those of the global mean loss in one process.
 """
 
 from __future__ import annotations
@@ -39,7 +39,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner
-from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import (
+    KernelConfig,
+    ParameterConstraints,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingEnv, ShardingPlan
 from torchrec.optim import Adagrad, RowWiseAdagrad
@@ -100,14 +105,24 @@ def table_sharding(plan: ShardingPlan) -> dict[str, Any]:
             if name == ITEM_TABLE:
                 specs = ps.sharding_spec.shards if ps.sharding_spec is not None else []  # type: ignore[union-attr]
                 shards = [
-                    {"rank": s.placement.rank(), "offsets": list(s.shard_offsets), "sizes": list(s.shard_sizes)}
+                    {
+                        "rank": s.placement.rank(),
+                        "offsets": list(s.shard_offsets),
+                        "sizes": list(s.shard_sizes),
+                    }
                     for s in specs
                 ]
-                return {"sharding_type": ps.sharding_type, "compute_kernel": ps.compute_kernel, "shards": shards}
+                return {
+                    "sharding_type": ps.sharding_type,
+                    "compute_kernel": ps.compute_kernel,
+                    "shards": shards,
+                }
     raise KeyError(f"{ITEM_TABLE} is not in the sharding plan")
 
 
-def resolve_sharding_types(parallel: ParallelConfig, cfg: ModelConfig, device: torch.device) -> tuple[str, ...]:
+def resolve_sharding_types(
+    parallel: ParallelConfig, cfg: ModelConfig, device: torch.device
+) -> tuple[str, ...]:
     """The sharding types offered to the planner (see ParallelConfig)."""
     types = tuple(parallel.sharding_types)
     if not types:  # auto
@@ -115,7 +130,9 @@ def resolve_sharding_types(parallel: ParallelConfig, cfg: ModelConfig, device: t
         return MODEL_PARALLEL if split else (DATA_PARALLEL,)
     if DATA_PARALLEL in types:
         if len(types) > 1:
-            raise ValueError("parallel.sharding_types: data_parallel cannot be mixed with model-parallel types")
+            raise ValueError(
+                "parallel.sharding_types: data_parallel cannot be mixed with model-parallel types"
+            )
         return types
     unknown = set(types) - set(MODEL_PARALLEL)
     if unknown:
@@ -123,8 +140,10 @@ def resolve_sharding_types(parallel: ParallelConfig, cfg: ModelConfig, device: t
             f"parallel.sharding_types must be data_parallel or a subset of {MODEL_PARALLEL}, got {types}"
         )
     if cfg.embedding_dim % 4:
-        raise ValueError(f"fbgemm's fused kernels need embedding_dim % 4 == 0 (got {cfg.embedding_dim}): "
-                         "use parallel.sharding_types=data_parallel")
+        raise ValueError(
+            f"fbgemm's fused kernels need embedding_dim % 4 == 0 (got {cfg.embedding_dim}): "
+            "use parallel.sharding_types=data_parallel"
+        )
     return types
 
 
@@ -132,17 +151,29 @@ def resolve_embedding_optimizer(name: str, device: torch.device) -> str:
     if name == "auto":
         return "adam" if device.type == "cuda" else "rowwise_adagrad"
     if name not in ("adam", "rowwise_adagrad", "adagrad"):
-        raise ValueError(f"unknown embedding optimizer {name!r}; choose auto, adam, rowwise_adagrad or adagrad")
+        raise ValueError(
+            f"unknown embedding optimizer {name!r}; choose auto, adam, rowwise_adagrad or adagrad"
+        )
     if name == "adam" and device.type != "cuda":
-        raise ValueError("fbgemm's CPU TBE has no fused Adam: use parallel.embedding_optimizer=rowwise_adagrad on CPU")
+        raise ValueError(
+            "fbgemm's CPU TBE has no fused Adam: use parallel.embedding_optimizer=rowwise_adagrad on CPU"
+        )
     return name
 
 
 def fused_optimizer(name: str, parallel: ParallelConfig, optim: OptimConfig) -> tuple[type, dict[str, Any]]:
     lr = parallel.embedding_lr if parallel.embedding_lr is not None else optim.lr
-    if name == "adam":  # fbgemm spells the betas beta1/beta2; torchrec's Adam is a placeholder that forwards them
+    if (
+        name == "adam"
+    ):  # fbgemm spells the betas beta1/beta2; torchrec's Adam is a placeholder that forwards them
         beta1, beta2 = optim.betas
-        kwargs = {"lr": lr, "beta1": beta1, "beta2": beta2, "eps": optim.eps, "weight_decay": optim.weight_decay}
+        kwargs = {
+            "lr": lr,
+            "beta1": beta1,
+            "beta2": beta2,
+            "eps": optim.eps,
+            "weight_decay": optim.weight_decay,
+        }
         return FusedAdam, kwargs
     if name == "adagrad":
         return Adagrad, {"lr": lr, "eps": optim.eps, "weight_decay": optim.weight_decay}
@@ -150,8 +181,12 @@ def fused_optimizer(name: str, parallel: ParallelConfig, optim: OptimConfig) -> 
 
 
 def plan_item_table(
-    model: nn.Module, cfg: ModelConfig, sharding_types: tuple[str, ...], device: torch.device,
-    pg: dist.ProcessGroup, batch_size: int,
+    model: nn.Module,
+    cfg: ModelConfig,
+    sharding_types: tuple[str, ...],
+    device: torch.device,
+    pg: dist.ProcessGroup,
+    batch_size: int,
 ) -> ShardingPlan:
     """One plan agreed by all ranks (`collective_plan`: rank 0 plans and broadcasts)."""
     world_size = dist.get_world_size(pg)
@@ -161,14 +196,17 @@ def plan_item_table(
         ),
         kernel_config=KernelConfig(compute_device=device.type),
     )
-    # column-wise shards are multiples of 4 columns; offer ~D / world_size so the columns spread over the ranks
+    # column-wise shards are multiples of 4 columns; offer ~D / world_size so the columns spread over
+    # the ranks
     min_partition = max(4, cfg.embedding_dim // world_size // 4 * 4)
     constraints = {
         ITEM_TABLE: ParameterConstraints(
             sharding_types=list(sharding_types), compute_kernels=["fused"], min_partition=min_partition
         )
     }
-    planner = EmbeddingShardingPlanner(topology=topology, batch_size=batch_size, constraints=constraints, debug=False)
+    planner = EmbeddingShardingPlanner(
+        topology=topology, batch_size=batch_size, constraints=constraints, debug=False
+    )
     return planner.collective_plan(model, get_default_sharders(), pg)
 
 
@@ -189,12 +227,14 @@ def init_item_table(dmp: DistributedModelParallel, init_fn: Any, num_rows: int, 
             weight[a - r0 : b - r0].copy_(values[a - lo : b - lo, c0 : c0 + nc])
 
 
-def local_table_shards(table: Any) -> list[tuple[tuple[int, int], tuple[int, int], torch.Tensor]]:
+def local_table_shards(table: Any) -> list[tuple[tuple[int, ...], tuple[int, ...], torch.Tensor]]:
     """((row, col) offsets, (rows, cols), tensor) of the table parts this rank holds: the local shards of
-    a ShardedTensor (model parallel), or the whole tensor (data parallel). Tensors are views of the weights."""
+    a ShardedTensor (model parallel), or the whole tensor (data parallel). Tensors are views of the
+    weights."""
     if isinstance(table, ShardedTensor):
         return [
-            (tuple(s.metadata.shard_offsets), tuple(s.metadata.shard_sizes), s.tensor) for s in table.local_shards()
+            (tuple(s.metadata.shard_offsets), tuple(s.metadata.shard_sizes), s.tensor)
+            for s in table.local_shards()
         ]
     return [((0, 0), tuple(table.shape), table)]
 
@@ -239,6 +279,7 @@ def parallelize(
     own uniform init (benchmarks of huge tables, or weights that a checkpoint overwrites).
     """
     pg = pg or dist.group.WORLD
+    assert pg is not None, "parallelize needs an initialised process group (pipeline/train/distributed.py)"
     world_size = dist.get_world_size(pg)
     sharding_types = resolve_sharding_types(parallel, cfg, device)
     replicated = sharding_types == (DATA_PARALLEL,)
@@ -261,7 +302,10 @@ def parallelize(
     else:
         plan = plan_item_table(model, cfg, sharding_types, device, pg, batch_size)
     dmp = DistributedModelParallel(
-        model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
+        model,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
         data_parallel_wrapper=NoDataParallel(),
     )
     sharded: SequentialRecommender = dmp.module  # type: ignore[assignment]
@@ -291,6 +335,11 @@ def parallelize(
     )
     combined = CombinedOptimizer([("fused", dmp.fused_optimizer), ("dense", dense_opt)])
     return ParallelModel(
-        dmp=dmp, model=sharded, optimizer=combined, dense_optimizer=dense_opt, plan=plan, mesh=mesh,
+        dmp=dmp,
+        model=sharded,
+        optimizer=combined,
+        dense_optimizer=dense_opt,
+        plan=plan,
+        mesh=mesh,
         embedding_optimizer=emb_opt,
     )

@@ -1,7 +1,8 @@
 """Entry point: config -> process group -> data -> sharded model -> Trainer.fit() -> checkpoint -> close.
 
-One code path for every world size: without torchrun the process is a world of one (pipeline/train/distributed.py).
-Each rank reads the data and trains on its slice of every global batch; only rank 0 logs to MLflow.
+One code path for every world size: without torchrun the process is a world of one
+(pipeline/train/distributed.py). Each rank reads the data and trains on its slice of every global
+batch; only rank 0 logs to MLflow.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -22,11 +23,20 @@ from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.train.checkpoint import RunCheckpoints, resolve_checkpoint
 from pipeline.train.config import TrainConfig, to_flat_dict
-from pipeline.train.distributed import DistContext, all_reduce_sum, broadcast_object, init_distributed, teardown
+from pipeline.train.distributed import (
+    DistContext,
+    all_reduce_sum,
+    broadcast_object,
+    init_distributed,
+    teardown,
+)
 from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
 from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+
+if TYPE_CHECKING:
+    from pipeline.data.stream import ShardBatches
 
 
 def load_data(cfg: TrainConfig) -> SequenceData:
@@ -37,7 +47,9 @@ def load_data(cfg: TrainConfig) -> SequenceData:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"
@@ -47,7 +59,10 @@ def make_logger(cfg: TrainConfig, data: SequenceData) -> MetricLogger:
     if not cfg.tracking.enabled:
         return NullLogger()
     logger = MLflowLogger(
-        cfg.tracking.experiment, cfg.tracking.run_name or cfg.name, cfg.tracking.uri, parent_run_id=cfg.tracking.parent_run_id
+        cfg.tracking.experiment,
+        cfg.tracking.run_name or cfg.name,
+        cfg.tracking.uri,
+        parent_run_id=cfg.tracking.parent_run_id,
     )
     logger.log_params(to_flat_dict(cfg))
     logger.set_tags({"git_commit": git_commit(), "data.meta": json.dumps(data.meta, default=str)[:5000]})
@@ -62,12 +77,20 @@ def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
     model.load_state_dict(state["model"])
 
 
-def build_batches(cfg: TrainConfig, data: SequenceData, rank: int = 0, world_size: int = 1) -> dict[str, SequenceBatches]:
+def build_batches(
+    cfg: TrainConfig, data: SequenceData, rank: int = 0, world_size: int = 1
+) -> dict[str, SequenceBatches | ShardBatches]:
     drops = PROTOCOLS[cfg.data.protocol]
-    splits = {
+    splits: dict[str, SequenceBatches | ShardBatches] = {
         split: SequenceBatches(
-            data, drop, cfg.batch_size if split == "train" else cfg.eval_batch_size, cfg.model.max_sequence_length,
-            shuffle=split == "train", seed=cfg.seed, rank=rank, world_size=world_size,
+            data,
+            drop,
+            cfg.batch_size if split == "train" else cfg.eval_batch_size,
+            cfg.model.max_sequence_length,
+            shuffle=split == "train",
+            seed=cfg.seed,
+            rank=rank,
+            world_size=world_size,
             batch_tokens=cfg.data.batch_tokens if split == "train" else 0,
         )
         for split, drop in drops.items()
@@ -76,12 +99,25 @@ def build_batches(cfg: TrainConfig, data: SequenceData, rank: int = 0, world_siz
         from pipeline.data.stream import ShardBatches
 
         if cfg.data.batch_tokens:
-            raise ValueError("data.batch_tokens is not supported with data.stream (the stream batches by users)")
+            raise ValueError(
+                "data.batch_tokens is not supported with data.stream (the stream batches by users)"
+            )
         if not Path(cfg.data.source).is_dir():
-            raise ValueError(f"data.stream needs a shard directory (fuxi data build-sequences), got {cfg.data.source}")
-        splits["train"] = ShardBatches(  # same Batch stream API, read shard by shard with a resumable position
-            cfg.data.source, cfg.batch_size, cfg.model.max_sequence_length, drop_last_items=drops["train"],
-            shuffle=True, seed=cfg.seed, rank=rank, world_size=world_size, backend=cfg.data.stream_backend,
+            raise ValueError(
+                f"data.stream needs a shard directory (fuxi data build-sequences), got {cfg.data.source}"
+            )
+        splits["train"] = (
+            ShardBatches(  # same Batch stream API, read shard by shard with a resumable position
+                cfg.data.source,
+                cfg.batch_size,
+                cfg.model.max_sequence_length,
+                drop_last_items=drops["train"],
+                shuffle=True,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world_size,
+                backend=cfg.data.stream_backend,
+            )
         )
     return splits
 
@@ -113,25 +149,55 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
         logger.close(status)
 
 
-def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[str, Any],
-           pm: ParallelModel, logger: MetricLogger) -> dict[str, Any]:
+def _train(
+    cfg: TrainConfig,
+    ctx: DistContext,
+    data: SequenceData,
+    splits: dict[str, Any],
+    pm: ParallelModel,
+    logger: MetricLogger,
+) -> dict[str, Any]:
     default_dir = Path(cfg.output_dir) / cfg.name / (logger.run_id or time.strftime("%Y%m%d-%H%M%S"))
     run_dir = Path(str(broadcast_object(str(cfg.run_dir or default_dir))))
-    ckpt = RunCheckpoints(run_dir / "checkpoints", pm.dmp, pm.optimizer, pm.init_optimizer_state, meta={
-        "config": dataclasses.asdict(cfg), "world_size": ctx.world_size, "sharding": pm.table_sharding(),
-        "mlflow_run_id": logger.run_id})
+    ckpt = RunCheckpoints(
+        run_dir / "checkpoints",
+        pm.dmp,
+        pm.optimizer,
+        pm.init_optimizer_state,
+        meta={
+            "config": dataclasses.asdict(cfg),
+            "world_size": ctx.world_size,
+            "sharding": pm.table_sharding(),
+            "mlflow_run_id": logger.run_id,
+        },
+    )
     trainer = Trainer(
-        model=pm.model, optimizer=pm.optimizer,
-        sampler=NegativeSampler(cfg.loss.num_negatives, cfg.loss.negatives, low=1, high=data.num_items,
-                                dedup=cfg.loss.dedup_negatives),
-        data=splits["train"], evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
-        cfg=TrainerConfig(
-            protocol=cfg.data.protocol, temperature=cfg.loss.temperature, epochs=cfg.epochs,
-            eval_every_epochs=cfg.eval_every_epochs, log_every_steps=cfg.tracking.log_every_steps, seed=cfg.seed,
-            amp=cfg.amp, checkpoint_every_steps=cfg.checkpoint_every_steps,
-            checkpoint_every_epochs=cfg.checkpoint_every_epochs, progress=cfg.progress and ctx.is_main,
+        model=pm.model,
+        optimizer=pm.optimizer,
+        sampler=NegativeSampler(
+            cfg.loss.num_negatives,
+            cfg.loss.negatives,
+            low=1,
+            high=data.num_items,
+            dedup=cfg.loss.dedup_negatives,
         ),
-        dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum), logger=logger, checkpointer=ckpt,
+        data=splits["train"],
+        evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
+        cfg=TrainerConfig(
+            protocol=cfg.data.protocol,
+            temperature=cfg.loss.temperature,
+            epochs=cfg.epochs,
+            eval_every_epochs=cfg.eval_every_epochs,
+            log_every_steps=cfg.tracking.log_every_steps,
+            seed=cfg.seed,
+            amp=cfg.amp,
+            checkpoint_every_steps=cfg.checkpoint_every_steps,
+            checkpoint_every_epochs=cfg.checkpoint_every_epochs,
+            progress=cfg.progress and ctx.is_main,
+        ),
+        dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
+        logger=logger,
+        checkpointer=ckpt,
     )
     resumed = trainer.resume() if cfg.resume else None
     if resumed is not None:
@@ -142,9 +208,15 @@ def _train(cfg: TrainConfig, ctx: DistContext, data: SequenceData, splits: dict[
     final = ckpt.save_final(trainer.state_dict(), report)
     logger.log_artifacts(final / "train.json")
     report.update(
-        checkpoint=str(final), run_id=logger.run_id, run_dir=str(run_dir), world_size=ctx.world_size,
-        resumed_from=resumed, sharding=pm.table_sharding(),
-        parameters=pm.num_parameters(), users={s: b.num_rows() for s, b in splits.items()},
-        skipped_users={s: b.skipped_users for s, b in splits.items()}, history=trainer.state.history,
+        checkpoint=str(final),
+        run_id=logger.run_id,
+        run_dir=str(run_dir),
+        world_size=ctx.world_size,
+        resumed_from=resumed,
+        sharding=pm.table_sharding(),
+        parameters=pm.num_parameters(),
+        users={s: b.num_rows() for s, b in splits.items()},
+        skipped_users={s: b.skipped_users for s, b in splits.items()},
+        history=trainer.state.history,
     )
     return report

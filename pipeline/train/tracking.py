@@ -21,7 +21,8 @@ EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_de
 
 
 class MetricLogger(Protocol):
-    run_id: str | None
+    @property
+    def run_id(self) -> str | None: ...  # the MLflow run this logger writes to (None: it writes nowhere)
 
     def log_params(self, params: dict[str, Any]) -> None: ...
     def log(self, metrics: dict[str, float], step: int) -> None: ...
@@ -60,8 +61,9 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
     an existing experiment that lacks it). `artifact_location` applies only when it is created."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
-        return client.create_experiment(name, artifact_location=artifact_location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return client.create_experiment(
+            name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     if EXPERIMENT_KIND_TAG not in exp.tags:
         client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
@@ -93,7 +95,7 @@ class MLflowLogger:
         if run_name:
             all_tags["mlflow.runName"] = run_name
         run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        self.run_id: str | None = run.info.run_id
+        self.run_id: str = run.info.run_id
         self.experiment_id = exp_id
         self.flush_every = flush_every
         self._buffer: list[Any] = []
@@ -103,7 +105,9 @@ class MLflowLogger:
 
             # its start / stop / "no GPU" notices are INFO lines on every run; warnings still show
             logging.getLogger("mlflow.system_metrics.system_metrics_monitor").setLevel(logging.WARNING)
-            self._monitor = SystemMetricsMonitor(self.run_id, sampling_interval=10, tracking_uri=self.tracking_uri)
+            self._monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=10, tracking_uri=self.tracking_uri
+            )
             self._monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:

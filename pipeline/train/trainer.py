@@ -8,12 +8,12 @@ Protocols (see pipeline/data/sequences.py):
 
 Distributed: each rank trains on its slice of the global batch. The loss each rank backpropagates is
 world_size * (sum of its position losses) / (global number of positions); with gradients averaged over
-ranks (see pipeline/train/parallelize.py) that is the gradient of the global mean, as in one process. Randomness is a pure
-function of (seed, step, rank): negatives are drawn from a generator reseeded every step (with rank 0's
-seed on every rank in the shared mode, so all ranks score the same R negatives as one process would),
-and dropout from the global generator reseeded every step, from a different seed stream (`step_seed`).
-Resuming at step k therefore needs no saved generator state, and a run resumed on another world size
-draws the same shared negatives.
+ranks (see pipeline/train/parallelize.py) that is the gradient of the global mean, as in one process.
+Randomness is a pure function of (seed, step, rank): negatives are drawn from a generator reseeded
+every step (with rank 0's seed on every rank in the shared mode, so all ranks score the same R
+negatives as one process would), and dropout from the global generator reseeded every step, from a
+different seed stream (`step_seed`). Resuming at step k therefore needs no saved generator state, and a
+run resumed on another world size draws the same shared negatives.
 
 Checkpoints: the trainer decides when (`checkpoint_every_epochs` at epoch ends, after the evaluation;
 `checkpoint_every_steps` also mid-epoch) and hands its `state_dict()` (loop state + the data's position)
@@ -25,8 +25,9 @@ later step equals the uninterrupted run's.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -67,9 +68,15 @@ class TrainState:
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "epoch_loss_sum": self.epoch_loss_sum, "best_metric": self.best_metric,
-                "best_epoch": self.best_epoch, "history": list(self.history)}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_loss_sum": self.epoch_loss_sum,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": list(self.history),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
@@ -113,7 +120,8 @@ class DistInfo:
 
 
 class TrainData(Protocol):
-    """The training batches of this rank (pipeline.data.batches.SequenceBatches, pipeline.data.stream.ShardBatches)."""
+    """The training batches of this rank (pipeline.data.batches.SequenceBatches,
+    pipeline.data.stream.ShardBatches)."""
 
     def __len__(self) -> int: ...  # batches per epoch (the progress bar's total)
     def epoch(self, epoch: int, start_batch: int) -> Iterable[Batch]: ...
@@ -201,7 +209,9 @@ class Trainer:
             out = self.model(batch.seq, negatives.lookup)
             loss_mean = sampled_softmax_loss(out, negatives, self.cfg.temperature).float()
         positions = float(out.user_TD.shape[0])
-        totals = torch.stack([torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions])
+        totals = torch.stack(
+            [torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions]
+        )
         if self.dist.reduce_sum is not None:
             totals = self.dist.reduce_sum(totals.double()).to(loss_mean.dtype)
         loss = loss_mean * (positions * self.dist.world_size / totals[0])  # gradients are averaged over ranks
@@ -219,8 +229,12 @@ class Trainer:
         self.model.train()
         start = self.state.batch_in_epoch
         bar = tqdm(
-            self.data.epoch(epoch, start), total=len(self.data) - start,
-            desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, dynamic_ncols=True,
+            self.data.epoch(epoch, start),
+            total=len(self.data) - start,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not cfg.progress,
+            leave=False,
+            dynamic_ncols=True,
         )
         for batch in bar:
             loss = self.train_step(batch)
@@ -254,13 +268,22 @@ class Trainer:
             mean_loss = self.train_epoch(epoch)
             self.epoch_seconds.append(time.perf_counter() - t0)
             self.state.epoch = epoch + 1
-            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": mean_loss, "epoch_seconds": self.epoch_seconds[-1]}
-            self.logger.log({"train/epoch_loss": mean_loss, "train/epoch_seconds": self.epoch_seconds[-1]}, self.state.step)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "train_loss": mean_loss,
+                "epoch_seconds": self.epoch_seconds[-1],
+            }
+            self.logger.log(
+                {"train/epoch_loss": mean_loss, "train/epoch_seconds": self.epoch_seconds[-1]},
+                self.state.step,
+            )
             last = epoch + 1 == self.cfg.epochs
             if (epoch + 1) % self.cfg.eval_every_epochs == 0 or last:
                 metrics = self.evaluate(split)
                 record.update({f"{split}/{k}": v for k, v in metrics.items()})
-                self.logger.log({f"{split}/{k}": v for k, v in metrics.items() if k != "num_users"}, self.state.step)
+                self.logger.log(
+                    {f"{split}/{k}": v for k, v in metrics.items() if k != "num_users"}, self.state.step
+                )
                 if metrics[SELECT_METRIC] > self.state.best_metric:
                     self.state.best_metric, self.state.best_epoch = metrics[SELECT_METRIC], epoch + 1
                     if self.cfg.protocol == "validated":
@@ -278,7 +301,11 @@ class Trainer:
 
     def final_report(self) -> dict[str, Any]:
         """Test metrics of the selected model, plus timing."""
-        report: dict[str, Any] = {"protocol": self.cfg.protocol, "epochs": self.state.epoch, "steps": self.state.step}
+        report: dict[str, Any] = {
+            "protocol": self.cfg.protocol,
+            "epochs": self.state.epoch,
+            "steps": self.state.step,
+        }
         if self.cfg.protocol == "validated":
             if self.state.best_epoch > 0:
                 self.checkpointer.load_best()
@@ -293,5 +320,7 @@ class Trainer:
             report["best_test_ndcg_at_10_optimistic"] = self.state.best_metric
         if self.epoch_seconds:
             report["seconds_per_epoch"] = sum(self.epoch_seconds) / len(self.epoch_seconds)
-        self.logger.log({f"final_test/{k}": v for k, v in report["test"].items() if k != "num_users"}, self.state.step)
+        self.logger.log(
+            {f"final_test/{k}": v for k, v in report["test"].items() if k != "num_users"}, self.state.step
+        )
         return report
