@@ -14,6 +14,8 @@ attempt finds none and starts fresh. On several nodes `run_dir` must be on stora
 # No `from __future__ import annotations` here: TorchX reads the annotations at runtime to parse the
 # component arguments (with string annotations every argument fails with "ValueError: Unknown").
 
+from typing import Dict, Optional
+
 import torchx.specs as specs
 from torchx.components.dist import ddp
 
@@ -23,19 +25,19 @@ DEFAULT_IMAGE = "fuxi-pipeline:latest"  # built from infra/Dockerfile
 def train(
     *overrides: str,
     preset: str = "cpu-demo",
-    data: str | None = None,
-    run_dir: str | None = None,
-    epochs: int | None = None,
+    data: Optional[str] = None,
+    run_dir: Optional[str] = None,
+    epochs: Optional[int] = None,
     nnodes: int = 1,
     nproc_per_node: int = 1,
     cpu: int = 2,
     gpu: int = 0,
     memMB: int = 8192,
     image: str = DEFAULT_IMAGE,
-    tracking_uri: str | None = None,
-    parent_run_id: str | None = None,
+    tracking_uri: Optional[str] = None,
+    parent_run_id: Optional[str] = None,
     max_retries: int = 0,
-    env: dict[str, str] | None = None,
+    env: Optional[Dict[str, str]] = None,
     name: str = "fuxi-train",
 ) -> specs.AppDef:
     """Train FuXi-alpha (or a baseline) with `fuxi train`.
