@@ -9,6 +9,7 @@ per epoch; evaluation excluded, as `seconds_per_epoch` in the run report):
                 sampled; one process, torch's default intra-op threads (all cores), as the official code
   reference     the reference core on one group per batch (padded to the batch's longest row), fp32
   defaults      `fuxi train --preset ml-100k` with no overrides (fast core, 4 length groups, fp32)
+  fast          the same settings spelled out as overrides (model.kernel=fast, model.length_buckets=4)
   ours          model.kernel=fast, 4 length groups, de-duplicated negatives + fused loss, amp=bf16;
                 one process, all cores
   ours-ranks    the same on --nproc data-parallel ranks of one thread each (torchrun, gloo, FSDP2 blocks,
@@ -55,11 +56,18 @@ OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
 
 DEFAULTS: list[str] = []  # `fuxi train --preset ml-100k` as shipped: fast core, 4 length groups, fp32
 REFERENCE = ["model.kernel=reference", "model.length_buckets=1"]  # reference core, one group (fp32)
+FAST = ["model.kernel=fast", "model.length_buckets=4"]  # the fast recipe spelled out: must equal defaults
 
 
 def recipes(nproc: int) -> dict[str, tuple[int, list[str]]]:
     """name -> (ranks, overrides)."""
-    out = {"anchor": (1, ANCHOR), "reference": (1, REFERENCE), "defaults": (1, DEFAULTS), "ours": (1, OURS)}
+    out = {
+        "anchor": (1, ANCHOR),
+        "reference": (1, REFERENCE),
+        "defaults": (1, DEFAULTS),
+        "fast": (1, FAST),
+        "ours": (1, OURS),
+    }
     if nproc > 1:
         if BATCH % nproc:
             raise SystemExit(f"--nproc must divide the batch of {BATCH}")
@@ -125,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json", help="also write the figures here")
     p.add_argument(
         "--recipes",
-        help="comma-separated subset of anchor,reference,defaults,ours,ours-Nranks "
+        help="comma-separated subset of anchor,reference,defaults,fast,ours,ours-Nranks "
         "(the anchor always runs: every ratio is against it)",
     )
     args = p.parse_args(argv)
