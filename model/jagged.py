@@ -28,7 +28,8 @@ def lengths_to_offsets(lengths_B: Tensor) -> Tensor:
     return offsets
 
 
-def _row_col(lengths_B: Tensor) -> tuple[Tensor, Tensor]:
+def row_col(lengths_B: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) of every jagged value."""
     lengths_B = lengths_B.long()
     rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=lengths_B.device), lengths_B)
     starts = lengths_to_offsets(lengths_B)[:-1]
@@ -38,15 +39,10 @@ def _row_col(lengths_B: Tensor) -> tuple[Tensor, Tensor]:
 
 def jagged_to_padded(values_TX: Tensor, lengths_B: Tensor, width: int) -> Tensor:
     """[T, X] -> [B, width, X]; rows longer than width are an error."""
-    rows, cols = _row_col(lengths_B)
+    rows, cols = row_col(lengths_B)
     out = values_TX.new_zeros((lengths_B.numel(), width) + tuple(values_TX.shape[1:]))
     out[rows, cols] = values_TX
     return out
-
-
-def padded_to_jagged(padded_BWX: Tensor, lengths_B: Tensor) -> Tensor:
-    rows, cols = _row_col(lengths_B)
-    return padded_BWX[rows, cols]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ official code's fixed position tables, 211 on MovieLens).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -109,13 +107,10 @@ class RelativeTimeWeights(nn.Module):
         self.mode = mode
         self.weight = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
 
-    def buckets(self, ts_BL1: Tensor, length: int) -> Tensor:
-        return time_buckets(time_deltas(ts_BL1, length, self.mode), self.num_buckets, self.divisor)
-
-    def forward(self, ts_BL1: Tensor, length: int, buckets_BLL: Tensor | None = None) -> Tensor:
-        if buckets_BLL is None:
-            buckets_BLL = self.buckets(ts_BL1, length)
-        return self.weight[buckets_BLL]  # [B, L, L]
+    def forward(self, ts_BL1: Tensor, length: int) -> Tensor:
+        """[B, L, L] weights of a padded batch (the indexing the attention cores reproduce)."""
+        dt = time_deltas(ts_BL1, length, self.mode)
+        return self.weight[time_buckets(dt, self.num_buckets, self.divisor)]
 
 
 def xavier_uniform_linear(in_features: int, out_features: int, bias: bool) -> nn.Linear:
@@ -149,10 +144,6 @@ def rotary(x_BLHd: Tensor, base: float = 10000.0) -> Tensor:
     if d % 2:
         rotated = torch.cat([rotated, x_BLHd[..., -1:]], dim=-1)
     return rotated
-
-
-def sqrt_dim(dim: int) -> float:
-    return math.sqrt(dim)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJa
 from model.config import ModelConfig
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
-from model.jagged import length_groups
+from model.jagged import length_groups, row_col
 from model.layers import Dropout
 from model.llama import LlamaStack
 from model.sasrec import SASRecStack
@@ -102,9 +102,7 @@ class SequentialRecommender(nn.Module):
         With last_only the output is each row's last token [B, D] (the final block computes only those)."""
         cfg = self.cfg
         lengths_B = seq[ITEM_FEATURE].lengths().long()  # history + target
-        rows = torch.repeat_interleave(torch.arange(lengths_B.numel(), device=emb_TD.device), lengths_B)
-        offsets = torch.cumsum(lengths_B, 0) - lengths_B
-        cols = torch.arange(rows.numel(), device=emb_TD.device) - offsets[rows]
+        rows, cols = row_col(lengths_B)
         hist_tok = torch.nonzero(cols < (lengths_B - 1)[rows])[:, 0]
         x = emb_TD[hist_tok] * (cfg.embedding_dim**0.5)
         if self.use_abs_positions:
