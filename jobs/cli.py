@@ -247,10 +247,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jobs.report import build_report
+    from jobs.report import build_nightly_report, build_report
     from jobs.sweep import mlflow_client
 
     _quiet_mlflow()
+    if args.nightly:
+        markdown, paths = build_nightly_report(
+            mlflow_client(args.tracking_uri),
+            args.experiment,
+            args.model_name,
+            args.out,
+            args.name if args.name != "sweep_report" else "nightly_report",
+        )
+        print(markdown)
+        print(f"report: {paths['plot']} {paths['table']}")
+        return 0
+    if not args.parent_run_id:
+        raise SystemExit("fuxi report: pass --parent-run-id (a sweep) or --nightly (the nightly timeline)")
     report = build_report(
         mlflow_client(args.tracking_uri),
         args.parent_run_id,
@@ -357,8 +370,13 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     tracking(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("report", help="leaderboard + scaling curves of a sweep, from MLflow search_runs")
-    p.add_argument("--parent-run-id", required=True)
+    p = sub.add_parser(
+        "report", help="a sweep's leaderboard + scaling curves, or the nightly timeline (--nightly)"
+    )
+    p.add_argument("--parent-run-id", help="the sweep's parent run")
+    p.add_argument("--nightly", action="store_true", help="per-date next-day metrics of the nightly job")
+    p.add_argument("--experiment", default="fuxi-nightly", help="with --nightly: the nightly experiment")
+    p.add_argument("--model-name", default="fuxi-alpha", help="with --nightly: the registered model")
     p.add_argument("--out", default="runs/report")
     p.add_argument("--name", default="sweep_report", help="file names: NAME.md, NAME.png, NAME.json")
     p.add_argument("--metric", default="final_test/ndcg_at_10")

@@ -174,22 +174,28 @@ def ingest_logs(cfg: NightlyConfig) -> dict[str, Any]:
 
 
 def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
-    """Fold the day's logs into the sequence shards: `fuxi data append-day` (a no-op for a day already
-    applied); the very first day builds the shard directory with `fuxi data build-sequences`."""
+    """Fold the log days up to the date into the sequence shards (and their item vocabulary): the first
+    run builds the shard directory from every log day up to the date (`fuxi data build-sequences`); later
+    runs append each day not yet applied, in date order (`fuxi data append-day`: rows of existing items
+    never move, new items get new rows)."""
+    from pipeline.data.ingest import log_days
     from pipeline.data.schema import SHARD_MANIFEST
 
     manifest_path = cfg.sequences / SHARD_MANIFEST
+    days = [d for d in log_days(cfg.logs_dir) if d <= cfg.date]
     if manifest_path.exists():
-        _fuxi(
-            "data",
-            "append-day",
-            "--logs",
-            str(cfg.logs_dir),
-            "--date",
-            cfg.date,
-            "--sequences",
-            str(cfg.sequences),
-        )
+        applied = set(json.loads(manifest_path.read_text()).get("days", {}))
+        for day in [d for d in days if d not in applied] or [cfg.date]:
+            _fuxi(
+                "data",
+                "append-day",
+                "--logs",
+                str(cfg.logs_dir),
+                "--date",
+                day,
+                "--sequences",
+                str(cfg.sequences),
+            )
     else:
         _fuxi(
             "data",
@@ -199,12 +205,21 @@ def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
             "--out",
             str(cfg.sequences),
             "--dates",
-            cfg.date,
+            ",".join(days),
         )
     manifest = json.loads(manifest_path.read_text())
     summary = {k: manifest.get(k) for k in ("generation", "users", "interactions", "num_items")}
     summary.update(days=sorted(manifest.get("days", {})), sha256=_digest([manifest_path]))
     return {"sequences": str(cfg.sequences), "manifest": summary}
+
+
+def window_overrides(cfg: NightlyConfig, days: list[str]) -> list[str]:
+    """The date's evaluation window: train on events before the date, evaluate on the date's events
+    (`data.protocol=temporal`). The very first date has no earlier day: it bootstraps with the preset's
+    own (leave-one-out) protocol."""
+    if not any(d < cfg.date for d in days):
+        return []
+    return ["data.protocol=temporal", f"data.cut={cfg.date}", "data.window_seconds=86400"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -233,6 +248,7 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     from pipeline.train.loading import resolve_checkpoint
 
     data = state.outputs("update_sequences")["sequences"]
+    window = window_overrides(cfg, state.outputs("update_sequences")["manifest"]["days"])
     client = _client(cfg)
     ensure_experiment(client, cfg.experiment)
     champ = registry.champion(client, cfg.model_name)
@@ -259,6 +275,7 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     overrides = (
         arch
         + list(cfg.overrides)
+        + window
         + [f"tracking.run_name={run_name}", f"tracking.experiment={cfg.experiment}", "progress=false"]
     )
     if init:
@@ -305,7 +322,9 @@ def warm_start_overrides(
     cfg: NightlyConfig, checkpoint: str, num_items: int | None
 ) -> tuple[list[str], str | None]:
     """`model.*` overrides that give the champion's architecture (the weights must fit), then the job's own
-    overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more."""
+    overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more.
+    A table that grew (new items) is no reason: the warm start copies the old rows and their optimizer
+    state and initialises the new ones (pipeline/train/grow.py)."""
     from pipeline.train.config import apply_overrides, get_preset
     from pipeline.train.loading import checkpoint_config
 
@@ -332,40 +351,128 @@ def warm_start_overrides(
     ]
     if changed:
         return [], f"the job's overrides change the champion's architecture ({', '.join(changed)})"
-    if num_items is not None and int(num_items) != champion_model.num_items:
-        return [], f"the item table changed size ({champion_model.num_items} -> {num_items} rows)"
+    if num_items is not None and int(num_items) < champion_model.num_items:  # rows only ever grow
+        return [], f"the item table shrank ({champion_model.num_items} -> {num_items} rows): data rebuilt?"
     return arch, None
 
 
 def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
-    """Candidate and champion on today's validation split (the same users, the same rule)."""
+    """Candidate and champion on the same window neither trained on (the date's events; the first date:
+    the preset's validation split). Both scores and the window's item statistics go to the candidate's
+    run and, per date, to the model's timeline run (`fuxi report --nightly`)."""
     from jobs import registry
+    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model
 
-    data = state.outputs("update_sequences")["sequences"]
+    sequences = state.outputs("update_sequences")
+    data, num_items = sequences["sequences"], int(sequences["manifest"]["num_items"])
+    window = window_overrides(cfg, sequences["manifest"]["days"])
     trained = state.outputs("train")
     client = _client(cfg)
-    candidate = registry.evaluate_checkpoint(trained["checkpoint"], data, "valid")
+
+    def measure(checkpoint: str | Path) -> dict[str, float]:
+        loaded = load_checkpoint_model(checkpoint, num_items=num_items)  # an older table grows fresh rows
+        metrics = evaluate_checkpoint(loaded, data, "valid", data_overrides=window)
+        if window:
+            metrics.update(recent_item_topk(loaded, data, cfg.date))
+        return metrics
+
+    candidate = measure(trained["checkpoint"])
     champ = registry.champion(client, cfg.model_name)
     champion_metrics = None
     if champ is not None:
         ckpt = registry.version_checkpoint(
             client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"
         )
-        champion_metrics = registry.evaluate_checkpoint(ckpt, data, "valid")
+        champion_metrics = measure(ckpt)
     key = registry.SELECT_METRIC
-    client.set_tag(
-        trained["run_id"], "data.manifest", json.dumps(state.outputs("update_sequences")["manifest"])
-    )
+    client.set_tag(trained["run_id"], "data.manifest", json.dumps(sequences["manifest"]))
     client.set_tag(trained["run_id"], "nightly.date", cfg.date)
     client.log_metric(trained["run_id"], f"nightly/valid_{key}", candidate[key])
     if champion_metrics is not None:
         client.log_metric(trained["run_id"], f"nightly/champion_valid_{key}", champion_metrics[key])
+    timeline = {"num_items": float(num_items), "warm_start": float(trained.get("init_version") is not None)}
+    timeline.update({f"candidate/{k}": v for k, v in candidate.items()})
+    timeline.update({f"champion/{k}": v for k, v in (champion_metrics or {}).items()})
+    log_timeline(client, cfg, timeline)
     return {
         "metric": key,
+        "window": window or "bootstrap: the preset's validation split",
         "candidate": candidate,
         "champion_version": None if champ is None else str(champ.version),
         "champion": champion_metrics,
     }
+
+
+RECENT_DAYS = 3  # "recent item": first seen in the RECENT_DAYS days before the window
+
+
+def recent_item_topk(loaded: Any, data: str, date: str, users: int = 256, k: int = 10) -> dict[str, float]:
+    """How new items fare in recommendations: the share of top-k slots (for up to `users` users active in
+    the window, from their history before it) that hold items first seen in the RECENT_DAYS days before
+    the window, beside those items' share of the window's events (what a well-calibrated model would
+    roughly match)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.data.sequences import read_sequences
+
+    cut = int(dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp())
+    table = read_sequences(data).table
+    lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
+    items = pc.list_flatten(table["item_ids"]).to_numpy(zero_copy_only=False)
+    times = pc.list_flatten(table["timestamps"]).to_numpy(zero_copy_only=False)
+    first_seen = np.full(int(items.max()) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first_seen, items, times)
+    recent = (first_seen >= cut - RECENT_DAYS * 86_400) & (first_seen < cut)
+    in_window = (times >= cut) & (times < cut + 86_400)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    histories, stamps = [], []
+    for s, n in zip(starts, lengths):
+        before = int(np.searchsorted(times[s : s + n], cut))  # sequences are time-ordered
+        if 0 < before < n and in_window[s + before]:
+            histories.append(items[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
+            stamps.append(times[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
+        if len(histories) == users:
+            break
+    if not histories:
+        return {}
+    top, _ = loaded.top_k_rows(histories, stamps, [cut] * len(histories), k)
+    return {
+        "topk_recent_item_share": float(recent[top].mean()),
+        "window_recent_item_share": float(recent[items[in_window]].mean()) if in_window.any() else 0.0,
+        "recent_items": float(recent.sum()),
+    }
+
+
+TIMELINE_TAG = "fuxi.nightly.timeline"
+
+
+def log_timeline(client: Any, cfg: NightlyConfig, metrics: dict[str, float]) -> str:
+    """Per-date metrics as time series in one MLflow run per registered model (created on first use):
+    step = days since 1970-01-01, timestamp = the date, so MLflow's charts and `fuxi report --nightly`
+    show how models age and how new items fare."""
+    from mlflow.entities import Metric
+
+    exp = client.get_experiment_by_name(cfg.experiment)
+    found = client.search_runs(
+        [exp.experiment_id], f"tags.`{TIMELINE_TAG}` = '{cfg.model_name}'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        run = client.create_run(
+            exp.experiment_id,
+            run_name=f"nightly-timeline-{cfg.model_name}",
+            tags={TIMELINE_TAG: cfg.model_name, "mlflow.note.content": "per-date nightly metrics"},
+        )
+        run_id = run.info.run_id
+    day = dt.date.fromisoformat(cfg.date)
+    step = (day - dt.date(1970, 1, 1)).days
+    stamp = int(dt.datetime(day.year, day.month, day.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+    batch = [Metric(k, float(v), stamp, step) for k, v in sorted(metrics.items()) if v == v]  # drop NaN
+    client.log_batch(run_id, metrics=batch)
+    client.set_terminated(run_id, "FINISHED")  # logged to again tomorrow; never left RUNNING
+    return run_id
 
 
 def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
@@ -402,6 +509,7 @@ def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
         metric=key,
         workdir=cfg.day_dir,
     )
+    log_timeline(client, cfg, {"promoted": float(decision.promoted)})
     print(
         f"[nightly] {cfg.date}: v{step['version']} {'PROMOTED' if decision.promoted else 'not promoted'}: "
         f"{decision.reason}",

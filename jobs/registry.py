@@ -7,7 +7,10 @@ one CPU process.
 
     model = mlflow.pyfunc.load_model("models:/fuxi-alpha@champion")
     model.predict(pd.DataFrame({"item_ids": [[5, 17, 3]], "timestamps": [[t0, t1, t2]]}), params={"k": 10})
-    -> DataFrame with columns item_ids (top-k, best first) and scores
+    -> DataFrame with columns item_ids (top-k, best first), scores and ignored (history ids unknown to
+       the model, dropped)
+Item ids are raw ids (integers or strings, as in the logs) when the training data had a vocabulary (the
+checkpoint folder carries it); otherwise table rows.
 
 Promotion: a version becomes `champion` only if its validation metric beats the champion's, both measured
 on the same validation split (`promote_if_better`). Anything that fails before the alias is set leaves
@@ -58,8 +61,8 @@ class Recommender:
         request_times: list[int] | None = None,
         k: int = 10,
         filter_seen: bool = True,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids [B, k], scores [B, k]), best first; see `LoadedModel.top_k`."""
+    ) -> tuple[list[list[Any]], np.ndarray, list[int]]:
+        """(raw item ids per user, scores [B, k], unknown history ids per user); see `LoadedModel.top_k`."""
         return self.loaded.top_k(histories, timestamps, request_times, k, filter_seen)
 
 
@@ -81,29 +84,41 @@ class FuxiTopK(mlflow.pyfunc.PythonModel):
         now = None
         if "request_time" in model_input and model_input["request_time"].notna().all():
             now = [int(t) for t in model_input["request_time"]]
-        ids, scores = self.recommender.top_k(
+        ids, scores, ignored = self.recommender.top_k(
             histories, stamps, now, int(params.get("k", 10)), bool(params.get("filter_seen", True))
         )
-        return pd.DataFrame(
-            {"item_ids": list(ids.astype(np.int64)), "scores": list(scores.astype(np.float64))}
-        )
+        return pd.DataFrame({"item_ids": ids, "scores": list(scores.astype(np.float64)), "ignored": ignored})
 
 
-def _signature() -> Any:
+def _signature(item_type: str = "long") -> Any:
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(
         inputs=Schema(
             [
-                ColSpec(Array("long"), "item_ids"),
+                ColSpec(Array(item_type), "item_ids"),
                 ColSpec(Array("long"), "timestamps", required=False),
                 ColSpec("long", "request_time", required=False),
             ]
         ),
-        outputs=Schema([ColSpec(Array("long"), "item_ids"), ColSpec(Array("double"), "scores")]),
+        outputs=Schema(
+            [
+                ColSpec(Array(item_type), "item_ids"),
+                ColSpec(Array("double"), "scores"),
+                ColSpec("long", "ignored"),
+            ]
+        ),
         params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("filter_seen", "boolean", True)]),
     )
+
+
+def _item_type(checkpoint: Path) -> str:
+    """The MLflow type of the model's raw item ids: from the vocabulary it carries (ids are rows without)."""
+    from pipeline.train.loading import checkpoint_vocabulary
+
+    vocab = checkpoint_vocabulary(checkpoint)
+    return "string" if vocab is not None and vocab.key_type == "string" else "long"
 
 
 def _requirements() -> list[str]:
@@ -158,7 +173,7 @@ def register(
                 python_model=FuxiTopK(),
                 artifacts={"checkpoint": str(staged)},
                 code_paths=code,
-                signature=_signature(),
+                signature=_signature(_item_type(ckpt)),
                 pip_requirements=_requirements(),
             )
     version_tags = {

@@ -263,3 +263,99 @@ def build_report(
         for p in paths.values():
             client.log_artifact(parent_run_id, str(p), "report")
     return Report(table, fields, metric, series, markdown, paths)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the nightly timeline: per-date next-window metrics of candidate and champion (jobs/nightly.py)
+
+NIGHTLY_PANELS = (
+    ("all targets", "ndcg_at_10"),
+    ("targets on items first seen in the window", "new_items/hr_at_10"),
+    ("top-10 slots holding items first seen in the 3 days before", "topk_recent_item_share"),
+)
+
+
+def timeline_frame(client: Any, experiment: str, model_name: str) -> pd.DataFrame:
+    """One row per nightly date: every metric the nightly job logged to the model's timeline run."""
+    from jobs.nightly import TIMELINE_TAG
+
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        raise ValueError(f"no MLflow experiment {experiment!r}")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{TIMELINE_TAG}` = '{model_name}'", max_results=1)
+    if not runs:
+        raise ValueError(f"experiment {experiment!r} has no nightly timeline for model {model_name!r}")
+    run = runs[0]
+    rows: dict[int, dict[str, float]] = {}
+    for key in run.data.metrics:
+        for m in client.get_metric_history(run.info.run_id, key):
+            rows.setdefault(m.step, {})[key] = m.value
+    frame = pd.DataFrame.from_dict(rows, orient="index").sort_index()
+    frame.index = [str(pd.Timestamp("1970-01-01") + pd.Timedelta(days=int(d)))[:10] for d in frame.index]
+    frame.index.name = "date"
+    return frame
+
+
+def nightly_markdown(frame: pd.DataFrame, title: str) -> str:
+    cols = [
+        ("num_items", "items", 0),
+        ("candidate/ndcg_at_10", "cand NDCG@10", 4),
+        ("champion/ndcg_at_10", "champ NDCG@10", 4),
+        ("candidate/new_items/num_targets", "new-item targets", 0),
+        ("candidate/new_items/hr_at_10", "cand new-item HR@10", 4),
+        ("champion/new_items/hr_at_10", "champ new-item HR@10", 4),
+        ("candidate/topk_recent_item_share", "cand top-10 recent share", 3),
+        ("candidate/window_recent_item_share", "window recent share", 3),
+        ("warm_start", "warm start", 0),
+        ("promoted", "promoted", 0),
+    ]
+    cols = [c for c in cols if c[0] in frame.columns]
+    lines = [f"### {title}", "", "| date | " + " | ".join(c[1] for c in cols) + " |"]
+    lines.append("|" + "---|" * (len(cols) + 1))
+    for date, r in frame.iterrows():
+        cells = ["-" if pd.isna(r[c]) else f"{r[c]:.{d}f}" for c, _, d in cols]
+        lines.append(f"| {date} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_nightly(frame: pd.DataFrame, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(NIGHTLY_PANELS), figsize=(4.8 * len(NIGHTLY_PANELS), 3.8), squeeze=False)
+    x = np.arange(len(frame))
+    for ax, (label, metric) in zip(axes[0], NIGHTLY_PANELS):
+        for who, style in (("candidate", "o-"), ("champion", "s--")):
+            key = f"{who}/{metric}"
+            if key in frame.columns:
+                ax.plot(x, frame[key].to_numpy(dtype=float), style, label=who)
+        if metric == "topk_recent_item_share" and "candidate/window_recent_item_share" in frame.columns:
+            ax.plot(x, frame["candidate/window_recent_item_share"].to_numpy(dtype=float), ":", label="window")
+        ax.set_title(label, fontsize=9)
+        ax.set_ylabel(metric.replace("_at_", "@"))
+        ax.set_xticks(x, [d[5:] for d in frame.index], rotation=45)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_nightly_report(
+    client: Any, experiment: str, model_name: str, out_dir: str | Path, name: str = "nightly_report"
+) -> tuple[str, dict[str, Path]]:
+    """Writes <out_dir>/<name>.md (per-date table), .png (metrics over dates), .json (the frame)."""
+    frame = timeline_frame(client, experiment, model_name)
+    title = f"nightly {model_name}: next-day metrics, {frame.index[0]}..{frame.index[-1]}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / f"{name}.md", "plot": out / f"{name}.png", "data": out / f"{name}.json"}
+    markdown = nightly_markdown(frame, title)
+    paths["table"].write_text(markdown)
+    plot_nightly(frame, title, paths["plot"])
+    paths["data"].write_text(frame.to_json(orient="index", indent=1))
+    return markdown, paths

@@ -47,8 +47,12 @@ def is_complete(path: Path) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, root: str | Path) -> None:
+    """`files`: name -> source file copied into every checkpoint folder before its commit (e.g. the item
+    vocabulary that maps the table's rows to raw ids, so a checkpoint is self-contained)."""
+
+    def __init__(self, root: str | Path, files: dict[str, Path] | None = None) -> None:
         self.root = Path(root)
+        self.files = {name: Path(src) for name, src in (files or {}).items()}
 
     def _write(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None) -> Path:
         """All ranks: DCP into name.tmp, then rank 0 writes train.json and renames (the commit)."""
@@ -63,6 +67,8 @@ class Checkpointer:
         _barrier()
         if _rank() == 0:
             (tmp / "train.json").write_text(json.dumps(meta or {}, indent=1, default=str))
+            for name, src in self.files.items():
+                shutil.copyfile(src, tmp / name)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
@@ -153,8 +159,9 @@ class RunCheckpoints:
         optimizer: Any,
         init_optimizer_state: Any,
         meta: dict[str, Any] | None = None,
+        files: dict[str, Path] | None = None,
     ) -> None:
-        self.store = Checkpointer(root)
+        self.store = Checkpointer(root, files)
         self.dmp = dmp
         self.optimizer = optimizer
         self.init_optimizer_state = init_optimizer_state

@@ -3,9 +3,12 @@
 of a run on any world size into the plain (unsharded) model.
 
     loaded = load_checkpoint_model("runs/tiny/<run>/checkpoints")   # a checkpoint folder, or a root
-    loaded.model, loaded.cfg, loaded.path, loaded.meta
+    loaded.model, loaded.cfg, loaded.path, loaded.meta, loaded.vocab
     metrics = evaluate_checkpoint(loaded, split="valid")             # or a path
-    ids, scores = loaded.top_k([[5, 17, 3]], [[t0, t1, t2]], k=10)
+    ids, scores, ignored = loaded.top_k([[5, 17, 3]], [[t0, t1, t2]], k=10)   # raw item ids in and out
+
+A checkpoint folder carries the item vocabulary of its training data (`vocab.parquet`, rows <-> raw ids;
+pipeline/data/vocab.py) when the data had one; without it item ids are table rows.
 """
 
 from __future__ import annotations
@@ -37,8 +40,55 @@ class LoadedModel:
     cfg: TrainConfig  # the config the checkpoint was trained with (train.json)
     path: Path  # the resolved checkpoint folder
     meta: dict[str, Any]  # the whole train.json
+    vocab: Any = None  # pipeline.data.vocab.Vocabulary (rows <-> raw item ids), None: ids are rows
 
     def top_k(
+        self,
+        histories: list[list[Any]],
+        timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None,
+        k: int = 10,
+        filter_seen: bool = True,
+    ) -> tuple[list[list[Any]], np.ndarray, list[int]]:
+        """Top-k in raw item ids: (item ids per user, scores [B, k], history items ignored per user).
+
+        Histories are raw ids (ints or strings, as the data's vocabulary); ids the model does not know
+        (not in its vocabulary, or rows beyond its table) are dropped from the history and counted.
+        Without a vocabulary ids are rows. See `top_k_rows` for the rest."""
+        if timestamps is not None and len(timestamps) != len(histories):
+            raise ValueError("item_ids and timestamps differ in number of users")
+        rows, stamps, ignored = [], [], []
+        for b, h in enumerate(histories):
+            t = list(timestamps[b]) if timestamps is not None else [0] * len(h)
+            if len(h) != len(t):
+                raise ValueError("item_ids and timestamps differ in length")
+            r = self._rows(h)
+            known = (r > 0) & (r < self.cfg.model.num_items)
+            rows.append([int(x) for x in r[known]])
+            stamps.append([int(x) for x, ok in zip(t, known) if ok])
+            ignored.append(int((~known).sum()))
+        if request_times is None and timestamps is not None:  # the request time of the raw history
+            request_times = [int(t[-1]) if len(t) else 0 for t in timestamps]
+        ids, scores = self.top_k_rows(rows, stamps, request_times, k, filter_seen)
+        return [self.raw_ids(r) for r in ids], scores, ignored
+
+    def _rows(self, raw: list[Any]) -> np.ndarray:
+        if self.vocab is not None:
+            return self.vocab.lookup(list(raw))
+        try:
+            return np.asarray([int(x) for x in raw], dtype=np.int64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{self.path}: this model has no vocabulary; item ids must be integers"
+            ) from None
+
+    def raw_ids(self, rows: np.ndarray) -> list[Any]:
+        """Item rows of this model's table -> raw item ids."""
+        if self.vocab is None:
+            return [int(r) for r in rows]
+        return self.vocab.raw_ids(np.asarray(rows))
+
+    def top_k_rows(
         self,
         histories: list[list[int]],
         timestamps: list[list[int]] | None = None,
@@ -46,15 +96,16 @@ class LoadedModel:
         k: int = 10,
         filter_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids [B, k], scores [B, k]), best first. `request_times` is the time of the request
-        (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
+        """(item rows [B, k], scores [B, k]), best first, for histories of table rows. `request_times` is
+        the time of the request (FuXi-alpha's temporal channel reads it); default: the last history
+        timestamp."""
         import pyarrow as pa
         import torch
 
         from pipeline.data.collate import collate_arrow
 
         if not histories or any(len(h) == 0 for h in histories):
-            raise ValueError("every history needs at least one item")
+            raise ValueError("every history needs at least one known item")
         timestamps = timestamps if timestamps is not None else [[0] * len(h) for h in histories]
         if request_times is None:
             request_times = [int(t[-1]) for t in timestamps]
@@ -102,7 +153,15 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedModel:
     cfg: TrainConfig = from_dict(TrainConfig, meta["config"])
     model = build_model(cfg.model, device=device)
     load_model_weights(model, resolved)
-    return LoadedModel(model.eval(), cfg, resolved, meta)
+    return LoadedModel(model.eval(), cfg, resolved, meta, checkpoint_vocabulary(resolved))
+
+
+def checkpoint_vocabulary(path: Path) -> Any:
+    """The vocabulary a checkpoint folder carries, or None (its item ids are rows)."""
+    from pipeline.data.vocab import VOCAB_FILE, read_vocabulary
+
+    file = Path(path) / VOCAB_FILE
+    return read_vocabulary(file) if file.exists() else None
 
 
 def evaluate_checkpoint(
@@ -110,8 +169,15 @@ def evaluate_checkpoint(
     data: str | None = None,
     split: str = "valid",
     device: str = "cpu",
+    data_overrides: list[str] | None = None,
 ) -> dict[str, float]:
-    """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
+    """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on).
+
+    `data_overrides`: `data.*` settings replacing the checkpoint's (e.g. ["data.protocol=temporal",
+    "data.cut=2024-01-05"] to score an older model on a newer window). Data with more item rows than the
+    model's table (items that arrived after it was trained; rows are append-only) is scored with the table
+    grown by fresh rows, as a warm start would begin (pipeline/train/grow.py)."""
+    from pipeline.train.config import apply_overrides
     from pipeline.train.evaluate import evaluate
     from pipeline.train.run import build_batches, load_data
 
@@ -119,9 +185,15 @@ def evaluate_checkpoint(
     cfg = copy.deepcopy(loaded.cfg)
     if data:
         cfg.data.source = data
+    if data_overrides:
+        bad = [o for o in data_overrides if not o.startswith("data.")]
+        if bad:
+            raise ValueError(f"data_overrides may only set data.* fields, got {bad}")
+        cfg = apply_overrides(cfg, list(data_overrides))
     seqs = load_data(cfg)
     if seqs.num_items > cfg.model.num_items:
-        raise ValueError(f"{loaded.path} knows {cfg.model.num_items} item ids; the data has {seqs.num_items}")
+        loaded = load_checkpoint_model(loaded.path, device, num_items=seqs.num_items)
+        cfg.model = loaded.cfg.model
     batches = build_batches(cfg, seqs)
     if split not in batches:
         raise ValueError(

@@ -21,6 +21,7 @@ from model.loss import NegativeSampler
 from pipeline.data.batches import SequenceBatches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
+from pipeline.data.vocab import VOCAB_FILE
 from pipeline.train.checkpoint import RunCheckpoints, resolve_checkpoint
 from pipeline.train.config import TrainConfig, to_flat_dict
 from pipeline.train.distributed import (
@@ -170,6 +171,8 @@ def _train(
             "sharding": pm.table_sharding(),
             "mlflow_run_id": logger.run_id,
         },
+        # the rows -> raw item ids map travels with every checkpoint (top-k, serving speak raw ids)
+        files={VOCAB_FILE: data.vocab} if getattr(data, "vocab", None) else None,
     )
     trainer = Trainer(
         model=pm.model,
