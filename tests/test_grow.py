@@ -4,6 +4,7 @@ A tiny run trains one epoch with N_old rows (row_wise, fused row-wise Adagrad) o
 gloo ranks under torchrun; each leaves a training checkpoint (model + optimizer). Models with
 N_new = N_old + 131 rows (the row-wise shard boundaries move: ~N/2 per rank) are warm-started from them:
 on 2 ranks (row_wise and table_wise, from both checkpoints) and on 1 rank (from the 2-rank checkpoint).
+column_wise (2 ranks) and data_parallel (1 rank) grow from checkpoints whose state is set by hand.
 Every grown state is saved with DCP and read back here as full tensors, next to the checkpoint's and a
 cold-start model's: rows [0, N_old) of the table and of its per-row optimizer state must be bit-equal
 to the checkpoint's, rows [N_old, N_new) to the cold start's, the dense weights and their AdamW state to
@@ -102,9 +103,13 @@ def assert_grown(
     per_row = [k for k in old if TABLE_KEY in k and old[k].dim() >= 1]
     assert f"model.{TABLE_KEY}" in per_row and any(k.startswith("optim.") for k in per_row), what
     for key in per_row:
-        assert grown[key].shape[0] == n_old + GROWTH, f"{what} {key}"
-        assert torch.equal(grown[key][:n_old], old[key]), f"{what} {key}: old rows"
-        assert torch.equal(grown[key][n_old:], cold[key][n_old:]), f"{what} {key}: new rows"
+        # blocks of rows: 1, or one per column shard for row-wise Adagrad's accumulator under column_wise
+        blocks = old[key].shape[0] // n_old
+        assert grown[key].shape[0] == blocks * (n_old + GROWTH), f"{what} {key}"
+        g, c = (t[key].reshape(blocks, n_old + GROWTH, *t[key].shape[1:]) for t in (grown, cold))
+        o = old[key].reshape(blocks, n_old, *old[key].shape[1:])
+        assert torch.equal(g[:, :n_old], o), f"{what} {key}: old rows"
+        assert torch.equal(g[:, n_old:], c[:, n_old:]), f"{what} {key}: new rows"
     # the moved rows were trained (the test would be vacuous if they were still the init)
     assert not torch.equal(old[f"model.{TABLE_KEY}"], cold[f"model.{TABLE_KEY}"][:n_old]), what
     dense = [k for k in old if k not in per_row]
@@ -248,6 +253,18 @@ def test_load_checkpoint_model_grows_the_table(saved: dict[str, Path], tmp_path:
     assert load_checkpoint_model(saved["row_wise"]).cfg.model.num_items == N_OLD
 
 
+def test_init_optimizer_is_a_boolean_override() -> None:
+    from pipeline.train.config import TrainConfig, apply_overrides, from_dict, tiny
+
+    assert tiny().init_optimizer is True
+    assert apply_overrides(tiny(), ["init_optimizer=false"]).init_optimizer is False
+    with pytest.raises(ValueError, match="expected a boolean"):
+        apply_overrides(tiny(), ["init_optimizer=maybe"])
+    older = dataclasses.asdict(tiny())
+    del older["init_optimizer"]  # a train.json written before the field existed
+    assert from_dict(TrainConfig, older).init_optimizer is True
+
+
 @pytest.mark.slow
 def test_run_warm_starts_a_grown_table_as_a_new_run(saved: dict[str, Path], tmp_path: Path) -> None:
     """run() with init_checkpoint: the tiny data has more items than the checkpoint's table; the run
@@ -287,6 +304,12 @@ def test_table_grows_on_warm_start_on_2_ranks_and_across_world_sizes(tmp_path: P
     for name, source in [("2-2", "2"), ("2-2-table_wise", "2"), ("1-2", "1"), ("2-1", "2")]:
         assert_grown(old[source], full_state(tmp_path / f"grown-{name}" / "state"), cold, name)
 
+    cw = full_state(tmp_path / "column_wise" / "step-000001")
+    blocks = cw["optim.state.fused.item_embedding.embeddings.item_table.weight.item_table.momentum1"]
+    assert blocks.shape == (2 * N_OLD,)  # one accumulator per column shard
+    grown = full_state(tmp_path / "grown-column_wise" / "state")
+    assert_grown(cw, grown, full_state(tmp_path / "cold-column_wise" / "state"), "column_wise")
+
 
 def _worker(root: str, one_rank_checkpoint: str) -> None:
     """torchrun entry: train N_old rows on 2 ranks, then grow both checkpoints and save a cold start."""
@@ -301,6 +324,11 @@ def _worker(root: str, one_rank_checkpoint: str) -> None:
     grow_and_save(two, n_new, "table_wise", tmp / "grown-2-2-table_wise")
     grow_and_save(Path(one_rank_checkpoint), n_new, "row_wise", tmp / "grown-1-2")
     grow_and_save(None, n_new, "row_wise", tmp / "cold-2")
+    # column_wise (8 columns per rank): a 2-rank checkpoint of its own (its row-wise Adagrad state is
+    # one accumulator per column shard), set by hand as in the one-rank tests
+    cw = perturbed_checkpoint(tmp / "column_wise", "column_wise")
+    grow_and_save(cw, N_OLD + GROWTH, "column_wise", tmp / "grown-column_wise")
+    grow_and_save(None, N_OLD + GROWTH, "column_wise", tmp / "cold-column_wise")
     teardown(ctx)
 
 

@@ -9,7 +9,9 @@ its first N_old rows* with the old global shape:
   - a TorchRec ShardedTensor (row_wise, table_wise, column_wise): a new ShardedTensor of global shape
     [N_old, ...] whose local shards are views of this rank's local shards cut to the rows below N_old
     (a shard wholly above N_old is left out; a rank may end up with no shard, as under table_wise). The
-    global metadata is the new tensor's, cut the same way on every rank, so no communication is needed;
+    global metadata is the new tensor's, cut the same way on every rank, so no communication is needed.
+    Fused row-wise Adagrad under column_wise keeps one [N] accumulator per column shard, end to end
+    ([c * N]): each block of N rows is cut to its first N_old the same way;
   - a plain tensor (the data_parallel table, the unsharded model of pipeline/train/loading.py): t[:N_old].
 DCP then reads just the old rows and reshards them from the saved layout (any world size, any sharding
 type) straight into the live weights and optimizer buffers.
@@ -80,29 +82,39 @@ def table_rows(model: torch.nn.Module) -> int:
     return int(model.state_dict()[TABLE_KEY].size(0))
 
 
-def first_rows(tensor: Any, rows: int) -> Any:
-    """A view of rows [0, rows) of a plain tensor or a ShardedTensor, with global shape [rows, ...]; writes
-    into it land in `tensor`."""
+def first_rows(tensor: Any, old_rows: int, new_rows: int) -> Any:
+    """A view of the first old_rows rows of each block of new_rows rows of a plain tensor or a
+    ShardedTensor, with global shape [blocks * old_rows, ...]; writes into it land in `tensor`.
+
+    One block is the common case: the weight and per-row state ([N, ...]). Several blocks: the per-row
+    state of fused row-wise Adagrad under column_wise, one accumulator [N] per column shard laid end to
+    end ([c * N]); every shard of it lies within one block."""
     if not isinstance(tensor, ShardedTensor):
-        return tensor[:rows]
+        if tensor.shape[0] != new_rows:
+            raise ValueError(f"a plain tensor of {tensor.shape[0]} rows cannot grow to {new_rows}")
+        return tensor[:old_rows]
     md = tensor.metadata()
+    blocks = md.size[0] // new_rows
 
     def cut(shard: ShardMetadata) -> ShardMetadata | None:
-        keep = min(shard.shard_offsets[0] + shard.shard_sizes[0], rows) - shard.shard_offsets[0]
+        block, start = divmod(shard.shard_offsets[0], new_rows)
+        if start + shard.shard_sizes[0] > new_rows:
+            raise ValueError(f"a shard at row {shard.shard_offsets[0]} straddles blocks of {new_rows} rows")
+        keep = min(start + shard.shard_sizes[0], old_rows) - start
         if keep <= 0:
             return None
-        return ShardMetadata(list(shard.shard_offsets), [keep, *shard.shard_sizes[1:]], shard.placement)
+        offsets = [block * old_rows + start, *shard.shard_offsets[1:]]
+        return ShardMetadata(offsets, [keep, *shard.shard_sizes[1:]], shard.placement)
 
-    kept = [m for m in (cut(s) for s in md.shards_metadata) if m is not None]
-    # this rank's entries of the metadata, in their order, as views of its local shards (non-empty
+    # the cut metadata, in the original order, and this rank's local shards cut the same way (non-empty
     # shards do not overlap, so their offsets name them)
+    cuts = [(tuple(s.shard_offsets), cut(s)) for s in md.shards_metadata]
+    kept = [m for _, m in cuts if m is not None]
     mine = {tuple(s.metadata.shard_offsets): s.tensor for s in tensor.local_shards()}
-    local = [
-        Shard(mine[tuple(m.shard_offsets)][: m.shard_sizes[0]], m)
-        for m in kept
-        if tuple(m.shard_offsets) in mine
-    ]
-    global_md = ShardedTensorMetadata(kept, torch.Size([rows, *md.size[1:]]), md.tensor_properties)
+    local = [Shard(mine[at][: m.shard_sizes[0]], m) for at, m in cuts if m is not None and at in mine]
+    global_md = ShardedTensorMetadata(
+        kept, torch.Size([blocks * old_rows, *md.size[1:]]), md.tensor_properties
+    )
     return ShardedTensor._init_from_local_shards_and_global_metadata(
         local, global_md, process_group=tensor._process_group
     )
@@ -117,28 +129,27 @@ def load_targets(
 ) -> dict[str, Any]:
     """The flat dict handed to dcp.load: the state's own tensors, or views of their first N_old rows for
     the table's tensors. Raises the one-line errors (missing entry, shrinking table, other shape)."""
+    table = saved.get(f"model.{TABLE_KEY}")
+    if table is None:
+        raise ValueError(f"{path}: the checkpoint has no model.{TABLE_KEY}")
+    old_rows = table[0]
+    if old_rows > new_rows:
+        raise ValueError(f"checkpoint has {old_rows} item rows, the model {new_rows}: a table can only grow")
     targets: dict[str, Any] = {}
     for key, value in _flatten(state).items():
         if key not in saved:
-            raise ValueError(
-                f"{path}: the checkpoint has no {key!r} (saved with another model or optimizer?)"
-            )
+            raise ValueError(f"{path}: the checkpoint has no {key} (saved with another model or optimizer?)")
         old = saved[key]
         if old is None or not isinstance(value, torch.Tensor):
             targets[key] = value
             continue
         new = _shape(value)
-        per_row = TABLE_KEY in key and len(new) >= 1 and new[0] == new_rows
-        if per_row and len(old) == len(new) and old[1:] == new[1:] and old[0] != new[0]:
-            if old[0] > new[0]:
-                raise ValueError(
-                    f"checkpoint has {old[0]} item rows, the model {new[0]}: a table can only grow"
-                )
-            targets[key] = first_rows(value, old[0])
+        # the table's tensors with one row (or one block of rows) per item grow; all else loads as it is
+        blocks = new[0] // new_rows if TABLE_KEY in key and new and new[0] % new_rows == 0 else 0
+        if blocks and old_rows != new_rows and old == (blocks * old_rows, *new[1:]):
+            targets[key] = first_rows(value, old_rows, new_rows)
         elif old != new:
-            raise ValueError(
-                f"{path}: {key} has shape {list(old)} in the checkpoint, {list(new)} in the model"
-            )
+            raise ValueError(f"{path}: {key} has shape {list(old)} in the checkpoint, {list(new)} here")
         else:
             targets[key] = value
     return targets
