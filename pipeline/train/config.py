@@ -100,7 +100,12 @@ class TrainConfig:
     # > 0: also checkpoint every this many optimizer steps, mid-epoch included (a streamed epoch resumes
     # at its next batch); 0: at epoch ends only
     checkpoint_every_steps: int = 0
-    init_checkpoint: str | None = None  # warm start: model weights only (the nightly job's champion)
+    # warm start (the nightly job's champion): a new run from a checkpoint's weights; the item table may
+    # have grown since (new rows get the cold-start init). The trainer's position is not taken from it.
+    init_checkpoint: str | None = None
+    # with init_checkpoint: also load its optimizer state (a training checkpoint, step-*: final/best hold
+    # the model only); false: weights only, fresh optimizer state
+    init_optimizer: bool = True
     progress: bool = True
     # "bf16": forward and loss under torch.autocast(bfloat16) (matmuls in bf16, weights, optimizer and
     # evaluation in fp32). On CPUs with AVX512-BF16 the encoder's d=50 GEMMs run ~4x faster

@@ -14,6 +14,7 @@ pipeline/data/vocab.py) when the data had one; without it item ids are table row
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import numpy as np
 
 from pipeline.train.checkpoint import read_meta, resolve_checkpoint
 from pipeline.train.config import ModelConfig, TrainConfig, from_dict
-from pipeline.train.run import load_model_weights
+from pipeline.train.grow import warm_start
 
 __all__ = [
     "LoadedModel",
@@ -142,17 +143,29 @@ def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
     return from_dict(TrainConfig, meta["config"])
 
 
-def load_checkpoint_model(path: str | Path, device: str = "cpu") -> LoadedModel:
-    """resolve the checkpoint -> its train.json config -> build the model -> DCP-load the weights."""
+def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int | None = None) -> LoadedModel:
+    """resolve the checkpoint -> its train.json config -> build the model -> DCP-load the weights.
+
+    num_items: rows of the item table (default: the checkpoint's). More rows than the checkpoint has grow
+    the table (pipeline/train/grow.py): the old rows are the checkpoint's, the new ones the cold-start
+    init of a training run under the checkpoint config's seed; the returned cfg.model.num_items is the
+    grown size. Fewer rows is a ValueError."""
     from model.recommender import build_model
+    from pipeline.train.parallelize import init_item_table
 
     resolved = resolve_checkpoint(path)
     meta = read_meta(resolved)
     if "config" not in meta:
         raise FileNotFoundError(f"{resolved}: no train.json with the training config")
     cfg: TrainConfig = from_dict(TrainConfig, meta["config"])
+    saved_rows = cfg.model.num_items
+    if num_items is not None and num_items != saved_rows:
+        cfg.model = dataclasses.replace(cfg.model, num_items=num_items)
     model = build_model(cfg.model, device=device)
-    load_model_weights(model, resolved)
+    if cfg.model.num_items > saved_rows:  # the rows the checkpoint lacks: as a cold start draws them
+        init_fn = model.item_embedding.embedding_configs()[0].init_fn
+        init_item_table(model, init_fn, cfg.model.num_items, cfg.model.embedding_dim, cfg.seed)
+    warm_start(model, resolved)
     return LoadedModel(model.eval(), cfg, resolved, meta, checkpoint_vocabulary(resolved))
 
 

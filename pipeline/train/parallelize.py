@@ -211,9 +211,10 @@ def plan_item_table(
 
 
 @torch.no_grad()
-def init_item_table(dmp: DistributedModelParallel, init_fn: Any, num_rows: int, dim: int, seed: int) -> None:
+def init_item_table(dmp: nn.Module, init_fn: Any, num_rows: int, dim: int, seed: int) -> None:
     """Give this rank's shard(s) exactly the rows one process would have: chunk c (INIT_CHUNK_ROWS rows)
-    is drawn by the table's own init_fn under seed (seed, c); each shard copies its rows and columns."""
+    is drawn by the table's own init_fn under seed (seed, c); each shard copies its rows and columns.
+    `dmp`: a DistributedModelParallel, or a plain model (its table is one whole "shard")."""
     for (r0, c0), (nr, nc), weight in local_table_shards(dmp.state_dict()[TABLE_KEY]):
         if nr == 0:
             continue

@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from model.loss import NegativeSampler
 from pipeline.data.batches import SequenceBatches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
-from pipeline.train.checkpoint import RunCheckpoints, resolve_checkpoint
+from pipeline.train.checkpoint import RunCheckpoints
 from pipeline.train.config import TrainConfig, to_flat_dict
 from pipeline.train.distributed import (
     DistContext,
@@ -32,6 +31,7 @@ from pipeline.train.distributed import (
     teardown,
 )
 from pipeline.train.evaluate import evaluate_sharded
+from pipeline.train.grow import warm_start
 from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
 from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
@@ -70,12 +70,17 @@ def make_logger(cfg: TrainConfig, data: SequenceData) -> MetricLogger:
     return logger
 
 
-def load_model_weights(model: torch.nn.Module, checkpoint: str | Path) -> None:
+def load_model_weights(
+    model: torch.nn.Module,
+    checkpoint: str | Path,
+    optimizer: Any | None = None,
+    init_optimizer_state: Any | None = None,
+) -> Path:
     """Warm start: the model part of a checkpoint (folder, or a root), resharded by DCP into `model`:
-    a plain model in one process, or the DMP of a sharded one (every rank calls it)."""
-    state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(resolve_checkpoint(checkpoint)))
-    model.load_state_dict(state["model"])
+    a plain model in one process, or the DMP of a sharded one (every rank calls it). The item table may
+    have grown since (new rows keep their init); with `optimizer` its state is loaded too
+    (pipeline/train/grow.py). Returns the resolved checkpoint folder."""
+    return warm_start(model, checkpoint, optimizer, init_optimizer_state)
 
 
 def build_batches(
@@ -205,8 +210,14 @@ def _train(
     resumed = trainer.resume() if cfg.resume else None
     if resumed is not None:
         logger.set_tags({"resumed_from": resumed})
-    elif cfg.init_checkpoint:
-        load_model_weights(pm.dmp, cfg.init_checkpoint)
+    elif cfg.init_checkpoint:  # a new run from a checkpoint's weights (and optimizer state): its own step 0
+        init = load_model_weights(
+            pm.dmp,
+            cfg.init_checkpoint,
+            pm.optimizer if cfg.init_optimizer else None,
+            pm.init_optimizer_state,
+        )
+        logger.set_tags({"init_checkpoint": str(init), "init_optimizer": str(cfg.init_optimizer)})
     report = trainer.fit()
     final = ckpt.save_final(trainer.state_dict(), report)
     logger.log_artifacts(final / "train.json")
