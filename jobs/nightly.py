@@ -279,7 +279,9 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
         + [f"tracking.run_name={run_name}", f"tracking.experiment={cfg.experiment}", "progress=false"]
     )
     if init:
-        overrides.append(f"init_checkpoint={init}")
+        # the registered model is a `final` checkpoint: the selected weights, no optimizer state (that
+        # belongs to the last step, not to the selected epoch); new rows start fresh either way
+        overrides += [f"init_checkpoint={init}", "init_optimizer=false"]
     args = component_args(
         cfg.preset,
         overrides,
