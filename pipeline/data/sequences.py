@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST
+from pipeline.data.vocab import find_vocabulary
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
@@ -38,6 +39,7 @@ class SequenceData:
     table: pa.Table  # SEQUENCE_SCHEMA
     num_items: int
     meta: dict = field(default_factory=dict)
+    vocab: Path | None = None  # the item vocabulary (pipeline.data.vocab); None: item ids are rows
 
     @property
     def num_users(self) -> int:
@@ -97,7 +99,7 @@ def read_sequences(path: str | Path) -> SequenceData:
     meta = json.loads(raw) if raw else {}
     table = table.select([f.name for f in SEQUENCE_SCHEMA]).cast(SEQUENCE_SCHEMA)
     num_items = int(meta.get("num_items") or _max_item(table) + 1)
-    return SequenceData(table=table, num_items=num_items, meta=meta)
+    return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(path))
 
 
 def _read_shard_dir(path: Path) -> SequenceData:
@@ -117,7 +119,9 @@ def _read_shard_dir(path: Path) -> SequenceData:
         if k in manifest
     }
     meta.update(source=str(path.resolve()), days=sorted(manifest.get("days", {})))
-    return SequenceData(table=table, num_items=int(manifest["num_items"]), meta=meta)
+    return SequenceData(
+        table=table, num_items=int(manifest["num_items"]), meta=meta, vocab=find_vocabulary(path)
+    )
 
 
 def _max_item(table: pa.Table) -> int:

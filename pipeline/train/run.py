@@ -177,7 +177,7 @@ def _train(
             "mlflow_run_id": logger.run_id,
         },
         # the rows -> raw item ids map travels with every checkpoint (top-k, serving speak raw ids)
-        files={VOCAB_FILE: data.vocab} if getattr(data, "vocab", None) else None,
+        files={VOCAB_FILE: data.vocab} if data.vocab else None,
     )
     trainer = Trainer(
         model=pm.model,
