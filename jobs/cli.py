@@ -109,7 +109,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def cmd_data_prepare(args: argparse.Namespace) -> int:
     from pipeline.data.readers import prepare_sequences
 
-    data, report = prepare_sequences(args.input, args.out, layout=args.layout, min_length=args.min_length)
+    data, report = prepare_sequences(
+        args.input,
+        args.out,
+        layout=args.layout,
+        min_length=args.min_length,
+        identity_ids=args.identity_ids,
+        min_count=args.min_count,
+    )
     print(report.summary())
     print(
         f"wrote {args.out}: {data.num_users} users, {data.num_interactions} interactions, "
@@ -190,10 +197,17 @@ def cmd_data_build_sequences(args: argparse.Namespace) -> int:
     from pipeline.data.build import BuildConfig, build_sequences
     from pipeline.data.ingest import IngestRules
 
+    if args.num_items is not None and not args.identity_ids:
+        raise SystemExit("--num-items is a catalogue of item rows: it needs --identity-ids")
     cfg = BuildConfig(
         max_length=args.max_length,
         num_partitions=args.partitions,
-        rules=IngestRules(num_items=args.num_items),
+        rules=IngestRules(
+            num_items=args.num_items,
+            identity_ids=args.identity_ids,
+            event_types=args.event_types.split(",") if args.event_types else None,
+        ),
+        min_count=args.min_count,
     )
     dates = args.dates.split(",") if args.dates else None
     print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
@@ -491,6 +505,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--layout", default="auto", choices=["auto", "ml-dat", "ml-tsv", "ml-csv", "parquet"])
     p.add_argument("--min-length", type=int, default=2)
+    p.add_argument("--identity-ids", action="store_true", help="item ids are already rows (no vocabulary)")
+    p.add_argument("--min-count", type=int, default=1, help="events before an item gets a row (admission)")
     p.set_defaults(func=cmd_data_prepare)
 
     p = data.add_parser("download", help="download MovieLens from the GroupLens site (needs internet)")
@@ -530,7 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=200, help="most recent events kept per user")
     p.add_argument("--partitions", type=int, help="hash partitions (default: about 4M events each)")
     p.add_argument(
-        "--num-items", type=int, help="catalogue size (item ids 1..N); default: the logs' _logs.json"
+        "--identity-ids",
+        action="store_true",
+        help="item ids are already table rows 1..N (no vocabulary; the older contract)",
+    )
+    p.add_argument(
+        "--num-items",
+        type=int,
+        help="with --identity-ids: catalogue size (item ids 1..N); default: the logs' _logs.json",
+    )
+    p.add_argument("--min-count", type=int, default=1, help="events before an item gets a row (admission)")
+    p.add_argument(
+        "--event-types", help="comma-separated event types that count as interactions (default: all)"
     )
     p.add_argument("--dates", help="comma-separated YYYY-MM-DD subset of the log days (default: all)")
     p.set_defaults(func=cmd_data_build_sequences)

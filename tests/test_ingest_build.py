@@ -103,7 +103,9 @@ def test_full_build_and_append_give_the_exact_sequences(tmp_path):
     logs = tmp_path / "logs"
     write_day(logs, "2024-01-01", DAY1)
     write_day(logs, "2024-01-02", DAY2)
-    cfg = BuildConfig(max_length=MAX_LEN, num_partitions=3, row_group_rows=2)
+    # identity ids: the sequences hold the log's item ids themselves (tests/test_vocab.py: the vocabulary)
+    rules = IngestRules(identity_ids=True)
+    cfg = BuildConfig(max_length=MAX_LEN, num_partitions=3, row_group_rows=2, rules=rules)
     full = build_sequences(logs, tmp_path / "full", cfg, progress=False)
     assert (full.users, full.interactions, full.duplicates_dropped, full.truncated) == (4, 12, 2, 4)
     table = shard_table(tmp_path / "full")
@@ -148,7 +150,7 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path):
         if k < len(good):
             rows.append(good[k])
     write_day(logs, "2024-01-01", rows)
-    cfg = BuildConfig(max_length=10, num_partitions=2, rules=IngestRules(num_items=100))
+    cfg = BuildConfig(max_length=10, num_partitions=2, rules=IngestRules(num_items=100, identity_ids=True))
     report = build_sequences(logs, tmp_path / "seq", cfg, progress=False)
     assert (report.ingest.rows_read, report.ingest.rows_kept, report.ingest.rows_quarantined) == (13, 3, 10)
     expected_counts: dict[str, int] = {}
@@ -173,7 +175,13 @@ def test_schema_errors_name_the_file_and_the_column(tmp_path):
     logs = tmp_path / "logs"
     path = write_day(logs, "2024-01-01", [(1, 2, T)])
     pq.write_table(pa.table({"user_id": [1], "item_id": ["x"], "timestamp": [T]}), path)
-    with pytest.raises(ValueError, match=r"part-00000\.parquet: column 'item_id' has type string"):
+    identity = BuildConfig(rules=IngestRules(identity_ids=True))
+    with pytest.raises(
+        ValueError, match=r"part-00000\.parquet: column 'item_id' has type string, expected int"
+    ):
+        build_sequences(logs, tmp_path / "seq", identity, progress=False)
+    pq.write_table(pa.table({"user_id": [1], "item_id": [2.5], "timestamp": [T]}), path)
+    with pytest.raises(ValueError, match=r"column 'item_id' has type double, expected integers or strings"):
         build_sequences(logs, tmp_path / "seq", progress=False)
     pq.write_table(pa.table({"user_id": [1], "item_id": [2]}), path)
     with pytest.raises(ValueError, match=r"part-00000\.parquet: missing column\(s\) \['timestamp'\]"):
@@ -240,7 +248,12 @@ def test_appending_day_by_day_equals_a_full_rebuild(small_logs, tmp_path):
     assert shard_table(tmp_path / "inc").equals(shard_table(tmp_path / "full"))
     a, b = read_manifest(tmp_path / "full"), read_manifest(tmp_path / "inc")
     assert (a["num_items"], a["users"], a["interactions"]) == (b["num_items"], b["users"], b["interactions"])
-    assert a["num_items"] == SMALL.num_items + 1  # the catalogue from _logs.json
+    same = {k: v for k, v in a["vocab"].items() if k != "file"}  # the file name carries the generation
+    assert same == {k: v for k, v in b["vocab"].items() if k != "file"}
+    assert a["num_items"] == a["vocab"]["rows"] + 1  # rows from the vocabulary
+    assert pq.read_table(tmp_path / "full" / a["vocab"]["file"]).equals(
+        pq.read_table(tmp_path / "inc" / b["vocab"]["file"])
+    )
     assert {d: v["report"] for d, v in a["days"].items()} == {d: v["report"] for d, v in b["days"].items()}
     assert [s["row_groups"] for s in a["shards"]] == [s["row_groups"] for s in b["shards"]]
     assert [h["op"] for h in b["history"]] == ["build", "append", "append"]
@@ -334,7 +347,9 @@ def test_cli_synth_build_append_stats_and_train(tmp_path, capsys):
     assert "already applied; nothing to do" in out[3]
     assert main(["data", "stats", str(seq)]) == 0
     stats = json.loads(capsys.readouterr().out)
-    assert stats["num_items"] == 401 and stats["interactions"] == read_manifest(seq)["interactions"]
+    manifest = read_manifest(seq)
+    assert stats["num_items"] == manifest["vocab"]["rows"] + 1 <= 401  # the items seen, at most the catalogue
+    assert stats["interactions"] == manifest["interactions"]
     report = tmp_path / "report.json"
     assert (
         main(

@@ -33,6 +33,7 @@ Rules (the same for a full build and for appends, so appending day by day equals
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -49,19 +50,21 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from pipeline.data.ingest import (
-    EVENT_SCHEMA,
     IngestReport,
     IngestRules,
     check_log_schema,
     day_files,
+    event_schema,
     fingerprint,
+    id_key_type,
     log_days,
     read_logs_meta,
     report_of,
     scan_log_file,
 )
 from pipeline.data.readers import write_quarantine
-from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST
+from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
+from pipeline.data.vocab import Vocabulary, read_vocabulary, write_vocabulary
 
 FORMAT = "fuxi.sequence-shards/1"
 MIN_LENGTHS = (
@@ -83,6 +86,13 @@ class BuildConfig:
     rows_per_partition: int = 4_000_000  # bounds a gather task's memory (~150 bytes per event)
     row_group_rows: int = 8192  # users per shard row group
     rules: IngestRules = field(default_factory=IngestRules)
+    min_count: int = 1  # events before an item gets a row (vocabulary admission)
+
+    def __post_init__(self) -> None:
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2 (a history and a target), got {self.max_length}")
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
 
 
 @dataclass
@@ -100,6 +110,7 @@ class BuildReport:
     num_items: int
     partitions: int
     seconds: float
+    new_items: int = 0  # vocabulary rows added by this run
 
     def summary(self) -> str:
         if not self.days:
@@ -109,7 +120,8 @@ class BuildReport:
             f"{self.users:,} users, {self.sequences_written:,} sequences written to "
             f"{self.partitions} shards, "
             f"{self.interactions:,} events stored ({self.duplicates_dropped:,} duplicates dropped, "
-            f"{self.truncated:,} beyond max length); num_items {self.num_items:,}; {self.seconds:.1f} s"
+            f"{self.truncated:,} beyond max length); num_items {self.num_items:,} "
+            f"({self.new_items:,} new); {self.seconds:.1f} s"
         )
         if self.skipped_days:
             text += f"; skipped (already applied): {', '.join(self.skipped_days)}"
@@ -120,8 +132,18 @@ class BuildReport:
 # pure functions (numpy / pyarrow; no Ray)
 
 
-def partition_of(users: np.ndarray, num_partitions: int) -> np.ndarray:
-    """Stable hash partition of user ids (splitmix64 finaliser), the same in every process and run."""
+def partition_of(users: np.ndarray | pa.Array, num_partitions: int) -> np.ndarray:
+    """Stable hash partition of user ids (splitmix64 finaliser), the same in every process and run; string
+    ids are first hashed to 64 bits (pandas' keyed SipHash, fixed key)."""
+    if isinstance(users, pa.ChunkedArray):
+        users = users.combine_chunks()
+    if isinstance(users, pa.Array):
+        if pa.types.is_integer(users.type):
+            users = users.to_numpy(zero_copy_only=False)
+        else:
+            import pandas as pd
+
+            users = pd.util.hash_array(np.asarray(users.to_pylist(), dtype=object), categorize=False)
     x = users.astype(np.uint64)
     x ^= x >> np.uint64(30)
     x *= np.uint64(0xBF58476D1CE4E5B9)
@@ -134,12 +156,15 @@ def partition_of(users: np.ndarray, num_partitions: int) -> np.ndarray:
 def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str, int]]:
     """(user_id, item_id, timestamp) events -> SEQUENCE_SCHEMA rows sorted by user; plus counts."""
     n_in = events.num_rows
+    schema = sequence_schema(events.schema.field("user_id").type)
     if n_in == 0:
-        return SEQUENCE_SCHEMA.empty_table(), {"events": 0, "duplicates": 0, "truncated": 0}
+        return schema.empty_table(), {"events": 0, "duplicates": 0, "truncated": 0}
     order = pc.sort_indices(
         events, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
     )
-    u, i, t = (events[c].take(order).to_numpy() for c in ("user_id", "item_id", "timestamp"))
+    u, i, t = (
+        events[c].take(order).to_numpy(zero_copy_only=False) for c in ("user_id", "item_id", "timestamp")
+    )
     keep = np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1]) | (i[1:] != i[:-1])]
     n_dup = int(n_in - keep.sum())
     if n_dup:
@@ -162,7 +187,7 @@ def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str,
             pa.ListArray.from_arrays(offsets, pa.array(i)),
             pa.ListArray.from_arrays(offsets, pa.array(t)),
         ],
-        schema=SEQUENCE_SCHEMA,
+        schema=schema,
     )
     return table, {"events": n_in, "duplicates": n_dup, "truncated": n_trunc}
 
@@ -170,10 +195,13 @@ def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str,
 def sequences_to_events(seq: pa.Table) -> pa.Table:
     """The inverse of group_events (for merging a day into a stored shard)."""
     lengths = pc.list_value_length(seq["item_ids"]).to_numpy(zero_copy_only=False)
-    users = np.repeat(seq["user_id"].to_numpy(), lengths)
+    user_type = seq.schema.field("user_id").type
+    users = np.repeat(seq["user_id"].to_numpy(zero_copy_only=False), lengths)
     items = pc.list_flatten(seq["item_ids"]).to_numpy(zero_copy_only=False)
     times = pc.list_flatten(seq["timestamps"]).to_numpy(zero_copy_only=False)
-    return pa.Table.from_arrays([pa.array(users), pa.array(items), pa.array(times)], schema=EVENT_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(users, user_type), pa.array(items), pa.array(times)], schema=event_schema(None, user_type)
+    )
 
 
 def row_group_counts(lengths: np.ndarray, rows_per_group: int) -> list[list[int]]:
@@ -190,54 +218,104 @@ def row_group_counts(lengths: np.ndarray, rows_per_group: int) -> list[list[int]
 
 
 def scatter_task(spec: dict) -> dict:
-    """Validate one raw file, quarantine its bad rows, write its good events grouped by partition."""
+    """Validate one raw file, quarantine its bad rows, write its good events grouped by partition and (with
+    a vocabulary) its item counts: raw id, events, first timestamp."""
     path, num_parts = Path(spec["path"]), spec["partitions"]
     rules = IngestRules(**spec["rules"])
+    schema = check_log_schema(path, rules)
     writer, rg, part_rgs = None, 0, [[] for _ in range(num_parts)]
-    bads, rows_read, kept, max_item = [], 0, 0, 0
+    bads, counts, rows_read, kept, filtered, max_item = [], [], 0, 0, 0, 0
     tmp = Path(spec["out"] + ".tmp")
-    for good, bad in scan_log_file(path, rules, spec["source"]):
-        rows_read += good.num_rows + bad.num_rows
+    for good, bad, n_filtered in scan_log_file(path, rules, spec["source"]):
+        rows_read += good.num_rows + bad.num_rows + n_filtered
         kept += good.num_rows
+        filtered += n_filtered
         if bad.num_rows:
             bads.append(bad)
         if good.num_rows == 0:
             continue
-        max_item = max(max_item, int(pc.max(good["item_id"]).as_py()))
-        part = partition_of(good["user_id"].to_numpy(), num_parts)
+        if rules.identity_ids:
+            max_item = max(max_item, int(pc.max(good["item_id"]).as_py()))
+        else:
+            counts.append(_item_counts(good))
+        part = partition_of(good["user_id"], num_parts)
         order = np.argsort(part, kind="stable")
-        counts = np.bincount(part, minlength=num_parts)
+        sizes = np.bincount(part, minlength=num_parts)
         grouped = good.take(pa.array(order))
         if writer is None:
-            writer = pq.ParquetWriter(tmp, EVENT_SCHEMA, compression="lz4")
-        offsets = np.r_[0, np.cumsum(counts)]
-        for p in np.flatnonzero(counts):
-            writer.write_table(grouped.slice(int(offsets[p]), int(counts[p])), row_group_size=int(counts[p]))
+            writer = pq.ParquetWriter(tmp, good.schema, compression="lz4")
+        offsets = np.r_[0, np.cumsum(sizes)]
+        for p in np.flatnonzero(sizes):
+            writer.write_table(grouped.slice(int(offsets[p]), int(sizes[p])), row_group_size=int(sizes[p]))
             part_rgs[p].append(rg)
             rg += 1
     if writer is not None:
         writer.close()
         tmp.replace(spec["out"])
+    items_file = None
+    if counts:
+        items_file = spec["out"] + ".items.parquet"
+        pq.write_table(_item_counts(pa.concat_tables(counts), merge=True), items_file)
     bad_all = pa.concat_tables(bads) if bads else QUARANTINE_SCHEMA.empty_table()
     qpath = write_quarantine(bad_all, Path(spec["quarantine"]))  # no bad rows: removes a stale file
-    report = report_of(rows_read, kept, bad_all, str(qpath) if qpath else None)
+    report = report_of(rows_read, kept, bad_all, str(qpath) if qpath else None, filtered)
     return {
         "date": spec["date"],
+        "source": spec["source"],
         "file": spec["out"] if writer is not None else None,
+        "items": items_file,
+        "keys": {"item": id_key_type(schema, "item_id"), "user": id_key_type(schema, "user_id")},
         "row_groups": part_rgs,
         "max_item": max_item,
         "report": report.to_dict(),
     }
 
 
+def _item_counts(events: pa.Table, merge: bool = False) -> pa.Table:
+    """(item_id, count, first_timestamp) per distinct raw item id of validated events (or of such tables)."""
+    if merge:
+        agg = events.group_by("item_id").aggregate([("count", "sum"), ("first_timestamp", "min")])
+        names = {"count": "count_sum", "first_timestamp": "first_timestamp_min"}
+    else:
+        agg = events.group_by("item_id").aggregate([("item_id", "count"), ("timestamp", "min")])
+        names = {"count": "item_id_count", "first_timestamp": "timestamp_min"}
+    return pa.table(
+        {
+            "item_id": agg["item_id"],
+            "count": agg[names["count"]].cast(pa.int64()),
+            "first_timestamp": agg[names["first_timestamp"]],
+        }
+    )
+
+
 def gather_task(spec: dict) -> dict:
-    """Build one partition's shard from its scattered row groups (+ the stored shard when appending)."""
-    tables = []
-    for path, rgs in spec["pieces"]:
-        tables.append(pq.ParquetFile(path).read_row_groups(rgs))
+    """Build one partition's shard from its scattered row groups (+ the stored shard when appending); with a
+    vocabulary, raw item ids become rows, and events of items not admitted by their day are left out."""
+    tables, below = [], {}
+    keys = admitted = rows = None
+    if spec.get("vocab"):
+        vocab = read_vocabulary(spec["vocab"])
+        keys, admitted = vocab.admitted_days()
+        rows = vocab.lookup(keys)
+    for path, rgs, day in spec["pieces"]:
+        t = pq.ParquetFile(path).read_row_groups(rgs)
+        if keys is not None:
+            idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
+            ok = (idx >= 0) & (admitted[idx] > 0) & (admitted[idx] <= int(day.replace("-", "")))
+            if not ok.all():
+                below[day] = below.get(day, 0) + int((~ok).sum())
+            mask = pa.array(ok)
+            t = pa.Table.from_arrays(
+                [t["user_id"].filter(mask), pa.array(rows[idx[ok]]), t["timestamp"].filter(mask)],
+                schema=event_schema(None, t.schema.field("user_id").type),
+            )
+        tables.append(t)
     if spec.get("existing"):
         tables.append(sequences_to_events(pq.read_table(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
-    events = pa.concat_tables(tables).combine_chunks() if tables else EVENT_SCHEMA.empty_table()
+    user_type = pa.string() if spec.get("user_key") == "string" else pa.int64()
+    events = (
+        pa.concat_tables(tables).combine_chunks() if tables else event_schema(None, user_type).empty_table()
+    )
     seq, counts = group_events(events, spec["max_length"])
     del events, tables
     tmp = Path(spec["out"] + ".tmp")
@@ -250,6 +328,7 @@ def gather_task(spec: dict) -> dict:
         "rows": seq.num_rows,
         "interactions": int(lengths.sum()),
         "row_groups": row_group_counts(lengths, spec["row_group_rows"]),
+        "below_admission": below,
         **counts,
     }
 
@@ -322,11 +401,11 @@ def build_sequences(
             raise FileNotFoundError(f"{logs}: no partition for date(s) {unknown}; it has {sorted(days)}")
         days = {d: days[d] for d in sorted(dates)}
     rules = cfg.rules
-    if rules.num_items is None and read_logs_meta(logs).get("num_items"):
-        rules = IngestRules(int(read_logs_meta(logs)["num_items"]), rules.min_timestamp, rules.max_timestamp)
+    if rules.identity_ids and rules.num_items is None and read_logs_meta(logs).get("num_items"):
+        rules = dataclasses.replace(rules, num_items=int(read_logs_meta(logs)["num_items"]))
     files = [(d, p) for d, ps in days.items() for p in ps]
     for _, p in files:  # schema errors name the file and column before any task runs
-        check_log_schema(p)
+        check_log_schema(p, rules)
     rows = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
     parts = cfg.num_partitions or max(2, math.ceil(rows / cfg.rows_per_partition))
     previous = read_manifest(out) if (out / SHARD_MANIFEST).exists() else None
@@ -341,6 +420,14 @@ def build_sequences(
         "days": {},
         "history": [],
     }
+    if not rules.identity_ids:
+        manifest["vocab"] = {
+            "file": None,
+            "key_type": None,
+            "min_count": cfg.min_count,
+            "rows": 0,
+            "pending": 0,
+        }
     report = _apply(logs, out, manifest, days, existing={}, progress=progress, op="build")
     if previous:  # quarantine folders of days the rebuild no longer holds
         for d in set(previous["days"]) - set(manifest["days"]):
@@ -378,7 +465,7 @@ def append_day(logs: str | Path, date: str, sequences: str | Path, progress: boo
             "rebuild with `fuxi data build-sequences`"
         )
     for p in files:
-        check_log_schema(p)
+        check_log_schema(p, IngestRules(**manifest["rules"]))
     existing = {s["partition"]: str(out / s["file"]) for s in manifest["shards"]}
     manifest = dict(manifest, generation=manifest["generation"] + 1)
     report = _apply(logs, out, manifest, {date: files}, existing=existing, progress=progress, op="append")
@@ -416,14 +503,22 @@ def _apply(
                 }
             )
     scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
+    _check_keys(out, manifest, scattered)
+    new_items, vocab_file = 0, None
+    if "vocab" in manifest:
+        new_items, vocab_file = _extend_vocabulary(out, manifest, scattered, sorted(days))
     gather_specs = []
     for p in range(parts):
-        pieces = [[s["file"], s["row_groups"][p]] for s in scattered if s["file"] and s["row_groups"][p]]
+        pieces = [
+            [s["file"], s["row_groups"][p], s["date"]] for s in scattered if s["file"] and s["row_groups"][p]
+        ]
         gather_specs.append(
             {
                 "partition": p,
                 "pieces": pieces,
                 "existing": existing.get(p),
+                "vocab": None if vocab_file is None else str(vocab_file),
+                "user_key": manifest.get("user_key"),
                 "max_length": manifest["max_length"],
                 "row_group_rows": manifest["row_group_rows"],
                 "out": str(out / f"part-{p:05d}-g{gen:06d}.parquet"),
@@ -440,11 +535,20 @@ def _apply(
         r.quarantine_files = [Path(q).relative_to(out).as_posix() for q in r.quarantine_files]
         day_reports[s["date"]].add(r)
         ingest.add(r)
+    for shard in shards:  # events of items not admitted (yet) were validated but are not stored
+        for d, n in shard["below_admission"].items():
+            for r in (day_reports[d], ingest):
+                r.below_admission += n
+                r.rows_kept -= n
     max_item = max([manifest["max_item"]] + [s["max_item"] for s in scattered])
     catalogue = manifest["rules"]["num_items"]
+    if "vocab" in manifest:
+        num_items = manifest["vocab"]["rows"] + 1
+    else:
+        num_items = (catalogue if catalogue is not None else max_item) + 1
     manifest.update(
         max_item=max_item,
-        num_items=(catalogue if catalogue is not None else max_item) + 1,
+        num_items=num_items,
         shards=[
             {k: s[k] for k in ("partition", "file", "rows", "interactions", "row_groups")} for s in shards
         ],
@@ -472,6 +576,9 @@ def _apply(
             "logs": str(logs.resolve()),
             "rows_read": ingest.rows_read,
             "quarantined": ingest.rows_quarantined,
+            "filtered_event_type": ingest.filtered_event_type,
+            "below_admission": ingest.below_admission,
+            "new_items": new_items,
             "duplicates": dups,
             "truncated": trunc,
             "seconds": round(seconds, 3),
@@ -494,13 +601,63 @@ def _apply(
         num_items=manifest["num_items"],
         partitions=manifest["num_partitions"],
         seconds=seconds,
+        new_items=new_items,
     )
+
+
+def _check_keys(out: Path, manifest: dict, scattered: list[dict]) -> None:
+    """Raw id types are fixed by the first build: the vocabulary's item keys and the shards' user ids."""
+    for s in scattered:
+        if not s["file"]:
+            continue
+        for what, key in (("item", "vocab"), ("user", None)):
+            have = (
+                manifest["vocab"]["key_type"] if key and "vocab" in manifest else manifest.get(f"{what}_key")
+            )
+            got = s["keys"][what]
+            if have is None:
+                if key and "vocab" in manifest:
+                    manifest["vocab"]["key_type"] = got
+                manifest[f"{what}_key"] = got
+            elif have != got:
+                raise ValueError(
+                    f"{s['source']}: column '{what}_id' holds {got} ids, but {out} keys {what}s as {have} "
+                    "(fixed by its first build); convert the column or rebuild"
+                )
+
+
+def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: list[str]) -> tuple[int, Path]:
+    """Extend the vocabulary by each day's item counts, in date order; write this generation's file (before
+    the manifest commit) and record it. Returns (rows added, the file)."""
+    info = manifest["vocab"]
+    key_type = info["key_type"] or "int64"
+    if info["file"]:
+        vocab = read_vocabulary(out / info["file"], min_count=info["min_count"])
+    else:
+        vocab = Vocabulary.empty(key_type, info["min_count"])
+    added = 0
+    for day in days:
+        files = [s["items"] for s in scattered if s["date"] == day and s["items"]]
+        if not files:
+            continue
+        counts = pa.concat_tables([pq.read_table(f) for f in files])
+        counts = _item_counts(counts, merge=True) if len(files) > 1 else counts
+        vocab, n = vocab.extend(
+            day, counts["item_id"], counts["count"].to_numpy(), counts["first_timestamp"].to_numpy()
+        )
+        added += n
+    path = write_vocabulary(vocab, out / f"vocab-g{manifest['generation']:06d}.parquet")
+    pending = len(vocab) - vocab.num_rows
+    manifest["vocab"] = dict(
+        info, file=path.name, key_type=vocab.key_type, rows=vocab.num_rows, pending=pending
+    )
+    return added, path
 
 
 def _remove_unreferenced(out: Path, manifest: dict) -> None:
     """Delete shards of older generations and temporary folders (after the manifest commit)."""
-    keep = {s["file"] for s in manifest["shards"]}
-    for p in out.glob("part-*-g*.parquet"):
+    keep = {s["file"] for s in manifest["shards"]} | {(manifest.get("vocab") or {}).get("file")}
+    for p in [*out.glob("part-*-g*.parquet"), *out.glob("vocab-g*.parquet")]:
         if p.name not in keep:
             p.unlink()
     for p in out.glob("_tmp-g*"):

@@ -21,6 +21,15 @@ SEQUENCE_SCHEMA = pa.schema(
         pa.field("timestamps", pa.list_(pa.int64()), nullable=False),
     ]
 )
+
+
+def sequence_schema(user_type: pa.DataType | None = None) -> pa.Schema:
+    """SEQUENCE_SCHEMA, or its variant for string user ids (raw user ids are kept as they are)."""
+    if user_type is None or pa.types.is_integer(user_type):
+        return SEQUENCE_SCHEMA
+    return SEQUENCE_SCHEMA.set(0, pa.field("user_id", pa.string(), nullable=False))
+
+
 SHARD_MANIFEST = "manifest.json"  # a sequence shard directory (`pipeline.data.build`)
 
 # rows rejected by a reader or by log validation (pipeline.data.readers, pipeline.data.ingest)

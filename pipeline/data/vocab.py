@@ -13,6 +13,8 @@ Parquet columns (one row per raw id ever seen, admitted ones first in row order,
                      its first event)
     first_timestamp  int64 unix seconds of its first event
     count            int64, events seen so far (including those before admission)
+    admitted_day     YYYY-MM-DD of the day it got its row (null while pending); its events of earlier days
+                     are not in the sequences (counted as `below_admission` by the build)
 Admission: an id gets a row at the end of the first day (in date order) on which its cumulative count
 reaches `min_count`; that day's new rows go to its new ids in ascending raw-id order. So building over days
 at once and appending them one by one give the same vocabulary.
@@ -48,6 +50,7 @@ def vocab_schema(key_type: str) -> pa.Schema:
             pa.field("first_day", pa.string(), nullable=False),
             pa.field("first_timestamp", pa.int64(), nullable=False),
             pa.field("count", pa.int64(), nullable=False),
+            pa.field("admitted_day", pa.string()),
         ]
     )
 
@@ -119,6 +122,12 @@ class Vocabulary:
             raise ValueError(f"row {int(bad[0])} is not an item row of this vocabulary (1..{self.num_rows})")
         return self._keys.take(pa.array(rows - 1)).to_pylist()
 
+    def admitted_days(self) -> tuple[pa.Array, np.ndarray]:
+        """(raw ids, admission day as a YYYYMMDD int, 0 while pending): what the build maps events with."""
+        days = self.table["admitted_day"].combine_chunks()
+        as_int = pc.cast(pc.replace_substring(pc.fill_null(days, "0"), "-", ""), pa.int64())
+        return self._keys, as_int.to_numpy(zero_copy_only=False)
+
     def first_timestamps(self, rows: Any) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         ts = self.table["first_timestamp"].to_numpy()
@@ -141,6 +150,7 @@ class Vocabulary:
         first_old = self.table["first_timestamp"].to_numpy().copy()
         np.minimum.at(first_old, idx[old], first_ts[old])
         rows = self._rows.copy()
+        admitted_day = self.table["admitted_day"].to_pylist()
         # pending ids that reach min_count today, then ids first seen today that reach it at once
         pending_now = (rows == 0) & (total >= self.min_count)
         new = ~old
@@ -154,6 +164,8 @@ class Vocabulary:
         new_rows[admit_order] = np.arange(self.num_rows + 1, self.num_rows + 1 + n_admit)
         n_pending = int(pending_now.sum())
         rows[pending_now] = new_rows[:n_pending]
+        for k in np.flatnonzero(pending_now):
+            admitted_day[k] = day
         add_rows = np.zeros(int(new.sum()), dtype=np.int64)
         add_rows[fresh_admit[new]] = new_rows[n_pending:]
         table = pa.table(
@@ -165,6 +177,9 @@ class Vocabulary:
                 ),
                 "first_timestamp": np.r_[first_old, first_ts[new]],
                 "count": np.r_[total, counts[new]],
+                "admitted_day": pa.array(
+                    admitted_day + [day if a else None for a in fresh_admit[new]], pa.string()
+                ),
             }
         )
         table = _canonical(table, self.key_type)
