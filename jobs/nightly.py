@@ -178,11 +178,11 @@ def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
     run builds the shard directory from every log day up to the date (`fuxi data build-sequences`); later
     runs append each day not yet applied, in date order (`fuxi data append-day`: rows of existing items
     never move, new items get new rows)."""
-    from pipeline.data.ingest import log_days
-    from pipeline.data.schema import SHARD_MANIFEST
+    from pipeline.data.schema import DATE_RE, SHARD_MANIFEST
 
     manifest_path = cfg.sequences / SHARD_MANIFEST
-    days = [d for d in log_days(cfg.logs_dir) if d <= cfg.date]
+    found = (DATE_RE.match(p.name) for p in cfg.logs_dir.iterdir() if p.is_dir())
+    days = sorted(m.group(1) for m in found if m and m.group(1) <= cfg.date)
     if manifest_path.exists():
         applied = set(json.loads(manifest_path.read_text()).get("days", {}))
         for day in [d for d in days if d not in applied] or [cfg.date]:
@@ -363,7 +363,7 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     the preset's validation split). Both scores and the window's item statistics go to the candidate's
     run and, per date, to the model's timeline run (`fuxi report --nightly`)."""
     from jobs import registry
-    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model
+    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model, recent_item_topk
 
     sequences = state.outputs("update_sequences")
     data, num_items = sequences["sequences"], int(sequences["manifest"]["num_items"])
@@ -375,7 +375,7 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
         loaded = load_checkpoint_model(checkpoint, num_items=num_items)  # an older table grows fresh rows
         metrics = evaluate_checkpoint(loaded, data, "valid", data_overrides=window)
         if window:
-            metrics.update(recent_item_topk(loaded, data, cfg.date))
+            metrics.update(recent_item_topk(loaded, data, cfg.date))  # how new items fare in top-k
         return metrics
 
     candidate = measure(trained["checkpoint"])
@@ -402,47 +402,6 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
         "candidate": candidate,
         "champion_version": None if champ is None else str(champ.version),
         "champion": champion_metrics,
-    }
-
-
-RECENT_DAYS = 3  # "recent item": first seen in the RECENT_DAYS days before the window
-
-
-def recent_item_topk(loaded: Any, data: str, date: str, users: int = 256, k: int = 10) -> dict[str, float]:
-    """How new items fare in recommendations: the share of top-k slots (for up to `users` users active in
-    the window, from their history before it) that hold items first seen in the RECENT_DAYS days before
-    the window, beside those items' share of the window's events (what a well-calibrated model would
-    roughly match)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from pipeline.data.sequences import read_sequences
-
-    cut = int(dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp())
-    table = read_sequences(data).table
-    lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
-    items = pc.list_flatten(table["item_ids"]).to_numpy(zero_copy_only=False)
-    times = pc.list_flatten(table["timestamps"]).to_numpy(zero_copy_only=False)
-    first_seen = np.full(int(items.max()) + 1, np.iinfo(np.int64).max)
-    np.minimum.at(first_seen, items, times)
-    recent = (first_seen >= cut - RECENT_DAYS * 86_400) & (first_seen < cut)
-    in_window = (times >= cut) & (times < cut + 86_400)
-    starts = np.r_[0, np.cumsum(lengths)[:-1]]
-    histories, stamps = [], []
-    for s, n in zip(starts, lengths):
-        before = int(np.searchsorted(times[s : s + n], cut))  # sequences are time-ordered
-        if 0 < before < n and in_window[s + before]:
-            histories.append(items[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
-            stamps.append(times[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
-        if len(histories) == users:
-            break
-    if not histories:
-        return {}
-    top, _ = loaded.top_k_rows(histories, stamps, [cut] * len(histories), k)
-    return {
-        "topk_recent_item_share": float(recent[top].mean()),
-        "window_recent_item_share": float(recent[items[in_window]].mean()) if in_window.any() else 0.0,
-        "recent_items": float(recent.sum()),
     }
 
 

@@ -17,6 +17,7 @@ from pipeline.data.download import download_movielens
 from pipeline.data.kuairand import preprocess_kuairand
 from pipeline.data.readers import detect_layout, prepare_sequences, read_interactions
 from pipeline.data.sequences import read_sequences
+from pipeline.data.vocab import read_vocabulary
 
 # (user, item, rating, timestamp); user 1 has a timestamp tie (items 10 and 5 at t=100),
 # user 2 too (30, 20 at 300)
@@ -81,7 +82,16 @@ def test_every_layout_gives_identical_events_and_sequences(tmp_path, layout):
     assert report.quarantine_path is None
     assert not list((tmp_path / "in").glob("*.quarantine.parquet"))
 
-    data, report = prepare_sequences(path, tmp_path / "seq.parquet")
+    # the default maps item ids through a vocabulary: rows in ascending id order, back to the same ids
+    mapped, _ = prepare_sequences(path, tmp_path / "mapped.parquet")
+    vocab = read_vocabulary(mapped.vocab)
+    assert [
+        {**r, "item_ids": vocab.raw_ids(r["item_ids"])} for r in mapped.table.to_pylist()
+    ] == EXPECTED_SEQUENCES
+    ids = sorted({i for r in EXPECTED_SEQUENCES for i in r["item_ids"]})
+    assert mapped.num_items == len(ids) + 1 and vocab.raw_ids(range(1, len(ids) + 1)) == ids
+
+    data, report = prepare_sequences(path, tmp_path / "seq.parquet", identity_ids=True)
     assert data.table.to_pylist() == EXPECTED_SEQUENCES
     assert data.num_items == 31  # max id + 1, ids not remapped
     back = read_sequences(tmp_path / "seq.parquet")
@@ -171,7 +181,7 @@ def test_bad_rows_are_quarantined_with_reasons(tmp_path):
 
     # prepare_sequences: the good rows become sequences; the one-item user 1 is dropped and counted
     qdir = tmp_path / "q"
-    data, report = prepare_sequences(path, tmp_path / "seq.parquet", quarantine_dir=qdir)
+    data, report = prepare_sequences(path, tmp_path / "seq.parquet", quarantine_dir=qdir, identity_ids=True)
     assert report.quarantine_path == qdir / "ratings.quarantine.parquet"
     assert pq.read_table(report.quarantine_path).num_rows == 3
     assert data.table.to_pylist() == [{"user_id": 2, "item_ids": [20, 21], "timestamps": [110, 120]}]

@@ -101,5 +101,9 @@ def collate_arrow(rows: pa.Table | pa.RecordBatch, max_sequence_length: int, dro
     seq = KeyedJaggedTensor.from_lengths_sync(
         keys=[ITEM_FEATURE, TIME_FEATURE], values=values, lengths=lengths_t
     )
-    user_ids = torch.from_numpy(rows.column("user_id").to_numpy().astype(np.int64))
+    users = rows.column("user_id")
+    if pa.types.is_integer(users.type):
+        user_ids = torch.from_numpy(users.to_numpy().astype(np.int64))
+    else:  # string user ids: positions (nothing downstream reads user ids)
+        user_ids = torch.arange(rows.num_rows, dtype=torch.int64)
     return Batch(seq=seq, user_ids=user_ids)

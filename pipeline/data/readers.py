@@ -51,6 +51,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.schema import QUARANTINE_SCHEMA
 from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
+from pipeline.data.vocab import Vocabulary, day_of, key_type_of, write_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ _FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 
 @dataclass(frozen=True)
 class ColumnSpec:
-    """How to validate one column. kind: "id" (int64 >= min_value), "time" (any int64), "float"."""
+    """How to validate one column. kind: "id" (int64 >= min_value), "key" (a raw id: text stays text,
+    integers any int64), "time" (any int64), "float"."""
 
     name: str
     kind: str = "id"
@@ -82,9 +84,16 @@ class ColumnSpec:
     required: bool = True
 
 
-MOVIELENS_SPECS = (
+MOVIELENS_SPECS = (  # identity ids: item ids are table rows
     ColumnSpec("user_id", "id", 0),
     ColumnSpec("item_id", "id", 1),  # 0 is the padding id
+    ColumnSpec("timestamp", "time"),
+    ColumnSpec("rating", "float", required=False),
+)
+_INT64_MIN = -(2**63)
+RAW_ID_SPECS = (  # raw ids mapped by a vocabulary: any int64, or (Parquet text columns) strings
+    ColumnSpec("user_id", "key", _INT64_MIN),
+    ColumnSpec("item_id", "key", _INT64_MIN),
     ColumnSpec("timestamp", "time"),
     ColumnSpec("rating", "float", required=False),
 )
@@ -250,6 +259,10 @@ def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | 
             vals = pc.cast(pc.floor(pc.divide(pc.cast(vals, pa.float64()), factor)), pa.int64())
         reasons.add(pc.is_null(arr), lab["missing"])
         return vals, reasons.array
+    if spec.kind == "key" and _is_text(t):  # a string id: only null / blank is bad
+        s_ = pc.utf8_trim_whitespace(_as_string(arr))
+        reasons.add(pc.or_kleene(pc.is_null(s_), pc.equal(s_, "")), lab["missing"])
+        return pc.fill_null(s_, ""), reasons.array
     if _is_text(t):
         try:  # fast path: every value is a clean number
             vals = pc.cast(arr, out_type)
@@ -281,7 +294,7 @@ def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | 
     else:
         raise TypeError(f"column {spec.name!r} has type {t}, expected integers or text")
 
-    if spec.kind == "id" and n and vals.null_count < n:
+    if spec.kind in ("id", "key") and n and vals.null_count < n and spec.min_value > _INT64_MIN:
         lowest = pc.min(vals).as_py()
         if lowest is not None and lowest < spec.min_value:
             if spec.min_value == 1:
@@ -602,25 +615,37 @@ def raise_if_all_bad(path: Path, scan: Scan, qpath: Path | None, layout: str) ->
 # public API
 
 
+_TEXT_RAW_SPECS = tuple(  # text layouts: raw ids are integers of any sign (MovieLens ids stay numbers)
+    ColumnSpec(c.name, "id", c.min_value, c.required) if c.kind == "key" else c for c in RAW_ID_SPECS
+)
+
+
 def read_interactions(
-    path: str | Path, layout: str = "auto", quarantine_dir: str | Path | None = None
+    path: str | Path,
+    layout: str = "auto",
+    quarantine_dir: str | Path | None = None,
+    raw_ids: bool = False,
 ) -> tuple[pa.Table, ReadReport]:
-    """Read a ratings/events file into an int64 (user_id, item_id, timestamp[, rating float64]) table."""
+    """Read a ratings/events file into a (user_id, item_id, timestamp int64[, rating float64]) table.
+
+    Ids are int64 table rows (item ids >= 1) by default; with `raw_ids` they are raw ids for a vocabulary:
+    any int64, and Parquet string columns stay strings."""
     p = check_readable(path)
     if layout == "auto":
         layout = detect_layout(p)
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected 'auto' or one of {list(LAYOUTS)}")
 
+    specs = _TEXT_RAW_SPECS if raw_ids else MOVIELENS_SPECS
     if layout == "parquet":
-        scan = scan_parquet(p, MOVIELENS_SPECS)
+        scan = scan_parquet(p, RAW_ID_SPECS if raw_ids else MOVIELENS_SPECS)
     elif layout == "ml-csv":
         header = read_header(p, ",")
-        required = {s.name for s in MOVIELENS_SPECS if s.required}
+        required = {s.name for s in specs if s.required}
         positions = header_indices(p, header, _CSV_NAMES, required)
-        scan = scan_text(p, ",", len(header), positions, MOVIELENS_SPECS, skip_rows=1)
+        scan = scan_text(p, ",", len(header), positions, specs, skip_rows=1)
     else:
-        scan = scan_text(p, _SEPARATORS[layout], 4, _POSITIONAL, MOVIELENS_SPECS)
+        scan = scan_text(p, _SEPARATORS[layout], 4, _POSITIONAL, specs)
 
     qpath = write_quarantine(with_source(scan.bad, p.name), quarantine_file(p, quarantine_dir))
     raise_if_all_bad(p, scan, qpath, layout)
@@ -661,11 +686,32 @@ def prepare_sequences(
     layout: str = "auto",
     min_length: int = 2,
     quarantine_dir: str | Path | None = None,
+    identity_ids: bool = False,
+    min_count: int = 1,
 ) -> tuple[SequenceData, ReadReport]:
-    """Read interactions, group into time-ordered per-user sequences, drop short users, write the Parquet."""
+    """Read interactions, map item ids to rows through a vocabulary, group into time-ordered per-user
+    sequences, drop short users, write the Parquet (and the vocabulary next to it: `<stem>.vocab.parquet`).
+
+    The vocabulary gives rows in ascending raw-id order (so ids that are already 1..N keep their values);
+    items with fewer than `min_count` events get no row and their events are dropped (`below_admission`).
+    `identity_ids`: item ids are rows already (integers >= 1), no vocabulary."""
     if int(min_length) < 1:
         raise ValueError(f"min_length must be >= 1, got {min_length}")
-    events, report = read_interactions(path, layout=layout, quarantine_dir=quarantine_dir)
+    if int(min_count) < 1:
+        raise ValueError(f"min_count must be >= 1, got {min_count}")
+    events, report = read_interactions(
+        path, layout=layout, quarantine_dir=quarantine_dir, raw_ids=not identity_ids
+    )
+    vocab = None
+    if not identity_ids:
+        events, vocab, below = _map_items(events, int(min_count))
+        if below:
+            report.reasons["below_admission"] = below
+            report.rows_dropped += below
+            report.rows_kept -= below
+            report.notes.append(
+                f"{len(vocab) - vocab.num_rows:,} items with < {min_count} events have no row"
+            )
     seq = events_to_sequences(events)
     seq, rows_short, users_short = drop_short_users(seq, min_length)
     if rows_short:
@@ -675,14 +721,39 @@ def prepare_sequences(
         report.notes.append(f"{users_short:,} users with < {min_length} interactions dropped")
     if seq.num_rows == 0:
         raise ValueError(f"{report.path}: no user has at least {min_length} interactions; nothing to write")
+    out_path = Path(out_path)
     meta = {
         "source": str(Path(report.path).resolve()),
         "layout": report.layout,
         "min_length": int(min_length),
-        "item_ids": "as in the source (not remapped)",
+        "item_ids": "as in the source (identity ids)" if vocab is None else "rows of the vocabulary",
         "users_dropped": users_short,
         "report": report.to_dict(),
     }
-    data = SequenceData(table=seq, num_items=max_item(seq) + 1, meta=meta)
+    vocab_path = None
+    if vocab is not None:
+        vocab_path = write_vocabulary(vocab, out_path.with_name(out_path.stem + ".vocab.parquet"))
+        meta.update(vocab=vocab_path.name, min_count=int(min_count))
+    num_items = vocab.num_rows + 1 if vocab is not None else max_item(seq) + 1
+    data = SequenceData(table=seq, num_items=num_items, meta=meta, vocab=vocab_path)
     write_sequences(data, out_path)
     return data, report
+
+
+def _map_items(events: pa.Table, min_count: int) -> tuple[pa.Table, Vocabulary, int]:
+    """Raw item ids -> rows: a one-generation vocabulary over the whole file (first_day: the UTC date of an
+    item's first event); events of items below `min_count` are dropped. Returns (events, vocab, dropped)."""
+    key_type = key_type_of(events.schema.field("item_id").type)
+    agg = events.group_by("item_id").aggregate([("item_id", "count"), ("timestamp", "min")])
+    first = agg["timestamp_min"].to_numpy()
+    vocab, _ = Vocabulary.empty(key_type, min_count).extend(
+        "", agg["item_id"], agg["item_id_count"].to_numpy(), first
+    )
+    days = pa.array(day_of(vocab.table["first_timestamp"].to_numpy()), pa.string())
+    admitted = pc.if_else(pc.is_valid(vocab.table["row"]), days, pa.scalar(None, pa.string()))
+    table = vocab.table.set_column(2, "first_day", days).set_column(5, "admitted_day", admitted)
+    vocab = Vocabulary(table, min_count)
+    rows = vocab.lookup(events["item_id"])
+    keep = rows > 0
+    events = events.set_column(events.schema.get_field_index("item_id"), "item_id", pa.array(rows))
+    return events.filter(pa.array(keep)), vocab, int((~keep).sum())

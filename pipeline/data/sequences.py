@@ -1,9 +1,11 @@
 """The sequence Parquet format every reader produces and every trainer consumes.
 
-One row per user: `user_id` int64, `item_ids` list<int64>, `timestamps` list<int64>, in time order
-(ties broken by item id: a stable rule, so the same input always gives the same split). The file's
-key-value metadata records `fuxi.num_items` (rows of the item table = max item id + 1; id 0 is padding)
-and where the data came from.
+One row per user: `user_id` (the raw user id: int64, or string), `item_ids` list<int64> (rows of the
+item table; the item vocabulary, pipeline/data/vocab.py, maps them to raw ids), `timestamps` list<int64>,
+in time order (ties broken by item id: a stable rule, so the same input always gives the same split). The
+file's key-value metadata records `fuxi.num_items` (rows of the item table: vocabulary rows + 1, or max
+item id + 1 for identity ids; row 0 is padding), its vocabulary file (a sidecar) and where the data came
+from.
 
 Splits (leave-one-out by position):
   anchor     train on each sequence minus its last item; evaluate the last item (official code).
@@ -21,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST
+from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
 from pipeline.data.vocab import find_vocabulary
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
@@ -58,23 +60,28 @@ def events_to_sequences(events: pa.Table) -> pa.Table:
     missing = [c for c in EVENT_COLUMNS if c not in events.column_names]
     if missing:
         raise ValueError(f"events table lacks column(s) {missing}; has {events.column_names}")
-    events = events.select(list(EVENT_COLUMNS)).cast(pa.schema([(c, pa.int64()) for c in EVENT_COLUMNS]))
+    user_type = pa.string() if pa.types.is_string(events.schema.field("user_id").type) else pa.int64()
+    events = events.select(list(EVENT_COLUMNS)).cast(
+        pa.schema([("user_id", user_type), ("item_id", pa.int64()), ("timestamp", pa.int64())])
+    )
     events = events.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
-    users = events["user_id"].to_numpy()
+    users = events["user_id"].to_numpy(zero_copy_only=False)
+    schema = sequence_schema(user_type)
     if len(users) == 0:
-        return SEQUENCE_SCHEMA.empty_table()
+        return schema.empty_table()
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     offsets = pa.array(np.r_[starts, len(users)].astype(np.int32))
     items = pa.ListArray.from_arrays(offsets, events["item_id"].combine_chunks())
     times = pa.ListArray.from_arrays(offsets, events["timestamp"].combine_chunks())
-    return pa.Table.from_arrays([pa.array(users[starts]), items, times], schema=SEQUENCE_SCHEMA)
+    return pa.Table.from_arrays([pa.array(users[starts], user_type), items, times], schema=schema)
 
 
 def write_sequences(data: SequenceData, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(data.meta, num_items=data.num_items, num_users=data.num_users)
-    table = data.table.cast(SEQUENCE_SCHEMA).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
+    schema = sequence_schema(data.table.schema.field("user_id").type)
+    table = data.table.cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
     tmp = path.with_name(path.name + ".tmp")
     pq.write_table(table, tmp, compression="zstd")
     tmp.replace(path)
@@ -97,7 +104,8 @@ def read_sequences(path: str | Path) -> SequenceData:
         raise ValueError(f"{path}: not a sequence file, missing column(s) {missing}")
     raw = (table.schema.metadata or {}).get(META_KEY)
     meta = json.loads(raw) if raw else {}
-    table = table.select([f.name for f in SEQUENCE_SCHEMA]).cast(SEQUENCE_SCHEMA)
+    table = table.select([f.name for f in SEQUENCE_SCHEMA])
+    table = table.cast(sequence_schema(table.schema.field("user_id").type))
     num_items = int(meta.get("num_items") or _max_item(table) + 1)
     return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(path))
 
@@ -109,10 +117,9 @@ def _read_shard_dir(path: Path) -> SequenceData:
         raise ValueError(f"{path}: a directory without {SHARD_MANIFEST}, not a sequence shard directory")
     manifest = json.loads(manifest_path.read_text())
     names = [f.name for f in SEQUENCE_SCHEMA]
-    tables = [
-        pq.read_table(path / s["file"], columns=names).cast(SEQUENCE_SCHEMA) for s in manifest["shards"]
-    ]
-    table = pa.concat_tables(tables) if tables else SEQUENCE_SCHEMA.empty_table()
+    schema = sequence_schema(pa.string() if manifest.get("user_key") == "string" else None)
+    tables = [pq.read_table(path / s["file"], columns=names).cast(schema) for s in manifest["shards"]]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
     meta = {
         k: manifest[k]
         for k in ("format", "generation", "max_length", "num_partitions", "users")

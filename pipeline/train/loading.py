@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ __all__ = [
     "evaluate_checkpoint",
     "load_checkpoint_model",
     "parameter_count",
+    "recent_item_topk",
     "resolve_checkpoint",
 ]
 
@@ -213,6 +215,47 @@ def evaluate_checkpoint(
             f"split {split!r} does not exist under protocol {cfg.data.protocol!r}: {sorted(batches)}"
         )
     return evaluate(loaded.model, batches[split].epoch(), device)
+
+
+RECENT_DAYS = 3  # "recent item": first seen in the RECENT_DAYS days before the window
+
+
+def recent_item_topk(loaded: Any, data: str, date: str, users: int = 256, k: int = 10) -> dict[str, float]:
+    """How new items fare in recommendations: the share of top-k slots (for up to `users` users active in
+    the window, from their history before it) that hold items first seen in the RECENT_DAYS days before
+    the window, beside those items' share of the window's events (what a well-calibrated model would
+    roughly match)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from pipeline.data.sequences import read_sequences
+
+    cut = int(dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp())
+    table = read_sequences(data).table
+    lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
+    items = pc.list_flatten(table["item_ids"]).to_numpy(zero_copy_only=False)
+    times = pc.list_flatten(table["timestamps"]).to_numpy(zero_copy_only=False)
+    first_seen = np.full(int(items.max()) + 1, np.iinfo(np.int64).max)
+    np.minimum.at(first_seen, items, times)
+    recent = (first_seen >= cut - RECENT_DAYS * 86_400) & (first_seen < cut)
+    in_window = (times >= cut) & (times < cut + 86_400)
+    starts = np.r_[0, np.cumsum(lengths)[:-1]]
+    histories, stamps = [], []
+    for s, n in zip(starts, lengths):
+        before = int(np.searchsorted(times[s : s + n], cut))  # sequences are time-ordered
+        if 0 < before < n and in_window[s + before]:
+            histories.append(items[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
+            stamps.append(times[s : s + before][-loaded.cfg.model.max_sequence_length :].tolist())
+        if len(histories) == users:
+            break
+    if not histories:
+        return {}
+    top, _ = loaded.top_k_rows(histories, stamps, [cut] * len(histories), k)
+    return {
+        "topk_recent_item_share": float(recent[top].mean()),
+        "window_recent_item_share": float(recent[items[in_window]].mean()) if in_window.any() else 0.0,
+        "recent_items": float(recent.sum()),
+    }
 
 
 def parameter_count(model_cfg: ModelConfig) -> int:
