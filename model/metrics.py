@@ -33,14 +33,17 @@ def full_ranks(
     return torch.where(torch.isinf(target_scores[:, 0]), torch.full_like(ranks, math.inf), ranks)
 
 
-def ranking_metrics(ranks_B: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+def per_target_metrics(ranks_B: Tensor, ks: tuple[int, ...] = KS) -> dict[str, Tensor]:
+    """Each metric's value per target (float64 [B]); `ranking_metrics` is their mean."""
     ranks = ranks_B.double()
-    out: dict[str, float] = {}
+    out: dict[str, Tensor] = {}
     for k in ks:
         hit = ranks <= k
-        out[f"hr_at_{k}"] = hit.double().mean().item()
-        out[f"ndcg_at_{k}"] = (
-            torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks)).mean().item()
-        )
-    out["mrr"] = (1.0 / ranks).mean().item()
+        out[f"hr_at_{k}"] = hit.double()
+        out[f"ndcg_at_{k}"] = torch.where(hit, 1.0 / torch.log2(ranks + 1), torch.zeros_like(ranks))
+    out["mrr"] = 1.0 / ranks
     return out
+
+
+def ranking_metrics(ranks_B: Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    return {name: values.mean().item() for name, values in per_target_metrics(ranks_B, ks).items()}

@@ -16,6 +16,10 @@ with the plan it belongs to and a checkpoint stores it (pipeline/train/trainer.p
 epoch depend only on the rows, the seed and the global batch (`batch_size * world_size` rows, or
 `batch_tokens * world_size` positions), so a position continues exactly on another world size with the
 same global batch; at an epoch boundary any plan continues.
+
+Temporal evaluation (`temporal_batches`, pipeline/data/temporal.py): the train split is a SequenceBatches
+over the pre-cut rows; each evaluation split is one over rows that end with their target, with per-row
+`tags` that every batch carries (Batch.tags) for the grouped metrics of pipeline/train/evaluate.py.
 """
 
 from __future__ import annotations
@@ -24,9 +28,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.data.collate import Batch, collate_arrow
 from pipeline.data.sequences import SequenceData, eligible_rows, token_budget_cuts
+from pipeline.data.temporal import temporal_split
 
 
 class SequenceBatches:
@@ -41,6 +47,8 @@ class SequenceBatches:
         rank: int = 0,
         world_size: int = 1,
         batch_tokens: int = 0,
+        tags: np.ndarray | None = None,  # per row of data.table, carried by every batch (Batch.tags)
+        skipped: int = 0,  # rows of the source data left out before these (reported with skipped_users)
     ) -> None:
         if batch_tokens and batch_tokens < 2 * max_sequence_length:
             # with >= 2 full histories per rank, every global batch but the last has >= world_size rows
@@ -60,9 +68,9 @@ class SequenceBatches:
         self.rows = eligible_rows(data, drop_last_items)
         # supervised positions of each eligible row: history after dropping and truncation
         self.tokens = np.minimum(data.lengths()[self.rows] - drop_last_items, max_sequence_length + 1) - 1
-        self.skipped_users = data.num_users - len(
-            self.rows
-        )  # too short for this split; reported by the trainer
+        # too short for this split (temporal: targets without history); reported by the trainer
+        self.skipped_users = data.num_users - len(self.rows) + skipped
+        self.tags = tags
         self._num_batches: int | None = None
         self._epoch, self._batch = 0, 0
 
@@ -132,4 +140,55 @@ class SequenceBatches:
             else:
                 mine = np.array_split(global_rows, self.world_size)[self.rank]
             self._epoch, self._batch = (epoch + 1, 0) if k == len(batches) else (epoch, k)
-            yield collate_arrow(self.data.table.take(mine), self.max_sequence_length, self.drop_last_items)
+            yield self.collate(mine)
+
+    def collate(self, rows: np.ndarray) -> Batch:
+        """The batch of these rows of data.table, with their tags."""
+        batch = collate_arrow(self.data.table.take(rows), self.max_sequence_length, self.drop_last_items)
+        if self.tags is not None:
+            batch.tags = torch.from_numpy(self.tags[rows].astype(np.int64))
+        return batch
+
+
+def temporal_batches(
+    data: SequenceData,
+    cut: str | int | None,
+    window_seconds: int,
+    batch_size: int,
+    eval_batch_size: int,
+    max_sequence_length: int,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    batch_tokens: int = 0,
+) -> dict[str, SequenceBatches]:
+    """The splits of `data.protocol=temporal`: train before the cut, valid (and test) windows after it."""
+    train, windows = temporal_split(data, cut, window_seconds, max_history=max_sequence_length)
+    splits = {
+        "train": SequenceBatches(
+            train,
+            0,
+            batch_size,
+            max_sequence_length,
+            shuffle=True,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            batch_tokens=batch_tokens,
+            skipped=data.num_users - train.num_users,
+        )
+    }
+    for name, rows in windows.items():
+        splits[name] = SequenceBatches(
+            rows.data,
+            0,
+            eval_batch_size,
+            max_sequence_length,
+            shuffle=False,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            tags=rows.tags,
+            skipped=rows.skipped,
+        )
+    return splits

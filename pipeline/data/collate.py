@@ -37,6 +37,9 @@ logging.getLogger("torch.fx._symbolic_trace").addFilter(_DropFxTracingNotice())
 class Batch(Pipelineable):
     seq: KeyedJaggedTensor  # keys (item_id, timestamp); per user: history + target
     user_ids: Tensor  # [B]
+    # [B] int64 evaluation tags of temporal rows (pipeline/data/temporal.py: new item / new user bits);
+    # None for leave-one-out rows
+    tags: Tensor | None = None
 
     @property
     def size(self) -> int:
@@ -49,14 +52,18 @@ class Batch(Pipelineable):
         return Batch(
             self.seq.to(device, non_blocking=non_blocking),
             self.user_ids.to(device, non_blocking=non_blocking),
+            None if self.tags is None else self.tags.to(device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.seq.record_stream(stream)
         self.user_ids.record_stream(stream)
+        if self.tags is not None:
+            self.tags.record_stream(stream)
 
     def pin_memory(self) -> Batch:
-        return Batch(self.seq.pin_memory(), self.user_ids.pin_memory())
+        tags = None if self.tags is None else self.tags.pin_memory()
+        return Batch(self.seq.pin_memory(), self.user_ids.pin_memory(), tags)
 
 
 def _list_parts(column: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,6 +10,8 @@ from.
 Splits (leave-one-out by position):
   anchor     train on each sequence minus its last item; evaluate the last item (official code).
   validated  train on all but the last two; validate on the second-to-last; test on the last.
+  temporal   a global time cut instead (pipeline/data/temporal.py): train on the events before it,
+             evaluate every event of the next window (valid) and of the one after (test).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ META_KEY = b"fuxi.meta"
 PROTOCOLS = {
     "anchor": {"train": 1, "test": 0},
     "validated": {"train": 2, "valid": 1, "test": 0},
+    # rows are cut by time, not by position: pipeline.data.batches.temporal_batches builds the splits
+    "temporal": {"train": 0, "valid": 0, "test": 0},
 }
 
 

@@ -23,7 +23,14 @@ class DataConfig:
     # directory (`fuxi data build-sequences`)
     source: str = "synthetic"
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
-    protocol: Literal["anchor", "validated"] = "validated"
+    # "anchor" / "validated": leave-one-out by position; "temporal": a global time cut
+    # (pipeline/data/temporal.py): train before `cut`, validate on [cut, cut + window_seconds), test on
+    # the next window when it has events
+    protocol: Literal["anchor", "validated", "temporal"] = "validated"
+    # temporal: an ISO date "YYYY-MM-DD" (00:00 UTC) or integer unix seconds as a string; None: 00:00 UTC
+    # of the last day that has events (train on everything before the newest day, evaluate on it)
+    cut: str | None = None
+    window_seconds: int = 86400
     # stream the training split of a shard directory (pipeline/data/stream.py) instead of holding it in memory
     stream: bool = False
     stream_backend: Literal["ray", "pyarrow"] = "ray"

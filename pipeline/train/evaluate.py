@@ -2,6 +2,12 @@
 
 `evaluate` scores an unsharded model in one process; `evaluate_sharded` gives the same metrics when the
 item table is sharded over ranks (each rank scores its shard; the per-shard ranks are summed).
+
+Metrics are means over the evaluation rows (`num_users` counts them). Rows with tags (temporal windows,
+pipeline/data/temporal.py: one row per target event) also get `num_targets`, `users/<metric>` (the mean
+over users of each user's mean over its targets), and `new_items/<metric>`, `new_users/<metric>` over the
+targets whose item / user has no event before the window, with counts `new_items/num_targets`,
+`new_users/num_targets` (a group without targets has count 0 and no metrics).
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import KeyedJaggedTensor
 
 from model.jagged import jagged_to_padded
-from model.metrics import full_ranks, ranking_metrics
+from model.metrics import full_ranks, per_target_metrics, ranking_metrics
 from model.recommender import NEG_FEATURE, SequentialRecommender, l2_normalize
 from pipeline.data.batches import SequenceBatches
-from pipeline.data.collate import Batch, collate_arrow
+from pipeline.data.collate import Batch
 from pipeline.data.schema import ITEM_FEATURE
+from pipeline.data.temporal import TAG_NEW_ITEM, TAG_NEW_USER
 from pipeline.train.parallelize import TABLE_KEY, ParallelModel
 
 
@@ -47,19 +54,44 @@ def batch_ranks(model: SequentialRecommender, batch: Batch, filter_seen: bool = 
     return full_ranks(scores, target, history if filter_seen else None, exclude)
 
 
+def aggregate_metrics(ranks_B: Tensor, user_ids_B: Tensor, tags_B: Tensor | None = None) -> dict[str, float]:
+    """The metrics of an evaluation split from the ranks of all its rows (module docstring)."""
+    metrics = ranking_metrics(ranks_B)
+    metrics["num_users"] = float(ranks_B.numel())
+    if tags_B is None:
+        return metrics
+    metrics["num_targets"] = float(ranks_B.numel())
+    values = per_target_metrics(ranks_B)
+    _, user = torch.unique(user_ids_B.cpu(), return_inverse=True)
+    per_user = torch.bincount(user).double()
+    for name, v in values.items():
+        sums = torch.zeros(len(per_user), dtype=torch.float64).index_add_(0, user, v.cpu())
+        metrics[f"users/{name}"] = (sums / per_user).mean().item()
+    tags = tags_B.cpu()
+    for group, bit in (("new_items", TAG_NEW_ITEM), ("new_users", TAG_NEW_USER)):
+        mask = (tags & bit) != 0
+        metrics[f"{group}/num_targets"] = float(mask.sum())
+        if mask.any():
+            metrics.update({f"{group}/{k}": v for k, v in ranking_metrics(ranks_B[mask]).items()})
+    return metrics
+
+
 @torch.no_grad()
 def evaluate(
     model: SequentialRecommender, batches: Iterable[Batch], device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     was_training = model.training
     model.eval()
-    ranks = [batch_ranks(model, b.to(torch.device(device))) for b in batches]
+    ranks, users, tags = [], [], []
+    for b in batches:
+        ranks.append(batch_ranks(model, b.to(torch.device(device))).cpu())
+        users.append(b.user_ids.cpu())
+        tags.append(b.tags)
     model.train(was_training)
     if not ranks:
         raise ValueError("evaluation split is empty")
-    metrics = ranking_metrics(torch.cat(ranks))
-    metrics["num_users"] = float(sum(r.numel() for r in ranks))
-    return metrics
+    all_tags = None if any(t is None for t in tags) else torch.cat([t.cpu() for t in tags])
+    return aggregate_metrics(torch.cat(ranks), torch.cat(users), all_tags)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -211,10 +243,11 @@ def evaluate_sharded(
     ]  # ShardedTensor (local shards are views of the weights) or a tensor
     was_training = model.training
     model.eval()
-    ranks = []
+    ranks, users, tags = [], [], []
     for rows, valid in _eval_rows(batches, rank, world):
-        batch = collate_arrow(
-            batches.data.table.take(rows), batches.max_sequence_length, batches.drop_last_items
+        batch = batches.collate(rows)
+        users_and_tags = torch.stack(
+            [batch.user_ids, batch.tags if batch.tags is not None else torch.zeros_like(batch.user_ids)], 1
         )
         batch = batch.to(device)
         user_BD = model.encode_last(batch.seq)
@@ -238,25 +271,26 @@ def evaluate_sharded(
                 history,
                 in_history.long(),
                 torch.tensor([valid], device=device),
+                users_and_tags.to(device),
             )
         ]
-        users, targets, t_scores, histories, seen, valids = parts
+        user_vecs, targets, t_scores, histories, seen, valids, row_ids = parts
         width = max(h.shape[1] for h in histories)
         all_history = torch.cat([F.pad(h, (0, width - h.shape[1])) for h in histories])
         counts = _sharded_counts(
-            table, torch.cat(users), torch.cat(targets), torch.cat(t_scores), all_history, eps
+            table, torch.cat(user_vecs), torch.cat(targets), torch.cat(t_scores), all_history, eps
         )
         if world > 1:
             dist.all_reduce(counts)
         batch_ranks = torch.where(torch.cat(seen).bool(), math.inf, counts.double() + 1)
         offset = 0
-        for u, v in zip(users, valids):
+        for u, v, ids in zip(user_vecs, valids, row_ids):
             ranks.append(batch_ranks[offset : offset + int(v[0])].cpu())
+            users.append(ids[: int(v[0]), 0].cpu())
+            tags.append(ids[: int(v[0]), 1].cpu())
             offset += u.shape[0]
     model.train(was_training)
     if not ranks:
         raise ValueError("evaluation split is empty")
-    all_ranks = torch.cat(ranks)
-    metrics = ranking_metrics(all_ranks)
-    metrics["num_users"] = float(all_ranks.numel())
-    return metrics
+    all_tags = torch.cat(tags) if batches.tags is not None else None
+    return aggregate_metrics(torch.cat(ranks), torch.cat(users), all_tags)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from model.loss import NegativeSampler
-from pipeline.data.batches import SequenceBatches
+from pipeline.data.batches import SequenceBatches, temporal_batches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
@@ -86,6 +86,23 @@ def load_model_weights(
 def build_batches(
     cfg: TrainConfig, data: SequenceData, rank: int = 0, world_size: int = 1
 ) -> dict[str, SequenceBatches | ShardBatches]:
+    if cfg.data.protocol == "temporal":
+        if cfg.data.stream:
+            raise ValueError("data.stream is not supported with data.protocol=temporal (in-memory only)")
+        return dict(
+            temporal_batches(
+                data,
+                cfg.data.cut,
+                cfg.data.window_seconds,
+                cfg.batch_size,
+                cfg.eval_batch_size,
+                cfg.model.max_sequence_length,
+                seed=cfg.seed,
+                rank=rank,
+                world_size=world_size,
+                batch_tokens=cfg.data.batch_tokens,
+            )
+        )
     drops = PROTOCOLS[cfg.data.protocol]
     splits: dict[str, SequenceBatches | ShardBatches] = {
         split: SequenceBatches(
