@@ -155,6 +155,8 @@ def _static(cfg: LogConfig) -> _Static:
             raise ValueError(f"{name} must be one of {ID_STYLES}, got {getattr(cfg, name)!r}")
     if cfg.new_items_per_day < 0 or cfg.new_item_days < 1 or not 0.0 <= cfg.new_item_share <= 1.0:
         raise ValueError("need new_items_per_day >= 0, new_item_days >= 1 and 0 <= new_item_share <= 1")
+    if "string" in (cfg.item_ids, cfg.user_ids) and cfg.rows_per_part * 17 >= 2**31:
+        raise ValueError("string ids: rows_per_part must stay below 2^31 / 17 (int32 string offsets)")
     n_new = cfg.total_items - cfg.num_items
     if n_new:
         rng_new = np.random.default_rng(np.random.SeedSequence([cfg.seed, 2]))
@@ -288,16 +290,19 @@ def _id_array(dense: np.ndarray, table: np.ndarray | None, style: str, prefix: s
     ids = table[np.where(null, 0, dense) if null is not None else dense]
     if style == "hashed":
         return pa.array(ids, mask=null)
-    # 16 lowercase hex digits of the id as uint64, built as fixed-width bytes (vectorised)
-    nib = (ids.view(np.uint64)[:, None] >> (np.arange(60, -4, -4, dtype=np.uint64))[None, :]) & np.uint64(15)
-    chars = np.frombuffer(b"0123456789abcdef", np.uint8)[nib.astype(np.intp)]
-    data = np.concatenate([np.full((len(ids), 1), ord(prefix), np.uint8), chars], axis=1)
-    width = data.shape[1]
-    offsets = (np.arange(len(ids) + 1, dtype=np.int32) * width).astype(np.int32)
+    # prefix + 16 lowercase hex digits of the id as uint64, as fixed-width bytes, one digit column at a time
+    # (17 bytes per row plus one uint64 temporary)
+    hexdigits = np.frombuffer(b"0123456789abcdef", np.uint8)
+    value = ids.view(np.uint64)
+    data = np.empty((len(ids), 17), np.uint8)
+    data[:, 0] = ord(prefix)
+    for j in range(16):
+        data[:, 16 - j] = hexdigits[((value >> np.uint64(4 * j)) & np.uint64(15)).astype(np.intp)]
+    offsets = np.arange(len(ids) + 1, dtype=np.int32) * 17
     validity = None if null is None else pa.array(~null).buffers()[1]
     null_count = 0 if null is None else int(null.sum())
     return pa.StringArray.from_buffers(
-        len(ids), pa.py_buffer(offsets), pa.py_buffer(np.ascontiguousarray(data)), validity, null_count
+        len(ids), pa.py_buffer(offsets), pa.py_buffer(data), validity, null_count
     )
 
 
