@@ -183,12 +183,19 @@ def cmd_data_synth_logs(args: argparse.Namespace) -> int:
         seed=args.seed,
         bad_fraction=args.bad_fraction,
         rows_per_part=args.rows_per_part,
+        new_items_per_day=args.items // 100 if args.new_items_per_day is None else args.new_items_per_day,
+        new_item_share=args.new_item_share,
+        new_item_days=args.new_item_days,
+        item_ids=args.item_ids,
+        user_ids=args.user_ids,
     )
     summary = write_logs(cfg, args.out, overwrite=args.overwrite)
     parts = sum(d["parts"] for d in summary["days"].values())
     print(
         f"wrote {args.out}: {cfg.num_events:,} events over {cfg.num_days} days ({parts} part files), "
-        f"{cfg.num_users:,} users, catalogue of {cfg.num_items:,} items"
+        f"{cfg.num_users:,} users, catalogue of {summary['num_items']:,} items "
+        f"({cfg.num_items:,} + {cfg.new_items_per_day:,} new per day; {cfg.item_ids} item ids, "
+        f"{cfg.user_ids} user ids)"
     )
     return 0
 
@@ -529,12 +536,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = data.add_parser("synth-logs", help="write synthetic raw event logs (date-partitioned Parquet)")
     p.add_argument("--out", required=True)
     p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--items", type=int, default=50_000, help="catalogue size: item ids 1..N")
+    p.add_argument("--items", type=int, default=50_000, help="initial catalogue size (day 0)")
     p.add_argument("--days", type=int, default=7)
     p.add_argument("--events", type=int, default=5_000_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bad-fraction", type=float, default=0.0, help="plant this fraction of invalid rows")
     p.add_argument("--rows-per-part", type=int, default=2_000_000)
+    p.add_argument(
+        "--new-items-per-day",
+        type=int,
+        default=None,
+        help="items introduced on every day after the first (default items // 100; 0 = frozen catalogue)",
+    )
+    p.add_argument(
+        "--new-item-share", type=float, default=0.1, help="share of each day's events on recent new items"
+    )
+    p.add_argument("--new-item-days", type=int, default=3, help="days an item counts as new")
+    p.add_argument("--item-ids", choices=("dense", "hashed", "string"), default="dense")
+    p.add_argument("--user-ids", choices=("dense", "hashed", "string"), default="dense")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_data_synth_logs)
 
