@@ -38,8 +38,9 @@ from typing import Any
 
 STEPS = ("ingest", "update_sequences", "train", "evaluate", "register_promote")
 FAIL_ENV = "FUXI_NIGHTLY_FAIL_STEP"
-# the demo's log window (`fuxi data synth-logs` arguments): 7 days from 2024-01-01, sized for the tiny preset
-DEMO_LOGS = {"users": 300, "items": 200, "days": 7, "events": 21000, "seed": 0}
+# the demo's log window (`fuxi data synth-logs` arguments): 7 days from 2024-01-01, sized for the tiny preset,
+# with new items every day (an open catalogue)
+DEMO_LOGS = {"users": 300, "items": 200, "days": 7, "events": 21000, "seed": 0, "new-items-per-day": 10}
 
 
 @dataclass

@@ -348,7 +348,8 @@ def test_cli_synth_build_append_stats_and_train(tmp_path, capsys):
     assert main(["data", "stats", str(seq)]) == 0
     stats = json.loads(capsys.readouterr().out)
     manifest = read_manifest(seq)
-    assert stats["num_items"] == manifest["vocab"]["rows"] + 1 <= 401  # the items seen, at most the catalogue
+    # the items seen (400 at start + 4 new a day by default), at most the catalogue
+    assert stats["num_items"] == manifest["vocab"]["rows"] + 1 <= 400 + 2 * 4 + 1
     assert stats["interactions"] == manifest["interactions"]
     report = tmp_path / "report.json"
     assert (
