@@ -297,13 +297,16 @@ def gather_task(spec: dict) -> dict:
         vocab = read_vocabulary(spec["vocab"])
         keys, admitted = vocab.admitted_days()
         rows = vocab.lookup(keys)
+    by_day: dict[str, list[pa.Table]] = {}
     for path, rgs, day in spec["pieces"]:
-        t = pq.ParquetFile(path).read_row_groups(rgs)
-        if keys is not None:
+        by_day.setdefault(day, []).append(pq.ParquetFile(path).read_row_groups(rgs))
+    for day, pieces in sorted(by_day.items()):
+        t = pa.concat_tables(pieces).combine_chunks() if len(pieces) > 1 else pieces[0]
+        if keys is not None:  # one hash lookup per day of this partition
             idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
             ok = (idx >= 0) & (admitted[idx] > 0) & (admitted[idx] <= int(day.replace("-", "")))
             if not ok.all():
-                below[day] = below.get(day, 0) + int((~ok).sum())
+                below[day] = int((~ok).sum())
             mask = pa.array(ok)
             t = pa.Table.from_arrays(
                 [t["user_id"].filter(mask), pa.array(rows[idx[ok]]), t["timestamp"].filter(mask)],
