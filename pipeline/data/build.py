@@ -294,25 +294,28 @@ def gather_task(spec: dict) -> dict:
     tables, below = [], {}
     keys = admitted = rows = None
     if spec.get("vocab"):
-        vocab = read_vocabulary(spec["vocab"])
-        keys, admitted = vocab.admitted_days()
-        rows = vocab.lookup(keys)
-    by_day: dict[str, list[pa.Table]] = {}
-    for path, rgs, day in spec["pieces"]:
-        by_day.setdefault(day, []).append(pq.ParquetFile(path).read_row_groups(rgs))
-    for day, pieces in sorted(by_day.items()):
-        t = pa.concat_tables(pieces).combine_chunks() if len(pieces) > 1 else pieces[0]
-        if keys is not None:  # one hash lookup per day of this partition
-            idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
-            ok = (idx >= 0) & (admitted[idx] > 0) & (admitted[idx] <= int(day.replace("-", "")))
-            if not ok.all():
-                below[day] = int((~ok).sum())
-            mask = pa.array(ok)
-            t = pa.Table.from_arrays(
+        keys, rows, admitted = read_vocabulary(spec["vocab"]).admitted_days()
+    pieces = [pq.ParquetFile(path).read_row_groups(rgs) for path, rgs, _ in spec["pieces"]]
+    if pieces and keys is not None:  # one hash lookup for the whole partition
+        t = pa.concat_tables(pieces).combine_chunks()
+        day_of_row = np.repeat(
+            np.array([int(d.replace("-", "")) for _, _, d in spec["pieces"]], dtype=np.int64),
+            [p.num_rows for p in pieces],
+        )
+        idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
+        ok = idx >= 0
+        ok[ok] = (admitted[idx[ok]] > 0) & (admitted[idx[ok]] <= day_of_row[ok])
+        for d in np.unique(day_of_row[~ok]):
+            date = f"{d // 10000:04d}-{d // 100 % 100:02d}-{d % 100:02d}"
+            below[date] = int(((day_of_row == d) & ~ok).sum())
+        mask = pa.array(ok)
+        pieces = [
+            pa.Table.from_arrays(
                 [t["user_id"].filter(mask), pa.array(rows[idx[ok]]), t["timestamp"].filter(mask)],
                 schema=event_schema(None, t.schema.field("user_id").type),
             )
-        tables.append(t)
+        ]
+    tables.extend(pieces)
     if spec.get("existing"):
         tables.append(sequences_to_events(pq.read_table(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
     user_type = pa.string() if spec.get("user_key") == "string" else pa.int64()

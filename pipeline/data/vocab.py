@@ -122,11 +122,12 @@ class Vocabulary:
             raise ValueError(f"row {int(bad[0])} is not an item row of this vocabulary (1..{self.num_rows})")
         return self._keys.take(pa.array(rows - 1)).to_pylist()
 
-    def admitted_days(self) -> tuple[pa.Array, np.ndarray]:
-        """(raw ids, admission day as a YYYYMMDD int, 0 while pending): what the build maps events with."""
+    def admitted_days(self) -> tuple[pa.Array, np.ndarray, np.ndarray]:
+        """(raw ids, their rows (0 while pending), admission day as a YYYYMMDD int (0 while pending)), in
+        table order: what the build maps events with."""
         days = self.table["admitted_day"].combine_chunks()
         as_int = pc.cast(pc.replace_substring(pc.fill_null(days, "0"), "-", ""), pa.int64())
-        return self._keys, as_int.to_numpy(zero_copy_only=False)
+        return self._keys, self._rows, as_int.to_numpy(zero_copy_only=False)
 
     def first_timestamps(self, rows: Any) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -150,7 +151,6 @@ class Vocabulary:
         first_old = self.table["first_timestamp"].to_numpy().copy()
         np.minimum.at(first_old, idx[old], first_ts[old])
         rows = self._rows.copy()
-        admitted_day = self.table["admitted_day"].to_pylist()
         # pending ids that reach min_count today, then ids first seen today that reach it at once
         pending_now = (rows == 0) & (total >= self.min_count)
         new = ~old
@@ -164,8 +164,9 @@ class Vocabulary:
         new_rows[admit_order] = np.arange(self.num_rows + 1, self.num_rows + 1 + n_admit)
         n_pending = int(pending_now.sum())
         rows[pending_now] = new_rows[:n_pending]
-        for k in np.flatnonzero(pending_now):
-            admitted_day[k] = day
+        today = pa.scalar(day, pa.string())
+        old_days = pc.if_else(pa.array(pending_now), today, self.table["admitted_day"].combine_chunks())
+        new_days = pc.if_else(pa.array(fresh_admit[new]), today, pa.scalar(None, pa.string()))
         add_rows = np.zeros(int(new.sum()), dtype=np.int64)
         add_rows[fresh_admit[new]] = new_rows[n_pending:]
         table = pa.table(
@@ -177,9 +178,7 @@ class Vocabulary:
                 ),
                 "first_timestamp": np.r_[first_old, first_ts[new]],
                 "count": np.r_[total, counts[new]],
-                "admitted_day": pa.array(
-                    admitted_day + [day if a else None for a in fresh_admit[new]], pa.string()
-                ),
+                "admitted_day": pa.concat_arrays([old_days, new_days]),
             }
         )
         table = _canonical(table, self.key_type)
