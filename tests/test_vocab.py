@@ -216,3 +216,33 @@ def test_vocabulary_extend_is_order_independent_within_a_day() -> None:
         "d1", pa.array([5, 9, 3]), np.array([1, 1, 1]), np.array([2, 3, 1])
     )
     assert a.table.equals(b.table) and a.raw_ids([1, 2, 3]) == [3, 5, 9]
+
+
+def test_string_ids_build_train_and_return_raw_ids_in_top_k(tmp_path):
+    """Logs keyed by strings (items and users) -> shards -> `fuxi train` -> a checkpoint that carries the
+    vocabulary -> top-k in raw string ids; unknown ids in a request are dropped and counted."""
+    import json
+
+    import numpy as np
+
+    from pipeline.train.loading import load_checkpoint_model
+
+    rng = np.random.default_rng(0)
+    logs = tmp_path / "logs"
+    items = [f"sku-{k:04x}" for k in range(40)]
+    for d in range(2):
+        rows = [
+            (f"user-{u}", items[(u + 3 * j + rng.integers(0, 3)) % 40], T + d * DAY + 60 * j + u)
+            for u in range(30)
+            for j in range(6)
+        ]
+        write_day(logs, f"2024-01-0{d + 1}", rows, item_type=pa.string(), user_type=pa.string())
+    seq, report = tmp_path / "seq", tmp_path / "report.json"
+    assert main(["data", "build-sequences", "--logs", str(logs), "--out", str(seq), "--partitions", "2"]) == 0
+    args = ["train", "--preset", "tiny", "--data", str(seq), "--epochs", "1", "--no-tracking"]
+    assert main([*args, "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0
+    loaded = load_checkpoint_model(json.loads(report.read_text())["checkpoint"])
+    assert loaded.vocab is not None and loaded.vocab.key_type == "string"
+    ids, scores, ignored = loaded.top_k([["sku-0001", "sku-0004"], ["sku-0010", "no-such-item"]], k=5)
+    assert all(len(u) == 5 and all(i in items for i in u) for u in ids) and ignored == [0, 1]
+    assert not {"sku-0001", "sku-0004"} & set(ids[0]) and (np.diff(scores, axis=1) <= 0).all()

@@ -292,17 +292,25 @@ def gather_task(spec: dict) -> dict:
     """Build one partition's shard from its scattered row groups (+ the stored shard when appending); with a
     vocabulary, raw item ids become rows, and events of items not admitted by their day are left out."""
     tables, below = [], {}
-    keys = admitted = rows = None
-    if spec.get("vocab"):
-        keys, rows, admitted = read_vocabulary(spec["vocab"]).admitted_days()
     pieces = [pq.ParquetFile(path).read_row_groups(rgs) for path, rgs, _ in spec["pieces"]]
-    if pieces and keys is not None:  # one hash lookup for the whole partition
+    if pieces and spec.get("vocab"):  # one lookup for the whole partition
+        mapping = pq.read_table(spec["vocab"])  # raw_id (sorted), row, admitted (YYYYMMDD, 0 = pending)
+        keys = mapping["raw_id"].combine_chunks()
+        rows, admitted = mapping["row"].to_numpy(), mapping["admitted"].to_numpy()
         t = pa.concat_tables(pieces).combine_chunks()
         day_of_row = np.repeat(
             np.array([int(d.replace("-", "")) for _, _, d in spec["pieces"]], dtype=np.int64),
             [p.num_rows for p in pieces],
         )
-        idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
+        if pa.types.is_integer(keys.type):  # binary search in the sorted keys: no hash table to build
+            raw, sorted_keys = t["item_id"].to_numpy(), keys.to_numpy()
+            idx = np.full(len(raw), -1, dtype=np.int64)
+            if len(sorted_keys):
+                pos = np.minimum(np.searchsorted(sorted_keys, raw), len(sorted_keys) - 1)
+                found = sorted_keys[pos] == raw
+                idx[found] = pos[found]
+        else:
+            idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
         ok = idx >= 0
         ok[ok] = (admitted[idx[ok]] > 0) & (admitted[idx[ok]] <= day_of_row[ok])
         for d in np.unique(day_of_row[~ok]):
@@ -634,7 +642,7 @@ def _check_keys(out: Path, manifest: dict, scattered: list[dict]) -> None:
 
 def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: list[str]) -> tuple[int, Path]:
     """Extend the vocabulary by each day's item counts, in date order; write this generation's file (before
-    the manifest commit) and record it. Returns (rows added, the file)."""
+    the manifest commit) and record it. Returns (rows added, the sorted mapping the gather tasks read)."""
     info = manifest["vocab"]
     key_type = info["key_type"] or "int64"
     if info["file"]:
@@ -653,11 +661,19 @@ def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: l
         )
         added += n
     path = write_vocabulary(vocab, out / f"vocab-g{manifest['generation']:06d}.parquet")
+    # what the gather tasks map with: raw ids sorted, their rows and admission days (a temporary file)
+    keys, rows, admitted = vocab.admitted_days()
+    order = pc.sort_indices(keys)
+    mapping = pa.table(
+        {"raw_id": keys.take(order), "row": rows[order.to_numpy()], "admitted": admitted[order.to_numpy()]}
+    )
+    mapping_path = out / f"_tmp-g{manifest['generation']:06d}" / "vocab-map.parquet"
+    pq.write_table(mapping, mapping_path, compression="lz4")
     pending = len(vocab) - vocab.num_rows
     manifest["vocab"] = dict(
         info, file=path.name, key_type=vocab.key_type, rows=vocab.num_rows, pending=pending
     )
-    return added, path
+    return added, mapping_path
 
 
 def _remove_unreferenced(out: Path, manifest: dict) -> None:
