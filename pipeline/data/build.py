@@ -294,7 +294,7 @@ def gather_task(spec: dict) -> dict:
     tables, below = [], {}
     pieces = [pq.ParquetFile(path).read_row_groups(rgs) for path, rgs, _ in spec["pieces"]]
     if pieces and spec.get("vocab"):  # one lookup for the whole partition
-        mapping = pq.read_table(spec["vocab"])  # raw_id (sorted), row, admitted (YYYYMMDD, 0 = pending)
+        mapping = pq.read_table(spec["vocab"])  # raw_id, row, admitted (YYYYMMDD, 0 = pending)
         keys = mapping["raw_id"].combine_chunks()
         rows, admitted = mapping["row"].to_numpy(), mapping["admitted"].to_numpy()
         t = pa.concat_tables(pieces).combine_chunks()
@@ -302,15 +302,10 @@ def gather_task(spec: dict) -> dict:
             np.array([int(d.replace("-", "")) for _, _, d in spec["pieces"]], dtype=np.int64),
             [p.num_rows for p in pieces],
         )
-        if pa.types.is_integer(keys.type):  # binary search in the sorted keys: no hash table to build
-            raw, sorted_keys = t["item_id"].to_numpy(), keys.to_numpy()
-            idx = np.full(len(raw), -1, dtype=np.int64)
-            if len(sorted_keys):
-                pos = np.minimum(np.searchsorted(sorted_keys, raw), len(sorted_keys) - 1)
-                found = sorted_keys[pos] == raw
-                idx[found] = pos[found]
-        else:
-            idx = pc.fill_null(pc.index_in(t["item_id"], value_set=keys), -1).to_numpy(zero_copy_only=False)
+        import pandas as pd  # its hash index probes ~3x faster than a binary search or pc.index_in
+
+        raw = t["item_id"].to_numpy(zero_copy_only=False)
+        idx = pd.Index(keys.to_numpy(zero_copy_only=False)).get_indexer(raw)
         ok = idx >= 0
         ok[ok] = (admitted[idx[ok]] > 0) & (admitted[idx[ok]] <= day_of_row[ok])
         for d in np.unique(day_of_row[~ok]):
@@ -661,7 +656,7 @@ def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: l
         )
         added += n
     path = write_vocabulary(vocab, out / f"vocab-g{manifest['generation']:06d}.parquet")
-    # what the gather tasks map with: raw ids sorted, their rows and admission days (a temporary file)
+    # what the gather tasks map with: raw ids (sorted), their rows and admission days (a temporary file)
     keys, rows, admitted = vocab.admitted_days()
     order = pc.sort_indices(keys)
     mapping = pa.table(
