@@ -58,6 +58,10 @@ class SequenceData:
     def lengths(self) -> np.ndarray:
         return pc.list_value_length(self.table["item_ids"]).to_numpy(zero_copy_only=False)
 
+    def max_item(self) -> int:
+        """The largest item row any sequence holds (0 when empty)."""
+        return _max_item(self.table)
+
 
 def events_to_sequences(events: pa.Table) -> pa.Table:
     """Group (user_id, item_id, timestamp) events into one time-ordered row per user."""

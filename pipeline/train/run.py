@@ -83,6 +83,15 @@ def load_model_weights(
     return warm_start(model, checkpoint, optimizer, init_optimizer_state)
 
 
+def negative_rows(cfg: TrainConfig, data: SequenceData, train: Any) -> int:
+    """The item rows negatives are drawn from (1..high-1). Under a time cut, only the rows the training
+    split reaches: items that first appear after the cut (the newest rows: rows are given in order of
+    arrival) keep a cold start's initialisation instead of being pushed down as negatives only."""
+    if cfg.data.protocol == "temporal" and isinstance(train, SequenceBatches):
+        return max(train.data.max_item(), 1) + 1
+    return data.num_items
+
+
 def build_batches(
     cfg: TrainConfig, data: SequenceData, rank: int = 0, world_size: int = 1
 ) -> dict[str, SequenceBatches | ShardBatches]:
@@ -203,7 +212,7 @@ def _train(
             cfg.loss.num_negatives,
             cfg.loss.negatives,
             low=1,
-            high=data.num_items,
+            high=negative_rows(cfg, data, splits["train"]),
             dedup=cfg.loss.dedup_negatives,
         ),
         data=splits["train"],
