@@ -225,16 +225,13 @@ def recent_item_topk(loaded: Any, data: str, date: str, users: int = 256, k: int
     the window, from their history before it) that hold items first seen in the RECENT_DAYS days before
     the window, beside those items' share of the window's events (what a well-calibrated model would
     roughly match)."""
-    import numpy as np
-    import pyarrow.compute as pc
-
     from pipeline.data.sequences import read_sequences
 
     cut = int(dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc).timestamp())
-    table = read_sequences(data).table
-    lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
-    items = pc.list_flatten(table["item_ids"]).to_numpy(zero_copy_only=False)
-    times = pc.list_flatten(table["timestamps"]).to_numpy(zero_copy_only=False)
+    seqs = read_sequences(data)
+    lengths = seqs.lengths()
+    items = seqs.table["item_ids"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    times = seqs.table["timestamps"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
     first_seen = np.full(int(items.max()) + 1, np.iinfo(np.int64).max)
     np.minimum.at(first_seen, items, times)
     recent = (first_seen >= cut - RECENT_DAYS * 86_400) & (first_seen < cut)
