@@ -364,7 +364,12 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     the preset's validation split). Both scores and the window's item statistics go to the candidate's
     run and, per date, to the model's timeline run (`fuxi report --nightly`)."""
     from jobs import registry
-    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model, recent_item_topk
+    from pipeline.train.loading import (
+        checkpoint_config,
+        evaluate_checkpoint,
+        load_checkpoint_model,
+        recent_item_topk,
+    )
 
     sequences = state.outputs("update_sequences")
     data, num_items = sequences["sequences"], int(sequences["manifest"]["num_items"])
@@ -373,7 +378,8 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     client = _client(cfg)
 
     def measure(checkpoint: str | Path) -> dict[str, float]:
-        loaded = load_checkpoint_model(checkpoint, num_items=num_items)  # an older table grows fresh rows
+        rows = checkpoint_config(checkpoint).model.num_items  # an older table grows by fresh rows
+        loaded = load_checkpoint_model(checkpoint, num_items=max(num_items, rows))
         metrics = evaluate_checkpoint(loaded, data, "valid", data_overrides=window)
         if window:
             metrics.update(recent_item_topk(loaded, data, cfg.date))  # how new items fare in top-k

@@ -7,7 +7,8 @@ reduction orders), fp32. A change meant to alter numerics regenerates the file, 
     FUXI_UPDATE_LOSS_CURVES=1 PYTHONPATH=$PWD python -m pytest -q tests/test_loss_curve.py
 
 and the commit says why the curve moved. The file also records the torch version and CPU it was made
-with: on other hardware the low bits may differ, and the first differing step is reported.
+with: on that CPU the comparison is exact; on another CPU model (other SIMD kernels, other float summation
+orders) each loss must match within a relative 1e-5, far below what a numerics change moves (>1e-3 here).
 """
 
 from __future__ import annotations
@@ -81,9 +82,16 @@ def test_tiny_loss_curve_matches_the_recorded_one(tmp_path: Path) -> None:
     if UPDATE:
         write_curve(CURVE, losses)
     recorded = read_curve(CURVE)
-    first = next((k for k, (a, b) in enumerate(zip(losses, recorded)) if a != b), None)
+    same_cpu = f"on {platform.machine()} {cpu_model()}".rstrip() in CURVE.read_text().splitlines()[4]
+    rtol = 0.0 if same_cpu else 1e-5
+
+    def differs(a: float, b: float) -> bool:
+        return abs(a - b) > rtol * abs(b)
+
+    first = next((k for k, (a, b) in enumerate(zip(losses, recorded)) if differs(a, b)), None)
     assert first is None and len(losses) == len(recorded), (
-        f"loss curve differs from {CURVE.name} from step {None if first is None else first + 1} on "
+        f"loss curve differs from {CURVE.name} (rtol {rtol:g}) from step "
+        f"{None if first is None else first + 1} on "
         f"(got {losses}, recorded {recorded}); if the change is meant to alter numerics, regenerate it "
         "(see the file's header)"
     )

@@ -258,7 +258,8 @@ def test_nightly_idempotent_and_failure_keeps_champion(store: dict, sweep, tmp_p
         model_name=MODEL,
         overrides=["epochs=1", "optim.lr=0.005"],
         tracking_uri=store["uri"],
-        demo_logs={"users": 100, "events": 7000},
+        # a catalogue larger than the sweep's 200 synthetic items: the champion's table grows on warm start
+        demo_logs={"users": 100, "items": 300, "events": 7000},
     )
     os.environ[FAIL_ENV] = "register_promote"
     try:
