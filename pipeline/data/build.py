@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -141,8 +142,6 @@ def partition_of(users: np.ndarray | pa.Array, num_partitions: int) -> np.ndarra
         if pa.types.is_integer(users.type):
             users = users.to_numpy(zero_copy_only=False)
         else:
-            import pandas as pd
-
             users = pd.util.hash_array(np.asarray(users.to_pylist(), dtype=object), categorize=False)
     x = users.astype(np.uint64)
     x ^= x >> np.uint64(30)
@@ -302,8 +301,7 @@ def gather_task(spec: dict) -> dict:
             np.array([int(d.replace("-", "")) for _, _, d in spec["pieces"]], dtype=np.int64),
             [p.num_rows for p in pieces],
         )
-        import pandas as pd  # its hash index probes ~3x faster than a binary search or pc.index_in
-
+        # a pandas hash index probes ~3x faster than a binary search or pc.index_in here
         raw = t["item_id"].to_numpy(zero_copy_only=False)
         idx = pd.Index(keys.to_numpy(zero_copy_only=False)).get_indexer(raw)
         ok = idx >= 0

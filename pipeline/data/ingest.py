@@ -47,7 +47,6 @@ from pipeline.data.schema import DATE_RE, LOGS_META, QUARANTINE_SCHEMA
 
 EVENT_FIELDS = ("user_id", "item_id", "timestamp")
 OPTIONAL_FIELDS = ("event_type",)
-EVENT_SCHEMA = pa.schema([(c, pa.int64()) for c in EVENT_FIELDS])  # integer keys (rows after mapping)
 SCAN_ROWS = 1 << 20  # rows per validated batch: bounds memory per file
 
 

@@ -129,11 +129,6 @@ class Vocabulary:
         as_int = pc.cast(pc.replace_substring(pc.fill_null(days, "0"), "-", ""), pa.int64())
         return self._keys, self._rows, as_int.to_numpy(zero_copy_only=False)
 
-    def first_timestamps(self, rows: Any) -> np.ndarray:
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        ts = self.table["first_timestamp"].to_numpy()
-        return ts[rows - 1]
-
     def extend(
         self, day: str, keys: pa.Array, counts: np.ndarray, first_ts: np.ndarray
     ) -> tuple[Vocabulary, int]:
