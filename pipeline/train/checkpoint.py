@@ -13,19 +13,35 @@ never loaded; `latest` keeps naming the previous complete checkpoint.
 
 Model weights are TorchRec ShardedTensors (the item table) and FSDP2 DTensors (the dense part); DCP
 stores them with their global shapes, so a checkpoint loads into any world size or sharding type.
+
+Loading runs no code from the checkpoint (infra/README.md, "Trust model"): stock DCP unpickles `.metadata`
+with `pickle.load` and every non-tensor entry with `torch.load(weights_only=False)`. Every load here goes
+through `load_state` instead: `.metadata` is read by an unpickler that resolves only DCP's own metadata
+classes (anything else is refused before it is constructed), its storage entries must name `.distcp` files
+inside the checkpoint folder, and non-tensor entries are read with `torch.load(weights_only=True)` (plain
+data only). The trainer's state is JSON in train.json; `latest` may name only a `step-N` folder beside it.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
+import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 LATEST = "latest"
 FINAL = "final"
@@ -44,6 +60,124 @@ def _barrier() -> None:
 
 def is_complete(path: Path) -> bool:
     return (path / ".metadata").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading that runs no code
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint holds something that is not plain checkpoint data (it is refused, never executed)."""
+
+
+# What DCP's FileSystemWriter pickles into .metadata (torch 2.13): its metadata dataclasses, the storage
+# index, torch.Size / dtypes / layouts, and the checkpoint id as a path. Nothing here runs code when built.
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: Any, source: str) -> None:
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _METADATA_GLOBALS or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise UnsafeCheckpointError(
+            f"{self.source}: refusing to load {module}.{name}: DCP metadata may name only checkpoint "
+            "metadata classes (this file was not written by torch.distributed.checkpoint)"
+        )
+
+
+def read_dcp_metadata(path: str | Path) -> Metadata:
+    """A checkpoint's `.metadata`, read without running code and checked: every storage entry is a
+    `.distcp` file inside the checkpoint folder."""
+    source = Path(path) / ".metadata"
+    try:
+        with open(source, "rb") as f:
+            metadata = _MetadataUnpickler(f, str(source)).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as e:  # truncated or not a pickle at all
+        raise UnsafeCheckpointError(f"{source}: not a DCP metadata file ({type(e).__name__}: {e})") from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{source}: holds a {type(metadata).__name__}, not DCP Metadata")
+    for info in (metadata.storage_data or {}).values():
+        rel = str(getattr(info, "relative_path", ""))
+        if not rel.endswith(".distcp") or os.path.basename(rel) != rel or rel.startswith("."):
+            raise UnsafeCheckpointError(
+                f"{source}: storage entry {rel!r} is not a .distcp file in the folder"
+            )
+    return metadata
+
+
+class _SafeReader(dcp.FileSystemReader):
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _SafePlanner(DefaultLoadPlanner):
+    """Non-tensor entries (optimizer hyper-parameters, anything not a tensor) as plain data only."""
+
+    def __init__(self, source: str) -> None:
+        super().__init__()
+        self.source = source
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        fqn = read_item.dest_index.fqn
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            detail = f"it names {found.group(1)}" if found else str(e).strip().splitlines()[0]
+            raise UnsafeCheckpointError(
+                f"{self.source}: entry {fqn!r} is not plain data; refusing to unpickle it ({detail})"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[fqn], obj)
+        else:
+            self.state_dict[fqn] = obj
+
+
+def load_state(state: dict[str, Any], path: str | Path) -> None:
+    """`dcp.load(state, path)` that runs no code from the checkpoint (module docstring): a refused
+    checkpoint raises UnsafeCheckpointError on every rank, with one line naming the file and entry."""
+    path = str(path)
+    read_dcp_metadata(path)  # every rank: a refused .metadata fails here, before any collective
+    try:
+        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(path))
+    except CheckpointException as e:
+        for exc, _ in e.failures.values():
+            if isinstance(exc, UnsafeCheckpointError):
+                raise UnsafeCheckpointError(str(exc)) from None
+        raise
 
 
 class Checkpointer:
@@ -95,7 +229,12 @@ class Checkpointer:
         step-* folder (a `.tmp` folder is never a candidate)."""
         pointer = self.root / LATEST
         if pointer.exists():
-            path = self.root / pointer.read_text().strip()
+            name = pointer.read_text().strip()
+            if not _STEP.match(name):  # a plain step-N name beside `latest`: no paths, absolute or relative
+                raise UnsafeCheckpointError(
+                    f"{pointer}: names {name[:200]!r}; `latest` may only name a step-N checkpoint in its root"
+                )
+            path = self.root / name
             if is_complete(path):
                 return path
         steps = sorted(
@@ -114,7 +253,7 @@ class Checkpointer:
         path = Path(path) if path is not None else self.latest()
         if path is None:
             raise FileNotFoundError(f"no complete checkpoint under {self.root}")
-        dcp.load(state, checkpoint_id=str(path))
+        load_state(state, path)
         return read_meta(path)
 
 
@@ -185,7 +324,7 @@ class RunCheckpoints:
             return None
         self.init_optimizer_state()
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
+        load_state(state, path)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
         return str(path), read_meta(path)["trainer"]
@@ -198,7 +337,7 @@ class RunCheckpoints:
         if path is None:
             raise FileNotFoundError(f"no complete '{BEST}' checkpoint under {self.store.root}")
         state = {"model": self.dmp.state_dict()}
-        dcp.load(state, checkpoint_id=str(path))
+        load_state(state, path)
         self.dmp.load_state_dict(state["model"])
 
     def save_final(self, trainer_state: dict[str, Any], report: dict[str, Any]) -> Path:

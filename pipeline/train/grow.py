@@ -36,19 +36,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor, ShardedTensorMetadata
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.tensor import DTensor
 
-from pipeline.train.checkpoint import resolve_checkpoint
+from pipeline.train.checkpoint import load_state, read_dcp_metadata, resolve_checkpoint
 from pipeline.train.parallelize import TABLE_KEY
 
 
 def saved_shapes(path: str | Path) -> dict[str, tuple[int, ...] | None]:
     """Flat DCP key -> global shape of every entry of a checkpoint (None: not a tensor), from .metadata."""
-    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    metadata = read_dcp_metadata(path)
     return {
         key: tuple(md.size) if isinstance(md, TensorStorageMetadata) else None
         for key, md in metadata.state_dict_metadata.items()
@@ -185,7 +184,7 @@ def warm_start(
                     table.copy_(kept)
         state["optim"] = optimizer.state_dict()
     targets = load_targets(state, saved, table_rows(model), path)
-    dcp.load(targets, checkpoint_id=str(path))
+    load_state(targets, path)
     for key, value in targets.items():  # tensors were filled in place; other entries are replaced
         if not isinstance(value, torch.Tensor):
             _set(state, key, value)
