@@ -27,7 +27,7 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides, get_preset, validate
     from pipeline.train.run import run
 
     cfg = get_preset(args.preset)
@@ -47,7 +47,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.init_checkpoint = args.init_checkpoint
     if args.parent_run_id:
         cfg.tracking.parent_run_id = args.parent_run_id
-    apply_overrides(cfg, args.set or [])
+    validate(apply_overrides(cfg, args.set or []))
     report = run(cfg, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
         return 0

@@ -6,9 +6,14 @@
 
 Each replica runs `torchrun ... -m jobs.cli train ...`; the trainer finds its rank from torchrun's
 environment (gloo on CPU, nccl with `--gpu`). Every attempt of a job trains in the same run directory
-(`run_dir`, default `runs/<name>/<app id>`: the app id is the same for all retries of a job) with
-`--resume`, so a retry granted by `max_retries` continues from the last complete checkpoint; the first
-attempt finds none and starts fresh. On several nodes `run_dir` must be on storage every node mounts.
+(`run_dir`, default `runs/<name>`: stable per job name) with `--resume`, so a retry, or the same job
+submitted again, continues from the last complete checkpoint and the same MLflow run; the first attempt
+finds none and starts fresh. On several nodes `run_dir` must be on storage every node mounts.
+
+Retries, `max_retries` = N:
+  - torchrun `--max-restarts N`: when a worker dies, torchrun stops the others and starts them all again
+    (honoured by every scheduler, `local_cwd` included, which has no retries of its own);
+  - the scheduler's own retry (Volcano `maxRetry`, Slurm requeue): a lost node or a failed torchrun.
 """
 
 # No `from __future__ import annotations` here: TorchX reads the annotations at runtime to parse the
@@ -46,7 +51,7 @@ def train(
         overrides: config overrides KEY=VALUE, e.g. model.num_layers=4 loss.num_negatives=256
         preset: named config (see `fuxi presets`)
         data: sequence Parquet file or shard directory (overrides data.source)
-        run_dir: checkpoint/run directory shared by all replicas and by retries (default runs/<name>/<app id>)
+        run_dir: checkpoint/run directory shared by all replicas and by retries (default runs/<name>)
         epochs: number of epochs (overrides the preset)
         nnodes: number of nodes (replicas)
         nproc_per_node: processes per node (one per GPU on GPU nodes)
@@ -56,14 +61,15 @@ def train(
         image: container image (ignored by local_cwd)
         tracking_uri: MLflow tracking URI (else $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)
         parent_run_id: MLflow parent run (sweeps)
-        max_retries: scheduler-level restarts; each resumes from the last complete checkpoint
+        max_retries: restarts after a failure (torchrun's and the scheduler's); each resumes from the last
+            complete checkpoint
         env: extra environment variables
         name: job name
     """
     args = ["train", "--preset", preset]
     if data:
         args += ["--data", data]
-    args += ["--run-dir", run_dir or f"runs/{name}/{specs.macros.app_id}", "--resume"]
+    args += ["--run-dir", run_dir or f"runs/{name}", "--resume"]
     if gpu > 0:
         args += ["--device", "cuda"]
     if epochs is not None:
@@ -76,7 +82,7 @@ def train(
     if tracking_uri:
         job_env["MLFLOW_TRACKING_URI"] = tracking_uri
     job_env.update(env or {})
-    return ddp(
+    app = ddp(
         *args,
         m="jobs.cli",
         image=image,
@@ -88,3 +94,8 @@ def train(
         env=job_env,
         max_retries=max_retries,
     )
+    if max_retries > 0:  # ddp() has no torchrun restart setting: add it to the torchrun command it built
+        for role in app.roles:
+            restarts = f"torchrun --max-restarts {max_retries} "
+            role.args = [a.replace("torchrun ", restarts, 1) for a in role.args]
+    return app

@@ -88,9 +88,9 @@ def point_name(point: dict[str, str]) -> str:
 
 def validate_point(preset: str, overrides: list[str]) -> None:
     """Fail before launching anything if a field or value is wrong."""
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides, get_preset, validate
 
-    apply_overrides(get_preset(preset), overrides)
+    validate(apply_overrides(get_preset(preset), overrides))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def test_grid_expansion_and_validation() -> None:
     points = expand_grid(grid)
     assert len(points) == 6 and points[0] == {"model.num_layers": "1", "loss.num_negatives": "32"}
     assert point_name(points[-1]) == "num_layers4-num_negatives128"
-    with pytest.raises(KeyError, match="model.num_layer"):  # a typo fails before any job is launched
+    with pytest.raises(ValueError, match="model.num_layer"):  # a typo fails before any job is launched
         run_sweep("tiny", {"model.num_layer": ["1"]}, tracking_uri="sqlite:///unused.db")
 
 

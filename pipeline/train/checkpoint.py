@@ -5,11 +5,13 @@ Layout under `root` (a folder every rank can reach: a shared filesystem on sever
     step-000120/train.json  run config, world size and the trainer state (loop position, best metric, history,
                             data stream position), written by rank 0 before the commit
     latest                  a text file naming the newest complete training checkpoint (what --resume loads)
-    best/                   model only: the best validation weights so far (validated protocol)
-    final/                  the model the run reports (selected weights) + train.json with the report
+    best -> best.<id>/      model only: the best validation weights so far (validated protocol)
+    final -> final.<id>/    the model the run reports (selected weights) + train.json with the report
 Every write is atomic: DCP writes into `<name>.tmp`; once all ranks have finished, rank 0 renames it, and
 only then replaces `latest` (itself via rename). A job killed mid-write leaves a `.tmp` folder that is
-never loaded; `latest` keeps naming the previous complete checkpoint.
+never loaded; `latest` keeps naming the previous complete checkpoint. `best` and `final` are symbolic
+links swapped in one rename onto a new `<name>.<id>` folder, so they always name a complete model (the
+old folder is removed after the swap). Only the newest `keep` step checkpoints stay on disk.
 
 Model weights are TorchRec ShardedTensors (the item table) and FSDP2 DTensors (the dense part); DCP
 stores them with their global shapes, so a checkpoint loads into any world size or sharding type.
@@ -31,6 +33,7 @@ import os
 import pickle
 import re
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +59,15 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
+
+
+def _broadcast(value: str) -> str:
+    """Rank 0's string on every rank."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def is_complete(path: Path) -> bool:
@@ -136,10 +148,10 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
 
 class _SafeReader(dcp.FileSystemReader):
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_dcp_metadata(self.path)
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        metadata = read_dcp_metadata(str(self.path))
+        storage_meta = metadata.storage_meta or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 
@@ -182,15 +194,18 @@ def load_state(state: dict[str, Any], path: str | Path) -> None:
 
 class Checkpointer:
     """`files`: name -> source file copied into every checkpoint folder before its commit (e.g. the item
-    vocabulary that maps the table's rows to raw ids, so a checkpoint is self-contained)."""
+    vocabulary that maps the table's rows to raw ids, so a checkpoint is self-contained). `keep`: step
+    checkpoints kept (the newest; 0 keeps all)."""
 
-    def __init__(self, root: str | Path, files: dict[str, Path] | None = None) -> None:
+    def __init__(self, root: str | Path, files: dict[str, Path] | None = None, keep: int = 0) -> None:
         self.root = Path(root)
         self.files = {name: Path(src) for name, src in (files or {}).items()}
+        self.keep = keep
 
-    def _write(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None) -> Path:
-        """All ranks: DCP into name.tmp, then rank 0 writes train.json and renames (the commit)."""
-        final = self.root / name
+    def _write(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None, folder: str = "") -> Path:
+        """All ranks: DCP into name.tmp, then rank 0 writes train.json and renames it to `folder` (default
+        `name`): the commit."""
+        final = self.root / (folder or name)
         tmp = self.root / f"{name}.tmp"
         if _rank() == 0:
             if tmp.exists():
@@ -209,20 +224,53 @@ class Checkpointer:
         return final
 
     def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        """A training checkpoint; `latest` names it once it is complete."""
+        """A training checkpoint; `latest` names it once it is complete. Older ones beyond `keep` are removed
+        after that."""
         final = self._write(f"step-{step:06d}", state, meta)
         if _rank() == 0:
             pointer = self.root / (LATEST + ".tmp")
             pointer.write_text(final.name)
             pointer.replace(self.root / LATEST)
+            self._prune(final)
         _barrier()
         return final
 
+    def _prune(self, newest: Path) -> None:
+        if self.keep <= 0:
+            return
+        steps = sorted(
+            (int(m.group(1)), p)
+            for p in self.root.glob("step-*")
+            if (m := _STEP.match(p.name)) and p.is_dir()
+        )
+        for _, path in steps[: -self.keep]:
+            if path != newest:
+                shutil.rmtree(path, ignore_errors=True)
+
     def save_named(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        """`best` or `final`: replaced atomically, never named by `latest`."""
-        path = self._write(name, state, meta)
+        """`best` or `final`: a new `<name>.<id>` folder, then the `name` link swapped onto it in one rename
+        (readers see the old model or the new one, never none); never named by `latest`."""
+        folder = f"{name}.{uuid.uuid4().hex[:8]}" if _rank() == 0 else ""
+        folder = str(_broadcast(folder))
+        self._write(name, state, meta, folder)
+        link = self.root / name
+        if _rank() == 0:
+            old = link.resolve() if link.is_symlink() else None
+            tmp_link = self.root / f"{name}.link.tmp"
+            tmp_link.unlink(missing_ok=True)
+            tmp_link.symlink_to(folder)
+            if link.exists() and not link.is_symlink():  # a plain folder from an older layout
+                legacy = self.root / f"{name}.{uuid.uuid4().hex[:8]}"
+                link.rename(legacy)
+                old = legacy
+            tmp_link.replace(link)
+            if old is not None and old.name != folder:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in self.root.glob(f"{name}.*"):  # left by a job killed between swap and cleanup
+                if stale.name not in (folder, f"{name}.tmp") and stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale, ignore_errors=True)
         _barrier()
-        return path
+        return link
 
     def latest(self) -> Path | None:
         """The newest complete training checkpoint: the one `latest` names, else the highest complete
@@ -299,8 +347,9 @@ class RunCheckpoints:
         init_optimizer_state: Any,
         meta: dict[str, Any] | None = None,
         files: dict[str, Path] | None = None,
+        keep: int = 0,
     ) -> None:
-        self.store = Checkpointer(root, files)
+        self.store = Checkpointer(root, files, keep)
         self.dmp = dmp
         self.optimizer = optimizer
         self.init_optimizer_state = init_optimizer_state

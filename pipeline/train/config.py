@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -107,6 +109,10 @@ class TrainConfig:
     # > 0: also checkpoint every this many optimizer steps, mid-epoch included (a streamed epoch resumes
     # at its next batch); 0: at epoch ends only
     checkpoint_every_steps: int = 0
+    # bound on process-group set-up and on every collective (a dead peer fails the job, torchrun restarts it)
+    dist_timeout_seconds: int = 600
+    # step checkpoints kept on disk (the newest N; `best` and `final` are separate); 0: keep all
+    keep_checkpoints: int = 3
     # warm start (the nightly job's champion): a new run from a checkpoint's weights; the item table may
     # have grown since (new rows get the cold-start init). The trainer's position is not taken from it.
     init_checkpoint: str | None = None
@@ -254,24 +260,176 @@ def _parse_value(text: str, current: Any) -> Any:
     return text
 
 
+# ---------------------------------------------------------------------------------------------------
+# validation: every value a run reads, checked before anything is built
+
+
+class ConfigError(ValueError):
+    """A config value that would fail later or train nothing; the message is one line naming the field."""
+
+
+def _rule(test: Callable[[Any], bool], text: str) -> tuple[Callable[[Any], bool], str]:
+    return test, text
+
+
+_AT_LEAST_1 = _rule(lambda x: x >= 1, ">= 1")
+_AT_LEAST_0 = _rule(lambda x: x >= 0, ">= 0")
+_POSITIVE = _rule(lambda x: x > 0, "> 0")
+_PROBABILITY = _rule(lambda x: 0 <= x < 1, "in [0, 1)")
+_CLOSED_UNIT = _rule(lambda x: 0 <= x <= 1, "in [0, 1]")
+
+# dotted field -> (check, what it must be); fields not listed are checked for type and choices only
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "batch_size": _AT_LEAST_1,
+    "eval_batch_size": _AT_LEAST_1,
+    "epochs": _AT_LEAST_1,
+    "eval_every_epochs": _AT_LEAST_1,
+    "seed": _AT_LEAST_0,
+    "checkpoint_every_epochs": _AT_LEAST_0,
+    "checkpoint_every_steps": _AT_LEAST_0,
+    "keep_checkpoints": _AT_LEAST_0,
+    "dist_timeout_seconds": _AT_LEAST_1,
+    "model.num_items": _rule(lambda x: x >= 2, ">= 2 (row 0 is padding)"),
+    "model.embedding_dim": _AT_LEAST_1,
+    "model.num_layers": _AT_LEAST_1,
+    "model.num_heads": _AT_LEAST_1,
+    "model.dqk": _AT_LEAST_1,
+    "model.dv": _AT_LEAST_1,
+    "model.ffn_multiply": _POSITIVE,
+    "model.max_sequence_length": _AT_LEAST_1,
+    "model.padded_length": _AT_LEAST_1,
+    "model.num_time_buckets": _AT_LEAST_1,
+    "model.time_bucket_divisor": _POSITIVE,
+    "model.input_dropout": _PROBABILITY,
+    "model.linear_dropout": _PROBABILITY,
+    "model.sasrec_ffn_hidden": _AT_LEAST_1,
+    "model.fast_chunk": _AT_LEAST_1,
+    "model.length_buckets": _AT_LEAST_0,
+    "model.l2_norm_eps": _POSITIVE,
+    "data.window_seconds": _AT_LEAST_1,
+    "data.batch_tokens": _AT_LEAST_0,
+    "data.synthetic.num_users": _AT_LEAST_1,
+    "data.synthetic.num_items": _AT_LEAST_1,
+    "data.synthetic.num_themes": _AT_LEAST_1,
+    "data.synthetic.mean_length": _POSITIVE,
+    "data.synthetic.min_length": _rule(lambda x: x >= 3, ">= 3 (a train, a valid and a test event)"),
+    "data.synthetic.max_length": _AT_LEAST_1,
+    "data.synthetic.long_gap_prob": _CLOSED_UNIT,
+    "data.synthetic.return_prob": _CLOSED_UNIT,
+    "data.synthetic.excursion_prob": _CLOSED_UNIT,
+    "loss.num_negatives": _AT_LEAST_1,
+    "loss.temperature": _POSITIVE,
+    "optim.lr": _POSITIVE,
+    "optim.betas": _rule(lambda x: len(x) == 2 and all(0 <= b < 1 for b in x), "two values in [0, 1)"),
+    "optim.eps": _POSITIVE,
+    "optim.weight_decay": _AT_LEAST_0,
+    "parallel.embedding_lr": _POSITIVE,
+    "tracking.log_every_steps": _AT_LEAST_1,
+}
+SHARDING_TYPES = ("row_wise", "table_wise", "column_wise", "data_parallel")
+
+
+def _choices(hint: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a Literal[...] field (or of each element of tuple[Literal[...], ...])."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return None
+
+
+def _check_field(key: str, value: Any, hint: Any) -> None:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    optional = type(None) in args
+    if optional and value is None:
+        return
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    choices = _choices(hint)
+    if choices is not None:
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, choices))} (got {value!r})")
+        return
+    if origin is tuple:
+        if not isinstance(value, tuple):
+            raise ConfigError(f"{key} must be a list of values (got {value!r})")
+        inner = _choices(args[0]) if args else None
+        bad = [v for v in value if inner is not None and v not in inner]
+        if bad:
+            raise ConfigError(f"{key}: {bad[0]!r} is not one of {', '.join(map(repr, inner or ()))}")
+        return
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false (got {value!r})")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key} must be an integer (got {value!r})")
+    if hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ConfigError(f"{key} must be a number (got {value!r})")
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string (got {value!r})")
+
+
+def _check_tree(node: Any, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(node))
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_tree(value, key + ".")
+            continue
+        _check_field(key, value, hints[f.name])
+        rule = RULES.get(key)
+        if rule is not None and value is not None and not rule[0](value):
+            raise ConfigError(f"{key} must be {rule[1]} (got {value!r})")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field's type, choices and range, and the rules that tie fields together; raises
+    ConfigError naming the field and what it may be. `run` calls it; so does the CLI after overrides."""
+    _check_tree(cfg)
+    m = cfg.model
+    if m.padded_length < m.max_sequence_length + 1:
+        raise ConfigError(
+            f"model.padded_length must be >= model.max_sequence_length + 1 = {m.max_sequence_length + 1} "
+            f"(got {m.padded_length})"
+        )
+    if m.d_ffn < 1:
+        raise ConfigError(f"model.ffn_multiply gives a {m.d_ffn}-wide MFFN (embedding_dim {m.embedding_dim})")
+    if not m.channels:
+        raise ConfigError("model.channels must name at least one of 'pos', 'ts', 'sem'")
+    bad = [t for t in cfg.parallel.sharding_types if t not in SHARDING_TYPES]
+    if bad:
+        raise ConfigError(f"parallel.sharding_types: {bad[0]!r} is not one of {', '.join(SHARDING_TYPES)}")
+    syn = cfg.data.synthetic
+    if cfg.data.source == "synthetic" and not syn.min_length <= syn.max_length:
+        raise ConfigError(
+            f"data.synthetic.min_length ({syn.min_length}) must be <= "
+            f"data.synthetic.max_length ({syn.max_length})"
+        )
+    if cfg.data.cut is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}|-?\d+", cfg.data.cut):
+        raise ConfigError(f"data.cut must be a date YYYY-MM-DD or unix seconds (got {cfg.data.cut!r})")
+    return cfg
+
+
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply `a.b.c=value` strings in place; unknown fields are an error naming the field."""
+    """Apply `a.b.c=value` strings in place; unknown fields and values that do not parse are an error
+    naming the field (ranges and choices: `validate`)."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
+            raise ConfigError(f"override {item!r} must look like section.field=value")
         key, text = item.split("=", 1)
         parts = key.strip().split(".")
         target = cfg
         for part in parts[:-1]:
             if not dataclasses.is_dataclass(target) or not hasattr(target, part):
-                raise KeyError(f"unknown config section {part!r} in override {item!r}")
+                raise ConfigError(f"unknown config section {part!r} in override {item!r}")
             target = getattr(target, part)
         leaf = parts[-1]
         if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-            raise KeyError(f"unknown config field {key!r} in override {item!r}")
-        setattr(target, leaf, _parse_value(text, getattr(target, leaf)))
-        if isinstance(target, ModelConfig):
-            target.__post_init__()
+            raise ConfigError(f"unknown config field {key!r} in override {item!r}")
+        try:
+            setattr(target, leaf, _parse_value(text, getattr(target, leaf)))
+            if isinstance(target, ModelConfig):
+                target.__post_init__()
+        except (ValueError, SyntaxError) as e:
+            raise ConfigError(f"{key.strip()}: cannot use {text!r} ({e})") from None
     return cfg
 
 

@@ -8,6 +8,7 @@ DCP) as N ranks. `teardown` destroys only a group this module created.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -46,18 +47,21 @@ def select_device(requested: str | torch.device, local_rank: int) -> torch.devic
     return device
 
 
-def init_distributed(requested_device: str | torch.device = "cpu") -> DistContext:
-    """Join (or create) the default process group and pick this rank's device."""
+def init_distributed(requested_device: str | torch.device = "cpu", timeout_s: int = 600) -> DistContext:
+    """Join (or create) the default process group and pick this rank's device. `timeout_s` bounds the
+    group's set-up and every collective: a rank whose peer died fails after it (and torchrun restarts the
+    job) instead of waiting forever."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = select_device(requested_device, local_rank)
     backend = "nccl" if device.type == "cuda" else "gloo"
     owns = False
     if not dist.is_initialized():
         if under_torchrun():
+            timeout = datetime.timedelta(seconds=timeout_s)
             if device.type == "cuda":
-                dist.init_process_group(backend=backend, device_id=device)
+                dist.init_process_group(backend=backend, device_id=device, timeout=timeout)
             else:
-                dist.init_process_group(backend=backend)
+                dist.init_process_group(backend=backend, timeout=timeout)
         else:  # a world of one, no network: an in-process store
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
         owns = True

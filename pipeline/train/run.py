@@ -21,8 +21,8 @@ from pipeline.data.batches import SequenceBatches, temporal_batches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
-from pipeline.train.checkpoint import RunCheckpoints
-from pipeline.train.config import TrainConfig, to_flat_dict
+from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
+from pipeline.train.config import TrainConfig, to_flat_dict, validate
 from pipeline.train.distributed import (
     DistContext,
     all_reduce_sum,
@@ -56,17 +56,41 @@ def git_commit() -> str:
         return "unknown"
 
 
-def make_logger(cfg: TrainConfig, data: SequenceData) -> MetricLogger:
+RUN_RECORD = "mlflow_run.json"  # in the run directory: the MLflow run every attempt of the job logs to
+
+
+def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: Path | None = None) -> MetricLogger:
+    """Rank 0's MLflow run. With a run directory, one run per job: a resumed attempt that finds a
+    checkpoint continues the run its record names (the curve goes on where the checkpoint left it); an
+    attempt that finds none marks the earlier run KILLED and starts a new one."""
     if not cfg.tracking.enabled:
         return NullLogger()
+    record = run_dir / RUN_RECORD if run_dir is not None else None
+    previous = json.loads(record.read_text()) if record is not None and record.exists() else None
+    resumable = cfg.resume and run_dir is not None and Checkpointer(run_dir / "checkpoints").latest()
+    continued = None
+    if previous is not None:
+        if resumable:
+            continued = previous["run_id"]
+        else:
+            MLflowLogger.end_run(previous["run_id"], cfg.tracking.uri, "KILLED")
     logger = MLflowLogger(
         cfg.tracking.experiment,
         cfg.tracking.run_name or cfg.name,
         cfg.tracking.uri,
         parent_run_id=cfg.tracking.parent_run_id,
+        run_id=continued,
     )
-    logger.log_params(to_flat_dict(cfg))
-    logger.set_tags({"git_commit": git_commit(), "data.meta": json.dumps(data.meta, default=str)[:5000]})
+    if continued is None:
+        logger.log_params(to_flat_dict(cfg))
+        logger.set_tags({"git_commit": git_commit(), "data.meta": json.dumps(data.meta, default=str)[:5000]})
+    attempt = (previous or {}).get("attempt", 0) + 1 if continued else 1
+    logger.set_tags({"fuxi.attempt": str(attempt)})
+    if record is not None:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": logger.run_id, "attempt": attempt}))
+        tmp.replace(record)
     return logger
 
 
@@ -157,7 +181,8 @@ def build_batches(
 def run(cfg: TrainConfig, device: str = "cpu", logger: MetricLogger | None = None) -> dict[str, Any]:
     """Train, evaluate and checkpoint; the same code in one process and under torchrun with N ranks.
     `logger`: used on this rank instead of the default (MLflow on rank 0, nothing elsewhere)."""
-    ctx = init_distributed(device)
+    validate(cfg)  # before any process group, data or model: a bad value fails in one line
+    ctx = init_distributed(device, cfg.dist_timeout_seconds)
     try:
         return _run(cfg, ctx, logger)
     finally:
@@ -171,7 +196,8 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
     pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
     if logger is None:
-        logger = make_logger(cfg, data) if ctx.is_main else NullLogger()
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else None
+        logger = make_logger(cfg, data, run_dir) if ctx.is_main else NullLogger()
     status = "FAILED"
     try:
         report = _train(cfg, ctx, data, splits, pm, logger)
@@ -204,6 +230,7 @@ def _train(
         },
         # the rows -> raw item ids map travels with every checkpoint (top-k, serving speak raw ids)
         files={VOCAB_FILE: data.vocab} if data.vocab else None,
+        keep=cfg.keep_checkpoints,
     )
     trainer = Trainer(
         model=pm.model,

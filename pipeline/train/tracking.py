@@ -28,6 +28,7 @@ class MetricLogger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def flush(self) -> None: ...  # write what is buffered (the trainer calls it at every checkpoint)
     def close(self, status: str = "FINISHED") -> None: ...
 
 
@@ -46,6 +47,9 @@ class NullLogger:
         pass
 
     def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def flush(self) -> None:
         pass
 
     def close(self, status: str = "FINISHED") -> None:
@@ -79,7 +83,9 @@ class MLflowLogger:
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
         system_metrics: bool = True,
+        run_id: str | None = None,
     ) -> None:
+        """A new run; or, with `run_id`, that run continued (set RUNNING again: a resumed job)."""
         import mlflow
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
@@ -94,8 +100,11 @@ class MLflowLogger:
             all_tags["mlflow.parentRunId"] = parent_run_id
         if run_name:
             all_tags["mlflow.runName"] = run_name
-        run = self.client.create_run(exp_id, run_name=run_name, tags=all_tags)
-        self.run_id: str = run.info.run_id
+        if run_id is not None:
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = self.client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+        self.run_id: str = run_id
         self.experiment_id = exp_id
         self.flush_every = flush_every
         self._buffer: list[Any] = []
@@ -141,6 +150,19 @@ class MLflowLogger:
             self.client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    @staticmethod
+    def end_run(run_id: str, tracking_uri: str | None, status: str) -> None:
+        """Mark a run that an earlier attempt left RUNNING (it was killed) as ended with `status`."""
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=resolve_tracking_uri(tracking_uri))
+        try:
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status=status)
+        except MlflowException:  # the record names a run this store does not hold
+            pass
 
     def close(self, status: str = "FINISHED") -> None:
         self.flush()

@@ -195,6 +195,7 @@ class Trainer:
 
     def _save(self) -> None:
         self.checkpointer.save(self.state.step, self.state_dict())
+        self.logger.flush()  # the run's record is complete up to every checkpoint a retry resumes from
 
     # ------------------------------------------------------------------------------------------
     def _reseed(self) -> None:
