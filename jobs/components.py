@@ -78,7 +78,13 @@ def train(
         args += ["--parent-run-id", parent_run_id]
     for item in overrides:
         args += ["--set", item]
-    job_env = {"OMP_NUM_THREADS": str(max(1, cpu // max(nproc_per_node, 1)))}
+    job_env = {
+        "OMP_NUM_THREADS": str(max(1, cpu // max(nproc_per_node, 1))),
+        # each torchrun attempt gets a fresh store: with the rendezvous store shared (the default), the
+        # workers of a restart can read the previous attempt's addresses and fail to connect (Gloo
+        # connectFullMesh "Connection refused"; pytorch/pytorch#135712)
+        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
+    }
     if tracking_uri:
         job_env["MLFLOW_TRACKING_URI"] = tracking_uri
     job_env.update(env or {})

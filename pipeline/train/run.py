@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -85,7 +86,10 @@ def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: Path | None = Non
         logger.log_params(to_flat_dict(cfg))
         logger.set_tags({"git_commit": git_commit(), "data.meta": json.dumps(data.meta, default=str)[:5000]})
     attempt = (previous or {}).get("attempt", 0) + 1 if continued else 1
-    logger.set_tags({"fuxi.attempt": str(attempt)})
+    # attempts that reached this point; torchrun restarts of the job (some may have died before it)
+    logger.set_tags(
+        {"fuxi.attempt": str(attempt), "fuxi.restarts": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}
+    )
     if record is not None:
         record.parent.mkdir(parents=True, exist_ok=True)
         tmp = record.with_suffix(".tmp")
