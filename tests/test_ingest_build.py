@@ -6,6 +6,7 @@ One local Ray instance for the module (the build runs its two stages as Ray Data
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -158,7 +159,10 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path):
         expected_counts[b[3]] = expected_counts.get(b[3], 0) + 1
     assert report.ingest.reasons == expected_counts
 
-    qfile = tmp_path / "seq" / "quarantine" / "date=2024-01-01" / "part-00000.quarantine.parquet"
+    # named by the generation that committed it, and listed in that day's report in the manifest
+    qname = "quarantine/date=2024-01-01/part-00000.g000001.quarantine.parquet"
+    assert read_manifest(tmp_path / "seq")["days"]["2024-01-01"]["report"]["quarantine_files"] == [qname]
+    qfile = tmp_path / "seq" / qname
     q = pq.read_table(qfile).to_pylist()
     assert [(r["reason"], r["field"], r["value"]) for r in q] == [(b[3], b[4], b[5]) for b in BAD]
     bad_positions = [k for k, r in enumerate(rows, start=1) if r in [b[:3] for b in BAD]]
@@ -169,6 +173,25 @@ def test_every_bad_row_is_quarantined_with_its_reason(tmp_path):
     assert day["rows_quarantined"] == 10 and day["reasons"] == dict(sorted(expected_counts.items()))
     data = read_sequences(tmp_path / "seq")
     assert data.num_items == 101 and data.num_interactions == 3  # catalogue 1..100 -> 101 table rows
+
+
+def test_quarantine_is_published_by_the_commit_that_names_it(tmp_path):
+    logs = tmp_path / "logs"
+    write_day(logs, "2024-01-01", [(1, 5, T + 1), (1, 6, T + 2), (2, 6, T + 3), (7, -1, T + 4)])
+    cfg = BuildConfig(max_length=10, num_partitions=2, rules=IngestRules(num_items=100, identity_ids=True))
+    build_sequences(logs, tmp_path / "seq", cfg, progress=False)
+    qdir = tmp_path / "seq" / "quarantine" / "date=2024-01-01"
+    assert [p.name for p in qdir.iterdir()] == ["part-00000.g000001.quarantine.parquet"]
+    # a build killed before its commit leaves its quarantine unnamed by the manifest; the next commit
+    # (here a rebuild, generation 2) names its own file and removes both older ones
+    (qdir / "part-00000.g000002.quarantine.parquet").write_bytes(b"cut off")
+    build_sequences(logs, tmp_path / "seq", cfg, progress=False)
+    day = read_manifest(tmp_path / "seq")["days"]["2024-01-01"]["report"]
+    assert day["quarantine_files"] == ["quarantine/date=2024-01-01/part-00000.g000002.quarantine.parquet"]
+    assert [p.name for p in qdir.iterdir()] == ["part-00000.g000002.quarantine.parquet"]
+    assert pq.read_table(qdir / "part-00000.g000002.quarantine.parquet").column("reason").to_pylist() == [
+        "negative_item_id"
+    ]
 
 
 def test_schema_errors_name_the_file_and_the_column(tmp_path):
@@ -254,7 +277,15 @@ def test_appending_day_by_day_equals_a_full_rebuild(small_logs, tmp_path):
     assert pq.read_table(tmp_path / "full" / a["vocab"]["file"]).equals(
         pq.read_table(tmp_path / "inc" / b["vocab"]["file"])
     )
-    assert {d: v["report"] for d, v in a["days"].items()} == {d: v["report"] for d, v in b["days"].items()}
+
+    def reports(manifest: dict) -> dict:  # quarantine file names carry the generation that wrote them
+        strip = lambda q: re.sub(r"\.g\d{6}\.", ".", q)  # noqa: E731
+        return {
+            d: dict(v["report"], quarantine_files=[strip(q) for q in v["report"]["quarantine_files"]])
+            for d, v in manifest["days"].items()
+        }
+
+    assert reports(a) == reports(b)
     assert [s["row_groups"] for s in a["shards"]] == [s["row_groups"] for s in b["shards"]]
     assert [h["op"] for h in b["history"]] == ["build", "append", "append"]
     assert sorted(p.name for p in (tmp_path / "inc").glob("part-*")) == [s["file"] for s in b["shards"]]

@@ -151,7 +151,9 @@ def test_null_ids_quarantined_mixed_key_types_refused_event_types_filtered(tmp_p
     assert (i.rows_read, i.rows_kept, i.rows_quarantined, i.filtered_event_type) == (7, 2, 4, 1)
     assert "1 of other event types" in r.summary()
     assert raw_sequences(tmp_path / "seq") == {"u1": ["a"], "u2": ["c"]}
-    q = pq.read_table(tmp_path / "seq" / "quarantine" / "date=2024-01-01" / "part-00000.quarantine.parquet")
+    q = pq.read_table(
+        tmp_path / "seq" / "quarantine" / "date=2024-01-01" / "part-00000.g000001.quarantine.parquet"
+    )
     assert q.column("reason").to_pylist() == [
         "missing_user_id",
         "missing_item_id",

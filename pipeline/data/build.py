@@ -15,7 +15,8 @@ Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipel
     part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups
                                            of `row_group_rows` users (the streaming unit of
                                            `pipeline.data.stream`)
-    quarantine/date=YYYY-MM-DD/<part>.quarantine.parquet   bad rows (`pipeline.data.ingest`)
+    quarantine/date=YYYY-MM-DD/<part>.gGGGGGG.quarantine.parquet   bad rows (`pipeline.data.ingest`),
+                                           published by the commit that names them
 The manifest is the commit point: shards of a new generation are written first, then the manifest is replaced
 atomically, then the previous generation is deleted. A job killed before the commit leaves the old manifest
 valid (and re-running redoes the work); a day recorded in the manifest is never applied twice: `append_day`
@@ -506,7 +507,11 @@ def _apply(
                     "partitions": parts,
                     "rules": manifest["rules"],
                     "out": str(tmp / f"{d}-{k:05d}.parquet"),
-                    "quarantine": str(out / "quarantine" / f"date={d}" / f"{p.stem}.quarantine.parquet"),
+                    # named by generation: the manifest commit publishes it (an uncommitted run's file
+                    # is never mistaken for the committed one, and is removed by the next commit)
+                    "quarantine": str(
+                        out / "quarantine" / f"date={d}" / f"{p.stem}.g{gen:06d}.quarantine.parquet"
+                    ),
                 }
             )
     scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
@@ -674,6 +679,10 @@ def _remove_unreferenced(out: Path, manifest: dict) -> None:
     keep = {s["file"] for s in manifest["shards"]} | {(manifest.get("vocab") or {}).get("file")}
     for p in [*out.glob("part-*-g*.parquet"), *out.glob("vocab-g*.parquet")]:
         if p.name not in keep:
+            p.unlink()
+    quarantined = {q for day in manifest["days"].values() for q in day["report"].get("quarantine_files", [])}
+    for p in out.glob("quarantine/date=*/*.quarantine.parquet"):
+        if p.relative_to(out).as_posix() not in quarantined:
             p.unlink()
     for p in out.glob("_tmp-g*"):
         shutil.rmtree(p, ignore_errors=True)
