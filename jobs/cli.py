@@ -203,6 +203,7 @@ def cmd_data_synth_logs(args: argparse.Namespace) -> int:
 def cmd_data_build_sequences(args: argparse.Namespace) -> int:
     from pipeline.data.build import BuildConfig, build_sequences
     from pipeline.data.ingest import IngestRules
+    from pipeline.data.stream import ray_session
 
     if args.num_items is not None and not args.identity_ids:
         raise SystemExit("--num-items is a catalogue of item rows: it needs --identity-ids")
@@ -217,14 +218,17 @@ def cmd_data_build_sequences(args: argparse.Namespace) -> int:
         min_count=args.min_count,
     )
     dates = args.dates.split(",") if args.dates else None
-    print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
+    with ray_session():  # no Ray process outlives this command, also when it is stopped
+        print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
     return 0
 
 
 def cmd_data_append_day(args: argparse.Namespace) -> int:
     from pipeline.data.build import append_day
+    from pipeline.data.stream import ray_session
 
-    print(append_day(args.logs, args.date, args.sequences).summary())
+    with ray_session():
+        print(append_day(args.logs, args.date, args.sequences).summary())
     return 0
 
 

@@ -484,3 +484,35 @@ def test_download_unreachable_host_says_how_to_do_it_by_hand(tmp_path, no_proxy)
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="unknown MovieLens dataset 'ml-10m'"):
         download_movielens("ml-10m", tmp_path)
+
+
+def test_prepare_flags_absurd_timestamps_drops_duplicates_and_quarantines_beside_the_output(tmp_path):
+    t = 978_300_000  # 2001
+    rows = [
+        (1, 10, 5, t),
+        (1, 11, 4, t + 60),
+        (1, 11, 4, t + 60),  # an exact duplicate of the row above
+        (1, 12, 3, (t + 120) * 1000),  # milliseconds
+        (2, 10, 5, t + 5),
+        (2, 12, 2, 0),  # zero
+        (2, 13, 1, 5_000_000_000),  # 2128: far future
+        (2, 14, 1, t + 9),
+    ]
+    src = write_layout(tmp_path / "in", "ml-dat", rows)
+    out = tmp_path / "out" / "ml.parquet"
+    data, report = prepare_sequences(src, out, identity_ids=True)
+    assert report.reasons == {"absurd_timestamp": 3, "duplicate_event": 1}
+    assert (report.rows_read, report.rows_kept, report.rows_quarantined, report.rows_dropped) == (8, 4, 3, 1)
+    assert "1 exact duplicate events dropped" in report.summary()
+    assert report.quarantine_path == tmp_path / "out" / "ratings.quarantine.parquet"  # beside the output
+    assert not list((tmp_path / "in").glob("*.quarantine.parquet"))  # nothing written into the data set
+    q = pq.read_table(report.quarantine_path).to_pylist()
+    assert [(r["row_number"], r["reason"], r["value"]) for r in q] == [
+        (4, "absurd_timestamp", str((t + 120) * 1000)),
+        (6, "absurd_timestamp", "0"),
+        (7, "absurd_timestamp", "5000000000"),
+    ]
+    assert data.table.to_pylist() == [
+        {"user_id": 1, "item_ids": [10, 11], "timestamps": [t, t + 60]},
+        {"user_id": 2, "item_ids": [10, 14], "timestamps": [t + 5, t + 9]},
+    ]

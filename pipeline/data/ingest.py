@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.data.readers import reason_counts
-from pipeline.data.schema import DATE_RE, LOGS_META, QUARANTINE_SCHEMA
+from pipeline.data.schema import DATE_RE, LOGS_META, MAX_TIMESTAMP, QUARANTINE_SCHEMA
 
 EVENT_FIELDS = ("user_id", "item_id", "timestamp")
 OPTIONAL_FIELDS = ("event_type",)
@@ -54,7 +54,7 @@ SCAN_ROWS = 1 << 20  # rows per validated batch: bounds memory per file
 class IngestRules:
     num_items: int | None = None  # identity mode: valid item ids are 1..num_items; None = no upper bound
     min_timestamp: int = 946_684_800  # 2000-01-01 UTC
-    max_timestamp: int = 4_102_444_800  # 2100-01-01 UTC
+    max_timestamp: int = MAX_TIMESTAMP  # 2100-01-01 UTC
     identity_ids: bool = False  # item ids are table rows (no vocabulary)
     event_types: tuple[str, ...] | None = None  # event types that count as interactions; None: all
 

@@ -27,8 +27,11 @@ field count, user_id, item_id, timestamp, rating) and written to `<quarantine_di
 A stale quarantine file from an earlier run is removed when the new run finds no bad rows.
 
 Item id 0 is the padding id of the sequence format, so a row with item_id 0 is quarantined (`zero_item_id`);
-data with 0-based item ids must be shifted by the caller. Negative timestamps are accepted (they order
-correctly); user id 0 is accepted (users are not embedded). Ids are not remapped (as the official code).
+data with 0-based item ids must be shifted by the caller. Timestamps are unix seconds in
+[`schema.MIN_TIMESTAMP` (1), `MAX_TIMESTAMP` (2100-01-01)], the ingest's rule: zero, negative, millisecond
+and far-future values are quarantined as `absurd_timestamp`. Exact duplicate events (same
+user, item and timestamp) are kept once; the copies are counted `duplicate_event` (dropped, as the ingest
+does). user id 0 is accepted (users are not embedded). Ids are not remapped (as the official code).
 If every row is bad, ValueError names the file and the first bad row/field (the quarantine file is written
 first, so it can be inspected). A file with no data rows is a ValueError too.
 
@@ -49,7 +52,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
-from pipeline.data.schema import QUARANTINE_SCHEMA
+from pipeline.data.schema import MAX_TIMESTAMP, MIN_TIMESTAMP, QUARANTINE_SCHEMA
 from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
 from pipeline.data.vocab import Vocabulary, day_of, key_type_of, write_vocabulary
 
@@ -76,7 +79,8 @@ _FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
 @dataclass(frozen=True)
 class ColumnSpec:
     """How to validate one column. kind: "id" (int64 >= min_value), "key" (a raw id: text stays text,
-    integers any int64), "time" (any int64), "float"."""
+    integers any int64), "time" (any int64), "seconds" (unix seconds of a plausible date: the ingest's
+    rule, schema.MIN_TIMESTAMP..MAX_TIMESTAMP, else `absurd_<name>`), "float"."""
 
     name: str
     kind: str = "id"
@@ -87,14 +91,14 @@ class ColumnSpec:
 MOVIELENS_SPECS = (  # identity ids: item ids are table rows
     ColumnSpec("user_id", "id", 0),
     ColumnSpec("item_id", "id", 1),  # 0 is the padding id
-    ColumnSpec("timestamp", "time"),
+    ColumnSpec("timestamp", "seconds"),
     ColumnSpec("rating", "float", required=False),
 )
 _INT64_MIN = -(2**63)
 RAW_ID_SPECS = (  # raw ids mapped by a vocabulary: any int64, or (Parquet text columns) strings
     ColumnSpec("user_id", "key", _INT64_MIN),
     ColumnSpec("item_id", "key", _INT64_MIN),
-    ColumnSpec("timestamp", "time"),
+    ColumnSpec("timestamp", "seconds"),
     ColumnSpec("rating", "float", required=False),
 )
 
@@ -199,7 +203,7 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def _labels(spec: ColumnSpec) -> dict[str, str]:
-    if spec.kind in ("time", "float"):
+    if spec.kind in ("time", "seconds", "float"):
         bad = f"unparsable_{spec.name}"
         return {"missing": f"missing_{spec.name}", "bad": bad, "range": bad}
     return {
@@ -238,6 +242,11 @@ def _parse_text(s: pa.Array, spec: ColumnSpec, lab: dict[str, str], reasons: _Re
     return pc.cast(pc.if_else(ok, s, _NULL_STR), pa.int64())
 
 
+def _implausible(seconds: pa.Array) -> pa.Array:
+    """Zero / negative, millisecond or far-future unix seconds (the ingest's rule)."""
+    return pc.or_kleene(pc.less(seconds, MIN_TIMESTAMP), pc.greater(seconds, MAX_TIMESTAMP))
+
+
 def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | None]:
     """Validate one column (text or typed).
 
@@ -252,12 +261,15 @@ def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | 
     t = arr.type
     out_type = pa.float64() if spec.kind == "float" else pa.int64()
 
-    if pa.types.is_timestamp(t) and spec.kind == "time":
+    if pa.types.is_timestamp(t) and spec.kind in ("time", "seconds"):
         factor = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[t.unit]
         vals = pc.cast(arr, pa.int64())
         if factor > 1:
             vals = pc.cast(pc.floor(pc.divide(pc.cast(vals, pa.float64()), factor)), pa.int64())
         reasons.add(pc.is_null(arr), lab["missing"])
+        reasons.add(
+            pc.or_kleene(pc.less(vals, MIN_TIMESTAMP), pc.greater(vals, MAX_TIMESTAMP)), "absurd_timestamp"
+        )
         return vals, reasons.array
     if spec.kind == "key" and _is_text(t):  # a string id: only null / blank is bad
         s_ = pc.utf8_trim_whitespace(_as_string(arr))
@@ -294,6 +306,8 @@ def check_column(arr: pa.Array, spec: ColumnSpec) -> tuple[pa.Array, pa.Array | 
     else:
         raise TypeError(f"column {spec.name!r} has type {t}, expected integers or text")
 
+    if spec.kind == "seconds":
+        reasons.add(_implausible(vals), f"absurd_{spec.name}")
     if spec.kind in ("id", "key") and n and vals.null_count < n and spec.min_value > _INT64_MIN:
         lowest = pc.min(vals).as_py()
         if lowest is not None and lowest < spec.min_value:
@@ -676,6 +690,17 @@ def drop_short_users(seq: pa.Table, min_length: int) -> tuple[pa.Table, int, int
     return seq.filter(keep), rows, users
 
 
+def drop_duplicate_events(events: pa.Table) -> tuple[pa.Table, int]:
+    """One of each exact (user_id, item_id, timestamp) event, in file order, and how many copies went."""
+    keys = ["user_id", "item_id", "timestamp"]
+    indexed = events.select(keys).append_column("_row", pa.array(np.arange(events.num_rows, dtype=np.int64)))
+    first = indexed.group_by(keys, use_threads=False).aggregate([("_row", "min")])["_row_min"]
+    dropped = events.num_rows - len(first)
+    if dropped == 0:
+        return events, 0
+    return events.take(np.sort(first.to_numpy())), dropped
+
+
 def max_item(seq: pa.Table) -> int:
     return int(pc.max(pc.list_flatten(seq["item_ids"])).as_py() or 0)
 
@@ -699,9 +724,15 @@ def prepare_sequences(
         raise ValueError(f"min_length must be >= 1, got {min_length}")
     if int(min_count) < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
-    events, report = read_interactions(
-        path, layout=layout, quarantine_dir=quarantine_dir, raw_ids=not identity_ids
-    )
+    out_path = Path(out_path)
+    qdir = Path(quarantine_dir) if quarantine_dir is not None else out_path.parent  # beside the output
+    events, report = read_interactions(path, layout=layout, quarantine_dir=qdir, raw_ids=not identity_ids)
+    events, duplicates = drop_duplicate_events(events)
+    if duplicates:
+        report.reasons["duplicate_event"] = duplicates
+        report.rows_dropped += duplicates
+        report.rows_kept -= duplicates
+        report.notes.append(f"{duplicates:,} exact duplicate events dropped")
     vocab = None
     if not identity_ids:
         events, vocab, below = _map_items(events, int(min_count))
@@ -721,7 +752,6 @@ def prepare_sequences(
         report.notes.append(f"{users_short:,} users with < {min_length} interactions dropped")
     if seq.num_rows == 0:
         raise ValueError(f"{report.path}: no user has at least {min_length} interactions; nothing to write")
-    out_path = Path(out_path)
     meta = {
         "source": str(Path(report.path).resolve()),
         "layout": report.layout,

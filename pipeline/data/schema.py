@@ -47,3 +47,10 @@ QUARANTINE_SCHEMA = pa.schema(
 # raw event logs: LOGDIR/date=YYYY-MM-DD/part-*.parquet and LOGDIR/_logs.json (pipeline.data.ingest)
 LOGS_META = "_logs.json"
 DATE_RE = re.compile(r"^date=(\d{4}-\d{2}-\d{2})$")
+
+# Plausible event times (unix seconds) for `fuxi data prepare` (public data sets: MovieLens starts in 1995):
+# outside them a timestamp is quarantined as `absurd_timestamp`: zero or negative, milliseconds (> 2100 read
+# as seconds), far future. The log ingest applies the same rule with a later default lower bound
+# (`IngestRules.min_timestamp`, 2000-01-01: logs are recent).
+MIN_TIMESTAMP = 1
+MAX_TIMESTAMP = 4_102_444_800  # 2100-01-01 UTC

@@ -25,10 +25,12 @@ plus one batch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -70,6 +72,26 @@ def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = No
         object_store_memory=object_store_memory,
         include_dashboard=False,
     )
+
+
+@contextlib.contextmanager
+def ray_session() -> Iterator[None]:
+    """A command's Ray lifetime: whatever Ray the block starts is shut down when it ends, also when the
+    process is stopped with SIGTERM / SIGHUP / Ctrl-C (turned into SystemExit so this `finally` runs), so
+    no raylet, GCS or worker outlives the driver."""
+    import ray
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if ray.is_initialized():
+            ray.shutdown()
 
 
 def quiet_context(ctx: Any) -> Any:
