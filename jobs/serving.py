@@ -12,7 +12,8 @@ Request (the model signature documents it; JSON as MLflow's scoring server takes
      "params": {"k": 10, "filter_seen": true, "use_index": false}}
 
   item_ids      list of raw item ids (ints, or strings for a string vocabulary), oldest first, 1..1000;
-                ids the model does not know are dropped and counted in `ignored`
+                ids the model does not know are dropped and counted in `ignored` (a user with no known
+                id gets empty item_ids and scores)
   timestamps    optional, list of ints (seconds), one per item (default: all 0)
   request_time  optional int (default: the last timestamp): FuXi-alpha's temporal channel reads it
   k             1..1000 (capped at the catalogue size); filter_seen: drop the history's items;
@@ -183,26 +184,29 @@ class TopKModel:
         if req.use_index and self.index is None:
             raise RequestError("params.use_index", "this model version has no item index")
         rows, stamps, ignored = self.loaded.known_rows(req.histories, req.timestamps)
-        for u, r in enumerate(rows):
-            if not r:
-                raise RequestError(
-                    f"inputs[{u}].item_ids", f"no item id known to the model ({ignored[u]} unknown)"
-                )
         # the raw history's last timestamp is the default request time, even when that item is unknown
         nows = [
             now if now is not None else (raw[-1] if raw else 0)
             for now, raw in zip(req.request_times, req.timestamps)
         ]
-        user_BD = self.loaded.user_vectors(rows, stamps, nows)
-        seen = rows if req.filter_seen else None
-        if req.use_index:
-            scores, top = index_top_k(self.index, user_BD, seen, req.k)
-        else:
-            scores, top = exact_top_k(user_BD, self.items_VD, seen, req.k)
+        known = [u for u, r in enumerate(rows) if r]  # a user with no known item gets no recommendations
+        ids: list[list[Any]] = [[] for _ in rows]
+        out: list[np.ndarray] = [np.zeros(0) for _ in rows]
+        if known:
+            user_BD = self.loaded.user_vectors(
+                [rows[u] for u in known], [stamps[u] for u in known], [nows[u] for u in known]
+            )
+            seen = [rows[u] for u in known] if req.filter_seen else None
+            if req.use_index:
+                scores, top = index_top_k(self.index, user_BD, seen, req.k)
+            else:
+                scores, top = exact_top_k(user_BD, self.items_VD, seen, req.k)
+            for j, u in enumerate(known):
+                ids[u], out[u] = self.loaded.raw_ids(top[j]), scores[j].astype(np.float64)
         return pd.DataFrame(
             {
-                "item_ids": [self.loaded.raw_ids(r) for r in top],
-                "scores": list(scores.astype(np.float64)),
+                "item_ids": ids,
+                "scores": out,
                 "ignored": ignored,
             }
         )
@@ -260,7 +264,7 @@ def signature(item_type: str = "long") -> Any:
 
 def body_records(body: bytes) -> tuple[Any, Any, str]:
     """(records, params, the data key) of a JSON /invocations body, in any layout MLflow's scoring server
-    takes (dataframe_records, dataframe_split, inputs / instances as records or columns)."""
+    takes (dataframe_records, dataframe_split, inputs / instances as records)."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -286,11 +290,8 @@ def body_records(body: bytes) -> tuple[Any, Any, str]:
         ):
             raise RequestError(f"{key}.data", "expected a list of rows as long as columns")
         data = [dict(zip(data["columns"], r)) for r in rows]
-    elif isinstance(data, dict) and key in ("inputs", "instances"):  # columns: {"item_ids": [[...], ...]}
-        cols = list(data.values())
-        if not all(isinstance(c, list) for c in cols) or len({len(c) for c in cols}) > 1:
-            raise RequestError(key, "expected columns of equal length")
-        data = [dict(zip(data, vals)) for vals in zip(*cols)]
+    elif isinstance(data, dict):  # MLflow's column layout cannot carry ragged lists: records only
+        raise RequestError(key, 'expected a list of records ({"item_ids": [...], ...} per user)')
     return data, doc.get("params"), key
 
 
