@@ -163,6 +163,13 @@ class RecommendReport:
     seconds: float
     workers: int
     model_version: str
+    first_block_seconds: float = float("nan")  # until the first results arrived (actors loading the model)
+    first_block_users: int = 0
+
+    @property
+    def steady_users_per_second(self) -> float:
+        """The rate after the first results: without the actors' start (Ray workers, torch, the model)."""
+        return (self.users - self.first_block_users) / max(self.seconds - self.first_block_seconds, 1e-9)
 
     @property
     def users_per_second(self) -> float:
@@ -234,12 +241,13 @@ def recommend(
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
         start = last = time.perf_counter()
-        done = 0
+        done, first, first_n = 0, float("nan"), 0
         writer = None
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, block.schema, compression="zstd")
+                    first, first_n = time.perf_counter() - start, block.num_rows
                 writer.write_table(block)
                 done += block.num_rows
                 now = time.perf_counter()
@@ -258,7 +266,7 @@ def recommend(
     finally:
         if started:
             ray.shutdown()
-    return RecommendReport(out, done, seconds, workers, version or str(checkpoint))
+    return RecommendReport(out, done, seconds, workers, version or str(checkpoint), first, first_n)
 
 
 def default_workers() -> int:
