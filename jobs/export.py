@@ -6,7 +6,7 @@ The training model is jagged: it plans length groups on the host (numpy), which 
 trace. `SequentialRecommender.encode_fixed` is its padded twin for histories that all have the same
 length: items [B, L] int64, timestamps [B, L + 1] int64 (the history's, then the request time) -> user
 vectors [B, D] float32, L2-normalised. The export makes B dynamic where torch.export accepts it
-(1..MAX_DYNAMIC_BATCH rows; `dynamic_batch` in the manifest) and fixes L; the program is checked
+(up to MAX_DYNAMIC_BATCH rows; `max_batch` in the manifest) and fixes L; the program is checked
 against the eager jagged model (`LoadedModel.user_vectors`) on random histories, max |difference| <=
 TOLERANCE.
 
@@ -58,17 +58,20 @@ def example_inputs(
     return items, 1_600_000_000 + torch.cumsum(gaps, 1)
 
 
-def export_program(loaded: Any, batch: int, length: int) -> tuple[Any, bool]:
-    """(ExportedProgram, whether its batch dimension is dynamic). Tries a dynamic batch first."""
+def export_program(loaded: Any, batch: int, length: int) -> tuple[Any, int]:
+    """(ExportedProgram, the largest batch of its dynamic batch dimension; 0: the batch is fixed).
+    Tries dynamic batches of up to MAX_DYNAMIC_BATCH, then smaller ones (the attention core's branch
+    point moves with L), then the example's fixed shape."""
     module = FixedShapeEncoder(loaded.model).eval()
-    args = example_inputs(loaded.cfg.model.num_items, max(batch, 2), length)
-    try:
-        b = torch.export.Dim("batch", min=1, max=MAX_DYNAMIC_BATCH)
-        program = torch.export.export(module, args, dynamic_shapes=({0: b}, {0: b}))
-        return program, True
-    except Exception:  # a guard on the batch size: fall back to the example's fixed shape
-        args = example_inputs(loaded.cfg.model.num_items, batch, length)
-        return torch.export.export(module, args), False
+    for top in (MAX_DYNAMIC_BATCH, 16, 8, 4):
+        args = example_inputs(loaded.cfg.model.num_items, 2, length)
+        try:
+            b = torch.export.Dim("batch", min=1, max=top)
+            return torch.export.export(module, args, dynamic_shapes=({0: b}, {0: b})), top
+        except Exception:  # a guard on the batch size: try a smaller range
+            continue
+    args = example_inputs(loaded.cfg.model.num_items, batch, length)
+    return torch.export.export(module, args), 0
 
 
 def max_difference(program: Any, loaded: Any, batch: int, length: int, seeds: int = 3) -> float:
@@ -97,9 +100,10 @@ def export_encoder(
     if not 1 <= length <= loaded.cfg.model.max_sequence_length:
         raise ValueError(f"length={length}: expected 1..{loaded.cfg.model.max_sequence_length}")
     start = time.perf_counter()
-    program, dynamic = export_program(loaded, batch, length)
+    program, top = export_program(loaded, batch, length)
+    dynamic = top > 0
     seconds = time.perf_counter() - start
-    diff = max_difference(program, loaded, max(batch, 3) if dynamic else batch, length)
+    diff = max_difference(program, loaded, min(3, top) if dynamic else batch, length)
     if diff > TOLERANCE:
         raise RuntimeError(f"exported encoder differs from eager by {diff:.2e} > {TOLERANCE:.0e}")
     out = Path(out)
@@ -117,7 +121,8 @@ def export_encoder(
             "timestamps": f"int64 [B, {length + 1}]: the items' timestamps (s), then the request time",
         },
         "output": f"float32 [B, {loaded.cfg.model.embedding_dim}]: L2-normalised user vectors",
-        "batch": f"dynamic (1..{MAX_DYNAMIC_BATCH})" if dynamic else batch,
+        "batch": f"dynamic (1..{top})" if dynamic else batch,
+        "max_batch": top if dynamic else batch,
         "dynamic_batch": dynamic,
         "length": length,
         "item_vectors": "item_vectors.safetensors['items'], score = user . item, row 0 is padding",
