@@ -10,7 +10,7 @@ tracked in a SQLite MLflow under --out and registered with its faiss index.
 
 batch  `jobs.recommend.recommend` (k=100, exact scan, seen filtered) on --users synthetic users with 1
        and 2 Ray actors (1 torch thread each), against the trainer's full-ranking evaluation
-       (`pipeline.train.evaluate.evaluate`, 2 torch threads, batches of 256) on the same users in this
+       (`pipeline.train.evaluate.evaluate`, 1 torch thread, batches of 256) on the same users in this
        process: users/s and the ratio.
 index  clustered synthetic item vectors (D=64; --clusters Gaussian centres, each item = its centre +
        noise of 0.7x the centre's scale, L2-normalised) and 1000 queries (the sum of 2 random centres +
@@ -119,7 +119,7 @@ def eval_throughput(checkpoint: str, sequences: Path, users: int) -> dict:
     from pipeline.train.evaluate import evaluate
     from pipeline.train.loading import load_checkpoint_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # as one Ray actor: two intra-op threads on a shared 2-core machine stall
     loaded = load_checkpoint_model(checkpoint)
     t = pq.read_table(sequences).slice(0, users)
     max_len = loaded.cfg.model.max_sequence_length
@@ -172,7 +172,7 @@ def bench_batch(args: argparse.Namespace, out: Path) -> dict:
         )
     rows.append(
         [
-            "trainer's full-ranking eval (in process, 2 threads)",
+            "trainer's full-ranking eval (in process, 1 thread)",
             f"{ev['users']:,}",
             f"{ev['seconds']:.1f}",
             f"{ev['users_per_s']:,.0f}",
