@@ -264,7 +264,7 @@ def signature(item_type: str = "long") -> Any:
 
 def body_records(body: bytes) -> tuple[Any, Any, str]:
     """(records, params, the data key) of a JSON /invocations body, in any layout MLflow's scoring server
-    takes (dataframe_records, dataframe_split, inputs / instances as records)."""
+    takes (dataframe_records, dataframe_split, inputs as records; instances is refused)."""
     try:
         doc = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -278,6 +278,8 @@ def body_records(body: bytes) -> tuple[Any, Any, str]:
     if len(keys) != 1:
         raise RequestError("body", f"expected exactly one of {', '.join(DATA_KEYS)}")
     key, data = keys[0], doc[keys[0]]
+    if key == "instances":  # MLflow parses it as a tensor batch, which the column schema rejects
+        raise RequestError(key, "not supported by this model: send dataframe_records (or inputs)")
     if key == "dataframe_split":
         if not isinstance(data, dict) or not isinstance(data.get("columns"), list):
             raise RequestError(key, "expected an object with columns and data")

@@ -257,6 +257,7 @@ MALFORMED = [
     ({"dataframe_records": []}, "dataframe_records"),
     ({"dataframe_records": [{"item_ids": [5]}] * 257}, "dataframe_records"),
     ({"inputs": {"item_ids": [[5, 6]]}}, "inputs"),
+    ({"instances": [{"item_ids": [5, 6]}]}, "instances"),
     ({"dataframe_records": [[5, 6]]}, "dataframe_records[0]"),
     ({"params": {"k": 3}}, "body"),
     (b"[1, 2", "body"),
