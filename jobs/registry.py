@@ -1,14 +1,16 @@
 """Model registry: register a finished run's DCP checkpoint as an MLflow pyfunc; promote to `champion`.
 
 A sharded model cannot go through `mlflow.pytorch.log_model` (pt2 export), so the registered model is the
-checkpoint folder (DCP shards + train.json with the full config) logged as pyfunc artifacts, plus the
-project code (`code_paths`). Loading it needs no cluster and no process group: DCP reshards the model to
-one CPU process.
+checkpoint folder (DCP shards + train.json with the full config, + the faiss item index when built) in
+MLflow's `loader_module` pyfunc flavour: MLModel names `jobs.serving`, whose `_load_pyfunc(data_path)`
+loads the folder through `pipeline.train.loading.load_checkpoint_model`. No python_model object and no
+code_paths are logged, so loading unpickles nothing: the code is the installed package's. Loading needs
+no cluster and no process group: DCP reshards the model to one CPU process.
 
     model = mlflow.pyfunc.load_model("models:/fuxi-alpha@champion")
     model.predict(pd.DataFrame({"item_ids": [[5, 17, 3]], "timestamps": [[t0, t1, t2]]}), params={"k": 10})
     -> DataFrame with columns item_ids (top-k, best first), scores and ignored (history ids unknown to
-       the model, dropped)
+       the model, dropped); jobs/serving.py documents the request and its checks
 Item ids are raw ids (integers or strings, as in the logs) when the training data had a vocabulary (the
 checkpoint folder carries it); otherwise table rows.
 
@@ -26,15 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
-import pandas as pd
 
 MODEL_NAME = "fuxi-alpha"
 CHAMPION = "champion"
 SELECT_METRIC = "ndcg_at_10"  # the trainer's model-selection metric
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-CODE_PATHS = [str(PROJECT_ROOT / pkg) for pkg in ("model", "pipeline", "jobs")]
+LOADER_MODULE = "jobs.serving"  # the pyfunc's code: imported from the installed package at load time
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -66,51 +65,10 @@ class Recommender:
         return self.loaded.top_k(histories, timestamps, request_times, k, filter_seen)
 
 
-class FuxiTopK(mlflow.pyfunc.PythonModel):
-    """pyfunc: DataFrame(item_ids: list[int], timestamps: list[int] optional, request_time: int optional)
-    -> DataFrame(item_ids: top-k list, scores: list); params: k (default 10), filter_seen (default True)."""
-
-    def load_context(self, context: Any) -> None:
-        self.recommender = Recommender.from_checkpoint(context.artifacts["checkpoint"])
-
-    def predict(
-        self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
-    ) -> pd.DataFrame:
-        params = params or {}
-        histories = [list(h) for h in model_input["item_ids"]]
-        stamps = None
-        if "timestamps" in model_input and model_input["timestamps"].notna().all():
-            stamps = [list(t) for t in model_input["timestamps"]]
-        now = None
-        if "request_time" in model_input and model_input["request_time"].notna().all():
-            now = [int(t) for t in model_input["request_time"]]
-        ids, scores, ignored = self.recommender.top_k(
-            histories, stamps, now, int(params.get("k", 10)), bool(params.get("filter_seen", True))
-        )
-        return pd.DataFrame({"item_ids": ids, "scores": list(scores.astype(np.float64)), "ignored": ignored})
-
-
 def _signature(item_type: str = "long") -> Any:
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+    from jobs.serving import signature
 
-    return ModelSignature(
-        inputs=Schema(
-            [
-                ColSpec(Array(item_type), "item_ids"),
-                ColSpec(Array("long"), "timestamps", required=False),
-                ColSpec("long", "request_time", required=False),
-            ]
-        ),
-        outputs=Schema(
-            [
-                ColSpec(Array(item_type), "item_ids"),
-                ColSpec(Array("double"), "scores"),
-                ColSpec("long", "ignored"),
-            ]
-        ),
-        params=ParamSchema([ParamSpec("k", "long", 10), ParamSpec("filter_seen", "boolean", True)]),
-    )
+    return signature(item_type)
 
 
 def _item_type(checkpoint: Path) -> str:
@@ -151,9 +109,12 @@ def register(
     name: str = MODEL_NAME,
     checkpoint: str | Path | None = None,
     tags: dict[str, str] | None = None,
+    index: bool = False,
 ) -> Any:
-    """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion."""
+    """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion.
+    index: also build the faiss item index (jobs/item_index.py, HNSW defaults) into the logged folder."""
     import mlflow
+    import mlflow.pyfunc
 
     from pipeline.train.loading import resolve_checkpoint
 
@@ -163,16 +124,16 @@ def register(
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / ckpt.name
         shutil.copytree(ckpt, staged)
-        code = []
-        for pkg in CODE_PATHS:  # the project code the pyfunc imports, without bytecode caches
-            code.append(str(Path(tmp) / "code" / Path(pkg).name))
-            shutil.copytree(pkg, code[-1], ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if index:
+            from jobs.item_index import index_checkpoint
+            from pipeline.train.loading import load_checkpoint_model
+
+            index_checkpoint(load_checkpoint_model(staged))
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=FuxiTopK(),
-                artifacts={"checkpoint": str(staged)},
-                code_paths=code,
+                loader_module=LOADER_MODULE,
+                data_path=str(staged),  # copied to <model>/data/<checkpoint name>
                 signature=_signature(_item_type(ckpt)),
                 pip_requirements=_requirements(),
             )
@@ -224,9 +185,9 @@ def version_checkpoint(client: Any, name: str, version: str | int, dest: str | P
             artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=client.tracking_uri
         )
         marker.write_text(str(version))
-    found = [p.parent for p in (dest / "artifacts").rglob(".metadata")]
+    found = [p.parent for p in dest.rglob(".metadata")]  # <model>/data/<checkpoint name>/.metadata
     if len(found) != 1:
-        raise FileNotFoundError(f"no single DCP checkpoint under {dest}/artifacts")
+        raise FileNotFoundError(f"no single DCP checkpoint under {dest}")
     return found[0]
 
 

@@ -178,6 +178,24 @@ def length_groups(hist_lengths_B: Tensor, ts_T: Tensor, max_groups: int, min_wid
     return LengthGroups(groups, int(hist.sum()))
 
 
+def fixed_length_groups(num_rows: int, length: int, ts_T: Tensor, min_width: int = 0) -> LengthGroups:
+    """`length_groups` of `num_rows` rows that all hold `length` history tokens, in one group, from Python
+    ints only (no data-dependent shapes or host syncs): what `torch.export` can trace. Equal to
+    `length_groups(full(num_rows, length), ts_T, 1, min_width)`."""
+    device = ts_T.device
+    lg = max(length, 1, min_width)
+    cols = torch.arange(lg + 1, device=device)
+    starts = torch.arange(num_rows, device=device)[:, None]
+    valid = (cols[None, :lg] < length).repeat(num_rows, 1)
+    tok = torch.where(valid, starts * length + cols[None, :lg], 0)
+    with_target = (cols[None, :] <= length).repeat(num_rows, 1)
+    ts_idx = torch.where(with_target, starts * (length + 1) + cols[None, :], 0)
+    flat = tok[:, :length].reshape(-1)  # = tok[valid]: the valid slots are each row's first `length`
+    slots = (starts * lg + cols[None, :length]).reshape(-1)  # = valid.view(-1).nonzero(), known shape
+    group = Group(tok, valid, torch.where(with_target, ts_T[ts_idx], 0), flat, _slots=slots)
+    return LengthGroups([group], num_rows * length)
+
+
 def gemm_rows(num_tokens: int, device: torch.device) -> int:
     """Rows to pad a jagged batch's T tokens to before the per-token layers: T itself, or on CPU under
     autocast T rounded up to a multiple of 2^(floor(log2 T) - 5) (at most 1/32 more rows). Every step's T

@@ -21,7 +21,7 @@ from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJa
 from model.config import ModelConfig
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
-from model.jagged import length_groups, row_col
+from model.jagged import fixed_length_groups, length_groups, row_col
 from model.layers import Dropout
 from model.llama import LlamaStack
 from model.sasrec import SASRecStack
@@ -132,6 +132,22 @@ class SequentialRecommender(nn.Module):
         """User vectors [B, D] at each history's last position (they predict the target)."""
         emb_TD, _ = self._lookup(seq, None)
         return self._encode(seq, emb_TD, last_only=True)[0]
+
+    @torch.no_grad()
+    def encode_fixed(self, items_BL: Tensor, times_BL1: Tensor) -> Tensor:
+        """`encode_last` for B histories of exactly L items, padded tensors in and out: items [B, L],
+        timestamps [B, L + 1] (history + request time) -> user vectors [B, D]. Shapes come from the
+        inputs' sizes only, so `torch.export` can trace it (the jagged path plans length groups on the
+        host); the result equals encode_last's on the same rows."""
+        cfg = self.cfg
+        num_rows, length = items_BL.shape
+        x = self.item_table_weight()[items_BL.reshape(-1)] * (cfg.embedding_dim**0.5)
+        if self.use_abs_positions:
+            x = x + self.position_embedding.weight[:length].repeat(num_rows, 1)
+        x = self.input_dropout(x)
+        min_width = cfg.padded_length if cfg.padding == "fixed" else 0
+        batch = fixed_length_groups(num_rows, length, times_BL1.reshape(-1), min_width)
+        return l2_normalize(self.encoder(x, batch, last_only=True), cfg.l2_norm_eps)
 
     def item_table_weight(self) -> Tensor:
         """The raw (unsharded) item table [num_items, D]."""

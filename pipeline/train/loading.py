@@ -58,6 +58,17 @@ class LoadedModel:
         Histories are raw ids (ints or strings, as the data's vocabulary); ids the model does not know
         (not in its vocabulary, or rows beyond its table) are dropped from the history and counted.
         Without a vocabulary ids are rows. See `top_k_rows` for the rest."""
+        rows, stamps, ignored = self.known_rows(histories, timestamps)
+        if request_times is None and timestamps is not None:  # the request time of the raw history
+            request_times = [int(t[-1]) if len(t) else 0 for t in timestamps]
+        ids, scores = self.top_k_rows(rows, stamps, request_times, k, filter_seen)
+        return [self.raw_ids(r) for r in ids], scores, ignored
+
+    def known_rows(
+        self, histories: list[list[Any]], timestamps: list[list[int]] | None = None
+    ) -> tuple[list[list[int]], list[list[int]], list[int]]:
+        """Raw-id histories -> (table rows, their timestamps, ids ignored per user): ids the model does
+        not know (not in its vocabulary, or rows beyond its table) are dropped and counted."""
         if timestamps is not None and len(timestamps) != len(histories):
             raise ValueError("item_ids and timestamps differ in number of users")
         rows, stamps, ignored = [], [], []
@@ -70,10 +81,7 @@ class LoadedModel:
             rows.append([int(x) for x in r[known]])
             stamps.append([int(x) for x, ok in zip(t, known) if ok])
             ignored.append(int((~known).sum()))
-        if request_times is None and timestamps is not None:  # the request time of the raw history
-            request_times = [int(t[-1]) if len(t) else 0 for t in timestamps]
-        ids, scores = self.top_k_rows(rows, stamps, request_times, k, filter_seen)
-        return [self.raw_ids(r) for r in ids], scores, ignored
+        return rows, stamps, ignored
 
     def _rows(self, raw: list[Any]) -> np.ndarray:
         if self.vocab is not None:
@@ -102,6 +110,25 @@ class LoadedModel:
         """(item rows [B, k], scores [B, k]), best first, for histories of table rows. `request_times` is
         the time of the request (FuXi-alpha's temporal channel reads it); default: the last history
         timestamp."""
+        import torch
+
+        with torch.no_grad():
+            scores = self.user_vectors(histories, timestamps, request_times) @ self.item_vectors().T
+        scores[:, 0] = -torch.inf
+        if filter_seen:
+            for row, h in enumerate(histories):
+                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
+        top = torch.topk(scores, min(k, self.cfg.model.num_items - 1), dim=1)
+        return top.indices.numpy(), top.values.numpy()
+
+    def user_vectors(
+        self,
+        histories: list[list[int]],
+        timestamps: list[list[int]] | None = None,
+        request_times: list[int] | None = None,
+    ) -> Any:
+        """User vectors [B, D] (torch, L2-normalised) of histories of table rows: what scores every item
+        (score = user . item_vectors()). Each history is cut to its last max_sequence_length items."""
         import pyarrow as pa
         import torch
 
@@ -127,13 +154,15 @@ class LoadedModel:
         )
         batch = collate_arrow(table, self.cfg.model.max_sequence_length, drop_last=0)
         with torch.no_grad():
-            scores = self.model.encode_last(batch.seq) @ self.model.normalized_item_embeddings().T
-        scores[:, 0] = -torch.inf
-        if filter_seen:
-            for row, h in enumerate(histories):
-                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
-        top = torch.topk(scores, min(k, self.cfg.model.num_items - 1), dim=1)
-        return top.indices.numpy(), top.values.numpy()
+            return self.model.encode_last(batch.seq)
+
+    def item_vectors(self) -> Any:
+        """The item table as the model scores it: [num_items, D] torch, rows L2-normalised (row 0 is
+        padding and never recommended)."""
+        import torch
+
+        with torch.no_grad():
+            return self.model.normalized_item_embeddings().detach()
 
 
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:

@@ -1,0 +1,192 @@
+"""Top-k over the item table: the exact chunked scan every serving path uses, and a faiss index for speed.
+
+The model scores an item by the inner product of the user vector with the item's L2-normalised table row
+(`LoadedModel.item_vectors`), so inner product on those rows is the exact score and a faiss inner-product
+index over them (HNSW; IVF optional) approximates it. Row 0 is padding and never returned; a user's
+history items are filtered ("seen").
+
+    scores, rows = exact_top_k(user_BD, items_VD, seen, k)       # chunks of the table: bounded memory
+    index = build_index(items_VD, kind="hnsw", m=32)             # faiss, inner product
+    write_index(index, path); index = read_index(path)           # faiss's own binary format, not pickle
+    scores, rows = index_top_k(index, user_BD, seen, k, ef_search=128)
+
+`fuxi index` writes `item_index.faiss` (+ `item_index.json`: kind, parameters, rows, build time) into a
+checkpoint folder, where the batch job and the served model find it (`--use-index`, param `use_index`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+INDEX_FILE = "item_index.faiss"
+INDEX_META = "item_index.json"
+DEFAULT_CHUNK = 65_536  # item rows scored at once: users x chunk fp32 scores (256 users: 64 MiB)
+
+
+def _seen_pairs(seen: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user index, item row) of every seen item, flat."""
+    lengths = torch.as_tensor([len(s) for s in seen], dtype=torch.long)
+    users = torch.repeat_interleave(torch.arange(len(seen)), lengths)
+    items = torch.as_tensor([int(i) for s in seen for i in s], dtype=torch.long)
+    return users, items
+
+
+def exact_top_k(
+    user_BD: torch.Tensor,
+    items_VD: torch.Tensor,
+    seen: Sequence[Sequence[int]] | None,
+    k: int,
+    chunk: int = DEFAULT_CHUNK,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [B, k], item rows [B, k]), best first: the exact inner-product top-k over rows 1..V-1,
+    without each user's `seen` rows. The table is scored `chunk` rows at a time and the running top-k
+    merged, so memory is B x chunk whatever V is. k is capped at V - 1; a user whose every row is seen
+    gets -inf scores (row ids then are arbitrary)."""
+    num_items = items_VD.shape[0]
+    k = min(k, num_items - 1)
+    users, items = _seen_pairs(seen) if seen is not None else (None, None)
+    best_s = torch.full((user_BD.shape[0], 0), -torch.inf)
+    best_i = torch.zeros((user_BD.shape[0], 0), dtype=torch.long)
+    with torch.no_grad():
+        for lo in range(0, num_items, chunk):
+            hi = min(lo + chunk, num_items)
+            scores = user_BD @ items_VD[lo:hi].T
+            if lo == 0:
+                scores[:, 0] = -torch.inf  # padding row
+            if users is not None:
+                inside = (items >= lo) & (items < hi)
+                scores[users[inside], items[inside] - lo] = -torch.inf
+            top = torch.topk(scores, min(k, hi - lo), dim=1)
+            best_s = torch.cat([best_s, top.values], 1)
+            best_i = torch.cat([best_i, top.indices + lo], 1)
+            if best_s.shape[1] > k:  # merge: keep the k best so far (stable: earlier rows win ties)
+                keep = torch.topk(best_s, k, dim=1)
+                best_s, best_i = keep.values, best_i.gather(1, keep.indices)
+    return best_s.numpy(), best_i.numpy()
+
+
+# ---------------------------------------------------------------------------------------------------
+# faiss
+
+
+def build_index(
+    items_VD: torch.Tensor | np.ndarray,
+    kind: str = "hnsw",
+    m: int = 32,
+    ef_construction: int = 200,
+    nlist: int = 1024,
+    threads: int | None = None,
+) -> Any:
+    """A faiss inner-product index over the item rows (row r of the table = faiss id r; row 0 is added
+    too and filtered at query time, so ids stay rows). kind: "hnsw" (IndexHNSWFlat, M = m) or "ivf"
+    (IndexIVFFlat with nlist k-means lists, trained on the rows)."""
+    import faiss
+
+    if threads:
+        faiss.omp_set_num_threads(threads)
+    x = np.ascontiguousarray(np.asarray(items_VD, dtype=np.float32))
+    d = x.shape[1]
+    if kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = ef_construction
+    elif kind == "ivf":
+        quantizer = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quantizer, d, min(nlist, max(1, len(x) // 39)), faiss.METRIC_INNER_PRODUCT)
+        index.train(x)
+    else:
+        raise ValueError(f"index kind {kind!r}: expected 'hnsw' or 'ivf'")
+    index.add(x)
+    return index
+
+
+def set_search_params(index: Any, ef_search: int = 128, nprobe: int = 16) -> None:
+    """The query-time knobs: efSearch for HNSW, nprobe for IVF."""
+    import faiss
+
+    if isinstance(index, faiss.IndexHNSW):
+        index.hnsw.efSearch = ef_search
+    elif isinstance(index, faiss.IndexIVF):
+        index.nprobe = nprobe
+
+
+def index_top_k(
+    index: Any,
+    user_BD: torch.Tensor | np.ndarray,
+    seen: Sequence[Sequence[int]] | None,
+    k: int,
+    ef_search: int = 128,
+    nprobe: int = 16,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(scores [B, k], item rows [B, k]) from the index: asks for k + the longest history + 1 candidates,
+    drops the padding row and seen rows, keeps the first k. Missing slots (too few candidates) are row 0
+    with score -inf."""
+    q = np.ascontiguousarray(np.asarray(user_BD, dtype=np.float32))
+    longest = max((len(s) for s in seen), default=0) if seen is not None else 0
+    want = min(k + longest + 1, index.ntotal)
+    set_search_params(index, max(ef_search, want), nprobe)
+    scores, rows = index.search(q, want)
+    out_s = np.full((len(q), k), -np.inf, dtype=np.float32)
+    out_i = np.zeros((len(q), k), dtype=np.int64)
+    for b in range(len(q)):
+        drop = {0, *map(int, seen[b])} if seen is not None else {0}
+        keep = [j for j in range(want) if rows[b, j] >= 0 and int(rows[b, j]) not in drop][:k]
+        out_s[b, : len(keep)] = scores[b, keep]
+        out_i[b, : len(keep)] = rows[b, keep]
+    return out_s, out_i
+
+
+def write_index(index: Any, folder: str | Path, meta: dict[str, Any]) -> Path:
+    """item_index.faiss (faiss's binary format) + item_index.json into `folder`."""
+    import faiss
+
+    folder = Path(folder)
+    tmp = folder / (INDEX_FILE + ".tmp")
+    faiss.write_index(index, str(tmp))
+    tmp.replace(folder / INDEX_FILE)
+    (folder / INDEX_META).write_text(json.dumps(meta, indent=1))
+    return folder / INDEX_FILE
+
+
+def read_index(folder: str | Path) -> tuple[Any, dict[str, Any]] | None:
+    """(index, meta) from a checkpoint folder, or None when it has none."""
+    import faiss
+
+    folder = Path(folder)
+    if not (folder / INDEX_FILE).exists():
+        return None
+    meta = json.loads((folder / INDEX_META).read_text()) if (folder / INDEX_META).exists() else {}
+    return faiss.read_index(str(folder / INDEX_FILE)), meta
+
+
+def index_checkpoint(
+    loaded: Any, kind: str = "hnsw", m: int = 32, ef_construction: int = 200, nlist: int = 1024
+) -> tuple[Path, dict[str, Any]]:
+    """Build the index of a loaded checkpoint's item vectors and store it in the checkpoint folder."""
+    start = time.perf_counter()
+    items = loaded.item_vectors().numpy()
+    index = build_index(items, kind, m, ef_construction, nlist)
+    meta = {
+        "kind": kind,
+        "m": m,
+        "ef_construction": ef_construction,
+        "nlist": nlist if kind == "ivf" else None,
+        "rows": int(items.shape[0]),
+        "dim": int(items.shape[1]),
+        "metric": "inner_product on L2-normalised item rows",
+        "build_seconds": round(time.perf_counter() - start, 3),
+    }
+    return write_index(index, loaded.path, meta), meta
+
+
+def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean over users of |approx top-k ∩ exact top-k| / k."""
+    k = exact_rows.shape[1]
+    hits = [len(set(a.tolist()) & set(e.tolist())) for a, e in zip(approx_rows, exact_rows)]
+    return float(np.mean(hits) / k)

@@ -1,0 +1,273 @@
+"""Batch recommendations: the top-k of every user of a sequence data set, through Ray Data.
+
+    fuxi recommend --model models:/fuxi-alpha@champion --sequences data/shards --out recs.parquet --k 100
+
+The sequence rows (a shard directory's files, or one sequence Parquet file) are read by Ray Data and
+streamed to an actor pool of `Scorer`s (callable classes: each loads the model once) with backpressure,
+so memory is bounded by the blocks in flight, not by the number of users. Each user's vector is computed
+once from the whole sequence (the model reads its last max_sequence_length items; the request time is
+the last event's), and its exact top-k over the item table is taken in chunks with every item of the
+sequence filtered (`jobs.item_index.exact_top_k`, the same function the served model uses), or from the
+faiss index (`use_index`). The driver writes the results to one Parquet file as they arrive:
+
+    user_id | item_ids (list of raw ids, best first) | scores (list<float32>) | ignored | model_version
+
+Item ids in the sequences are rows of the data's vocabulary; the vocabulary is append-only, so they are
+the model's rows where the model has them: rows beyond the model's table (items it never saw) are
+dropped from the history and counted in `ignored`. A user left with no known item gets empty lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.schema import SHARD_MANIFEST
+
+COLUMNS = ["user_id", "item_ids", "timestamps"]
+
+
+@dataclass
+class ResolvedModel:
+    checkpoint: Path  # a local checkpoint folder
+    version: str  # "NAME/3" for a registered version, else the checkpoint folder
+
+
+def resolve_model(
+    ref: str, tracking_uri: str | None = None, cache: str | Path | None = None
+) -> ResolvedModel:
+    """models:/NAME@alias, models:/NAME/3 (downloaded once into `cache`), runs:/RUN_ID (the run's latest
+    checkpoint), or a checkpoint folder / root."""
+    from pipeline.train.loading import resolve_checkpoint
+
+    if ref.startswith("models:/") or ref.startswith("runs:/"):
+        from jobs import registry
+        from jobs.sweep import mlflow_client
+
+        client = mlflow_client(tracking_uri)
+        if ref.startswith("runs:/"):
+            return ResolvedModel(registry.run_checkpoint(client, ref[len("runs:/") :].strip("/")), ref)
+        spec = ref[len("models:/") :]
+        if "@" in spec:
+            name, alias = spec.split("@", 1)
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            name, _, version = spec.partition("/")
+            if not version:
+                raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        root = Path(cache or Path("runs") / "models") / name / f"v{version}"
+        return ResolvedModel(registry.version_checkpoint(client, name, version, root), f"{name}/{version}")
+    path = resolve_checkpoint(ref)
+    return ResolvedModel(path, str(path))
+
+
+def sequence_files(path: str | Path) -> tuple[list[str], int | None]:
+    """(Parquet files, users if known) of a shard directory (its manifest) or one sequence file."""
+    path = Path(path)
+    if path.is_dir():
+        manifest_path = path / SHARD_MANIFEST
+        if not manifest_path.exists():
+            raise FileNotFoundError(f"{path}: no {SHARD_MANIFEST}; build it with `fuxi data build-sequences`")
+        manifest = json.loads(manifest_path.read_text())
+        files = [str(path / s["file"]) for s in manifest["shards"]]
+        users = sum(sum(rg[0] for rg in s["row_groups"]) for s in manifest["shards"])
+        return files, users
+    if not path.exists():
+        raise FileNotFoundError(f"sequence file {path} does not exist")
+    return [str(path)], pq.ParquetFile(path).metadata.num_rows
+
+
+class Scorer:
+    """Ray Data actor: loads the checkpoint once, then maps Arrow batches of sequence rows to top-k rows."""
+
+    def __init__(
+        self,
+        checkpoint: str,
+        k: int,
+        version: str,
+        use_index: bool = False,
+        chunk: int | None = None,
+        threads: int = 1,
+        ef_search: int = 128,
+    ) -> None:
+        import torch
+
+        from jobs.item_index import DEFAULT_CHUNK, read_index
+        from pipeline.train.loading import load_checkpoint_model
+
+        torch.set_num_threads(threads)  # one actor per core: intra-op threads would oversubscribe
+        self.loaded = load_checkpoint_model(checkpoint, device="cpu")
+        self.items_VD = self.loaded.item_vectors()
+        self.k, self.version, self.chunk = k, version, chunk or DEFAULT_CHUNK
+        self.ef_search = ef_search
+        self.index = None
+        if use_index:
+            found = read_index(self.loaded.path)
+            if found is None:
+                raise FileNotFoundError(f"{checkpoint}: no item index; build it with `fuxi index`")
+            self.index = found[0]
+        vocab = self.loaded.vocab
+        self.item_type = pa.string() if vocab is not None and vocab.key_type == "string" else pa.int64()
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from jobs.item_index import exact_top_k, index_top_k
+
+        num_items = self.loaded.cfg.model.num_items
+        items = batch.column("item_ids").to_pylist()
+        times = batch.column("timestamps").to_pylist()
+        rows, stamps, ignored, keep = [], [], [], []
+        for u, (h, t) in enumerate(zip(items, times)):
+            known = [(int(i), int(s)) for i, s in zip(h, t) if 0 < i < num_items]
+            ignored.append(len(h) - len(known))
+            if known:
+                keep.append(u)
+                rows.append([i for i, _ in known])
+                stamps.append([s for _, s in known])
+        n = batch.num_rows
+        out_ids: list[list[Any]] = [[] for _ in range(n)]
+        out_scores: list[list[float]] = [[] for _ in range(n)]
+        if keep:
+            nows = [int(times[u][-1]) for u in keep]  # the request time: the user's last event
+            user_BD = self.loaded.user_vectors(rows, stamps, nows)
+            if self.index is not None:
+                scores, top = index_top_k(self.index, user_BD, rows, self.k, self.ef_search)
+            else:
+                scores, top = exact_top_k(user_BD, self.items_VD, rows, self.k, self.chunk)
+            for j, u in enumerate(keep):
+                out_ids[u] = self.loaded.raw_ids(top[j])
+                out_scores[u] = scores[j].astype(np.float32).tolist()
+        return pa.table(
+            {
+                "user_id": batch.column("user_id"),
+                "item_ids": pa.array(out_ids, pa.list_(self.item_type)),
+                "scores": pa.array(out_scores, pa.list_(pa.float32())),
+                "ignored": pa.array(ignored, pa.int64()),
+                "model_version": pa.array([self.version] * n, pa.string()),
+            }
+        )
+
+
+@dataclass
+class RecommendReport:
+    out: Path
+    users: int
+    seconds: float
+    workers: int
+    model_version: str
+    first_block_seconds: float = float("nan")  # until the first results arrived (actors loading the model)
+    first_block_users: int = 0
+
+    @property
+    def steady_users_per_second(self) -> float:
+        """The rate after the first results: without the actors' start (Ray workers, torch, the model)."""
+        return (self.users - self.first_block_users) / max(self.seconds - self.first_block_seconds, 1e-9)
+
+    @property
+    def users_per_second(self) -> float:
+        return self.users / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"wrote {self.out}: {self.users:,} users in {self.seconds:.1f}s "
+            f"({self.users_per_second:,.0f} users/s, {self.workers} workers), model {self.model_version}"
+        )
+
+
+def recommend(
+    checkpoint: str | Path,
+    sequences: str | Path,
+    out: str | Path,
+    k: int = 100,
+    *,
+    version: str | None = None,
+    workers: int = 1,
+    batch_size: int = 256,
+    use_index: bool = False,
+    chunk: int | None = None,
+    ray_address: str | None = None,
+    threads_per_worker: int = 1,
+    progress: bool = True,
+    progress_every: float = 10.0,
+) -> RecommendReport:
+    """Top-k of every user in `sequences` by the checkpoint's model, to the Parquet file `out`.
+
+    Ray: joins `ray_address` when given, else starts a local instance with `workers + 1` CPUs (the actors
+    and one read task) and shuts it down in the end, success or not."""
+    import ray
+    import ray.data
+
+    if k < 1:
+        raise ValueError(f"k={k}: expected k >= 1")
+    files, total = sequence_files(sequences)
+    started = False
+    if not ray.is_initialized():
+        ray.init(
+            address=ray_address or "local",
+            num_cpus=None if ray_address else workers + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False  # the driver prints its own progress
+        ctx.print_on_execution_start = False
+        ctx.enable_auto_log_stats = False
+        ds = ray.data.read_parquet(files, columns=COLUMNS).map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "checkpoint": str(checkpoint),
+                "k": k,
+                "version": version or str(checkpoint),
+                "use_index": use_index,
+                "chunk": chunk,
+                "threads": threads_per_worker,
+            },
+            batch_size=batch_size,
+            batch_format="pyarrow",
+            concurrency=workers,  # an actor pool of this size
+            num_cpus=1,
+        )
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        start = last = time.perf_counter()
+        done, first, first_n = 0, float("nan"), 0
+        writer = None
+        try:
+            for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, block.schema, compression="zstd")
+                    first, first_n = time.perf_counter() - start, block.num_rows
+                writer.write_table(block)
+                done += block.num_rows
+                now = time.perf_counter()
+                if progress and now - last >= progress_every:
+                    of = f"/{total:,}" if total else ""
+                    rate = done / (now - start)
+                    print(f"recommend: {done:,}{of} users, {rate:,.0f} users/s", file=sys.stderr, flush=True)
+                    last = now
+        finally:
+            if writer is not None:
+                writer.close()
+        if writer is None:
+            raise ValueError(f"{sequences}: no users")
+        tmp.replace(out)
+        seconds = time.perf_counter() - start
+    finally:
+        if started:
+            ray.shutdown()
+    return RecommendReport(out, done, seconds, workers, version or str(checkpoint), first, first_n)
+
+
+def default_workers() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
