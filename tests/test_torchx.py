@@ -78,6 +78,8 @@ def test_kubernetes_dryrun_spec() -> None:
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         command = " ".join(container["command"])
         assert "--nnodes 2 --nproc_per_node 8" in command
+        assert "torchrun --max-restarts 3 " in command  # in-place restarts of failed workers
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in {e["name"] for e in container["env"]}
         assert (
             "-m jobs.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
         )
@@ -114,8 +116,10 @@ def test_slurm_dryrun_spec() -> None:
     assert len(srun) == 2  # one srun per node, joined as one heterogeneous job step
     for line in srun:
         assert "--nnodes 2 --nproc_per_node 4" in line and "-m jobs.cli train --preset tiny" in line
-        # no run_dir given: the default names the job, which a requeue keeps, so a retry finds its checkpoints
-        assert 'runs/fuxi-train/\'"$SLURM_JOB_ID"' in line and "--resume --device cuda" in line
+        # no run_dir given: the default names the job (stable across requeues and re-submissions), so a
+        # retry finds its checkpoints; torchrun restarts failed workers in place as well
+        assert "--run-dir runs/fuxi-train --resume --device cuda" in line
+        assert "torchrun --max-restarts 2 " in line
 
 
 @pytest.mark.slow
