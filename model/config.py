@@ -39,6 +39,10 @@ class ModelConfig:
     # "padded": SiLU(qk)/N with N = padded_length (official); "length": divide by the true sequence length.
     attn_norm: Literal["padded", "length"] = "padded"
     ffn_single_stage: bool = False  # paper's "w/o MFFN": stage 1 only
+    # scale of the MFFN stage-2 down projection W2 at init (its xavier-uniform draw times this).
+    # 1.0: the official init, where at d=50 the SwiGLU branch starts ~5x larger than the residual it is
+    # added to (docs/QUALITY.md); 0.0: stage 2 starts as the identity and grows in as it learns.
+    ffn_out_init_scale: float = 1.0
     # "ams": multi-channel AMS; "vanilla": one HSTU-style channel with the position/time biases added to
     # the logits (paper's "w/o AMS"; with ffn_single_stage it is the paper's "Base").
     attention: Literal["ams", "vanilla"] = "ams"
@@ -80,5 +84,7 @@ class ModelConfig:
             raise ValueError(f"kernel must be 'reference' or 'fast', got {self.kernel!r}")
         if self.padding not in ("batch", "fixed"):
             raise ValueError(f"padding must be 'batch' or 'fixed', got {self.padding!r}")
+        if not 0.0 <= self.ffn_out_init_scale <= 10.0:
+            raise ValueError(f"ffn_out_init_scale must be in [0, 10], got {self.ffn_out_init_scale}")
         if self.fast_chunk < 1 or self.length_buckets < 0:
             raise ValueError("fast_chunk must be >= 1 and length_buckets >= 0")
