@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ def subsample(data_path: str, users: int, seed: int, work: Path) -> str:
     out = work / f"{Path(data_path).stem}-{users}u-s{seed}.parquet"
     if not out.exists():
         sub = SequenceData(data.table.take(rows), data.num_items, dict(data.meta, subsample=[users, seed]))
+        if data.vocab is not None:  # the metadata names a sidecar vocabulary file: put a copy beside out
+            shutil.copyfile(data.vocab, work / data.vocab.name)
         write_sequences(sub, out)
     return str(out)
 
@@ -284,7 +287,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=["official", "single_stage", "zero_w2", "hstu"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--steps", nargs="+", type=int, default=[10, 50, 150], help="norms: after these steps")
+    parser.add_argument(
+        "--steps", nargs="+", type=int, default=[10, 50, 150], help="norms: after these steps"
+    )
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override for every run")
     parser.add_argument("--out", help="ablate: also write the runs as JSON here")
     args = parser.parse_args(argv)

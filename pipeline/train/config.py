@@ -41,10 +41,21 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    num_negatives: int = 128
-    negatives: Literal["per_position", "shared"] = "shared"
+    num_negatives: int = 128  # unused by negatives="full"
+    # "per_position": num_negatives fresh uniform ids per position (official); "shared": one set for the
+    # batch; "full": every catalogue item is a negative (exact softmax over the catalogue: [positions,
+    # items] logits, affordable for small catalogues such as ML-100K's 1,682 items)
+    negatives: Literal["per_position", "shared", "full"] = "shared"
     temperature: float = 0.05
     dedup_negatives: bool = True  # per_position: look each distinct id up once (same loss, less work)
+
+    def __post_init__(self) -> None:
+        if self.negatives not in ("per_position", "shared", "full"):
+            raise ValueError(f"loss.negatives must be per_position, shared or full, got {self.negatives!r}")
+        if self.num_negatives < 1:
+            raise ValueError(f"loss.num_negatives must be >= 1, got {self.num_negatives}")
+        if not self.temperature > 0:
+            raise ValueError(f"loss.temperature must be > 0, got {self.temperature}")
 
 
 @dataclass
@@ -52,7 +63,26 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay (official ML-1M gin: 0)
+    # learning-rate schedule, a multiplier of lr (and of parallel.embedding_lr) per optimizer step:
+    # linear warm-up from lr/warmup_steps to lr over the first warmup_steps steps, then "constant"
+    # (official: no warm-up, constant), or "cosine" / "linear" decay to min_lr_ratio * lr at the last step
+    # (the run's step budget: max_steps, else epochs * batches per epoch)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"optim.schedule must be constant, cosine or linear, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass
@@ -119,6 +149,22 @@ class TrainConfig:
     # (benchmarks/bench_kernels.py); on GPUs it is the usual setting (the official code scores its loss
     # under bf16 autocast). "none": fp32.
     amp: Literal["none", "bf16"] = "none"
+    # early stopping (protocols that select on validation): stop after this many evaluations in a row
+    # without a better valid NDCG@10; 0: off (official: always the full epochs)
+    patience: int = 0
+    # step budget: stop after this many optimizer steps (mid-epoch included; the run then evaluates and
+    # selects as at its last epoch); 0: epochs only
+    max_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.eval_every_epochs < 1:
+            raise ValueError(
+                f"epochs and eval_every_epochs must be >= 1, got {self.epochs}, {self.eval_every_epochs}"
+            )
+        if self.patience < 0 or self.max_steps < 0:
+            raise ValueError(f"patience and max_steps must be >= 0, got {self.patience}, {self.max_steps}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch_size and eval_batch_size must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -270,8 +316,9 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
         if not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
             raise KeyError(f"unknown config field {key!r} in override {item!r}")
         setattr(target, leaf, _parse_value(text, getattr(target, leaf)))
-        if isinstance(target, ModelConfig):
-            target.__post_init__()
+        check = getattr(target, "__post_init__", None)
+        if check is not None:  # each section validates its own ranges (a bad value fails here, named)
+            check()
     return cfg
 
 
