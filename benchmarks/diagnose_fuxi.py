@@ -34,13 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 # named override sets; the base is the ml-100k preset (the official ML-1M recipe) on --data
 VARIANTS: dict[str, list[str]] = {
-    "official": [],
-    "single_stage": ["model.ffn_single_stage=true"],
-    "zero_w2": ["model.ffn_out_init_scale=0.0"],
+    "official": ["model.ffn_out_init_scale=1.0"],  # the official code's stage-2 init
+    "single_stage": ["model.ffn_single_stage=true"],  # the paper's "w/o MFFN"
+    "zero_w2": ["model.ffn_out_init_scale=0.0"],  # the project default: stage 2 starts as identity
     "small_w2": ["model.ffn_out_init_scale=0.1"],
-    "no_ts": ["model.channels=pos,sem"],
+    "no_ts": ["model.channels=pos,sem", "model.ffn_out_init_scale=1.0"],
     "no_ts_zero_w2": ["model.channels=pos,sem", "model.ffn_out_init_scale=0.0"],
-    "warmup": ["optim.warmup_steps=50"],
+    "warmup": ["optim.warmup_steps=50", "model.ffn_out_init_scale=1.0"],
+    "zero_w2_full": ["model.ffn_out_init_scale=0.0", "loss.negatives=full"],
+    "zero_w2_cosine": ["model.ffn_out_init_scale=0.0", "optim.warmup_steps=20", "optim.schedule=cosine"],
     "hstu": ["model.architecture=hstu"],
     "sasrec": ["model.architecture=sasrec"],
 }
