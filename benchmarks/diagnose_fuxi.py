@@ -260,7 +260,8 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     )
     print("|---|---|" + "---|" * (len(marks) + 5))
     for r in results:
-        cells = [f"{r['valid_curve'][e - 1]:.4f}" for e in marks]
+        curve = r["valid_curve"]  # shorter than --epochs when early stopping (patience) ended the run
+        cells = [f"{curve[e - 1]:.4f}" if e <= len(curve) else "-" for e in marks]
         print(
             f"| {r['variant']} | {r['seed']} | "
             + " | ".join(cells)
