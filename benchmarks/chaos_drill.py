@@ -1,10 +1,11 @@
 """Chaos drill: a 2-rank TorchX `local_cwd` job with retries loses a rank to SIGKILL and finishes by itself.
 
 Each trial submits `jobs/components.py:train` (tiny preset, 2 gloo ranks, `--max_retries 3`, a checkpoint
-every few steps), waits for its first complete checkpoint, sleeps a random time, and kills one random
-rank with SIGKILL. torchrun stops the other rank and starts both again; they resume from the latest
-checkpoint and continue the same MLflow run. A trial passes when the job SUCCEEDED, the run is one
-MLflow run that FINISHED, and its per-epoch losses and test metrics equal an uninterrupted run's.
+every 4 steps), picks a random step, and once the latest checkpoint has reached it kills one random rank
+with SIGKILL (within half a second, so mid-step or mid-save). torchrun stops the other rank and starts
+both again; they resume from the latest checkpoint and continue the same MLflow run. A trial passes when
+the job SUCCEEDED after >= 1 restart, the run is one MLflow run that FINISHED, and its per-epoch losses
+and test metrics equal an uninterrupted run's.
 
     .venv/bin/python benchmarks/chaos_drill.py --trials 5 --out runs/chaos
 prints one row per trial (restarts, wall time, equality) and a summary; tests/test_chaos.py runs one.
@@ -29,9 +30,10 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHX = str(Path(sys.executable).with_name("torchx"))
+EPOCHS, STEPS = 8, 64  # 1000 synthetic users: 8 global batches of 128 an epoch on 2 ranks
 OVERRIDES = [
-    "epochs=6",
-    "data.synthetic.num_users=1000",  # 16 steps an epoch on 2 ranks
+    f"epochs={EPOCHS}",
+    "data.synthetic.num_users=1000",
     "checkpoint_every_steps=4",
     "progress=false",
     "tracking.experiment=chaos",
@@ -43,7 +45,7 @@ class Trial:
     name: str
     succeeded: bool
     killed_rank: int | None
-    killed_at_s: float | None
+    killed_after_step: int | None
     restarts: int
     mlflow_runs: int
     run_status: str
@@ -93,24 +95,30 @@ def workers(run_dir: Path) -> dict[int, psutil.Process]:
     return found
 
 
-def kill_a_rank(
-    run_dir: Path, rng: random.Random, job: subprocess.Popen, max_delay: float, start: float
-) -> tuple[int, float]:
-    """After the first complete checkpoint, wait a random time, then SIGKILL a random rank; returns the
-    rank and the seconds since submission (`start`)."""
+def kill_a_rank(run_dir: Path, rng: random.Random, job: subprocess.Popen) -> tuple[int, int]:
+    """Pick a random step of the run; once the latest checkpoint has reached it, SIGKILL a random rank
+    within half a second. Returns the rank and the step of the latest checkpoint when it was killed."""
     latest = run_dir / "checkpoints" / "latest"
-    while not latest.exists():
+    target = rng.randrange(4, STEPS - 8)  # leaves at least 8 steps to run after the kill
+
+    def reached() -> int:
+        try:
+            return int(latest.read_text().strip().split("-")[1])
+        except (OSError, IndexError, ValueError):  # not written yet, or being replaced
+            return 0
+
+    while reached() < target:
         if job.poll() is not None:
-            raise RuntimeError(f"{run_dir.name} ended before its first checkpoint")
-        time.sleep(0.1)
-    delay = rng.uniform(0.0, max_delay)
-    time.sleep(delay)
+            raise RuntimeError(f"{run_dir.name} ended before step {target}")
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 0.5))
     rank = rng.randrange(2)
     procs = workers(run_dir)
     if rank not in procs:
         raise RuntimeError(f"{run_dir.name}: rank {rank} not found to kill (finished already?)")
+    step = reached()
     procs[rank].send_signal(signal.SIGKILL)
-    return rank, time.time() - start
+    return rank, step
 
 
 def run_record(db: Path, run_dir: Path) -> dict[str, Any]:
@@ -146,7 +154,7 @@ def curve(record: dict[str, Any], key: str) -> dict[int, float] | None:
 def compare(ref: dict[str, Any], got: dict[str, Any]) -> tuple[bool, bool]:
     losses = curve(got, "train/epoch_loss")
     want = curve(ref, "train/epoch_loss")
-    losses_equal = losses is not None and want is not None and len(want) == 6 and losses == want
+    losses_equal = losses is not None and want is not None and len(want) == EPOCHS and losses == want
     test_keys = [k for k in ref["metrics"] if k.startswith("final_test/")]
     test_equal = bool(test_keys) and all(curve(got, k) == curve(ref, k) for k in test_keys)
     return losses_equal, test_equal
@@ -161,13 +169,13 @@ def reference(root: Path) -> dict[str, Any]:
     return run_record(root / "mlflow.db", root / name)
 
 
-def trial(root: Path, index: int, rng: random.Random, ref: dict[str, Any], max_delay: float = 6.0) -> Trial:
+def trial(root: Path, index: int, rng: random.Random, ref: dict[str, Any]) -> Trial:
     name = f"chaos-{index}"
     start = time.time()
     job = submit(root, name)
-    killed: tuple[int | None, float | None] = (None, None)
+    killed: tuple[int | None, int | None] = (None, None)
     try:
-        killed = kill_a_rank(root / name, rng, job, max_delay, start)
+        killed = kill_a_rank(root / name, rng, job)
     except RuntimeError as e:
         print(f"  {e}", file=sys.stderr)
     code = job.wait(timeout=900)
@@ -178,7 +186,7 @@ def trial(root: Path, index: int, rng: random.Random, ref: dict[str, Any], max_d
         name,
         code == 0,
         killed[0],
-        None if killed[1] is None else round(killed[1], 2),
+        killed[1],
         got.get("restarts", 0),
         got["runs"],
         got["status"],
@@ -202,15 +210,16 @@ def main() -> int:
     t0 = time.time()
     ref = reference(root)
     print(f"uninterrupted reference: {time.time() - t0:.1f} s")
-    print(f"{'trial':10s} {'killed':>6s} {'killed_at':>8s} {'restarts':>8s} {'runs':>4s} {'status':>9s} "
+    print(f"{'trial':10s} {'killed':>6s} {'after_step':>10s} {'restarts':>8s} {'runs':>4s} {'status':>9s} "
           f"{'losses=':>7s} {'test=':>5s} {'wall_s':>6s}  ok")  # fmt: skip
     trials = []
     for i in range(args.trials):
         t = trial(root, i, rng, ref)
         trials.append(t)
         row = (
-            f"{t.name:10s} {t.killed_rank!s:>6s} {t.killed_at_s!s:>8s} {t.restarts:8d} {t.mlflow_runs:4d} "
-            f"{t.run_status:>9s} {t.losses_equal!s:>7s} {t.test_equal!s:>5s} {t.wall_s:6.1f}  "
+            f"{t.name:10s} {t.killed_rank!s:>6s} {t.killed_after_step!s:>10s} {t.restarts:8d} "
+            f"{t.mlflow_runs:4d} {t.run_status:>9s} {t.losses_equal!s:>7s} {t.test_equal!s:>5s} "
+            f"{t.wall_s:6.1f}  "
         )
         print(row + ("PASS" if t.passed else "FAIL"), flush=True)
     passed = sum(t.passed for t in trials)

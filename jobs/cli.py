@@ -1,5 +1,6 @@
 """The `fuxi` command, the one module that builds its parser: `fuxi train | eval | presets`, `fuxi data ...`,
-`fuxi sweep | report | register | promote | nightly`, serving: `fuxi recommend | index | serve | export`.
+`fuxi sweep | tune | report | register | promote | nightly`; serving:
+`fuxi recommend | index | serve | export`.
 
 Imports stay inside the handlers so `fuxi --help` does not load torch, Ray or MLflow. Training and data
 commands call the layers below (`pipeline.train`, `pipeline.data`); jobs call training only through this
@@ -271,11 +272,65 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from jobs.sweep import parse_scheduler_args
+    from jobs.tune import load_space, run_tune, write_study_report
+
+    _quiet_mlflow()
+    storage = args.storage or f"sqlite:///{Path(args.tune_dir) / args.study}.db"
+    Path(args.tune_dir).mkdir(parents=True, exist_ok=True)
+    result = run_tune(
+        args.preset,
+        load_space(args.space),
+        study_name=args.study,
+        storage=storage,
+        n_trials=args.trials,
+        overrides=args.set or [],
+        seeds=args.seeds,
+        experiment=args.experiment,
+        tracking_uri=args.tracking_uri,
+        tune_dir=args.tune_dir,
+        scheduler=args.scheduler,
+        scheduler_cfg=parse_scheduler_args(args.scheduler_args),
+        data=args.data,
+        cpu=args.cpu,
+        sampler_seed=args.sampler_seed,
+        pruner=args.pruner,
+        startup_trials=args.startup_trials,
+        warmup_evals=args.warmup_evals,
+    )
+    print(
+        f"study {result.study_name}: {result.new_trials} new trials ({result.trials} in all) in "
+        f"{result.seconds:.0f}s; parent run {result.parent_run_id}; storage {storage}"
+    )
+    markdown, paths = write_study_report(
+        storage,
+        args.study,
+        args.report_dir or Path(args.tune_dir) / args.study,
+        tracking_uri=args.tracking_uri,
+    )
+    print(markdown)
+    print(f"report: {paths['table']}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from jobs.report import build_nightly_report, build_report
     from jobs.sweep import mlflow_client
 
     _quiet_mlflow()
+    if args.study:
+        from jobs.tune import write_study_report
+
+        if not args.storage:
+            raise SystemExit("fuxi report --study: pass --storage (the study's Optuna storage URL)")
+        name = args.name if args.name != "sweep_report" else None
+        markdown, paths = write_study_report(
+            args.storage, args.study, args.out, name, tracking_uri=args.tracking_uri
+        )
+        print(markdown)
+        print(f"report: {paths['table']}")
+        return 0
     if args.nightly:
         markdown, paths = build_nightly_report(
             mlflow_client(args.tracking_uri),
@@ -288,7 +343,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"report: {paths['plot']} {paths['table']}")
         return 0
     if not args.parent_run_id:
-        raise SystemExit("fuxi report: pass --parent-run-id (a sweep) or --nightly (the nightly timeline)")
+        raise SystemExit("fuxi report: pass --parent-run-id (a sweep), --study (a tuning study) or --nightly")
     report = build_report(
         mlflow_client(args.tracking_uri),
         args.parent_run_id,
@@ -471,7 +526,7 @@ def add_serving_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def add_job_commands(sub: argparse._SubParsersAction) -> None:
-    """fuxi sweep, report, register, promote, nightly."""
+    """fuxi sweep, tune, report, register, promote, nightly."""
 
     def tracking(p: argparse.ArgumentParser) -> None:
         p.add_argument(
@@ -509,9 +564,36 @@ def add_job_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
-        "report", help="a sweep's leaderboard + scaling curves, or the nightly timeline (--nightly)"
+        "tune", help="an Optuna study over config fields, one TorchX training job per trial and seed"
+    )
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--space", required=True, help="search space, YAML or JSON: field -> distribution")
+    p.add_argument("--study", required=True, help="study name (also the parent MLflow run's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<tune-dir>/<study>.db)")
+    p.add_argument("--trials", type=int, default=10, help="trials to run in this invocation")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per trial (objective: mean)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every trial")
+    p.add_argument("--data", help="sequence Parquet for every trial (overrides data.source)")
+    p.add_argument("--experiment", help="MLflow experiment (default: the preset's)")
+    p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler")
+    p.add_argument("--scheduler-args", help="TorchX scheduler options")
+    p.add_argument("--cpu", type=int, help="CPUs per job (default: all cores)")
+    p.add_argument("--tune-dir", default="runs/tune", help="storage, run dirs and TorchX logs")
+    p.add_argument("--report-dir", help="where the study report goes (default <tune-dir>/<study>)")
+    p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--pruner", default="median", choices=["median", "none"])
+    p.add_argument("--startup-trials", type=int, default=5, help="median pruner: trials before pruning")
+    p.add_argument("--warmup-evals", type=int, default=2, help="median pruner: evaluations before pruning")
+    tracking(p)
+    p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "report",
+        help="a sweep's leaderboard + scaling curves, a tuning study (--study), or the nightly timeline",
     )
     p.add_argument("--parent-run-id", help="the sweep's parent run")
+    p.add_argument("--study", help="an Optuna study (fuxi tune): best trials, importances, seed spread")
+    p.add_argument("--storage", help="with --study: its Optuna storage URL")
     p.add_argument("--nightly", action="store_true", help="per-date next-day metrics of the nightly job")
     p.add_argument("--experiment", default="fuxi-nightly", help="with --nightly: the nightly experiment")
     p.add_argument("--model-name", default="fuxi-alpha", help="with --nightly: the registered model")

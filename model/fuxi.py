@@ -95,6 +95,7 @@ class MFFN(nn.Module):
 
     stage 1: o = Linear(Dropout(h)) + x                      (C*H*dv -> D, with bias)
     stage 2: out = SwiGLU(Dropout(RMSNorm(o))) + o            (skipped when ffn_single_stage)
+    `ffn_out_init_scale` scales stage 2's down projection at init (1.0 official, 0.0 identity at start).
     """
 
     def __init__(self, cfg: ModelConfig, in_width: int) -> None:
@@ -102,7 +103,11 @@ class MFFN(nn.Module):
         self.cfg = cfg
         self.dropout = Dropout(cfg.linear_dropout, cfg.kernel)
         self.proj = xavier_uniform_linear(in_width, cfg.embedding_dim, bias=True)
-        self.swiglu = None if cfg.ffn_single_stage else SwiGLU(cfg.embedding_dim, cfg.d_ffn)
+        self.swiglu = (
+            None
+            if cfg.ffn_single_stage
+            else SwiGLU(cfg.embedding_dim, cfg.d_ffn, out_scale=cfg.ffn_out_init_scale)
+        )
 
     def forward(self, h_TX: Tensor, x_TD: Tensor) -> Tensor:
         o = self.proj(self.dropout(h_TX)) + x_TD

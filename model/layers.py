@@ -120,13 +120,19 @@ def xavier_uniform_linear(in_features: int, out_features: int, bias: bool) -> nn
 
 
 class SwiGLU(nn.Module):
-    """W2(SiLU(W1 z) * W3 z), no biases, xavier-uniform weights (the official MFFN stage 2)."""
+    """W2(SiLU(W1 z) * W3 z), no biases, xavier-uniform weights (the official MFFN stage 2).
 
-    def __init__(self, dim: int, hidden: int) -> None:
+    out_scale multiplies W2's init (after the same random draw, so 1.0 is bit-identical to the official
+    init and other values change nothing else); 0 makes the module output zero at init."""
+
+    def __init__(self, dim: int, hidden: int, out_scale: float = 1.0) -> None:
         super().__init__()
         self.w1 = xavier_uniform_linear(dim, hidden, bias=False)
         self.w3 = xavier_uniform_linear(dim, hidden, bias=False)
         self.w2 = xavier_uniform_linear(hidden, dim, bias=False)
+        if out_scale != 1.0:
+            with torch.no_grad():
+                self.w2.weight.mul_(out_scale)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(z)) * self.w3(z))

@@ -5,6 +5,9 @@ Two layouts of the negatives:
                 logits [T, 1 + R].
   shared        one set of R ids for the whole batch, scored by every position with one matmul:
                 logits [T, 1 + R], lookups O(R).
+  full          every item of the candidate range once, as in shared (no sampling): the exact
+                softmax over the catalogue, the positive's own column masked (it is the first logit);
+                logits [T, 1 + C], for small catalogues.
 A negative equal to the position's positive gets logit -5e4 (as the official code; not resampled).
 Logits are cosine similarities / temperature (0.05); the loss is the mean over supervised positions.
 
@@ -36,7 +39,7 @@ from torchrec import JaggedTensor
 
 from model.recommender import SequenceOutput
 
-NegativeMode = Literal["per_position", "shared"]
+NegativeMode = Literal["per_position", "shared", "full"]
 MASKED_LOGIT = -5e4
 # score all distinct ids with a matmul when there are <= 32 * R of them (measured on CPU at T = 11k,
 # R = 128, d = 50: the matmul path is 2.8x faster at 13 * R distinct ids, even at ~59 * R)
@@ -84,13 +87,18 @@ class NegativeSampler:
     dedup: bool = True  # per_position only: look each distinct id up once (same loss, less work)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("per_position", "shared"):
-            raise ValueError(f"negative mode must be 'per_position' or 'shared', got {self.mode!r}")
+        if self.mode not in ("per_position", "shared", "full"):
+            raise ValueError(f"negative mode must be 'per_position', 'shared' or 'full', got {self.mode!r}")
         if self.high <= self.low:
             raise ValueError(f"empty candidate range [{self.low}, {self.high})")
 
     def sample(self, history_lengths_B: Tensor, generator: torch.Generator | None = None) -> Negatives:
         lengths = history_lengths_B.long()
+        if self.mode == "full":  # every candidate, once: the shared layout over the whole range, no draws
+            values = torch.arange(self.low, self.high, device=lengths.device)
+            first_row = torch.zeros_like(lengths)
+            first_row[0] = values.numel()
+            return Negatives("full", JaggedTensor(values=values, lengths=first_row.int()), values)
         R = self.num_negatives
         total = int(lengths.sum().item()) * R if self.mode == "per_position" else R
         size = self.high - self.low
@@ -118,7 +126,7 @@ def sampled_softmax_loss(out: SequenceOutput, negatives: Negatives, temperature:
         raise ValueError("the model was run without negatives")
     T = user_TD.shape[0]
     pos_T1 = (user_TD * target_TD).sum(-1, keepdim=True)
-    if negatives.mode == "shared":
+    if negatives.mode in ("shared", "full"):  # full: the exact softmax over the catalogue
         neg_TR = user_TD @ neg_XD.T
         same = negatives.ids[None, :] == out.target_ids_T[:, None]
     elif negatives.mode == "per_position":

@@ -43,8 +43,11 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    num_negatives: int = 128
-    negatives: Literal["per_position", "shared"] = "shared"
+    num_negatives: int = 128  # unused by negatives="full"
+    # "per_position": num_negatives fresh uniform ids per position (official); "shared": one set for the
+    # batch; "full": every catalogue item is a negative (exact softmax over the catalogue: [positions,
+    # items] logits, affordable for small catalogues such as ML-100K's 1,682 items)
+    negatives: Literal["per_position", "shared", "full"] = "shared"
     temperature: float = 0.05
     dedup_negatives: bool = True  # per_position: look each distinct id up once (same loss, less work)
 
@@ -54,7 +57,14 @@ class OptimConfig:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled decay (official ML-1M gin: 0)
+    # learning-rate schedule, a multiplier of lr (and of parallel.embedding_lr) per optimizer step:
+    # linear warm-up from lr/warmup_steps to lr over the first warmup_steps steps, then "constant"
+    # (official: no warm-up, constant), or "cosine" / "linear" decay to min_lr_ratio * lr at the last step
+    # (the run's step budget: max_steps, else epochs * batches per epoch)
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass
@@ -125,6 +135,12 @@ class TrainConfig:
     # (benchmarks/bench_kernels.py); on GPUs it is the usual setting (the official code scores its loss
     # under bf16 autocast). "none": fp32.
     amp: Literal["none", "bf16"] = "none"
+    # early stopping (protocols that select on validation): stop after this many evaluations in a row
+    # without a better valid NDCG@10; 0: off (official: always the full epochs)
+    patience: int = 0
+    # step budget: stop after this many optimizer steps (mid-epoch included; the run then evaluates and
+    # selects as at its last epoch); 0: epochs only
+    max_steps: int = 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -318,6 +334,11 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.synthetic.return_prob": _CLOSED_UNIT,
     "data.synthetic.excursion_prob": _CLOSED_UNIT,
     "loss.num_negatives": _AT_LEAST_1,
+    "model.ffn_out_init_scale": _rule(lambda x: 0 <= x <= 10, "in [0, 10]"),
+    "optim.warmup_steps": _AT_LEAST_0,
+    "optim.min_lr_ratio": _CLOSED_UNIT,
+    "patience": _AT_LEAST_0,
+    "max_steps": _AT_LEAST_0,
     "loss.temperature": _POSITIVE,
     "optim.lr": _POSITIVE,
     "optim.betas": _rule(lambda x: len(x) == 2 and all(0 <= b < 1 for b in x), "two values in [0, 1)"),

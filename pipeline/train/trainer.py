@@ -27,6 +27,7 @@ later step equals the uninterrupted run's.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -106,10 +107,33 @@ class TrainerConfig:
     checkpoint_every_steps: int = 0  # 0: off; else also mid-epoch, every this many optimizer steps
     checkpoint_every_epochs: int = 0  # 0: off; else every this many epochs and after the last one
     progress: bool = True
+    # recipe levers (TrainConfig / OptimConfig; the defaults are the official recipe)
+    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
+    schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to min_lr_ratio
+    min_lr_ratio: float = 0.0
+    max_steps: int = 0  # step budget (0: epochs only); also the end of the decay when set
+    patience: int = 0  # early stopping: evaluations without a better selection metric (0: off)
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
+        if self.schedule not in ("constant", "cosine", "linear"):
+            raise ValueError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
+
+
+def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """The learning-rate factor of optimizer step `step` (0-based) out of `total_steps`: linear warm-up
+    (step + 1) / warmup over the first `warmup` steps, then constant, or a cosine / linear decay from 1
+    to `min_ratio` at the last step."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(total_steps - warmup - 1, 1)
+    progress = min(max(step - warmup, 0) / span, 1.0)
+    if schedule == "cosine":
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - (1.0 - min_ratio) * progress
 
 
 @dataclass(frozen=True)
@@ -173,6 +197,28 @@ class Trainer:
         self.generator = torch.Generator(device=self.device)  # negatives; reseeded every step
         self.state = TrainState()
         self.epoch_seconds: list[float] = []
+        self.stop_reason: str | None = None  # "patience" or "max_steps" when the run stopped early
+        # every param group's configured lr, the base the schedule multiplies (the dense AdamW's groups;
+        # a fused table optimizer that exposes no param groups keeps its own constant lr)
+        self._base_lrs = [float(g["lr"]) for g in self._param_groups()]
+
+    def _param_groups(self) -> list[dict[str, Any]]:
+        return [g for g in getattr(self.optimizer, "param_groups", []) if "lr" in g]
+
+    def total_steps(self) -> int:
+        """The step the schedule ends at: the step budget, else epochs * batches per epoch."""
+        by_epochs = self.cfg.epochs * len(self.data)
+        return min(self.cfg.max_steps, by_epochs) if self.cfg.max_steps > 0 else by_epochs
+
+    def _set_lr(self) -> None:
+        cfg = self.cfg
+        if cfg.warmup_steps == 0 and cfg.schedule == "constant":
+            return  # the official recipe: the optimizer's lr untouched
+        factor = lr_multiplier(
+            self.state.step, self.total_steps(), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+        )
+        for group, base in zip(self._param_groups(), self._base_lrs):
+            group["lr"] = base * factor
 
     # -- what a checkpoint holds besides model and optimizer ------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -201,7 +247,7 @@ class Trainer:
     def _reseed(self) -> None:
         seed, step, rank = self.cfg.seed, self.state.step, self.dist.rank
         torch.manual_seed(step_seed(seed, step, rank))  # dropout: differs per rank
-        negatives_rank = 0 if self.sampler.mode == "shared" else rank
+        negatives_rank = 0 if self.sampler.mode != "per_position" else rank
         self.generator.manual_seed(step_seed(seed, step, negatives_rank, NEGATIVES_STREAM))
 
     def train_step(self, batch: Batch) -> float:
@@ -221,6 +267,7 @@ class Trainer:
         loss = loss_mean * (positions * self.dist.world_size / totals[0])  # gradients are averaged over ranks
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        self._set_lr()
         self.optimizer.step()
         self.state.step += 1
         return (totals[1] / totals[0]).item()
@@ -247,11 +294,24 @@ class Trainer:
             if self.state.step % cfg.log_every_steps == 0:
                 self.logger.log({"train/loss": loss}, self.state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
+            if self._budget_spent():
+                break  # the step budget ends the run here (fit evaluates and selects as at a last epoch)
             if self._step_checkpoint_due() and self.state.batch_in_epoch < len(self.data):
                 self._save()
         mean = self.state.epoch_loss_sum / max(self.state.batch_in_epoch, 1)
         self.state.batch_in_epoch, self.state.epoch_loss_sum = 0, 0.0
         return mean
+
+    def _budget_spent(self) -> bool:
+        return self.cfg.max_steps > 0 and self.state.step >= self.cfg.max_steps
+
+    def _patience_spent(self) -> bool:
+        """Early stopping: the last `patience` evaluations found no better selection metric."""
+        cfg = self.cfg
+        if cfg.patience <= 0 or not self._selects_on_valid() or self.state.best_epoch < 0:
+            return False
+        evals_since = (self.state.epoch - self.state.best_epoch) // cfg.eval_every_epochs
+        return evals_since >= cfg.patience
 
     def _step_checkpoint_due(self) -> bool:
         every = self.cfg.checkpoint_every_steps
@@ -259,7 +319,8 @@ class Trainer:
 
     def _epoch_checkpoint_due(self) -> bool:
         every, epoch = self.cfg.checkpoint_every_epochs, self.state.epoch
-        return (every > 0 and (epoch % every == 0 or epoch == self.cfg.epochs)) or self._step_checkpoint_due()
+        last = epoch == self.cfg.epochs or self.stop_reason is not None
+        return (every > 0 and (epoch % every == 0 or last)) or self._step_checkpoint_due()
 
     def _selects_on_valid(self) -> bool:
         return self.cfg.protocol in ("validated", "temporal")
@@ -284,7 +345,9 @@ class Trainer:
                 {"train/epoch_loss": mean_loss, "train/epoch_seconds": self.epoch_seconds[-1]},
                 self.state.step,
             )
-            last = epoch + 1 == self.cfg.epochs
+            if self._budget_spent():
+                self.stop_reason = "max_steps"
+            last = epoch + 1 == self.cfg.epochs or self.stop_reason is not None
             if (epoch + 1) % self.cfg.eval_every_epochs == 0 or last:
                 metrics = self.evaluate(split)
                 record.update({f"{split}/{k}": v for k, v in metrics.items()})
@@ -295,6 +358,9 @@ class Trainer:
                     self.state.best_metric, self.state.best_epoch = metrics[SELECT_METRIC], epoch + 1
                     if self._selects_on_valid():
                         self.checkpointer.save_best()
+                flush = getattr(self.logger, "flush", None)
+                if flush is not None:  # per-epoch metrics visible at once (a tuner prunes on them)
+                    flush()
                 if self.cfg.progress:
                     tqdm.write(
                         f"epoch {epoch + 1:3d}  loss {mean_loss:.4f}  {split} "
@@ -302,8 +368,12 @@ class Trainer:
                         + f"  ({self.epoch_seconds[-1]:.1f}s)"
                     )
             self.state.history.append(record)
+            if self.stop_reason is None and self._patience_spent():
+                self.stop_reason = "patience"
             if self._epoch_checkpoint_due():
                 self._save()
+            if self.stop_reason is not None:
+                break
         return self.final_report()
 
     def _test_metrics(self, report: dict[str, Any]) -> dict[str, float]:
@@ -324,6 +394,8 @@ class Trainer:
             "epochs": self.state.epoch,
             "steps": self.state.step,
         }
+        if self.stop_reason is not None:
+            report["stopped_early"] = self.stop_reason
         if self._selects_on_valid():
             if self.state.best_epoch > 0:
                 self.checkpointer.load_best()

@@ -1,0 +1,467 @@
+"""Tuning: an Optuna study over any config fields, one TorchX training job per trial and seed.
+
+    fuxi tune --preset tiny --space space.yaml --trials 20 --study fuxi-tiny \
+        --storage sqlite:///runs/tune/fuxi-tiny.db --seeds 0 1 --set epochs=10
+
+The search space is a YAML or JSON mapping from a config field to its distribution:
+
+    optim.lr:            {type: float, low: 1.0e-4, high: 1.0e-2, log: true}
+    model.ffn_out_init_scale: {type: float, low: 0.0, high: 1.0}
+    loss.num_negatives:  {type: categorical, choices: [64, 128, 256]}
+    model.num_layers:    {type: int, low: 1, high: 4}
+
+Every trial runs `jobs/components.py:train` (the `fuxi train` command line, as `fuxi sweep` does) once per
+seed with the trial's values as `--set` overrides, as a child MLflow run of the study's one parent run.
+The objective is the validation metric only: the best `valid/ndcg_at_10` of the run (the epoch the
+trainer selects), averaged over the seeds; the test split is never read. While a trial's first seed
+trains, its per-epoch validation metric is read from MLflow and reported to Optuna, and a trial the
+pruner stops is cancelled (its child run is marked KILLED with tag `tune.state=PRUNED`). Later seeds of a
+trial are not pruned (they would report the same epochs again).
+
+The study lives in an Optuna RDB storage (a SQLite file by default): a second invocation with the same
+`--study` and `--storage` continues it (trial numbers continue, the sampler sees all earlier trials) under
+the same parent run. A trial left RUNNING by an invocation that was killed is marked FAIL and queued again
+with the same values. One tuner process per study at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobs.sweep import (
+    COMPONENT,
+    TERMINAL,
+    absolute_tracking_uri,
+    component_args,
+    ensure_experiment,
+    mlflow_client,
+    validate_point,
+)
+
+OBJECTIVE = "valid/ndcg_at_10"  # the per-epoch validation metric the trainer logs
+PARENT_ATTR = "mlflow_parent_run_id"
+DIST_TYPES = ("float", "int", "categorical")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the search space
+
+
+@dataclass(frozen=True)
+class Dist:
+    field: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: tuple[Any, ...] = ()
+
+
+def load_space(path: str | Path) -> list[Dist]:
+    """Read and check a search-space file (YAML or JSON: JSON is YAML too)."""
+    import yaml
+
+    raw = yaml.safe_load(Path(path).read_text())
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
+    return [parse_dist(k, v) for k, v in raw.items()]
+
+
+def parse_dist(field: str, spec: Any) -> Dist:
+    if not isinstance(spec, dict) or spec.get("type") not in DIST_TYPES:
+        raise ValueError(f"search space {field!r}: needs type one of {DIST_TYPES}, got {spec!r}")
+    unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
+    if unknown:
+        raise ValueError(f"search space {field!r}: unknown keys {sorted(unknown)}")
+    kind = spec["type"]
+    if kind == "categorical":
+        choices = spec.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise ValueError(f"search space {field!r}: categorical needs a non-empty list of choices")
+        # Optuna stores None/bool/int/float/str; a list choice (a tuple field) is written as "a,b"
+        flat = tuple(",".join(map(str, c)) if isinstance(c, (list, tuple)) else c for c in choices)
+        return Dist(field, kind, choices=flat)
+    if "low" not in spec or "high" not in spec:
+        raise ValueError(f"search space {field!r}: {kind} needs low and high")
+    low, high = spec["low"], spec["high"]
+    if not low <= high:
+        raise ValueError(f"search space {field!r}: low {low} > high {high}")
+    log, step = bool(spec.get("log", False)), spec.get("step")
+    if log and (low <= 0 or step is not None):
+        raise ValueError(f"search space {field!r}: log needs low > 0 and no step")
+    if kind == "int":
+        return Dist(field, kind, int(low), int(high), log, int(step) if step is not None else None)
+    return Dist(field, kind, float(low), float(high), log, float(step) if step is not None else None)
+
+
+def suggest(trial: Any, dist: Dist) -> Any:
+    if dist.type == "categorical":
+        return trial.suggest_categorical(dist.field, list(dist.choices))
+    if dist.type == "int":
+        return trial.suggest_int(
+            dist.field, int(dist.low), int(dist.high), step=int(dist.step or 1), log=dist.log
+        )
+    return trial.suggest_float(dist.field, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def corner_values(dist: Dist) -> list[Any]:
+    """The values checked against the config before anything launches (a bad field or range fails now)."""
+    if dist.type == "categorical":
+        return list(dist.choices)
+    return [dist.low, dist.high]
+
+
+def as_override(field: str, value: Any) -> str:
+    return f"{field}={value}"
+
+
+# ---------------------------------------------------------------------------------------------------
+# MLflow: the parent run and the child run of each (trial, seed)
+
+
+def child_run(client: Any, experiment_id: str, parent_id: str, run_name: str) -> Any | None:
+    runs = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.mlflow.runName = '{run_name}'",
+        max_results=1,
+    )
+    return runs[0] if runs else None
+
+
+def valid_history(client: Any, run_id: str, metric: str = OBJECTIVE) -> list[float]:
+    """The run's per-evaluation validation metric, in step order."""
+    return [m.value for m in sorted(client.get_metric_history(run_id, metric), key=lambda m: m.step)]
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    parent_run_id: str
+    experiment_id: str
+    trials: int  # trials in the study after this invocation
+    new_trials: int
+    seconds: float
+
+
+def run_tune(
+    preset: str,
+    space: list[Dist],
+    *,
+    study_name: str,
+    storage: str,
+    n_trials: int,
+    overrides: list[str] | None = None,
+    seeds: list[int] | None = None,
+    experiment: str | None = None,
+    tracking_uri: str | None = None,
+    tune_dir: str | Path = "runs/tune",
+    scheduler: str = "local_cwd",
+    scheduler_cfg: dict[str, Any] | None = None,
+    data: str | None = None,
+    cpu: int | None = None,
+    sampler_seed: int = 0,
+    pruner: str = "median",
+    startup_trials: int = 5,
+    warmup_evals: int = 2,
+    poll_seconds: float = 2.0,
+    log: Any = print,
+) -> TuneResult:
+    """Create or continue the study, run `n_trials` more trials, close the parent run."""
+    import optuna
+    from optuna.trial import TrialState
+    from torchx.runner import get_runner
+
+    from pipeline.train.config import apply_overrides, get_preset
+
+    overrides = list(overrides or [])
+    seeds = list(seeds if seeds is not None else [0])
+    base = apply_overrides(get_preset(preset), overrides)
+    if base.data.protocol not in ("validated", "temporal"):
+        raise ValueError(
+            f"fuxi tune optimises the validation metric; protocol {base.data.protocol!r} has no validation "
+            "split (use --set data.protocol=validated)"
+        )
+    for dist in space:  # typos and out-of-range values fail here, not in trial 7
+        for value in corner_values(dist):
+            validate_point(preset, overrides + [as_override(dist.field, value)])
+    experiment = experiment or base.tracking.experiment
+    uri = absolute_tracking_uri(tracking_uri)
+    client = mlflow_client(uri)
+    exp_id = ensure_experiment(client, experiment)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    pruners = {
+        "median": lambda: optuna.pruners.MedianPruner(
+            n_startup_trials=startup_trials, n_warmup_steps=warmup_evals
+        ),
+        "none": optuna.pruners.NopPruner,
+    }
+    if pruner not in pruners:
+        raise ValueError(f"pruner must be one of {sorted(pruners)}, got {pruner!r}")
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=sampler_seed + len(_existing_trials(storage, study_name))),
+        pruner=pruners[pruner](),
+    )
+    # a trial left RUNNING by a killed invocation: fail it and queue its values again
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        log(f"[tune] trial {t.number} was left running: marked FAIL, queued again")
+
+    pid = study.user_attrs.get(PARENT_ATTR)
+    if pid is None:
+        parent = client.create_run(
+            exp_id,
+            run_name=study_name,
+            tags={
+                "mlflow.runName": study_name,
+                "fuxi.kind": "tune",
+                "tune.study": study_name,
+                "tune.storage": storage,
+                "tune.preset": preset,
+                "tune.space": json.dumps([d.__dict__ for d in space], default=list),
+                "tune.overrides": json.dumps(overrides),
+                "tune.seeds": json.dumps(seeds),
+                "tune.objective": f"max over epochs of {OBJECTIVE}, mean over seeds",
+            },
+        )
+        pid = parent.info.run_id
+        study.set_user_attr(PARENT_ATTR, pid)
+        study.set_user_attr("preset", preset)
+        study.set_user_attr("seeds", seeds)
+    else:
+        client.update_run(pid, status="RUNNING")
+    study.set_user_attr("space", [d.__dict__ for d in space])
+
+    root = Path(tune_dir) / study_name
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = dict(scheduler_cfg or {})
+    if scheduler == "local_cwd":
+        cfg.setdefault("log_dir", str((root / "torchx_logs").resolve()))
+        # local schedulers run `torchrun` from PATH: make it this environment's
+        bindir = str(Path(sys.executable).parent)
+        if not os.environ.get("PATH", "").startswith(bindir):
+            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+    cpu = cpu or max(1, os.cpu_count() or 2)
+    runner = get_runner()
+
+    def launch(trial: Any, seed: int, point: list[str], prune: bool) -> float:
+        """One training job; returns its best validation metric (raises TrialPruned / RuntimeError)."""
+        run_name = f"{study_name}/trial-{trial.number:04d}-seed{seed}"
+        point_overrides = (
+            overrides
+            + point
+            + [f"seed={seed}", f"tracking.run_name={run_name}", f"tracking.experiment={experiment}"]
+            + ["progress=false"]
+        )
+        run_dir = root / f"trial-{trial.number:04d}-seed{seed}"
+        args = component_args(
+            preset,
+            point_overrides,
+            run_dir=str(run_dir.resolve()) if scheduler.startswith("local") else None,
+            tracking_uri=uri,
+            parent_run_id=pid,
+            data=data,
+            cpu=cpu,
+            name="fuxi-tune",
+        )
+        handle = runner.run_component(COMPONENT, args, scheduler, cfg=cfg)
+        log(f"[tune] trial {trial.number} seed {seed}: {handle}")
+        reported, run_id, state = 0, None, "UNKNOWN"
+        while True:
+            time.sleep(poll_seconds)
+            status = runner.status(handle)
+            state = status.state.name if status is not None else "UNKNOWN"
+            if run_id is None:
+                found = child_run(client, exp_id, pid, run_name)
+                run_id = found.info.run_id if found is not None else None
+                if run_id is not None:
+                    trial.set_user_attr(f"run_id_seed{seed}", run_id)
+                    client.set_tag(run_id, "tune.study", study_name)
+                    client.set_tag(run_id, "tune.trial", str(trial.number))
+            if prune and run_id is not None:
+                history = valid_history(client, run_id)
+                for value in history[reported:]:
+                    trial.report(max(history[: reported + 1]), reported)  # best so far: what selection keeps
+                    reported += 1
+                    if trial.should_prune():
+                        runner.cancel(handle)
+                        client.set_tag(run_id, "tune.state", "PRUNED")
+                        client.set_terminated(run_id, status="KILLED")
+                        log(f"[tune] trial {trial.number} pruned after {reported} evaluations ({value:.4f})")
+                        raise optuna.TrialPruned()
+            if state in TERMINAL:
+                break
+        if state != "SUCCEEDED" or run_id is None:
+            raise RuntimeError(f"trial {trial.number} seed {seed}: job {handle} ended {state}")
+        history = valid_history(client, run_id)
+        if not history:
+            raise RuntimeError(f"trial {trial.number} seed {seed}: run {run_id} logged no {OBJECTIVE}")
+        client.set_tag(run_id, "tune.state", "COMPLETE")
+        return max(history)
+
+    def objective(trial: Any) -> float:
+        values = {d.field: suggest(trial, d) for d in space}
+        point = [as_override(k, v) for k, v in values.items()]
+        scores = []
+        for i, seed in enumerate(seeds):
+            scores.append(launch(trial, seed, point, prune=i == 0))
+        trial.set_user_attr("seed_values", scores)
+        mean = sum(scores) / len(scores)
+        std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else 0.0
+        trial.set_user_attr("seed_std", std)
+        log(f"[tune] trial {trial.number}: {OBJECTIVE} {mean:.4f} ± {std:.4f} over seeds {seeds}  {values}")
+        return mean
+
+    t0 = time.monotonic()
+    before = len(study.trials)
+    status = "FAILED"
+    try:
+        study.optimize(objective, n_trials=n_trials, catch=(RuntimeError,))
+        status = "FINISHED"
+    finally:
+        runner.close()
+        seconds = time.monotonic() - t0
+        done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+        client.log_metric(pid, "tune/trials", len(study.trials))
+        client.log_metric(pid, "tune/complete", len(done))
+        client.log_metric(pid, "tune/pruned", sum(t.state == TrialState.PRUNED for t in study.trials))
+        if done:
+            best = study.best_trial
+            client.log_metric(pid, "tune/best_value", best.value)
+            client.set_tag(pid, "tune.best_trial", str(best.number))
+            client.set_tag(pid, "tune.best_params", json.dumps(best.params))
+        client.set_terminated(pid, status=status)
+    return TuneResult(study_name, pid, exp_id, len(study.trials), len(study.trials) - before, seconds)
+
+
+def _existing_trials(storage: str, study_name: str) -> list[Any]:
+    """The study's trials so far (none for a new study): the sampler seed moves on with them, so a
+    resumed study does not replay its first random draws."""
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage).trials
+    except KeyError:
+        return []
+
+
+# ---------------------------------------------------------------------------------------------------
+# the report: best trials, parameter importances, mean ± std over seeds
+
+
+def study_report(storage: str, study_name: str, top: int = 10) -> tuple[str, dict[str, Any]]:
+    """Markdown and JSON of a study: its trials by state, the best `top` completed trials (values, mean ±
+    std over seeds, child runs) and the parameter importances (Optuna's default evaluator)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.load_study(study_name=study_name, storage=storage)
+    trials = study.trials
+    done = sorted(
+        (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value or 0.0, reverse=True
+    )
+    counts = {
+        s.name: sum(t.state == s for t in trials) for s in TrialState if any(t.state == s for t in trials)
+    }
+    fields = [d["field"] for d in study.user_attrs.get("space", [])] or sorted(
+        {k for t in trials for k in t.params}
+    )
+    importances: dict[str, float] = {}
+    note = ""
+    if len(done) >= 2:
+        try:
+            importances = optuna.importance.get_param_importances(study)
+        except (RuntimeError, ValueError) as exc:  # e.g. a parameter that never varied
+            note = f"parameter importances unavailable: {exc}"
+    else:
+        note = "parameter importances need at least 2 completed trials"
+    seeds = study.user_attrs.get("seeds", [])
+    lines = [
+        f"### study {study_name}: {len(trials)} trials ({', '.join(f'{k} {v}' for k, v in counts.items())})",
+        "",
+        f"Objective: best `{OBJECTIVE}` over a run's epochs (the epoch the trainer selects), mean over seeds "
+        f"{seeds}; the test split is never read. Parent MLflow run `{study.user_attrs.get(PARENT_ATTR)}`.",
+        "",
+        "| # | trial | " + " | ".join(f.rsplit(".", 1)[-1] for f in fields) + " | valid NDCG@10 | per seed |",
+        "|---|---|" + "---|" * len(fields) + "---|---|",
+    ]
+    for i, t in enumerate(done[:top]):
+        per_seed = t.user_attrs.get("seed_values", [t.value])
+        std = t.user_attrs.get("seed_std", 0.0)
+        cells = [_fmt(t.params.get(f)) for f in fields]
+        lines.append(
+            f"| {i + 1} | {t.number} | "
+            + " | ".join(cells)
+            + f" | {t.value:.4f} ± {std:.4f} | "
+            + ", ".join(f"{v:.4f}" for v in per_seed)
+            + " |"
+        )
+    lines.append("")
+    if importances:
+        lines += ["Parameter importances (fANOVA, normalised):", ""]
+        lines += [f"- `{k}`: {v:.3f}" for k, v in importances.items()]
+    else:
+        lines.append(note)
+    data = {
+        "study": study_name,
+        "counts": counts,
+        "parent_run_id": study.user_attrs.get(PARENT_ATTR),
+        "importances": importances,
+        "trials": [
+            {
+                "number": t.number,
+                "state": t.state.name,
+                "value": t.value,
+                "params": t.params,
+                "seed_values": t.user_attrs.get("seed_values"),
+                "seed_std": t.user_attrs.get("seed_std"),
+                "intermediate": dict(t.intermediate_values),
+            }
+            for t in trials
+        ],
+    }
+    return "\n".join(lines) + "\n", data
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)
+
+
+def write_study_report(
+    storage: str,
+    study_name: str,
+    out_dir: str | Path,
+    name: str | None = None,
+    tracking_uri: str | None = None,
+) -> tuple[str, dict[str, Path]]:
+    """Write <out>/<name>.md and .json and log both to the study's parent run."""
+    markdown, data = study_report(storage, study_name)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = name or f"tune_{study_name}"
+    paths = {"table": out / f"{name}.md", "data": out / f"{name}.json"}
+    paths["table"].write_text(markdown)
+    paths["data"].write_text(json.dumps(data, indent=1, default=str))
+    if data["parent_run_id"]:
+        client = mlflow_client(tracking_uri)
+        for p in paths.values():
+            client.log_artifact(data["parent_run_id"], str(p), "report")
+    return markdown, paths

@@ -1,0 +1,102 @@
+"""The recipe levers of issue 16: the MFFN stage-2 init, the learning-rate schedule, early stopping, the
+step budget and the full softmax, each with its range check; and a short training in which FuXi-alpha
+must clear a margin over its untrained self, which the official stage-2 init misses (docs/QUALITY.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from model.config import ModelConfig
+from model.fuxi import MFFN
+from model.loss import NegativeSampler
+from pipeline.train.config import apply_overrides, get_preset, validate
+from pipeline.train.run import run
+from pipeline.train.trainer import lr_multiplier
+
+# the tiny preset at the official width (d = dqk = dv = 50, d_FFN = 50: where the official SwiGLU
+# init makes stage 2 ~3x the residual it is added to), 6 epochs of 4 steps
+OFFICIAL_WIDTH = ["model.embedding_dim=50", "model.dqk=50", "model.dv=50", "epochs=6"]
+MARGIN = 0.08  # valid NDCG@10 over the untrained model; measured: zero init +0.118, official +0.048
+
+
+def train(overrides: list[str]) -> dict:
+    cfg = get_preset("tiny")
+    cfg.tracking.enabled = False
+    cfg.progress = False
+    cfg.checkpoint_every_epochs = 0
+    apply_overrides(cfg, overrides)
+    return run(cfg)
+
+
+def untrained_valid_ndcg(overrides: list[str]) -> float:
+    """The validation NDCG@10 of the model as initialised: one step at a learning rate of 1e-12."""
+    report = train(overrides + ["optim.lr=1e-12", "max_steps=1"])
+    return report["valid_ndcg_at_10"]
+
+
+@pytest.mark.parametrize("scale, clears", [(0.0, True), (1.0, False)])
+def test_fuxi_clears_a_margin_over_untrained_within_24_steps(tmp_path, scale: float, clears: bool) -> None:
+    overrides = OFFICIAL_WIDTH + [f"model.ffn_out_init_scale={scale}", f"output_dir={tmp_path}"]
+    base = untrained_valid_ndcg(overrides)
+    report = train(overrides)
+    assert report["steps"] == 24
+    gain = report["valid_ndcg_at_10"] - base
+    # the fix learns within the budget; the official init is still far behind at the same step
+    assert (gain >= MARGIN) == clears, (scale, base, report["valid_ndcg_at_10"])
+
+
+def test_stage2_init_scale() -> None:
+    cfg = ModelConfig(num_items=10, embedding_dim=8, dqk=8, dv=8)
+    torch.manual_seed(0)
+    official = MFFN(cfg, 24)
+    torch.manual_seed(0)
+    zero = MFFN(ModelConfig(num_items=10, embedding_dim=8, dqk=8, dv=8, ffn_out_init_scale=0.0), 24)
+    assert official.swiglu is not None and zero.swiglu is not None
+    assert torch.count_nonzero(zero.swiglu.w2.weight) == 0
+    # the same random draws: only W2 differs, so scale 1.0 is the official init bit for bit
+    assert torch.equal(official.swiglu.w1.weight, zero.swiglu.w1.weight)
+    assert torch.equal(official.proj.weight, zero.proj.weight)
+    h, x = torch.randn(5, 24), torch.randn(5, 8)
+    zero.eval()
+    assert torch.allclose(zero(h, x), zero.proj(h) + x)  # stage 2 starts as the identity
+    with pytest.raises(ValueError, match="ffn_out_init_scale"):
+        ModelConfig(ffn_out_init_scale=-0.5)
+
+
+def test_lr_schedule() -> None:
+    assert [lr_multiplier(s, 10, 0, "constant", 0.0) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    assert [lr_multiplier(s, 10, 4, "constant", 0.0) for s in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    cosine = [lr_multiplier(s, 10, 2, "cosine", 0.1) for s in range(10)]
+    assert cosine[2] == 1.0 and cosine[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert lr_multiplier(6, 11, 0, "linear", 0.0) == pytest.approx(0.4)
+    assert lr_multiplier(5, 11, 0, "cosine", 0.0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+
+
+def test_schedule_early_stopping_and_budget_in_a_run(tmp_path) -> None:
+    base = [f"output_dir={tmp_path}", "data.synthetic.num_users=100", "epochs=5"]
+    # a budget of 5 steps (2 batches an epoch): stops mid-epoch 3, evaluates and selects there
+    report = train(base + ["max_steps=5", "optim.warmup_steps=3", "optim.schedule=cosine"])
+    assert report["steps"] == 5 and report["epochs"] == 3 and report["stopped_early"] == "max_steps"
+    assert [h["epoch"] for h in report["history"]] == [1, 2, 3]
+    # patience 1 at a learning rate too small to improve anything: stops one evaluation after the best
+    report = train(base + ["patience=1", "optim.lr=1e-9"])
+    assert report["stopped_early"] == "patience"
+    assert report["epochs"] == report["selected_epoch"] + 1 < 5
+    for bad in ("optim.warmup_steps=-1", "optim.schedule=step", "optim.min_lr_ratio=2", "patience=-1"):
+        with pytest.raises(ValueError):
+            validate(apply_overrides(get_preset("tiny"), [bad]))
+    with pytest.raises(ValueError):
+        validate(apply_overrides(get_preset("tiny"), ["loss.negatives=all"]))
+
+
+def test_full_softmax_scores_every_item_once(tmp_path) -> None:
+    sampler = NegativeSampler(7, "full", low=1, high=11)
+    neg = sampler.sample(torch.tensor([3, 2]))
+    assert neg.ids.tolist() == list(range(1, 11)) and neg.lookup.lengths().tolist() == [10, 0]
+    report = train([f"output_dir={tmp_path}", "loss.negatives=full", "epochs=2"])
+    assert report["test"]["ndcg_at_10"] > 0

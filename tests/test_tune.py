@@ -1,0 +1,103 @@
+"""`fuxi tune` against a real Optuna SQLite storage, a real MLflow store and real TorchX `local_cwd` jobs on
+the tiny preset: a study that was interrupted (a trial left RUNNING), resumed by one invocation and
+continued by a second; every trial a child run of the study's one parent run; the objective the
+validation metric of the trial's run (never the test split); the report built from the storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from jobs.cli import main
+from jobs.sweep import mlflow_client
+from jobs.tune import child_run, load_space, parse_dist, study_report, valid_history
+
+# ~15 s per job on an idle 2-core machine (imports and torchrun dominate)
+FAST = ["epochs=2", "data.synthetic.num_users=100", "tracking.log_every_steps=1"]
+SPACE = {"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+
+
+def tune_args(root, uri: str, trials: int) -> list[str]:
+    args = ["tune", "--preset", "tiny", "--space", str(root / "space.json"), "--study", "s"]
+    args += ["--storage", f"sqlite:///{root}/study.db", "--trials", str(trials), "--tune-dir", str(root)]
+    args += ["--tracking-uri", uri, "--cpu", "1", "--pruner", "none"]
+    return args + [a for s in FAST for a in ("--set", s)]
+
+
+def test_study_resumes_and_every_trial_is_a_child_run_scored_on_validation(tmp_path) -> None:
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    (tmp_path / "space.json").write_text(json.dumps(SPACE))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = f"sqlite:///{tmp_path}/study.db"
+    # an invocation killed mid-trial: its trial stays RUNNING in the storage
+    killed = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    lost = killed.ask({"optim.lr": FloatDistribution(1e-3, 1e-2, log=True)})
+    assert lost.number == 0
+
+    assert main(tune_args(tmp_path, uri, trials=2)) == 0
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert study.trials[1].params == study.trials[0].params  # the lost trial ran again with its values
+    parent = study.user_attrs["mlflow_parent_run_id"]
+
+    assert main(tune_args(tmp_path, uri, trials=1)) == 0  # a second invocation continues the count
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.number for t in study.trials] == [0, 1, 2, 3]
+    assert study.trials[3].state == TrialState.COMPLETE
+    assert study.user_attrs["mlflow_parent_run_id"] == parent  # the same parent run
+
+    client = mlflow_client(uri)
+    parent_run = client.get_run(parent)
+    assert parent_run.data.tags["fuxi.kind"] == "tune" and parent_run.info.status == "FINISHED"
+    children = client.search_runs(
+        [parent_run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=50
+    )
+    assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
+    for trial in study.trials[1:]:
+        run = child_run(client, parent_run.info.experiment_id, parent, f"s/trial-{trial.number:04d}-seed0")
+        assert run is not None and run.info.run_id == trial.user_attrs["run_id_seed0"]
+        assert run.data.tags["tune.trial"] == str(trial.number)
+        assert float(run.data.params["optim.lr"]) == pytest.approx(trial.params["optim.lr"])
+        # the objective is the best validation NDCG@10 over the run's epochs, not a test metric
+        history = valid_history(client, run.info.run_id)
+        assert len(history) == 2 and trial.value == pytest.approx(max(history))
+
+    markdown, data = study_report(storage, "s")
+    assert "4 trials" in markdown and "COMPLETE 3" in markdown and "FAIL 1" in markdown
+    assert [t["number"] for t in data["trials"]] == [0, 1, 2, 3]
+    assert main(["report", "--study", "s", "--storage", storage, "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "tune_s.md").read_text() == markdown
+
+
+def test_search_space_is_checked_before_anything_runs(tmp_path) -> None:
+    assert parse_dist("loss.num_negatives", {"type": "categorical", "choices": [64, 128]}).choices == (
+        64,
+        128,
+    )
+    assert parse_dist("model.channels", {"type": "categorical", "choices": [["pos", "sem"]]}).choices == (
+        "pos,sem",
+    )
+    with pytest.raises(ValueError, match="low"):
+        parse_dist("optim.lr", {"type": "float", "low": 0.0, "high": 1.0, "log": True})
+    with pytest.raises(ValueError, match="type"):
+        parse_dist("optim.lr", {"type": "uniform", "low": 0.0, "high": 1.0})
+    path = tmp_path / "space.yaml"
+    path.write_text("optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
+    assert load_space(path)[0].log
+    # an unknown field and an out-of-range value fail before a study or a job exists
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"optim.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}))
+    args = ["tune", "--space", str(bad), "--study", "x", "--tune-dir", str(tmp_path)]
+    assert main(args + ["--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    bad.write_text(json.dumps({"optim.warmup_steps": {"type": "int", "low": -1, "high": 3}}))
+    assert main(args + ["--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    # the anchor protocol has no validation split to optimise
+    bad.write_text(json.dumps(SPACE))
+    assert main(args + ["--set", "data.protocol=anchor", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    assert not (tmp_path / "x.db").exists() or not optuna.get_all_study_names(f"sqlite:///{tmp_path}/x.db")
