@@ -46,6 +46,8 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+from pipeline.train.distributed import broadcast_object
+
 LATEST = "latest"
 FINAL = "final"
 BEST = "best"
@@ -59,15 +61,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-
-
-def _broadcast(value: str) -> str:
-    """Rank 0's string on every rank."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
 
 
 def is_complete(path: Path) -> bool:
@@ -251,22 +244,18 @@ class Checkpointer:
         """`best` or `final`: a new `<name>.<id>` folder, then the `name` link swapped onto it in one rename
         (readers see the old model or the new one, never none); never named by `latest`."""
         folder = f"{name}.{uuid.uuid4().hex[:8]}" if _rank() == 0 else ""
-        folder = str(_broadcast(folder))
+        folder = str(broadcast_object(folder))
         self._write(name, state, meta, folder)
         link = self.root / name
         if _rank() == 0:
-            old = link.resolve() if link.is_symlink() else None
             tmp_link = self.root / f"{name}.link.tmp"
             tmp_link.unlink(missing_ok=True)
             tmp_link.symlink_to(folder)
             if link.exists() and not link.is_symlink():  # a plain folder from an older layout
-                legacy = self.root / f"{name}.{uuid.uuid4().hex[:8]}"
-                link.rename(legacy)
-                old = legacy
+                link.rename(self.root / f"{name}.{uuid.uuid4().hex[:8]}")
             tmp_link.replace(link)
-            if old is not None and old.name != folder:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in self.root.glob(f"{name}.*"):  # left by a job killed between swap and cleanup
+            # the folder the link named before, and any left by a job killed between swap and cleanup
+            for stale in self.root.glob(f"{name}.*"):
                 if stale.name not in (folder, f"{name}.tmp") and stale.is_dir() and not stale.is_symlink():
                     shutil.rmtree(stale, ignore_errors=True)
         _barrier()
