@@ -47,6 +47,7 @@ from jobs.sweep import (
 
 OBJECTIVE = "valid/ndcg_at_10"  # the per-epoch validation metric the trainer logs
 PARENT_ATTR = "mlflow_parent_run_id"
+INTERRUPTED = "interrupted"  # user attribute of a trial whose invocation was stopped mid-trial
 DIST_TYPES = ("float", "int", "categorical")
 
 
@@ -66,10 +67,12 @@ class Dist:
 
 
 def load_space(path: str | Path) -> list[Dist]:
-    """Read and check a search-space file (YAML or JSON: JSON is YAML too)."""
+    """Read and check a search-space file: JSON (`.json`) or YAML."""
     import yaml
 
-    raw = yaml.safe_load(Path(path).read_text())
+    text = Path(path).read_text()
+    # JSON through json: YAML 1.1 reads a JSON number such as 1e-12 (no dot) as a string
+    raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
     return [parse_dist(k, v) for k, v in raw.items()]
@@ -186,7 +189,7 @@ def run_tune(
 
     overrides = list(overrides or [])
     seeds = list(seeds if seeds is not None else [0])
-    base = apply_overrides(get_preset(preset), overrides)
+    base = apply_overrides(get_preset(preset, data), overrides)
     if base.data.protocol not in ("validated", "temporal"):
         raise ValueError(
             f"fuxi tune optimises the validation metric; protocol {base.data.protocol!r} has no validation "
@@ -194,7 +197,7 @@ def run_tune(
         )
     for dist in space:  # typos and out-of-range values fail here, not in trial 7
         for value in corner_values(dist):
-            validate_point(preset, overrides + [as_override(dist.field, value)])
+            validate_point(preset, overrides + [as_override(dist.field, value)], data)
     experiment = experiment or base.tracking.experiment
     uri = absolute_tracking_uri(tracking_uri)
     client = mlflow_client(uri)
@@ -217,11 +220,16 @@ def run_tune(
         sampler=optuna.samplers.TPESampler(seed=sampler_seed + len(_existing_trials(storage, study_name))),
         pruner=pruners[pruner](),
     )
-    # a trial left RUNNING by a killed invocation: fail it and queue its values again
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    # a trial a killed invocation did not finish, left RUNNING (SIGKILL) or failed as interrupted
+    # (SIGTERM, Ctrl-C): fail it if needed and queue its values again, once
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.number in retried or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)):
+            continue
+        if t.state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        log(f"[tune] trial {t.number} was left running: marked FAIL, queued again")
+        log(f"[tune] trial {t.number} was interrupted: queued again")
 
     pid = study.user_attrs.get(PARENT_ATTR)
     if pid is None:
@@ -319,8 +327,14 @@ def run_tune(
         values = {d.field: suggest(trial, d) for d in space}
         point = [as_override(k, v) for k, v in values.items()]
         scores = []
-        for i, seed in enumerate(seeds):
-            scores.append(launch(trial, seed, point, prune=i == 0))
+        try:
+            for i, seed in enumerate(seeds):
+                scores.append(launch(trial, seed, point, prune=i == 0))
+        except (optuna.TrialPruned, RuntimeError):  # pruned, or the job itself failed
+            raise
+        except BaseException:  # this invocation was stopped (TorchX turns SIGTERM into an exception)
+            trial.set_user_attr(INTERRUPTED, True)
+            raise
         trial.set_user_attr("seed_values", scores)
         mean = sum(scores) / len(scores)
         std = math.sqrt(sum((s - mean) ** 2 for s in scores) / (len(scores) - 1)) if len(scores) > 1 else 0.0
@@ -445,6 +459,70 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def plot_study(data: dict[str, Any], path: Path) -> None:
+    """Left: each trial's objective, mean ± std over seeds as error bars, pruned trials at their last
+    report, and the best so far. Right: every trial's validation curve (the pruner's input)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    done = [t for t in data["trials"] if t["state"] == "COMPLETE"]
+    if done:
+        left.errorbar(
+            [t["number"] for t in done],
+            [t["value"] for t in done],
+            yerr=[t["seed_std"] or 0.0 for t in done],
+            fmt="o",
+            capsize=3,
+            label="complete (mean ± std over seeds)",
+        )
+        best, xs, ys = float("-inf"), [], []
+        for t in sorted(done, key=lambda t: t["number"]):
+            best = max(best, t["value"])
+            xs.append(t["number"])
+            ys.append(best)
+        left.step(xs, ys, where="post", color="black", alpha=0.6, label="best so far")
+    pruned = [t for t in data["trials"] if t["state"] == "PRUNED" and t["intermediate"]]
+    if pruned:
+        left.plot(
+            [t["number"] for t in pruned],
+            [t["intermediate"][max(t["intermediate"])] for t in pruned],
+            "x",
+            color="grey",
+            label="pruned (last report)",
+        )
+    left.set_xlabel("trial")
+    left.set_ylabel(f"{OBJECTIVE.replace('_at_', '@')} (objective)")
+    left.grid(True, alpha=0.3)
+    left.legend(fontsize=8)
+    best_number = max(done, key=lambda t: t["value"])["number"] if done else None
+    for t in data["trials"]:
+        if not t["intermediate"]:
+            continue
+        steps = sorted(t["intermediate"])
+        is_best = t["number"] == best_number
+        right.plot(
+            [s + 1 for s in steps],
+            [t["intermediate"][s] for s in steps],
+            color="C3" if is_best else ("grey" if t["state"] == "PRUNED" else "C0"),
+            alpha=1.0 if is_best else 0.5,
+            linewidth=2 if is_best else 1,
+            label=f"trial {t['number']} (best)" if is_best else None,
+        )
+    right.set_xlabel("evaluation (epoch)")
+    right.set_ylabel("best valid NDCG@10 so far (first seed)")
+    right.grid(True, alpha=0.3)
+    if best_number is not None:
+        right.legend(fontsize=8)
+    fig.suptitle(f"study {data['study']}", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_study_report(
     storage: str,
     study_name: str,
@@ -457,9 +535,10 @@ def write_study_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = name or f"tune_{study_name}"
-    paths = {"table": out / f"{name}.md", "data": out / f"{name}.json"}
+    paths = {"table": out / f"{name}.md", "data": out / f"{name}.json", "plot": out / f"{name}.png"}
     paths["table"].write_text(markdown)
     paths["data"].write_text(json.dumps(data, indent=1, default=str))
+    plot_study(data, paths["plot"])
     if data["parent_run_id"]:
         client = mlflow_client(tracking_uri)
         for p in paths.values():

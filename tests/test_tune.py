@@ -1,7 +1,8 @@
 """`fuxi tune` against a real Optuna SQLite storage, a real MLflow store and real TorchX `local_cwd` jobs on
-the tiny preset: a study that was interrupted (a trial left RUNNING), resumed by one invocation and
-continued by a second; every trial a child run of the study's one parent run; the objective the
-validation metric of the trial's run (never the test split); the report built from the storage.
+the tiny preset: a study that was interrupted (trials left RUNNING or failed as interrupted), resumed by
+one invocation and continued by a second; every trial a child run of the study's one parent run; the
+objective the validation metric of the trial's run (never the test split); the report built from the
+storage.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from optuna.trial import TrialState
 
 from jobs.cli import main
 from jobs.sweep import mlflow_client
-from jobs.tune import child_run, load_space, parse_dist, study_report, valid_history
+from jobs.tune import INTERRUPTED, child_run, load_space, parse_dist, study_report, valid_history
 
 # ~15 s per job on an idle 2-core machine (imports and torchrun dominate)
 FAST = ["epochs=2", "data.synthetic.num_users=100", "tracking.log_every_steps=1"]
@@ -35,21 +36,30 @@ def test_study_resumes_and_every_trial_is_a_child_run_scored_on_validation(tmp_p
     (tmp_path / "space.json").write_text(json.dumps(SPACE))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     storage = f"sqlite:///{tmp_path}/study.db"
-    # an invocation killed mid-trial: its trial stays RUNNING in the storage
+    # invocations stopped mid-trial: SIGKILL leaves the trial RUNNING; SIGTERM (TorchX raises it as an
+    # exception) leaves it FAIL, marked interrupted; a trial that failed on its own stays failed
     killed = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    lost = killed.ask({"optim.lr": FloatDistribution(1e-3, 1e-2, log=True)})
-    assert lost.number == 0
+    lr = {"optim.lr": FloatDistribution(1e-3, 1e-2, log=True)}
+    lost = killed.ask(lr)
+    stopped = killed.ask(lr)
+    stopped.set_user_attr(INTERRUPTED, True)
+    killed.tell(stopped, state=TrialState.FAIL)
+    broken = killed.ask(lr)
+    killed.tell(broken, state=TrialState.FAIL)
+    assert (lost.number, stopped.number, broken.number) == (0, 1, 2)
 
     assert main(tune_args(tmp_path, uri, trials=2)) == 0
     study = optuna.load_study(study_name="s", storage=storage)
-    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
-    assert study.trials[1].params == study.trials[0].params  # the lost trial ran again with its values
+    assert [t.state for t in study.trials] == [TrialState.FAIL] * 3 + [TrialState.COMPLETE] * 2
+    # the two interrupted trials ran again with their values, the broken one did not
+    assert [t.params for t in study.trials[3:]] == [study.trials[0].params, study.trials[1].params]
+    assert [t.user_attrs["retry_of"] for t in study.trials[3:]] == [0, 1]
     parent = study.user_attrs["mlflow_parent_run_id"]
 
     assert main(tune_args(tmp_path, uri, trials=1)) == 0  # a second invocation continues the count
     study = optuna.load_study(study_name="s", storage=storage)
-    assert [t.number for t in study.trials] == [0, 1, 2, 3]
-    assert study.trials[3].state == TrialState.COMPLETE
+    assert [t.number for t in study.trials] == [0, 1, 2, 3, 4, 5]
+    assert study.trials[5].state == TrialState.COMPLETE and "retry_of" not in study.trials[5].user_attrs
     assert study.user_attrs["mlflow_parent_run_id"] == parent  # the same parent run
 
     client = mlflow_client(uri)
@@ -59,7 +69,7 @@ def test_study_resumes_and_every_trial_is_a_child_run_scored_on_validation(tmp_p
         [parent_run.info.experiment_id], f"tags.mlflow.parentRunId = '{parent}'", max_results=50
     )
     assert len(children) == 3 and {r.info.status for r in children} == {"FINISHED"}
-    for trial in study.trials[1:]:
+    for trial in study.trials[3:]:
         run = child_run(client, parent_run.info.experiment_id, parent, f"s/trial-{trial.number:04d}-seed0")
         assert run is not None and run.info.run_id == trial.user_attrs["run_id_seed0"]
         assert run.data.tags["tune.trial"] == str(trial.number)
@@ -69,10 +79,11 @@ def test_study_resumes_and_every_trial_is_a_child_run_scored_on_validation(tmp_p
         assert len(history) == 2 and trial.value == pytest.approx(max(history))
 
     markdown, data = study_report(storage, "s")
-    assert "4 trials" in markdown and "COMPLETE 3" in markdown and "FAIL 1" in markdown
-    assert [t["number"] for t in data["trials"]] == [0, 1, 2, 3]
+    assert "6 trials" in markdown and "COMPLETE 3" in markdown and "FAIL 3" in markdown
+    assert [t["number"] for t in data["trials"]] == [0, 1, 2, 3, 4, 5]
     assert main(["report", "--study", "s", "--storage", storage, "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "tune_s.md").read_text() == markdown
+    assert (tmp_path / "rep" / "tune_s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_search_space_is_checked_before_anything_runs(tmp_path) -> None:
@@ -90,6 +101,10 @@ def test_search_space_is_checked_before_anything_runs(tmp_path) -> None:
     path = tmp_path / "space.yaml"
     path.write_text("optim.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n")
     assert load_space(path)[0].log
+    # a JSON file is read as JSON: 1e-12 is a number there (YAML 1.1 would read the string "1e-12")
+    path = tmp_path / "space.json"
+    path.write_text('{"optim.lr": {"type": "categorical", "choices": [1e-12, 0.01]}}')
+    assert load_space(path)[0].choices == (1e-12, 0.01)
     # an unknown field and an out-of-range value fail before a study or a job exists
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"optim.lrr": {"type": "float", "low": 1e-3, "high": 1e-2}}))
@@ -101,3 +116,26 @@ def test_search_space_is_checked_before_anything_runs(tmp_path) -> None:
     bad.write_text(json.dumps(SPACE))
     assert main(args + ["--set", "data.protocol=anchor", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
     assert not (tmp_path / "x.db").exists() or not optuna.get_all_study_names(f"sqlite:///{tmp_path}/x.db")
+
+
+def test_median_pruner_stops_a_trial_below_the_median(tmp_path) -> None:
+    # two queued points: a learning rate that learns, then one that cannot (1e-12): the second trial's
+    # best validation value so far stays below the first's at the same evaluation, so it is pruned
+    space = {"optim.lr": {"type": "categorical", "choices": [0.01, 1e-12]}}
+    (tmp_path / "space.json").write_text(json.dumps(space))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    storage = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.enqueue_trial({"optim.lr": 0.01})
+    study.enqueue_trial({"optim.lr": 1e-12})
+    args = tune_args(tmp_path, uri, trials=2)
+    args[args.index("none")] = "median"
+    args += ["--startup-trials", "1", "--warmup-evals", "0", "--set", "epochs=3"]
+    assert main(args) == 0
+    study = optuna.load_study(study_name="s", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    learned, pruned = study.trials
+    step = max(pruned.intermediate_values)  # the report it was stopped at
+    assert pruned.intermediate_values[step] < learned.intermediate_values[step]
+    run = mlflow_client(uri).get_run(pruned.user_attrs["run_id_seed0"])
+    assert run.data.tags["tune.state"] == "PRUNED" and run.info.status == "KILLED"
