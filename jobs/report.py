@@ -5,7 +5,8 @@
 Reads the parent's child runs, their params (the full resolved config) and final metrics. The parameter
 count is rebuilt from the `model.*` params on the meta device (no weights are allocated). Curves: the
 metric against each numeric field the grid varied (one line per value of the other fields) and against
-the parameter count. Written to `--out` and logged to the parent run under `report/`.
+the parameter count; runs that differ only in the seed are one point, mean ± std as error bars. Written
+to `--out` and logged to the parent run under `report/`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ DEFAULT_METRIC = "final_test/ndcg_at_10"
 TABLE_METRICS = ("final_test/hr_at_10", "final_test/ndcg_at_10", "final_test/mrr", "valid/ndcg_at_10")
 IGNORED_PARAMS = {"tracking.run_name", "run_dir", "tracking.parent_run_id", "output_dir"}
 PARAMS_COLUMN = "parameters"
+REPLICATE_FIELDS = ("seed",)  # runs that differ only here repeat one point: plotted as mean ± std
 
 
 def child_runs(client: Any, parent_run_id: str) -> pd.DataFrame:
@@ -162,8 +164,10 @@ def to_markdown(table: pd.DataFrame, fields: list[str], metric: str, title: str)
 def scaling_series(
     table: pd.DataFrame, fields: list[str], metric: str
 ) -> dict[str, dict[str, list[list[float]]]]:
-    """Points of each panel, grouped into lines; only finished runs with the metric."""
+    """Points of each panel, grouped into lines; only finished runs with the metric. Runs that differ
+    only in a replicate field (the seed) are one point: [x, mean, std over runs (0 for one run), runs]."""
     done = table[(table["status"] == "FINISHED") & table[metric].notna()]
+    fields = [f for f in fields if f not in REPLICATE_FIELDS]
     series: dict[str, dict[str, list[list[float]]]] = {}
     xs = [f for f in fields if _numeric(done[f])] + [PARAMS_COLUMN]
     for x in xs:
@@ -176,7 +180,11 @@ def scaling_series(
         for key, group in done.groupby(others, sort=True) if others else [((), done)]:
             key = key if isinstance(key, tuple) else (key,)
             label = ", ".join(f"{f.rsplit('.', 1)[-1]}={v}" for f, v in zip(others, key)) or "all runs"
-            pts = sorted([float(a), float(b)] for a, b in zip(group[x], group[metric]))
+            pts = []
+            for value, runs in group.groupby(x, sort=True):
+                ys = runs[metric].astype(float)
+                std = float(ys.std(ddof=1)) if len(ys) > 1 else 0.0
+                pts.append([float(value), float(ys.mean()), std, len(ys)])
             lines[label] = pts
         series[x] = lines
     return series
@@ -200,7 +208,14 @@ def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: st
     for ax, x in zip(axes[0], panels):
         ys = [p[1] for pts in series[x].values() for p in pts]
         for label, pts in series[x].items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+            ax.errorbar(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                yerr=[p[2] for p in pts],
+                marker="o",
+                capsize=3,
+                label=label,
+            )
         ax.set_xscale("log", base=10 if x == PARAMS_COLUMN else 2)
         if ys and min(ys) > 0:
             ax.set_yscale("log")

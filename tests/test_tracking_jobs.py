@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from jobs import registry
-from jobs.report import build_report, parameter_count
+from jobs.report import build_report, parameter_count, plot, scaling_series
 from jobs.sweep import expand_grid, mlflow_client, parse_grid, point_name, run_sweep
 from pipeline.train.config import apply_overrides, get_preset, to_flat_dict
 
@@ -75,6 +75,29 @@ def test_grid_expansion_and_validation() -> None:
     assert point_name(points[-1]) == "num_layers4-num_negatives128"
     with pytest.raises(ValueError, match="model.num_layer"):  # a typo fails before any job is launched
         run_sweep("tiny", {"model.num_layer": ["1"]}, tracking_uri="sqlite:///unused.db")
+
+
+def test_scaling_curves_average_seeds_with_error_bars(tmp_path: Path) -> None:
+    # 2 widths x 3 seeds: each width is one point, mean and sample std over its seeds
+    table = pd.DataFrame(
+        [
+            {"status": "FINISHED", "model.embedding_dim": d, "seed": s, "parameters": 10 * d, "m": v}
+            for d, vals in ((8, (0.1, 0.2, 0.3)), (16, (0.4, 0.4, 0.7)))
+            for s, v in enumerate(vals)
+        ]
+        + [{"status": "FAILED", "model.embedding_dim": 8, "seed": 3, "parameters": 80, "m": 0.9}]
+    )
+    series = scaling_series(table, ["model.embedding_dim", "seed"], "m")
+    assert set(series) == {"model.embedding_dim", "parameters"}  # no panel over the seed
+    (pts,) = series["model.embedding_dim"].values()
+    assert [p[0] for p in pts] == [8.0, 16.0] and [p[3] for p in pts] == [3, 3]
+    assert pts[0][1] == pytest.approx(0.2) and pts[0][2] == pytest.approx(0.1)
+    assert pts[1][1] == pytest.approx(0.5) and pts[1][2] == pytest.approx(np.std([0.4, 0.4, 0.7], ddof=1))
+    fig = plot(series, "m", "seeds", tmp_path / "p.png")
+    bars = fig.axes[0].containers[0]  # the error bars drawn are the std
+    (segments,) = [c for c in bars.lines[2]]
+    heights = [seg[1, 1] - seg[0, 1] for seg in segments.get_segments()]
+    assert heights == pytest.approx([0.2, 2 * pts[1][2]])
 
 
 def test_experiments_are_tagged_as_model_development(store: dict) -> None:
@@ -151,10 +174,10 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
     plotted = json.loads(report.paths["data"].read_text())["series"]
     for label, pts in plotted["model.num_layers"].items():
         negatives = int(label.split("=")[1])
-        assert pts == [[float(layers), by_point[(layers, negatives)]] for layers in (1, 2)]
+        assert pts == [[float(layers), by_point[(layers, negatives)], 0.0, 1] for layers in (1, 2)]
     for label, pts in plotted["loss.num_negatives"].items():
         layers = int(label.split("=")[1])
-        assert pts == [[float(n), by_point[(layers, n)]] for n in (8, 32)]
+        assert pts == [[float(n), by_point[(layers, n)], 0.0, 1] for n in (8, 32)]
     counts = {
         layers: parameter_count({k[7:]: v for k, v in r.items() if k.startswith("params.")})
         for layers, r in ((int(r["params.model.num_layers"]), r) for _, r in df.iterrows())
