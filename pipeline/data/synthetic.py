@@ -33,6 +33,9 @@ class SyntheticConfig:
     min_length: int = 5
     max_length: int = 400
     long_gap_prob: float = 0.4
+    # median of a long gap (log-normal); 2 days by default, months for a long-gap set where the time
+    # since the last visit spans the whole year
+    long_gap_days: float = 2.0
     return_prob: float = 0.9
     excursion_prob: float = 0.3
     zipf_exponent: float = 1.0
@@ -67,9 +70,8 @@ def generate_events(cfg: SyntheticConfig) -> pa.Table:
         n = int(lengths[user])
         taste = rng.choice(cfg.num_themes, p=theme_p)
         long_gap = rng.random(n) < cfg.long_gap_prob
-        gaps = np.where(
-            long_gap, rng.lognormal(np.log(2 * SECONDS_PER_DAY), 0.7, n), rng.lognormal(np.log(180), 0.8, n)
-        )
+        long_gaps = rng.lognormal(np.log(cfg.long_gap_days * SECONDS_PER_DAY), 0.7, n)
+        gaps = np.where(long_gap, long_gaps, rng.lognormal(np.log(180), 0.8, n))
         gaps[0] = 0
         stamps = START_TIME + int(rng.integers(0, 365 * SECONDS_PER_DAY)) + np.cumsum(gaps.astype(np.int64))
         u_rand = rng.random((n, 2))
