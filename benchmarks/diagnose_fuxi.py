@@ -69,8 +69,7 @@ def subsample(data_path: str, users: int, seed: int, work: Path) -> str:
 def make_config(args: argparse.Namespace, data: str, overrides: list[str], seed: int):
     from pipeline.train.config import apply_overrides, get_preset
 
-    cfg = get_preset(args.preset)
-    cfg.data.source = data
+    cfg = get_preset(args.preset, data)
     cfg.data.protocol = "validated"
     cfg.seed = seed
     cfg.tracking.enabled = False

@@ -28,12 +28,18 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train.config import apply_overrides, get_preset, validate
+    from pipeline.train.config import AUTO, apply_overrides, get_preset, validate
     from pipeline.train.run import run
 
-    cfg = get_preset(args.preset)
-    if args.data:
-        cfg.data.source = args.data
+    # no preset named: the generic recipe sized by the data given, else the embedded demo
+    preset = args.preset or (AUTO if args.data else "cpu-demo")
+    cfg = get_preset(preset, args.data)
+    if preset == AUTO and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"fuxi: no preset named, the generic recipe for {args.data}: {cfg.epochs} epochs "
+            f"(patience {cfg.patience}), history {cfg.model.max_sequence_length}, negatives "
+            f"{cfg.loss.negatives}, lr {cfg.optim.lr:g} {cfg.optim.schedule} (docs/QUALITY.md)"
+        )
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.output_dir:
@@ -78,15 +84,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from pipeline.train.config import PRESETS, apply_overrides, get_preset, to_flat_dict
+    from pipeline.train.config import AUTO, PRESETS, apply_overrides, get_preset, to_flat_dict
 
     if args.show:
-        cfg = apply_overrides(get_preset(args.show), args.set or [])
+        cfg = apply_overrides(get_preset(args.show, args.data), args.set or [])
         for key, value in to_flat_dict(cfg).items():
             print(f"{key} = {value!r}")
         return 0
     for name, fn in PRESETS.items():
         print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+    print(f"{AUTO:16s} The generic recipe sized by --data (what `fuxi train --data X` uses with no preset).")
     return 0
 
 
@@ -96,7 +103,11 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
 
     cfg = SyntheticConfig(
-        num_users=args.users, num_items=args.items, mean_length=args.mean_length, seed=args.seed
+        num_users=args.users,
+        num_items=args.items,
+        mean_length=args.mean_length,
+        long_gap_days=args.long_gap_days,
+        seed=args.seed,
     )
     data = synthetic_sequences(cfg)
     write_sequences(data, args.out)
@@ -329,7 +340,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             args.storage, args.study, args.out, name, tracking_uri=args.tracking_uri
         )
         print(markdown)
-        print(f"report: {paths['table']}")
+        print(f"report: {paths['plot']} {paths['table']}")
         return 0
     if args.nightly:
         markdown, paths = build_nightly_report(
@@ -662,7 +673,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a model from a preset (+ overrides), evaluate, checkpoint, track")
-    p.add_argument("--preset", default="cpu-demo", help="named config (see `fuxi presets`)")
+    p.add_argument(
+        "--preset",
+        help="named config (see `fuxi presets`); default: auto (the generic recipe) with --data, else "
+        "cpu-demo",
+    )
     p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
     p.add_argument("--epochs", type=int)
     p.add_argument(
@@ -693,6 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("presets", help="list presets, or --show NAME to print a resolved config")
     p.add_argument("--show")
+    p.add_argument("--data", help="--show auto: the sequence file the generic recipe is sized by")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_presets)
 
@@ -702,6 +718,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=2000)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--mean-length", type=float, default=40.0)
+    p.add_argument("--long-gap-days", type=float, default=2.0, help="median gap between visits")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_synth)
 

@@ -86,11 +86,11 @@ def point_name(point: dict[str, str]) -> str:
     return "-".join(f"{k.rsplit('.', 1)[-1]}{v}" for k, v in point.items()) or "base"
 
 
-def validate_point(preset: str, overrides: list[str]) -> None:
+def validate_point(preset: str, overrides: list[str], data: str | None = None) -> None:
     """Fail before launching anything if a field or value is wrong."""
     from pipeline.train.config import apply_overrides, get_preset, validate
 
-    validate(apply_overrides(get_preset(preset), overrides))
+    validate(apply_overrides(get_preset(preset, data), overrides))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,8 +235,8 @@ def run_sweep(
     overrides = list(overrides or [])
     points = expand_grid(grid)
     for point in points:  # typos fail here, not 10 jobs later
-        validate_point(preset, overrides + [f"{k}={v}" for k, v in point.items()])
-    experiment = experiment or get_preset(preset).tracking.experiment
+        validate_point(preset, overrides + [f"{k}={v}" for k, v in point.items()], data)
+    experiment = experiment or get_preset(preset, data).tracking.experiment
     name = name or f"sweep-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     uri = absolute_tracking_uri(tracking_uri)
     client = mlflow_client(uri)

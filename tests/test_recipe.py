@@ -5,15 +5,21 @@ must clear a margin over its untrained self, which the official stage-2 init mis
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from jobs.cli import main
 from model.config import ModelConfig
 from model.fuxi import MFFN
 from model.loss import NegativeSampler
+from pipeline.data.sequences import write_sequences
+from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
 from pipeline.train.config import apply_overrides, get_preset, validate
+from pipeline.train.recipe import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, DataShape, data_shape, generic
 from pipeline.train.run import run
 from pipeline.train.trainer import lr_multiplier
 
@@ -100,3 +106,39 @@ def test_full_softmax_scores_every_item_once(tmp_path) -> None:
     assert neg.ids.tolist() == list(range(1, 11)) and neg.lookup.lengths().tolist() == [10, 0]
     report = train([f"output_dir={tmp_path}", "loss.negatives=full", "epochs=2"])
     assert report["test"]["ndcg_at_10"] > 0
+
+
+def test_generic_recipe_is_sized_by_the_data() -> None:
+    # few users, a small catalogue, long histories: the exact softmax, the official 200 positions, enough
+    # epochs for the step budget (3 steps an epoch), capped
+    small = generic(DataShape(users=300, items=1683, mean_length=100.0, p95_length=420), "a.parquet")
+    assert (small.model.max_sequence_length, small.model.padded_length) == (200, 211)
+    assert small.loss.negatives == "full" and small.data.protocol == "validated"
+    assert small.epochs == MAX_EPOCHS and small.patience > 0
+    # many users, a large catalogue, short histories: sampled negatives, 30 positions, the epoch floor
+    big = generic(DataShape(users=100_000, items=50_001, mean_length=9.0, p95_length=23), "b.parquet")
+    assert (big.model.max_sequence_length, big.model.padded_length) == (30, 41)
+    assert big.loss.negatives == "per_position" and big.epochs == MIN_EPOCHS
+    # in between: epochs for TARGET_STEPS steps (8 steps an epoch at 1,000 users)
+    mid = generic(DataShape(users=1000, items=9000, mean_length=50.0, p95_length=150), "c.parquet")
+    assert mid.epochs == max(MIN_EPOCHS, math.ceil(TARGET_STEPS / 8)) and mid.loss.negatives == "per_position"
+    for cfg in (small, big, mid):
+        validate(cfg)
+    with pytest.raises(ValueError, match="--data"):
+        get_preset("auto")
+
+
+def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> None:
+    path = tmp_path / "seq.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=60, num_items=80, mean_length=12)), path)
+    args = ["train", "--data", str(path), "--no-tracking", "--output-dir", str(tmp_path / "runs")]
+    report_path = tmp_path / "report.json"
+    assert main(args + ["--set", "epochs=1", "--report-json", str(report_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"no preset named, the generic recipe for {path}" in out
+    expected = generic(data_shape(str(path)), str(path))
+    report = json.loads(report_path.read_text())
+    config = json.loads((Path(report["checkpoint"]) / "train.json").read_text())["config"]
+    assert report["epochs"] == 1 and config["name"] == "auto" and config["model"]["max_sequence_length"] == 20
+    assert config["loss"]["negatives"] == expected.loss.negatives == "full"
+    assert config["optim"]["lr"] == expected.optim.lr and config["patience"] == expected.patience

@@ -1,0 +1,193 @@
+"""FuXi-alpha, HSTU and SASRec on one or more data sets, several seeds: a table and a plot of test
+NDCG@10 at the validation-selected epoch, mean ± std over seeds.
+
+    # the generic recipe (what `fuxi train --data X` uses with no preset), the same for every model
+    python benchmarks/compare_models.py --data a.parquet b.parquet --preset auto --seeds 0 1 2 \
+        --out runs/compare/generic
+    # each model's tuned preset ({model} is replaced by the architecture)
+    python benchmarks/compare_models.py --data ml-100k.parquet --preset 'ml-100k-{model}' --seeds 0 1 2
+    # one table and plot from runs written earlier (OUT.json files)
+    python benchmarks/compare_models.py --combine a.json b.json --out runs/compare/all
+
+With a plain preset name every model gets that preset and `model.architecture=<model>`. `--users N`
+trains on a seeded subsample of N users of each file (benchmarks/diagnose_fuxi.py). Every run is a
+`fuxi train`-equivalent in this process (pipeline.train.run), validated protocol, tracking off; the
+wall time to the selected epoch is its epochs times the run's mean seconds per epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from diagnose_fuxi import subsample  # noqa: E402
+
+MODELS = ("fuxi", "hstu", "sasrec")
+
+
+def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
+    from pipeline.train.config import apply_overrides, get_preset, validate
+
+    named = preset.format(model=model)
+    cfg = get_preset(named, data)
+    cfg.data.protocol = "validated"
+    cfg.seed = seed
+    cfg.tracking.enabled = False
+    cfg.progress = False
+    cfg.checkpoint_every_epochs = 0
+    cfg.output_dir = str(work / "runs")
+    arch = [] if "{model}" in preset else [f"model.architecture={model}"]
+    return validate(apply_overrides(cfg, arch + overrides))
+
+
+def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    out = {}
+    for key in dict.fromkeys((r["data"], r["model"]) for r in rows):
+        runs = [r for r in rows if (r["data"], r["model"]) == key]
+        test = np.array([r["test_ndcg_at_10"] for r in runs])
+        out[key] = {
+            "n": len(runs),
+            "test_mean": float(test.mean()),
+            "test_std": float(test.std(ddof=1)) if len(runs) > 1 else 0.0,
+            "valid_mean": float(np.mean([r["valid_ndcg_at_10"] for r in runs])),
+            "hr_mean": float(np.mean([r["test_hr_at_10"] for r in runs])),
+            "per_seed": [float(v) for v in test],
+            "selected": [r["selected_epoch"] for r in runs],
+            "to_selected_s": float(np.mean([r["to_selected_s"] for r in runs])),
+            "wall_s": float(np.mean([r["wall_s"] for r in runs])),
+        }
+    return out
+
+
+def markdown(summary: dict[tuple[str, str], dict], title: str) -> str:
+    lines = [
+        f"### {title}",
+        "",
+        "| data | model | test NDCG@10 per seed | test NDCG@10 | test HR@10 | valid NDCG@10 "
+        "| selected epochs | s to selected | s per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (data, model), s in summary.items():
+        lines.append(
+            f"| {data} | {model} | {', '.join(f'{v:.4f}' for v in s['per_seed'])} "
+            f"| {s['test_mean']:.4f} ± {s['test_std']:.4f} | {s['hr_mean']:.4f} | {s['valid_mean']:.4f} "
+            f"| {', '.join(map(str, s['selected']))} | {s['to_selected_s']:.0f} | {s['wall_s']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[tuple[str, str], dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(d for d, _ in summary))
+    models = list(dict.fromkeys(m for _, m in summary))
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.2 * len(datasets) + 1.5), 3.8))
+    for i, model in enumerate(models):
+        xs = [j + (i - (len(models) - 1) / 2) * width for j in range(len(datasets))]
+        cells = [summary.get((d, model)) for d in datasets]
+        ax.bar(
+            xs,
+            [c["test_mean"] if c else 0.0 for c in cells],
+            width,
+            yerr=[c["test_std"] if c else 0.0 for c in cells],
+            capsize=3,
+            label=model,
+        )
+    ax.set_xticks(range(len(datasets)), datasets, fontsize=8)
+    ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", nargs="+", help="sequence Parquet files")
+    parser.add_argument(
+        "--combine", nargs="+", metavar="JSON", help="no training: tabulate earlier OUT.json runs"
+    )
+    parser.add_argument("--preset", default="auto", help="a preset, 'auto', or a pattern with {model}")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--users", type=int, default=0, help="subsample N users of each file (0: all)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    parser.add_argument("--work", default="runs/compare")
+    parser.add_argument("--out", default="runs/compare/compare", help="writes OUT.md, OUT.json, OUT.png")
+    args = parser.parse_args(argv)
+    if bool(args.data) == bool(args.combine):
+        parser.error("pass --data (train) or --combine (earlier runs), not both")
+    if args.combine:
+        rows = [row for path in args.combine for row in json.loads(Path(path).read_text())]
+        presets = ", ".join(dict.fromkeys(r["preset"] for r in rows))
+        seeds = sorted({r["seed"] for r in rows})
+        write(rows, f"presets {presets}, seeds {seeds}, validated protocol", Path(args.out))
+        return
+    rows = train_all(args)
+    write(rows, f"preset {args.preset}, seeds {args.seeds}, validated protocol", Path(args.out))
+
+
+def train_all(args: argparse.Namespace) -> list[dict]:
+    from pipeline.train.run import run
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    total = len(args.data) * len(args.models) * len(args.seeds)
+    for path in args.data:
+        data = subsample(path, args.users, 0, work)
+        label = Path(data).stem
+        for model in args.models:
+            for seed in args.seeds:
+                cfg = make_config(args.preset, model, data, seed, args.set, work)
+                t0 = time.perf_counter()
+                report = run(cfg)
+                wall = time.perf_counter() - t0
+                row = {
+                    "data": label,
+                    "model": model,
+                    "preset": args.preset.format(model=model),
+                    "seed": seed,
+                    "epochs_run": report["epochs"],
+                    "selected_epoch": report["selected_epoch"],
+                    "steps": report["steps"],
+                    "valid_ndcg_at_10": report["valid_ndcg_at_10"],
+                    "test_ndcg_at_10": report["test"]["ndcg_at_10"],
+                    "test_hr_at_10": report["test"]["hr_at_10"],
+                    "seconds_per_epoch": report.get("seconds_per_epoch", 0.0),
+                    "to_selected_s": report["selected_epoch"] * report.get("seconds_per_epoch", 0.0),
+                    "wall_s": wall,
+                }
+                rows.append(row)
+                print(f"[{len(rows)}/{total}] {json.dumps(row)}", flush=True)
+    return rows
+
+
+def write(rows: list[dict], title: str, out: Path) -> None:
+    summary = summarise(rows)
+    text = markdown(summary, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+    plot(summary, title, out.with_suffix(".png"))
+    print("\n" + text)
+    print(f"wrote {out.with_suffix('.md')}, .json, .png")
+
+
+if __name__ == "__main__":
+    main()
