@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def plot(summary: dict[tuple[str, str], dict], title: str, path: Path) -> None:
     ax.set_ylabel("test NDCG@10 (mean ± std over seeds)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    ax.set_title(title, fontsize=10)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
