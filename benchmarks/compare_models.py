@@ -6,6 +6,9 @@ NDCG@10 at the validation-selected epoch, mean ± std over seeds.
         --out runs/compare/generic
     # each model's tuned preset ({model} is replaced by the architecture)
     python benchmarks/compare_models.py --data ml-100k.parquet --preset 'ml-100k-{model}' --seeds 0 1 2
+    # a variant beside the default: its rows are "fuxi no-ts" in the table
+    python benchmarks/compare_models.py --data a.parquet --models fuxi --set model.channels=pos,sem \
+        --label no-ts --out runs/compare/no_ts
     # one table and plot from runs written earlier (OUT.json files)
     python benchmarks/compare_models.py --combine a.json b.json --out runs/compare/all
 
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--users", type=int, default=0, help="subsample N users of each file (0: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    parser.add_argument(
+        "--label", default="", help="appended to the model name in the table (a variant made with --set)"
+    )
     parser.add_argument("--work", default="runs/compare")
     parser.add_argument("--out", default="runs/compare/compare", help="writes OUT.md, OUT.json, OUT.png")
     args = parser.parse_args(argv)
@@ -161,7 +167,7 @@ def train_all(args: argparse.Namespace) -> list[dict]:
                 wall = time.perf_counter() - t0
                 row = {
                     "data": label,
-                    "model": model,
+                    "model": f"{model} {args.label}".strip(),
                     "preset": args.preset.format(model=model),
                     "seed": seed,
                     "epochs_run": report["epochs"],

@@ -142,3 +142,49 @@ def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> Non
     assert report["epochs"] == 1 and config["name"] == "auto" and config["model"]["max_sequence_length"] == 20
     assert config["loss"]["negatives"] == expected.loss.negatives == "full"
     assert config["optim"]["lr"] == expected.optim.lr and config["patience"] == expected.patience
+
+
+def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
+    """benchmarks/compare_models.py builds the docs/quality tables: a --set variant is its own row under
+    --label, and --combine of the written JSON files gives the same table without training."""
+    from benchmarks.compare_models import main as compare
+
+    path = tmp_path / "shape.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=40, num_items=60, mean_length=10)), path)
+    common = [
+        "--data",
+        str(path),
+        "--preset",
+        "tiny",
+        "--models",
+        "fuxi",
+        "--seeds",
+        "0",
+        "--set",
+        "epochs=1",
+    ]
+    compare(common + ["--work", str(tmp_path / "a"), "--out", str(tmp_path / "base")])
+    compare(
+        common
+        + ["--set", "model.channels=pos,sem", "--label", "no-ts", "--work", str(tmp_path / "b")]
+        + ["--out", str(tmp_path / "no_ts")]
+    )
+    rows = [json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("base", "no_ts")]
+    assert [r["model"] for r in rows] == ["fuxi", "fuxi no-ts"]
+    assert all(r["data"] == "shape" and r["epochs_run"] == 1 for r in rows)
+    assert rows[0]["test_ndcg_at_10"] != rows[1]["test_ndcg_at_10"]  # the variant trained another model
+    compare(
+        [
+            "--combine",
+            str(tmp_path / "base.json"),
+            str(tmp_path / "no_ts.json"),
+            "--out",
+            str(tmp_path / "all"),
+        ]
+    )
+    table = (tmp_path / "all.md").read_text().splitlines()
+    cells = [line.split(" | ")[1:4] for line in table if line.startswith("| shape")]
+    assert cells == [
+        [r["model"], f"{r['test_ndcg_at_10']:.4f}", f"{r['test_ndcg_at_10']:.4f} ± 0.0000"] for r in rows
+    ]
+    assert (tmp_path / "all.png").stat().st_size > 0
