@@ -169,6 +169,7 @@ def train_all(args: argparse.Namespace) -> list[dict]:
                     "data": label,
                     "model": f"{model} {args.label}".strip(),
                     "preset": args.preset.format(model=model),
+                    "overrides": list(args.set),
                     "seed": seed,
                     "epochs_run": report["epochs"],
                     "selected_epoch": report["selected_epoch"],

@@ -172,7 +172,11 @@ def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
     rows = [json.loads((tmp_path / f"{n}.json").read_text())[0] for n in ("base", "no_ts")]
     assert [r["model"] for r in rows] == ["fuxi", "fuxi no-ts"]
     assert all(r["data"] == "shape" and r["epochs_run"] == 1 for r in rows)
-    assert rows[0]["test_ndcg_at_10"] != rows[1]["test_ndcg_at_10"]  # the variant trained another model
+    assert rows[1]["overrides"] == ["epochs=1", "model.channels=pos,sem"]
+    trained = [
+        json.loads(f.read_text())["config"]["model"] for f in (tmp_path / "b").rglob("final*/train.json")
+    ]
+    assert trained and all(m["channels"] == ["pos", "sem"] for m in trained)  # the variant is what trained
     compare(
         [
             "--combine",
