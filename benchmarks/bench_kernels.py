@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from model.attention import ams_channels, build_plan
+from model.attention_fast import ams_channels, build_plan
 from model.layers import dropout_keep_mask, rms_norm
 from model.loss import DENSE_SCORE_RATIO, MASKED_LOGIT, _PerPositionSoftmax
 

@@ -5,19 +5,21 @@ where the paper is vague; where they differ the paper's reading is a ModelConfig
 (`time_delta`, `attn_norm`). No parallelism here: sharding is applied from outside.
 
 Every layer takes a jagged batch (model/jagged.py): the history tokens x_TD of all rows plus their
-length groups. Per-token layers run on the T real tokens, attention per length group on the core that
-`ModelConfig.kernel` picks (model/attention.py).
+length groups. Per-token layers run on the T real tokens, attention per length group on the kernel that
+`ModelConfig.kernel` picks (model/attention.py), with the group's plan that the stack builds once per batch.
 
 Shapes: T history tokens, B rows, D width, H heads, C active channels (3 by default).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.attention import KERNELS, core_dtype, inverse_n, last_token_attention
+from model.attention import KERNELS, AttentionKernel, PlanKind, core_dtype, inverse_n, last_token_attention
 from model.config import ModelConfig
 from model.jagged import LengthGroups, run_jagged_blocks
 from model.layers import (
@@ -64,11 +66,13 @@ class AMS(nn.Module):
             if needs_ts
             else None
         )
-        self.kernel = KERNELS[cfg.kernel]  # the attention core: reference einsums or the fast chunked core
+        # the attention core: reference einsums or the fast chunked core
+        self.kernel: AttentionKernel[Any] = KERNELS[cfg.kernel]
 
-    def forward(self, x_TD: Tensor, batch: LengthGroups, last_only: bool = False) -> Tensor:
+    def forward(self, x_TD: Tensor, batch: LengthGroups, plans: list[Any], last_only: bool = False) -> Tensor:
         """Jagged tokens [T, D] in, [T, H*C*dv] out (with last_only, each row's last token only: [B, ...]).
-        Projections run on the real tokens; attention runs per length group, on the core `kernel` picks."""
+        Projections run on the real tokens; attention runs per length group on `kernel`, plans[i] being
+        group i's `kernel.plan` (unused with last_only, which reads every row's last query only)."""
         cfg = self.cfg
         pos = self.pos_weights.weight if self.pos_weights is not None else None
         ts = self.time_weights.weight if self.time_weights is not None else None
@@ -79,13 +83,14 @@ class AMS(nn.Module):
             return u * rms_norm(out)
         u, vqk = torch.split(F.silu(rms_norm(x_TD) @ self.uvqk), [self.u_width, sum(self.split[1:])], dim=-1)
         outs = []
-        for g in batch:
+        for g, plan in zip(batch, plans, strict=True):
             v, q, k = torch.split(g.gather(vqk), list(self.split[1:]), dim=-1)  # zero on padding: no key mask
             inv_n, dtype = inverse_n(g.valid, cfg.padded_length, cfg.attn_norm), core_dtype(g)
             if self.vanilla:
-                out = self.kernel.hstu(q, k, v, pos, ts, inv_n, g.plan, cfg.num_heads, dtype)
+                assert pos is not None and ts is not None  # the vanilla channel has both tables
+                out = self.kernel.hstu(q, k, v, pos, ts, inv_n, plan, cfg.num_heads, dtype)
             else:
-                out = self.kernel.ams(q, k, v, pos, ts, inv_n, g.plan, self.channels, cfg.num_heads, dtype)
+                out = self.kernel.ams(q, k, v, pos, ts, inv_n, plan, self.channels, cfg.num_heads, dtype)
             outs.append(g.real(out))
         return u * rms_norm(batch.scatter(outs, x_TD.shape[0]))
 
@@ -122,8 +127,8 @@ class FuXiBlock(nn.Module):
         self.ams = AMS(cfg)
         self.mffn = MFFN(cfg, self.ams.u_width)
 
-    def forward(self, x_TD: Tensor, batch: LengthGroups, last_only: bool = False) -> Tensor:
-        h = self.ams(x_TD, batch, last_only)
+    def forward(self, x_TD: Tensor, batch: LengthGroups, plans: list[Any], last_only: bool = False) -> Tensor:
+        h = self.ams(x_TD, batch, plans, last_only)
         return self.mffn(h, x_TD[batch.last()[0]] if last_only else x_TD)
 
 
@@ -135,12 +140,13 @@ class FuXiStack(nn.Module):
         self.cfg = cfg
         self.blocks = nn.ModuleList(FuXiBlock(cfg) for _ in range(cfg.num_layers))
         vanilla = cfg.attention == "vanilla"
-        self.plan_kind = "hstu" if vanilla else "fuxi"
+        self.kernel: AttentionKernel[Any] = KERNELS[cfg.kernel]
+        self.plan_kind: PlanKind = "hstu" if vanilla else "fuxi"
         self.with_time = vanilla or "ts" in cfg.channels
 
     def forward(self, x_TD: Tensor, batch: LengthGroups, last_only: bool = False) -> Tensor:
         """x_TD: history tokens [T, D], row-major. Returns [T, D], or with last_only (evaluation) each
-        row's last token [B, D], the final block computing only those."""
-        plan = KERNELS[self.cfg.kernel].plan
-        plan_for = lambda g: plan(g, self.cfg, self.plan_kind, self.with_time)  # noqa: E731
-        return run_jagged_blocks(self.blocks, x_TD, batch, last_only, plan_for)
+        row's last token [B, D], the final block computing only those. Each length group's attention plan
+        is built here, once per batch, and every block reads it."""
+        plans = [self.kernel.plan(g, self.cfg, self.plan_kind, self.with_time) for g in batch]
+        return run_jagged_blocks(self.blocks, x_TD, batch, plans, last_only)

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def lengths_to_offsets(lengths_B: Tensor) -> Tensor:
@@ -100,7 +100,6 @@ class Group:
     valid: Tensor  # bool [n, L_g]
     ts: Tensor  # int64 [n, L_g + 1]: history + target timestamps, zero-padded
     flat: Tensor  # tok[valid]: the group's tokens in row-major order
-    plan: Any = None  # the attention core's per-group tensors (model/attention.py), set by the stack
     _slots: Tensor | None = None  # flat indices of the real slots (`real`), built on first use
 
     def gather(self, x_TX: Tensor) -> Tensor:
@@ -220,18 +219,17 @@ def pad_rows(x_TD: Tensor) -> Tensor:
 
 
 def run_jagged_blocks(
-    blocks: Any, x_TD: Tensor, batch: LengthGroups, last_only: bool, plan_for: Callable[[Group], Any]
+    blocks: nn.ModuleList, x_TD: Tensor, batch: LengthGroups, plans: list[Any], last_only: bool
 ) -> Tensor:
-    """FuXi-alpha/HSTU: every block takes jagged tokens (`block(x_TD, batch, last_only)`). Each group's
-    attention plan (`plan_for(group)`) is built once here and shared by every layer. Token rows are padded
-    to `gemm_rows` while training; with last_only (evaluation) the final block computes only each row's
-    last token and the result is [B, D], else [T, D]."""
-    for g in batch:
-        g.plan = plan_for(g)
+    """FuXi-alpha/HSTU: every block takes jagged tokens and the attention plan of each length group
+    (`block(x_TD, batch, plans, last_only)`; plans[i] belongs to batch.groups[i], built once per batch by
+    the stack and shared by every layer). Token rows are padded to `gemm_rows` while training; with
+    last_only (evaluation) the final block computes only each row's last token and the result is [B, D],
+    else [T, D]."""
     if not last_only:  # training: per-token matmul shapes from a small set (see gemm_rows)
         x_TD = pad_rows(x_TD)
     for i, block in enumerate(blocks):  # called as modules: FSDP2 unshards in the forward pre-hook
-        x_TD = block(x_TD, batch, last_only=last_only and i == len(blocks) - 1)
+        x_TD = block(x_TD, batch, plans, last_only=last_only and i == len(blocks) - 1)
     return x_TD if last_only else x_TD[: batch.num_tokens]
 
 

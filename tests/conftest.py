@@ -21,9 +21,9 @@ def make_seq(items: list[list[int]], times: list[list[int]]) -> KeyedJaggedTenso
 def padded_as_jagged(
     x_BLD, valid_BL, ts_BL1, cfg, kind: str = "fuxi", kernel: str | None = None, max_groups: int = 1
 ):
-    """A padded layer input as what every layer takes: the real tokens x_TD (row-major) and their length
-    groups, each group's attention plan built for `kernel` (default cfg.kernel). With max_groups=1 the one
-    group is as wide as the padded input."""
+    """A padded layer input as what every layer takes: the real tokens x_TD (row-major), their length
+    groups, and each group's attention plan built by `kernel` (default cfg.kernel). With max_groups=1 the
+    one group is as wide as the padded input."""
     from model.attention import KERNELS
     from model.jagged import length_groups
 
@@ -31,9 +31,8 @@ def padded_as_jagged(
     ts_T = torch.cat([ts_BL1[b, : int(hist[b]) + 1] for b in range(len(hist))])
     width = x_BLD.shape[1] if max_groups == 1 else 0
     batch = length_groups(hist, ts_T, max_groups, min_width=width)
-    for g in batch:
-        g.plan = KERNELS[kernel or cfg.kernel].plan(g, cfg, kind, True)
-    return x_BLD[valid_BL], batch
+    plans = [KERNELS[kernel or cfg.kernel].plan(g, cfg, kind, True) for g in batch]
+    return x_BLD[valid_BL], batch, plans
 
 
 def random_rows(

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from model.attention import KERNELS, ams_channels, build_plan, hstu_attention, inverse_n
+from model.attention import KERNELS, inverse_n
+from model.attention_fast import ams_channels, build_plan, hstu_attention
 from model.config import ModelConfig
 from model.fuxi import AMS, FuXiStack
 from model.hstu import HSTUBlock, HSTUStack
@@ -77,10 +78,10 @@ def run_both(module, x, valid, ts, cfg, kind, out_dim, grad_seed=7):
     results = []
     for kernel, groups in (("reference", 1), ("fast", 3)):
         module.kernel = KERNELS[kernel]
-        x_TD, batch = padded_as_jagged(x, valid, ts, cfg, kind, kernel=kernel, max_groups=groups)
+        x_TD, batch, plans = padded_as_jagged(x, valid, ts, cfg, kind, kernel=kernel, max_groups=groups)
         module.zero_grad(set_to_none=True)
         xx = x_TD.clone().requires_grad_(True)
-        y = module(xx, batch)
+        y = module(xx, batch, plans)
         (y * w).sum().backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
         results.append((y.detach(), xx.grad.clone(), grads))
@@ -149,8 +150,8 @@ def test_fast_ams_matches_naive_loop():
     x = x * valid[..., None]
     ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
     ams.kernel = KERNELS["fast"]
-    x_TD, batch = padded_as_jagged(x, valid, ts, dataclasses.replace(cfg, fast_chunk=2), kernel="fast")
-    torch.testing.assert_close(ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], **TOL)
+    x_TD, batch, plans = padded_as_jagged(x, valid, ts, dataclasses.replace(cfg, fast_chunk=2), kernel="fast")
+    torch.testing.assert_close(ams(x_TD, batch, plans), naive_ams(ams, x, valid, ts, cfg)[valid], **TOL)
 
 
 def test_gradcheck_float64():

@@ -117,10 +117,10 @@ def test_ams_matches_naive_reference_loop():
     x = x * valid[..., None]
     ts = torch.tensor([[0, 5, 70, 4000, 90000, 100000], [10, 20, 5000, 6000, 0, 0]])
     for kernel in ("reference", "fast"):
-        x_TD, batch = padded_as_jagged(x, valid, ts, cfg, kernel=kernel)
+        x_TD, batch, plans = padded_as_jagged(x, valid, ts, cfg, kernel=kernel)
         ams.kernel = KERNELS[kernel]
         torch.testing.assert_close(
-            ams(x_TD, batch), naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6
+            ams(x_TD, batch, plans), naive_ams(ams, x, valid, ts, cfg)[valid], rtol=1e-5, atol=1e-6
         )
 
 
