@@ -161,6 +161,8 @@ def model_config(
         max_sequence_length=max_len,
         padded_length=padded_length or max_len + 11,  # the official N = max_len + 10 + 1
         kernel=recipe.kernel if arch in ("fuxi", "hstu") else "reference",
+        # the fast recipe's FuXi-alpha/HSTU draw cheap dropout masks; reference recipes and baselines torch's
+        dropout_impl="fast" if recipe.kernel == "fast" and arch in ("fuxi", "hstu") else "torch",
         length_buckets=recipe.length_buckets,
         padding=recipe.padding,
         llama_positions="rope",

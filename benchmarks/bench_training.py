@@ -5,9 +5,11 @@ user runs: `fuxi train` on MovieLens-100K (validated protocol, B=128, 128 per-po
 recipe using every core its own way, and reports training samples/s (users per epoch / training seconds
 per epoch; evaluation excluded, as `seconds_per_epoch` in the run report):
 
-  anchor        the official recipe: reference core, every batch padded to 211, negatives looked up as
-                sampled; one process, torch's default intra-op threads (all cores), as the official code
-  reference     the reference core on one group per batch (padded to the batch's longest row), fp32
+  anchor        the official recipe: reference core, torch dropout, every batch padded to 211, negatives
+                looked up as sampled; one process, torch's default intra-op threads (all cores), as the
+                official code
+  reference     the reference core and torch dropout on one group per batch (padded to the batch's
+                longest row), fp32
   defaults      `fuxi train --preset ml-100k` with no overrides (fast core, 4 length groups, fp32)
   fast          the same settings spelled out as overrides (model.kernel=fast, model.length_buckets=4)
   ours          model.kernel=fast, 4 length groups, de-duplicated negatives + fused loss, amp=bf16;
@@ -47,6 +49,7 @@ COMMON = [
 ]
 ANCHOR = [
     "model.kernel=reference",
+    "model.dropout_impl=torch",
     "model.length_buckets=1",
     "model.padding=fixed",
     "loss.dedup_negatives=false",
@@ -55,7 +58,8 @@ OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
 
 
 DEFAULTS: list[str] = []  # `fuxi train --preset ml-100k` as shipped: fast core, 4 length groups, fp32
-REFERENCE = ["model.kernel=reference", "model.length_buckets=1"]  # reference core, one group (fp32)
+# reference core and dropout, one group (fp32)
+REFERENCE = ["model.kernel=reference", "model.dropout_impl=torch", "model.length_buckets=1"]
 FAST = ["model.kernel=fast", "model.length_buckets=4"]  # the fast recipe spelled out: must equal defaults
 
 

@@ -58,6 +58,8 @@ class ModelConfig:
     # "reference": the padded einsums, its slow twin. Outputs equal within fp32 rounding.
     kernel: Literal["reference", "fast"] = "fast"
     fast_chunk: int = 64  # query rows per chunk of the fast core
+    # dropout masks: "fast" a cheaper draw of F.dropout's distribution (model/layers.py), "torch" F.dropout
+    dropout_impl: Literal["torch", "fast"] = "fast"
     # rows are split into at most this many groups of similar length, each padded to its own longest row
     # (0 or 1: one group, i.e. the whole batch padded to its longest row)
     length_buckets: int = 4

@@ -106,7 +106,7 @@ class MFFN(nn.Module):
     def __init__(self, cfg: ModelConfig, in_width: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.dropout = Dropout(cfg.linear_dropout, cfg.kernel)
+        self.dropout = Dropout(cfg.linear_dropout, cfg.dropout_impl)
         self.proj = xavier_uniform_linear(in_width, cfg.embedding_dim, bias=True)
         self.swiglu = (
             None

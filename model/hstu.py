@@ -35,7 +35,7 @@ class HSTUBlock(nn.Module):
         self.uvqk = nn.Parameter(torch.empty(cfg.embedding_dim, sum(self.split)).normal_(0, 0.02))
         self.pos_weights = RelativePositionWeights(cfg.padded_length)
         self.time_weights = RelativeTimeWeights(cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.time_delta)
-        self.dropout = Dropout(cfg.linear_dropout, cfg.kernel)
+        self.dropout = Dropout(cfg.linear_dropout, cfg.dropout_impl)
         self.out = xavier_uniform_linear(h * dv, cfg.embedding_dim, bias=True)
         self.kernel: AttentionKernel[Any] = KERNELS[cfg.kernel]
 

@@ -191,12 +191,15 @@ def fast_dropout(x: Tensor, p: float, training: bool) -> Tensor:
 
 
 class Dropout(nn.Dropout):
-    """nn.Dropout whose kernel="fast" variant draws its mask with `fast_dropout` (same distribution,
-    different random stream): the one place the model chooses between the two."""
+    """nn.Dropout (impl="torch") or `fast_dropout` (impl="fast": the same distribution, a cheaper mask, a
+    different random stream): `ModelConfig.dropout_impl` picks; the one place the model chooses between
+    the two."""
 
-    def __init__(self, p: float, kernel: str) -> None:
+    def __init__(self, p: float, impl: str) -> None:
+        if impl not in ("torch", "fast"):
+            raise ValueError(f"dropout impl must be 'torch' or 'fast', got {impl!r}")
         super().__init__(p)
-        self.fast = kernel == "fast"
+        self.fast = impl == "fast"
 
     def forward(self, input: Tensor) -> Tensor:  # noqa: A002  (nn.Dropout's parameter name)
         return fast_dropout(input, self.p, self.training) if self.fast else super().forward(input)

@@ -72,7 +72,7 @@ class SequentialRecommender(nn.Module):
             nn.init.trunc_normal_(self.position_embedding.weight, std=(1.0 / d) ** 0.5)
         else:  # the official reset_params leaves the positional table xavier-normal
             nn.init.xavier_normal_(self.position_embedding.weight)
-        self.input_dropout = Dropout(cfg.input_dropout, cfg.kernel)
+        self.input_dropout = Dropout(cfg.input_dropout, cfg.dropout_impl)
         self.encoder = ENCODERS[cfg.architecture](cfg)
         if device is not None:
             self.encoder.to(device)

@@ -317,6 +317,37 @@ def test_fast_dropout_distribution_and_gradient():
     assert fast_dropout(x, 0.2, False) is x and fast_dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("kernel", ["reference", "fast"])
+def test_dropout_impl_not_the_kernel_picks_the_dropout(kernel):
+    """`model.dropout_impl` decides how every dropout of FuXi-alpha/HSTU draws its mask, whatever the
+    attention kernel: "torch" is F.dropout's random stream, "fast" fast_dropout's."""
+    import torch.nn.functional as F
+
+    from model.layers import Dropout, fast_dropout
+
+    x = torch.ones(4096)
+    for arch in ("fuxi", "hstu"):
+        for impl, draw in (("torch", F.dropout), ("fast", fast_dropout)):
+            model = build_model(
+                cfg_(
+                    architecture=arch, kernel=kernel, dropout_impl=impl, input_dropout=0.3, linear_dropout=0.3
+                )
+            )
+            dropouts = [m for m in model.modules() if isinstance(m, Dropout)]
+            assert len(dropouts) == 1 + model.cfg.num_layers  # the input's and one per block
+            for module in dropouts:
+                torch.manual_seed(0)
+                y = module(x)
+                torch.manual_seed(0)
+                assert torch.equal(y, draw(x, 0.3, True)), (arch, impl)
+    torch.manual_seed(0)
+    a = F.dropout(x, 0.3, True)
+    torch.manual_seed(0)
+    assert not torch.equal(a, fast_dropout(x, 0.3, True))  # the two streams differ: the test can tell them
+    with pytest.raises(ValueError, match="dropout impl must be 'torch' or 'fast', got 'bernoulli'"):
+        build_model(cfg_(kernel=kernel, dropout_impl="bernoulli"))
+
+
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
 def test_dropout_keep_mask_rate_shape_and_independence(p):
     """16 random bits per element, four elements per 64-bit draw: the keep rate is 1 - p, odd sizes keep
