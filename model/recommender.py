@@ -25,7 +25,7 @@ from model.jagged import fixed_length_groups, length_groups, row_col
 from model.layers import Dropout
 from model.llama import LlamaStack
 from model.sasrec import SASRecStack
-from pipeline.data.schema import ITEM_FEATURE, TIME_FEATURE
+from pipeline.features import ITEM_FEATURE, TIME_FEATURE
 
 ITEM_TABLE = "item_table"  # not "items": that collides with nn.ModuleDict.items
 NEG_FEATURE = "neg_id"  # sampled negatives: a model-internal key of the item table

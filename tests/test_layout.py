@@ -1,7 +1,8 @@
 """The layering rules of the source tree, checked on the imports (parsed with `ast`, function-local ones too):
 
-    model/           the network; imports nothing distributed and nothing from pipeline/ but
-                     pipeline.data.schema
+    model/           the network; imports nothing distributed, nothing from jobs/ and from pipeline/ only
+                     pipeline.features (the batch keys: plain constants), so importing it loads no pyarrow
+    pipeline/features.py  the names the data path and the model share
     pipeline/data/   the data path; imports neither model/ nor pipeline.train
     pipeline/train/  the training path (may import both)
     jobs/            launchers: training only through the command line (jobs/cli.py) or pipeline.train.loading
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,8 +84,8 @@ def test_the_sources_are_where_the_rules_look() -> None:
         and len(sources("pipeline/data")) >= 10
         and len(sources("pipeline/train")) >= 8
     )
-    assert [p.name for p in (ROOT / "pipeline").glob("*.py")] == ["__init__.py"], (
-        "pipeline/ holds data/ and train/"
+    assert sorted(p.name for p in (ROOT / "pipeline").glob("*.py")) == ["__init__.py", "features.py"], (
+        "pipeline/ holds data/, train/ and the shared feature names"
     )
 
 
@@ -90,18 +93,48 @@ def test_data_path_imports_neither_model_nor_training() -> None:
     assert violations(("pipeline/data",), lambda n: under(n, "model") or under(n, "pipeline.train")) == []
 
 
-def test_model_imports_nothing_distributed_and_only_the_schema_from_pipeline() -> None:
+# all that model/ may import from pipeline/ (`from pipeline.features import X` also yields "pipeline")
+MODEL_MAY_IMPORT = ("pipeline", "pipeline.features")
+
+
+def test_model_imports_nothing_distributed_and_only_the_feature_names_from_pipeline() -> None:
     def bad(name: str) -> bool:
         if any(under(name, d) for d in DISTRIBUTED):
             return True
         return (
-            under(name, "pipeline")
-            and not under(name, "pipeline.data.schema")
-            and name not in ("pipeline", "pipeline.data")
-        )  # `from pipeline.data.schema import X` also yields its parents
+            under(name, "pipeline") and name not in MODEL_MAY_IMPORT and not under(name, MODEL_MAY_IMPORT[1])
+        )
 
     assert violations(("model",), bad) == []
     assert violations(("model",), lambda n: under(n, "jobs")) == []
+
+
+def test_importing_the_model_loads_no_data_path() -> None:
+    """Every model module, imported in a fresh interpreter, loads neither pyarrow nor any of pipeline/ but
+    the feature names (what the import rules above promise, including what their imports import)."""
+    modules = [module_name(p) for p in sources("model")]
+    code = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyarrow', 'pipeline', 'jobs')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=120
+    )
+    assert len(modules) >= 5
+    assert out.stdout.strip().splitlines()[-1] == str(sorted(MODEL_MAY_IMPORT))
+
+
+MAX_MODEL_FILE_LINES = 500  # a model file a reader can hold in mind; split by role beyond it
+
+
+def test_no_model_file_is_over_the_line_limit() -> None:
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in sources("model")
+        if (n := len(p.read_text().splitlines())) > MAX_MODEL_FILE_LINES
+    }
+    assert long == {}, f"over {MAX_MODEL_FILE_LINES} lines: {long}"
 
 
 def test_training_does_not_import_jobs() -> None:

@@ -1,6 +1,5 @@
-"""Names the data path and the model share: batch feature keys and the Parquet layouts several modules use.
-
-The only module under `pipeline/` that `model/` may import (tests/test_layout.py): plain constants, no torch.
+"""Names the data path's modules share: the Parquet layouts, file names and bounds several modules use, and
+the batch feature keys (defined in `pipeline.features`, which `model/` imports without pyarrow).
 """
 
 from __future__ import annotations
@@ -10,8 +9,8 @@ import re
 import pyarrow as pa
 
 # KeyedJaggedTensor keys of a `Batch` (pipeline.data.collate): per user, history + target
-ITEM_FEATURE = "item_id"
-TIME_FEATURE = "timestamp"
+from pipeline.features import ITEM_FEATURE as ITEM_FEATURE
+from pipeline.features import TIME_FEATURE as TIME_FEATURE
 
 # sequence Parquet: one row per user, in time order (pipeline.data.sequences)
 SEQUENCE_SCHEMA = pa.schema(
