@@ -25,7 +25,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec import KeyedJaggedTensor
 
 from model.jagged import jagged_to_padded
-from model.metrics import full_ranks, per_target_metrics, ranking_metrics
+from model.metrics import count_at_or_above, full_ranks, per_target_metrics, ranking_metrics
 from model.recommender import NEG_FEATURE, SequentialRecommender, l2_normalize
 from pipeline.data.batches import SequenceBatches
 from pipeline.data.collate import Batch
@@ -127,14 +127,15 @@ def _all_gather_padded(x: Tensor, world_size: int) -> list[Tensor]:
 def _count_above(
     scores_BR: Tensor, lo: int, target_B: Tensor, target_score_B: Tensor, history_BL: Tensor
 ) -> Tensor:
-    """Per user: candidates among rows [lo, lo + R) that score strictly above the target. Padding id 0,
-    the user's history and the target itself are not candidates (as in model.metrics.full_ranks)."""
+    """Per user: candidates among rows [lo, lo + R) that score at or above the target (ties pessimistic,
+    NaN counts as above). Padding id 0, the user's history and the target itself are not candidates (as in
+    model.metrics.full_ranks)."""
     b, r = scores_BR.shape
     scores = torch.cat([scores_BR, scores_BR.new_full((b, 1), -math.inf)], dim=1)  # column r: a sink
     for ids in (history_BL, target_B[:, None], torch.zeros_like(target_B)[:, None]):
         inside = (ids >= lo) & (ids < lo + r)
         scores.scatter_(1, torch.where(inside, ids - lo, r), -math.inf)
-    return (scores[:, :r] > target_score_B[:, None]).sum(1)
+    return count_at_or_above(scores[:, :r], target_score_B)
 
 
 def _placement_rank(shard: Any) -> int:
@@ -282,7 +283,8 @@ def evaluate_sharded(
         )
         if world > 1:
             dist.all_reduce(counts)
-        batch_ranks = torch.where(torch.cat(seen).bool(), math.inf, counts.double() + 1)
+        miss = torch.cat(seen).bool() | ~torch.isfinite(torch.cat(t_scores))  # as in full_ranks
+        batch_ranks = torch.where(miss, math.inf, counts.double() + 1)
         offset = 0
         for u, v, ids in zip(user_vecs, valids, row_ids):
             ranks.append(batch_ranks[offset : offset + int(v[0])].cpu())

@@ -50,6 +50,10 @@ SELECT_METRIC = "ndcg_at_10"
 DROPOUT_STREAM, NEGATIVES_STREAM = 0, 1
 
 
+class NonFiniteLossError(RuntimeError):
+    """The global training loss was NaN or infinite: the run stops at that step (nothing is saved)."""
+
+
 def step_seed(seed: int, step: int, rank: int = 0, stream: int = DROPOUT_STREAM) -> int:
     """A 63-bit seed that depends on (seed, step, rank, stream) only. Dropout and negatives use different
     streams: seeded alike, the two generators would replay the same random numbers (on rank 0, and on
@@ -264,13 +268,21 @@ class Trainer:
         )
         if self.dist.reduce_sum is not None:
             totals = self.dist.reduce_sum(totals.double()).to(loss_mean.dtype)
+        global_loss = (totals[1] / totals[0]).item()  # the same on every rank, so all stop together
+        if not math.isfinite(global_loss):
+            # before backward and the optimizer step: the weights stay those of the last good step, and the
+            # run ends before anything non-finite is checkpointed, selected or promoted
+            raise NonFiniteLossError(
+                f"training loss is {global_loss} at step {self.state.step + 1} "
+                f"(epoch {self.state.epoch + 1}); stopped, the last checkpoint is unchanged"
+            )
         loss = loss_mean * (positions * self.dist.world_size / totals[0])  # gradients are averaged over ranks
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self._set_lr()
         self.optimizer.step()
         self.state.step += 1
-        return (totals[1] / totals[0]).item()
+        return global_loss
 
     def train_epoch(self, epoch: int) -> float:
         """The rest of `epoch` from the current position; returns the epoch's mean loss. With
@@ -354,7 +366,7 @@ class Trainer:
                 self.logger.log(
                     {f"{split}/{k}": v for k, v in metrics.items() if k != "num_users"}, self.state.step
                 )
-                if metrics[SELECT_METRIC] > self.state.best_metric:
+                if math.isfinite(metrics[SELECT_METRIC]) and metrics[SELECT_METRIC] > self.state.best_metric:
                     self.state.best_metric, self.state.best_epoch = metrics[SELECT_METRIC], epoch + 1
                     if self._selects_on_valid():
                         self.checkpointer.save_best()
