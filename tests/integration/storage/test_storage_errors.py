@@ -1,0 +1,81 @@
+"""Errors a user can act on, against the real endpoint: a missing bucket, wrong credentials, an endpoint
+that does not answer. Each is one line `<uri>: <cause>`, after bounded retries where the cause may pass,
+and never shows the secret."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import storage
+from storage import CommitRoot, StorageError
+from storage.errors import ACCESS_DENIED, NO_SUCH_BUCKET, NOT_FOUND, UNREACHABLE
+
+
+def _one_line(exc: pytest.ExceptionInfo[StorageError], secret: str = "") -> str:
+    text = str(exc.value)
+    assert "\n" not in text and (not secret or secret not in text)
+    return text
+
+
+def test_missing_bucket(s3_env) -> None:
+    uri = "s3://no-such-bucket-here/runs/x/latest"
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: storage.write_bytes(uri, b"1"),
+        lambda: CommitRoot("s3://no-such-bucket-here/runs/x").read("latest"),
+    ):
+        with pytest.raises(StorageError) as e:
+            call()
+        assert _one_line(e, s3_env.env()["AWS_SECRET_ACCESS_KEY"]) == f"{uri}: {NO_SUCH_BUCKET}"
+
+
+def test_missing_object(s3_env) -> None:
+    uri = f"s3://{s3_env.bucket}/nothing/here.json"
+    with pytest.raises(StorageError) as e:
+        storage.read_bytes(uri)
+    assert _one_line(e, s3_env.env()["AWS_SECRET_ACCESS_KEY"]) == f"{uri}: {NOT_FOUND}"
+    assert not storage.exists(uri) and storage.listdir(f"s3://{s3_env.bucket}/nothing") == []
+
+
+def test_wrong_credentials(s3_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    uri = f"s3://{s3_env.bucket}/creds/latest"
+    storage.write_bytes(uri, b"{}")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: storage.write_bytes(uri, b"1"),
+        lambda: CommitRoot(f"s3://{s3_env.bucket}/creds").read("latest"),
+    ):
+        with pytest.raises(StorageError) as e:
+            call()
+        assert _one_line(e, "not-the-secret") == f"{uri}: {ACCESS_DENIED}"
+
+
+def test_unreachable_endpoint_is_retried_then_one_line(
+    s3_env, unused_port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = unused_port  # nothing listens there: a stopped endpoint
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    uri = f"s3://{s3_env.bucket}/gone/latest"
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: CommitRoot(f"s3://{s3_env.bucket}/gone").read("latest"),
+    ):
+        started = time.monotonic()
+        with pytest.raises(StorageError) as e:
+            call()
+        elapsed = time.monotonic() - started
+        assert (
+            _one_line(e, s3_env.env()["AWS_SECRET_ACCESS_KEY"]) == f"{uri}: {UNREACHABLE} (after 4 attempts)"
+        )
+        # 0.25 + 0.5 + 1 s of backoff between 4 attempts, each refused at once: bounded, not hanging
+        assert 1.7 <= elapsed < 15, elapsed
+
+
+def test_credentials_in_a_uri_are_refused() -> None:
+    with pytest.raises(StorageError) as e:
+        storage.resolve("s3://AKIAEXAMPLE:hunter2@bucket/x")
+    assert "hunter2" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+    assert str(e.value).startswith("s3://bucket/x: credentials in a URI are refused")
