@@ -92,7 +92,7 @@ def _s3_client(settings: fs.S3Settings, _credentials: str) -> Any:
     config = Config(
         connect_timeout=fs.CONNECT_TIMEOUT_S,
         read_timeout=fs.REQUEST_TIMEOUT_S,
-        retries={"max_attempts": 1, "mode": "standard"},  # errors.with_retries owns retries
+        retries={"total_max_attempts": 1, "mode": "standard"},  # errors.with_retries owns retries
         s3={"addressing_style": "path"} if settings.endpoint else None,
     )
     return botocore.session.Session().create_client(

@@ -8,13 +8,14 @@ A checkpoint is written into a fresh generation of a CommitRoot and made visible
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from storage.fs import fsspec_target, require_bucket
 
 
-def writer(uri: str | os.PathLike[str], **kwargs: object) -> FsspecWriter:
+def writer(uri: str | os.PathLike[str], **kwargs: Any) -> FsspecWriter:
     """A DCP StorageWriter for `uri` (kwargs: FsspecWriter's own, e.g. thread_count). The bucket must
     exist: the writer's makedirs would otherwise create it."""
     require_bucket(uri)

@@ -129,7 +129,9 @@ def fsspec_target(uri: str | os.PathLike[str]) -> tuple[str, dict[str, Any]]:
         "config_kwargs": {
             "connect_timeout": CONNECT_TIMEOUT_S,
             "read_timeout": REQUEST_TIMEOUT_S,
-            "retries": {"max_attempts": 2, "mode": "standard"},
+            # DCP calls the filesystem itself (no with_retries around it): botocore's standard retries,
+            # exponential backoff over 4 attempts, and s3fs's own on throttling
+            "retries": {"total_max_attempts": 4, "mode": "standard"},
         },
         "skip_instance_cache": True,
     }

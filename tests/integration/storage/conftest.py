@@ -10,12 +10,15 @@ Fixtures:
     seaweedfs   the running server (endpoint, bucket, keys); session scope
     s3_env      the standard AWS_* variables pointing at it, for one test
     unused_port a port nothing listens on (an endpoint that is down)
+    throttling_proxy  a real HTTP proxy in front of the endpoint that answers 503 SlowDown N times
     root_uri    a fresh, empty root: a local folder or an s3:// prefix (tests parametrized over both run
                 one code path everywhere)
 """
 
 from __future__ import annotations
 
+import http.client
+import http.server
 import json
 import os
 import shutil
@@ -23,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -210,3 +214,77 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "root")
     server = request.getfixturevalue("s3_env")
     return f"s3://{server.bucket}/{request.node.originalname}-{uuid.uuid4().hex[:8]}"
+
+
+class _ThrottlingProxy(http.server.ThreadingHTTPServer):
+    """Forwards every request to the S3 endpoint unchanged (Host header included, so signatures hold), but
+    answers the first `throttle` requests itself with 503 SlowDown, as a store under load does."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream_port: int, throttle: int) -> None:
+        super().__init__(("127.0.0.1", 0), _ProxyHandler)
+        self.upstream_port = upstream_port
+        self.throttle = throttle
+        self.throttled = 0
+        self.forwarded = 0
+        self.lock = threading.Lock()
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ThrottlingProxy
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _handle(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        with self.server.lock:
+            throttle = self.server.throttled < self.server.throttle
+            self.server.throttled += throttle
+            self.server.forwarded += not throttle
+        if throttle:
+            reply = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(reply)
+            return
+        upstream = http.client.HTTPConnection("127.0.0.1", self.server.upstream_port, timeout=30)
+        upstream.request(self.command, self.path, body=body, headers=dict(self.headers.items()))
+        response = upstream.getresponse()
+        data = response.read()
+        self.send_response(response.status)
+        for name, value in response.getheaders():
+            if name.lower() not in ("transfer-encoding", "connection", "content-length"):
+                self.send_header(name, value)
+        length = response.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        upstream.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+@pytest.fixture
+def throttling_proxy(s3_env: SeaweedFS, monkeypatch: pytest.MonkeyPatch):
+    """A factory: proxy(throttle=N) starts a throttling proxy in front of the endpoint and points
+    AWS_ENDPOINT_URL at it."""
+    proxies: list[_ThrottlingProxy] = []
+
+    def start(throttle: int) -> _ThrottlingProxy:
+        proxy = _ThrottlingProxy(int(s3_env.endpoint.rsplit(":", 1)[1]), throttle)
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        proxies.append(proxy)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.shutdown()
+        proxy.server_close()

@@ -10,7 +10,7 @@ import pytest
 
 import storage
 from storage import CommitRoot, StorageError
-from storage.errors import ACCESS_DENIED, NO_SUCH_BUCKET, NOT_FOUND, UNREACHABLE
+from storage.errors import ACCESS_DENIED, NO_SUCH_BUCKET, NOT_FOUND, THROTTLED, UNREACHABLE
 
 
 def _one_line(exc: pytest.ExceptionInfo[StorageError], secret: str = "") -> str:
@@ -79,3 +79,29 @@ def test_credentials_in_a_uri_are_refused() -> None:
         storage.resolve("s3://AKIAEXAMPLE:hunter2@bucket/x")
     assert "hunter2" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
     assert str(e.value).startswith("s3://bucket/x: credentials in a URI are refused")
+
+
+def test_throttled_requests_are_retried(s3_env, throttling_proxy) -> None:
+    uri = f"s3://{s3_env.bucket}/throttled/latest"
+    storage.write_bytes(uri, b'{"generation": "gen-20260101T000000Z-0123abcd"}')
+    proxy = throttling_proxy(throttle=2)
+    assert storage.read_bytes(uri) == b'{"generation": "gen-20260101T000000Z-0123abcd"}'
+    assert proxy.throttled == 2 and proxy.forwarded >= 1
+    proxy.throttle += 2  # the pointer client (botocore) too
+    assert CommitRoot(f"s3://{s3_env.bucket}/throttled").read("latest").generation.endswith("0123abcd")
+    assert proxy.throttled == 4
+
+
+def test_throttled_for_good_is_one_line(s3_env, throttling_proxy) -> None:
+    uri = f"s3://{s3_env.bucket}/throttled/latest"
+    proxy = throttling_proxy(throttle=10**6)
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: CommitRoot(f"s3://{s3_env.bucket}/throttled").read("latest"),
+    ):
+        before = proxy.throttled
+        with pytest.raises(StorageError) as e:
+            call()
+        assert _one_line(e, s3_env.env()["AWS_SECRET_ACCESS_KEY"]) == f"{uri}: {THROTTLED} (after 4 attempts)"
+        assert proxy.throttled - before == 4  # one request per attempt: the clients' own retries are off
+    assert proxy.forwarded == 0
