@@ -9,8 +9,9 @@ drains its volume server), so it is stopped by its process group: SIGTERM, a sho
 Fixtures:
     seaweedfs   the running server (endpoint, bucket, keys); session scope
     s3_env      the standard AWS_* variables pointing at it, for one test
-    unused_port a port nothing listens on (an endpoint that is down)
-    throttling_proxy  a real HTTP proxy in front of the endpoint that answers 503 SlowDown N times
+    s3_proxy    a real HTTP proxy in front of the endpoint: answers 503 SlowDown to the first N
+                requests, and can be stopped (an endpoint that goes away); for reads (it forwards a
+                request whole, which pyarrow's streamed uploads do not survive)
     root_uri    a fresh, empty root: a local folder or an s3:// prefix (tests parametrized over both run
                 one code path everywhere)
 """
@@ -203,11 +204,6 @@ def s3_env(seaweedfs: SeaweedFS, monkeypatch: pytest.MonkeyPatch) -> SeaweedFS:
     return seaweedfs
 
 
-@pytest.fixture
-def unused_port() -> int:
-    return free_ports(1)[0]
-
-
 @pytest.fixture(params=["local", "s3"])
 def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
@@ -218,7 +214,8 @@ def root_uri(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 class _ThrottlingProxy(http.server.ThreadingHTTPServer):
     """Forwards every request to the S3 endpoint unchanged (Host header included, so signatures hold), but
-    answers the first `throttle` requests itself with 503 SlowDown, as a store under load does."""
+    answers the first `throttle` requests itself with 503 SlowDown, as a store under load does. Every
+    connection is closed after its response, so once `stop` returns nothing answers on the port."""
 
     daemon_threads = True
 
@@ -229,6 +226,11 @@ class _ThrottlingProxy(http.server.ThreadingHTTPServer):
         self.throttled = 0
         self.forwarded = 0
         self.lock = threading.Lock()
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
 
 
 class _ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -239,6 +241,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
         pass
 
     def _handle(self) -> None:
+        self.close_connection = True
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         with self.server.lock:
             throttle = self.server.throttled < self.server.throttle
@@ -249,6 +252,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(503)
             self.send_header("Content-Type", "application/xml")
             self.send_header("Content-Length", str(len(reply)))
+            self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(reply)
@@ -263,6 +267,7 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.send_header(name, value)
         length = response.getheader("Content-Length") if self.command == "HEAD" else None
         self.send_header("Content-Length", length or str(len(data)))
+        self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -272,19 +277,17 @@ class _ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.fixture
-def throttling_proxy(s3_env: SeaweedFS, monkeypatch: pytest.MonkeyPatch):
-    """A factory: proxy(throttle=N) starts a throttling proxy in front of the endpoint and points
-    AWS_ENDPOINT_URL at it."""
+def s3_proxy(s3_env: SeaweedFS, monkeypatch: pytest.MonkeyPatch):
+    """A factory: s3_proxy(throttle=N) starts a proxy in front of the endpoint and points AWS_ENDPOINT_URL
+    at it."""
     proxies: list[_ThrottlingProxy] = []
 
-    def start(throttle: int) -> _ThrottlingProxy:
+    def start(throttle: int = 0) -> _ThrottlingProxy:
         proxy = _ThrottlingProxy(int(s3_env.endpoint.rsplit(":", 1)[1]), throttle)
-        threading.Thread(target=proxy.serve_forever, daemon=True).start()
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.server_address[1]}")
         return proxy
 
     yield start
     for proxy in proxies:
-        proxy.shutdown()
-        proxy.server_close()
+        proxy.stop()

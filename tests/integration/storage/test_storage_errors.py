@@ -53,16 +53,17 @@ def test_wrong_credentials(s3_env, monkeypatch: pytest.MonkeyPatch) -> None:
         assert _one_line(e, "not-the-secret") == f"{uri}: {ACCESS_DENIED}"
 
 
-def test_unreachable_endpoint_is_retried_then_one_line(
-    s3_env, unused_port: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    port = unused_port  # nothing listens there: a stopped endpoint
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
-    uri = f"s3://{s3_env.bucket}/gone/latest"
-    for call in (
-        lambda: storage.read_bytes(uri),
-        lambda: CommitRoot(f"s3://{s3_env.bucket}/gone").read("latest"),
-    ):
+def test_stopped_endpoint_is_retried_then_one_line(s3_env, s3_proxy) -> None:
+    root = CommitRoot(f"s3://{s3_env.bucket}/gone")
+    uri = storage.join(root.uri, "latest")
+    gen = root.new_generation()
+    storage.write_bytes(storage.join(gen, "x"), b"1")
+    root.commit("latest", gen, expect=None)
+    proxy = s3_proxy()  # reads now go through the proxy: the endpoint answers ...
+    assert root.resolve("latest") == gen and storage.read_bytes(storage.join(gen, "x")) == b"1"
+    assert proxy.forwarded >= 2
+    proxy.stop()  # ... and then goes away
+    for call in (lambda: storage.read_bytes(uri), lambda: root.read("latest")):
         started = time.monotonic()
         with pytest.raises(StorageError) as e:
             call()
@@ -81,10 +82,10 @@ def test_credentials_in_a_uri_are_refused() -> None:
     assert str(e.value).startswith("s3://bucket/x: credentials in a URI are refused")
 
 
-def test_throttled_requests_are_retried(s3_env, throttling_proxy) -> None:
+def test_throttled_requests_are_retried(s3_env, s3_proxy) -> None:
     uri = f"s3://{s3_env.bucket}/throttled/latest"
     storage.write_bytes(uri, b'{"generation": "gen-20260101T000000Z-0123abcd"}')
-    proxy = throttling_proxy(throttle=2)
+    proxy = s3_proxy(throttle=2)
     assert storage.read_bytes(uri) == b'{"generation": "gen-20260101T000000Z-0123abcd"}'
     assert proxy.throttled == 2 and proxy.forwarded >= 1
     proxy.throttle += 2  # the pointer client (botocore) too
@@ -92,9 +93,9 @@ def test_throttled_requests_are_retried(s3_env, throttling_proxy) -> None:
     assert proxy.throttled == 4
 
 
-def test_throttled_for_good_is_one_line(s3_env, throttling_proxy) -> None:
+def test_throttled_for_good_is_one_line(s3_env, s3_proxy) -> None:
     uri = f"s3://{s3_env.bucket}/throttled/latest"
-    proxy = throttling_proxy(throttle=10**6)
+    proxy = s3_proxy(throttle=10**6)
     for call in (
         lambda: storage.read_bytes(uri),
         lambda: CommitRoot(f"s3://{s3_env.bucket}/throttled").read("latest"),
