@@ -4,6 +4,7 @@ the whole recommender across length groups, causality, and a tiny training run t
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 
 import pytest
@@ -303,3 +304,41 @@ def test_tiny_training_run_through_the_cli(tmp_path, monkeypatch, capsys):
     for key in ("ndcg_at_10", "hr_at_10", "mrr"):
         assert torch.isfinite(torch.tensor(report["test"][key])), key
     assert 0.0 < report["test"]["hr_at_10"] <= 1.0
+
+
+def test_compare_models_runs_esasrec_and_refuses_a_missing_preset_before_training(tmp_path, capsys):
+    """benchmarks/compare_models.py: esasrec is one of --models and gets its row; a per-model preset
+    pattern that names no preset for one of the models stops with one line before anything trains."""
+    from benchmarks.compare_models import DEFAULT_MODELS, missing_presets
+    from benchmarks.compare_models import main as compare
+    from pipeline.data.sequences import write_sequences
+    from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
+
+    assert "esasrec" in DEFAULT_MODELS
+    path = tmp_path / "shape.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=40, num_items=60, mean_length=10)), path)
+    common = [
+        "--data",
+        str(path),
+        "--seeds",
+        "0",
+        "--work",
+        str(tmp_path / "w"),
+        "--out",
+        str(tmp_path / "t"),
+    ]
+    assert missing_presets("ml-100k-{model}", list(DEFAULT_MODELS)) == []  # the docstring's tuned-preset run
+    assert missing_presets("ml-100k-{model}", ["esasrec", "llama"]) == ["ml-100k-llama"]
+    with pytest.raises(SystemExit) as exc:
+        compare([*common, "--preset", "tiny-{model}", "--models", "esasrec"])
+    assert exc.value.code == 2
+    assert "--preset 'tiny-{model}': no preset tiny-esasrec" in capsys.readouterr().err
+    assert not (tmp_path / "w" / "runs").exists()  # nothing trained
+
+    compare([*common, "--preset", "tiny", "--models", "esasrec", "--set", "epochs=1"])
+    (row,) = json.loads((tmp_path / "t.json").read_text())
+    assert row["model"] == "esasrec" and math.isfinite(row["test_ndcg_at_10"])
+    trained = [
+        json.loads(f.read_text())["config"]["model"] for f in (tmp_path / "w").rglob("final*/train.json")
+    ]
+    assert trained and all(m["architecture"] == "esasrec" for m in trained)
