@@ -1,4 +1,5 @@
-"""Training and evaluation throughput of FuXi-alpha, HSTU, SASRec and the LLaMa-style block, as ratios.
+"""Training and evaluation throughput of FuXi-alpha, HSTU, SASRec, eSASRec and the LLaMa-style block, as
+ratios.
 
     .venv/bin/python benchmarks/bench_throughput.py --quick          # L 200 and 800: ~2-10 min on 2 cores
     .venv/bin/python benchmarks/bench_throughput.py --full           # L 200/400/600/800, more rounds
@@ -50,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
+from model.esasrec import ESASRecStack
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
 from model.jagged import jagged_to_padded, length_groups
@@ -57,8 +59,14 @@ from model.llama import LlamaStack
 from model.metrics import full_ranks
 from model.sasrec import SASRecStack
 
-ARCHS = ("fuxi", "hstu", "sasrec", "llama")
-STACKS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
+ARCHS = ("fuxi", "hstu", "sasrec", "esasrec", "llama")
+STACKS = {
+    "fuxi": FuXiStack,
+    "hstu": HSTUStack,
+    "sasrec": SASRecStack,
+    "esasrec": ESASRecStack,
+    "llama": LlamaStack,
+}
 KUAIRAND_ITEMS = 7_550  # paper Table 1 (Table 4 is measured on KuaiRand)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +137,7 @@ def rows_from_histories(hist: list[tuple[np.ndarray, np.ndarray]], idx: np.ndarr
 
 @dataclass(frozen=True)
 class Recipe:
-    kernel: str = "fast"  # fuxi/hstu only; sasrec/llama have one implementation
+    kernel: str = "fast"  # fuxi/hstu/esasrec; sasrec/llama have one implementation
     length_buckets: int = 8
     negatives: str = "shared"
     num_negatives: int = 128
@@ -160,7 +168,7 @@ def model_config(
         num_items=num_items + 1,
         max_sequence_length=max_len,
         padded_length=padded_length or max_len + 11,  # the official N = max_len + 10 + 1
-        kernel=recipe.kernel if arch in ("fuxi", "hstu") else "reference",
+        kernel=recipe.kernel if arch in ("fuxi", "hstu", "esasrec") else "reference",
         # the fast recipe's FuXi-alpha/HSTU draw cheap dropout masks; reference recipes and baselines torch's
         dropout_impl="fast" if recipe.kernel == "fast" and arch in ("fuxi", "hstu") else "torch",
         length_buckets=recipe.length_buckets,
@@ -365,6 +373,9 @@ def forward_macs_per_sample(cfg: ModelConfig, length: int, num_negatives: int) -
         token, attn = d * (2 * h * dv + 2 * h * dqk) + h * dv * d, h * (dqk + dv) * keys
     elif cfg.architecture == "sasrec":
         token, attn = 4 * d * d + 2 * d * cfg.sasrec_ffn_hidden, 2 * d * keys
+    elif cfg.architecture == "esasrec":  # q, k, v, o, two gates + SwiGLU
+        token = d * (2 * h * dqk + h * dv) + h * dv * d + 2 * d * d + 3 * d * cfg.d_ffn
+        attn = h * (dqk + dv) * keys
     else:  # llama: q, k, v, o + SwiGLU
         token, attn = 4 * d * d + 3 * d * cfg.d_ffn, 2 * d * keys
     return length * (cfg.num_layers * (token + attn) + num_negatives * d)
@@ -415,6 +426,8 @@ def section_lengths(args, report: dict) -> None:
             row["fuxi/hstu (both reference)"] = ratio(times, "fuxi-ref", "hstu-ref")
         if {"fuxi", "sasrec"} <= set(times):
             row["fuxi/sasrec"] = ratio(times, "fuxi", "sasrec")
+        if {"fuxi", "esasrec"} <= set(times):
+            row["fuxi/esasrec"] = ratio(times, "fuxi", "esasrec")
         if {"fuxi", "llama"} <= set(times):
             row["fuxi/llama"] = ratio(times, "fuxi", "llama")
         report.setdefault("lengths", {})[length] = row

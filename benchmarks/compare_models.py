@@ -1,5 +1,5 @@
-"""FuXi-alpha, HSTU and SASRec on one or more data sets, several seeds: a table and a plot of test
-NDCG@10 at the validation-selected epoch, mean ± std over seeds.
+"""FuXi-alpha, HSTU, SASRec and eSASRec (or any architecture) on one or more data sets, several seeds: a
+table and a plot of test NDCG@10 at the validation-selected epoch, mean ± std over seeds.
 
     # the generic recipe (what `fuxi train --data X` uses with no preset), the same for every model
     python benchmarks/compare_models.py --data a.parquet b.parquet --preset auto --seeds 0 1 2 \
@@ -26,6 +26,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
@@ -34,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diagnose_fuxi import subsample  # noqa: E402
 
-MODELS = ("fuxi", "hstu", "sasrec")
+from model.config import Architecture  # noqa: E402
+
+MODELS = get_args(Architecture)  # every architecture the harness builds
+DEFAULT_MODELS = ("fuxi", "hstu", "sasrec", "esasrec")
 
 
 def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         "--combine", nargs="+", metavar="JSON", help="no training: tabulate earlier OUT.json runs"
     )
     parser.add_argument("--preset", default="auto", help="a preset, 'auto', or a pattern with {model}")
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--users", type=int, default=0, help="subsample N users of each file (0: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
@@ -145,8 +149,18 @@ def main(argv: list[str] | None = None) -> None:
         seeds = sorted({r["seed"] for r in rows})
         write(rows, f"presets {presets}, seeds {seeds}, validated protocol", Path(args.out))
         return
+    missing = missing_presets(args.preset, args.models)
+    if missing:  # before any training: a per-model preset pattern names every model's preset
+        parser.error(f"--preset {args.preset!r}: no preset {', '.join(missing)} (leave it out with --models)")
     rows = train_all(args)
     write(rows, f"preset {args.preset}, seeds {args.seeds}, validated protocol", Path(args.out))
+
+
+def missing_presets(preset: str, models: list[str]) -> list[str]:
+    from pipeline.train.config import AUTO, PRESETS
+
+    names = dict.fromkeys(preset.format(model=m) for m in models)
+    return [n for n in names if n != AUTO and n not in PRESETS]
 
 
 def train_all(args: argparse.Namespace) -> list[dict]:

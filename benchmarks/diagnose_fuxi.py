@@ -45,6 +45,7 @@ VARIANTS: dict[str, list[str]] = {
     "zero_w2_cosine": ["model.ffn_out_init_scale=0.0", "optim.warmup_steps=20", "optim.schedule=cosine"],
     "hstu": ["model.architecture=hstu"],
     "sasrec": ["model.architecture=sasrec"],
+    "esasrec": ["model.architecture=esasrec", "loss.negatives=per_position"],
 }
 
 

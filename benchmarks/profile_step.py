@@ -170,7 +170,7 @@ def profile_recipe(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", default="fuxi", choices=["fuxi", "hstu", "sasrec", "llama"])
+    p.add_argument("--arch", default="fuxi", choices=["fuxi", "hstu", "sasrec", "esasrec", "llama"])
     p.add_argument("--lengths", type=lambda s: [int(x) for x in s.split(",")], default=[200, 800])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--steps", type=int, default=2)

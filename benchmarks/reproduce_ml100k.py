@@ -1,4 +1,4 @@
-"""Reproduction on MovieLens-100K with the ML-1M settings: FuXi-alpha, HSTU, SASRec, LLaMa-style.
+"""Reproduction on MovieLens-100K with the ML-1M settings: FuXi-alpha, HSTU, SASRec, eSASRec, LLaMa-style.
 
 Grid: models x protocols (anchor, validated) x negative modes (per_position, shared) x seeds. Each cell
 trains from scratch, times seconds per training epoch, and records HR@10/50, NDCG@10/50 and MRR. Results
@@ -27,6 +27,7 @@ MODELS = {
     "FuXi-α": {"architecture": "fuxi"},
     "HSTU": {"architecture": "hstu"},
     "SASRec": {"architecture": "sasrec"},
+    "eSASRec": {"architecture": "esasrec"},
     "LLaMa": {"architecture": "llama"},
 }
 METRICS = ("ndcg_at_10", "ndcg_at_50", "hr_at_10", "hr_at_50", "mrr")

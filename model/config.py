@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-Architecture = Literal["fuxi", "hstu", "sasrec", "llama"]
+Architecture = Literal["fuxi", "hstu", "sasrec", "llama", "esasrec"]
 Channel = Literal["pos", "ts", "sem"]
 
 

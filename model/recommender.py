@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torchrec import EmbeddingCollection, EmbeddingConfig, JaggedTensor, KeyedJaggedTensor
 
 from model.config import ModelConfig
+from model.esasrec import ESASRecStack
 from model.fuxi import FuXiStack
 from model.hstu import HSTUStack
 from model.jagged import fixed_length_groups, length_groups, row_col
@@ -30,7 +31,13 @@ from pipeline.features import ITEM_FEATURE, TIME_FEATURE
 ITEM_TABLE = "item_table"  # not "items": that collides with nn.ModuleDict.items
 NEG_FEATURE = "neg_id"  # sampled negatives: a model-internal key of the item table
 
-ENCODERS = {"fuxi": FuXiStack, "hstu": HSTUStack, "sasrec": SASRecStack, "llama": LlamaStack}
+ENCODERS = {
+    "fuxi": FuXiStack,
+    "hstu": HSTUStack,
+    "sasrec": SASRecStack,
+    "llama": LlamaStack,
+    "esasrec": ESASRecStack,
+}
 
 
 @dataclass
