@@ -4,8 +4,11 @@
                      pipeline.data.schema
     pipeline/data/   the data path; imports neither model/ nor pipeline.train
     pipeline/train/  the training path (may import both)
-    jobs/            launchers: training only through the command line (jobs/cli.py) or pipeline.train.loading
-and the `fuxi` argparse parser is built in exactly one module (jobs/cli.py).
+    serving/         inference: loads checkpoints through model/ and pipeline/; imports nothing of jobs/
+    jobs/            launchers: training only through the command line (the jobs/cli/ package); models
+                     through serving/
+Neither model/ nor pipeline/ imports serving/ or jobs/, and the `fuxi` argparse parser is built in
+exactly one package (jobs/cli/).
 """
 
 from __future__ import annotations
@@ -18,16 +21,15 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "pipeline", "jobs")
+PACKAGES = ("model", "pipeline", "serving", "jobs")
 DISTRIBUTED = (
     "torch.distributed",
     "torchrec.distributed",
     "pipeline.train.parallelize",
     "pipeline.train.distributed",
 )
-# what jobs/ (other than the CLI) may import from the layers below
+# what jobs/ (other than the CLI) may import from the layers below (and all of serving/)
 JOBS_MAY_IMPORT = (
-    "pipeline.train.loading",
     "pipeline.train.config",
     "pipeline.train.tracking",
     "pipeline.data.schema",
@@ -80,6 +82,8 @@ def test_the_sources_are_where_the_rules_look() -> None:
         len(sources("model")) >= 5
         and len(sources("pipeline/data")) >= 10
         and len(sources("pipeline/train")) >= 8
+        and len(sources("serving")) >= 6
+        and len(sources("jobs/cli")) >= 5
     )
     assert [p.name for p in (ROOT / "pipeline").glob("*.py")] == ["__init__.py"], (
         "pipeline/ holds data/ and train/"
@@ -101,14 +105,18 @@ def test_model_imports_nothing_distributed_and_only_the_schema_from_pipeline() -
         )  # `from pipeline.data.schema import X` also yields its parents
 
     assert violations(("model",), bad) == []
-    assert violations(("model",), lambda n: under(n, "jobs")) == []
+    assert violations(("model",), lambda n: under(n, "jobs") or under(n, "serving")) == []
 
 
-def test_training_does_not_import_jobs() -> None:
-    assert violations(("pipeline",), lambda n: under(n, "jobs")) == []
+def test_training_and_data_import_neither_serving_nor_jobs() -> None:
+    assert violations(("pipeline",), lambda n: under(n, "jobs") or under(n, "serving")) == []
 
 
-def test_jobs_call_training_only_through_the_cli_or_loading() -> None:
+def test_serving_does_not_import_jobs() -> None:
+    assert violations(("serving",), lambda n: under(n, "jobs")) == []
+
+
+def test_jobs_call_training_only_through_the_cli_and_models_through_serving() -> None:
     def bad(name: str) -> bool:
         if under(name, "model"):
             return True
@@ -118,7 +126,7 @@ def test_jobs_call_training_only_through_the_cli_or_loading() -> None:
             and not any(under(name, ok) for ok in JOBS_MAY_IMPORT)
         )
 
-    paths = [p for p in sources("jobs") if p != ROOT / "jobs" / "cli.py"]
+    paths = [p for p in sources("jobs") if (ROOT / "jobs" / "cli") not in p.parents]
     out = [
         f"{p.relative_to(ROOT)}:{line} imports {name}"
         for p in paths
@@ -144,11 +152,12 @@ def _builds_a_parser(path: Path) -> bool:
     return False
 
 
-def test_one_module_builds_the_fuxi_parser() -> None:
+def test_one_package_builds_the_fuxi_parser() -> None:
     builders = [
         str(p.relative_to(ROOT)) for p in sources(*PACKAGES, "benchmarks", "scripts") if _builds_a_parser(p)
     ]
-    assert builders == ["jobs/cli.py"]
+    groups = ["data", "jobs", "serving", "train"]
+    assert builders == ["jobs/cli/__init__.py"] + [f"jobs/cli/{g}.py" for g in groups]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fuxi"] == "jobs.cli:main"
 
@@ -161,6 +170,9 @@ def test_old_modules_are_gone(path: str) -> None:
 def test_no_stale_module_paths_in_commands() -> None:
     """Module paths in subprocess commands, TorchX components and docs follow the layout."""
     stale = ("-m pipeline.cli", '"pipeline.cli"', "pipeline.cli:", "from pipeline.cli", "python -m pipeline ")
+    # inference moved from jobs/ and pipeline/train/ to serving/
+    stale += ("pipeline.train.loading", "pipeline/train/loading", "jobs.serving", "jobs/serving.py")
+    stale += tuple(f"jobs{sep}{m}" for sep in "./" for m in ("recommend", "item_index", "export", "registry"))
     skip = {"runs", "data", "mlruns", "__pycache__", "build", "dist"}
     hits = []
     for folder, dirs, names in os.walk(ROOT):
