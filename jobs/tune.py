@@ -68,7 +68,14 @@ def load_space(path: str | Path) -> list[Dist]:
 
     text = Path(path).read_text()
     # JSON through json: YAML 1.1 reads a JSON number such as 1e-12 (no dot) as a string
-    raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    try:
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML: {exc.problem}{where}") from None
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
     return [parse_dist(k, v) for k, v in raw.items()]
