@@ -8,13 +8,13 @@ The model (batch, http): FuXi-alpha at the cpu-demo config (d=50, 2 layers, hist
 one epoch on 500 synthetic users of the 1000-item catalogue (the weights do not change the speed),
 tracked in a SQLite MLflow under --out and registered with its faiss index.
 
-batch  `jobs.recommend.recommend` (k=100, exact scan, seen filtered) on --users synthetic users with 1
+batch  `serving.recommend.recommend` (k=100, exact scan, seen filtered) on --users synthetic users with 1
        and 2 Ray actors (1 torch thread each), against the trainer's full-ranking evaluation
        (`pipeline.train.evaluate.evaluate`, 1 torch thread, batches of 256) on the same users in this
        process: users/s and the ratio.
 index  clustered synthetic item vectors (D=64; --clusters Gaussian centres, each item = its centre +
        noise of 0.7x the centre's scale, L2-normalised) and 1000 queries (the sum of 2 random centres +
-       noise, normalised: users with two interests). Exact: `jobs.item_index.exact_top_k` (the serving
+       noise, normalised: users with two interests). Exact: `serving.item_index.exact_top_k` (the serving
        scan, torch, chunks of 65,536) and faiss IndexFlatIP; HNSW for M in --hnsw-m, efSearch in
        --ef-search: recall@100 against the exact top-100 and queries/s (batch of 1000, 2 threads).
 http   `fuxi serve` on localhost; benchmarks/locust_serving.py (headless locust, FastHttpUser, no wait)
@@ -63,10 +63,10 @@ def trained_model(out: Path) -> dict:
     marker = out / "model.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    from jobs import registry
-    from jobs.sweep import mlflow_client
     from pipeline.train.config import apply_overrides, get_preset
     from pipeline.train.run import run
+    from pipeline.train.tracking import mlflow_client
+    from serving import registry
 
     out.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{out.resolve()}/mlflow.db"
@@ -117,7 +117,7 @@ def eval_throughput(checkpoint: str, sequences: Path, users: int) -> dict:
 
     from pipeline.data.collate import collate_arrow
     from pipeline.train.evaluate import evaluate
-    from pipeline.train.loading import load_checkpoint_model
+    from serving.loading import load_checkpoint_model
 
     torch.set_num_threads(1)  # as one Ray actor: two intra-op threads on a shared 2-core machine stall
     loaded = load_checkpoint_model(checkpoint)
@@ -135,7 +135,7 @@ def eval_throughput(checkpoint: str, sequences: Path, users: int) -> dict:
 
 
 def bench_batch(args: argparse.Namespace, out: Path) -> dict:
-    from jobs.recommend import recommend
+    from serving.recommend import recommend
 
     model = trained_model(out)
     seqs = users_file(out, args.users)
@@ -203,7 +203,7 @@ def clustered(n: int, dim: int, clusters: int, seed: int) -> tuple[np.ndarray, n
 def bench_index(args: argparse.Namespace, out: Path) -> dict:
     import faiss
 
-    from jobs.item_index import build_index, exact_top_k, index_top_k, recall_at_k
+    from serving.item_index import build_index, exact_top_k, index_top_k, recall_at_k
 
     faiss.omp_set_num_threads(2)
     torch.set_num_threads(2)

@@ -228,7 +228,7 @@ def window_overrides(cfg: NightlyConfig, days: list[str]) -> list[str]:
 
 
 def _client(cfg: NightlyConfig) -> Any:
-    from jobs.sweep import mlflow_client
+    from pipeline.train.tracking import mlflow_client
 
     return mlflow_client(cfg.tracking_uri)
 
@@ -244,9 +244,10 @@ def step_update_sequences(cfg: NightlyConfig, state: State) -> dict[str, Any]:
 
 def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     """Warm start from the champion's checkpoint (cold start when there is none), as a TorchX job."""
-    from jobs import registry
-    from jobs.sweep import Job, absolute_tracking_uri, component_args, ensure_experiment, run_jobs
-    from pipeline.train.loading import resolve_checkpoint
+    from jobs.launch import Job, component_args, run_jobs
+    from pipeline.train.tracking import absolute_tracking_uri, ensure_experiment
+    from serving import registry
+    from serving.loading import resolve_checkpoint
 
     data = state.outputs("update_sequences")["sequences"]
     window = window_overrides(cfg, state.outputs("update_sequences")["manifest"]["days"])
@@ -329,7 +330,7 @@ def warm_start_overrides(
     A table that grew (new items) is no reason: the warm start copies the old rows and their optimizer
     state and initialises the new ones (pipeline/train/grow.py)."""
     from pipeline.train.config import apply_overrides, get_preset
-    from pipeline.train.loading import checkpoint_config
+    from serving.loading import checkpoint_config
 
     champion_model = checkpoint_config(checkpoint).model
     skip = {"num_items", "extra"}
@@ -363,8 +364,8 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     """Candidate and champion on the same window neither trained on (the date's events; the first date:
     the preset's validation split). Both scores and the window's item statistics go to the candidate's
     run and, per date, to the model's timeline run (`fuxi report --nightly`)."""
-    from jobs import registry
-    from pipeline.train.loading import (
+    from serving import registry
+    from serving.loading import (
         checkpoint_config,
         evaluate_checkpoint,
         load_checkpoint_model,
@@ -444,7 +445,7 @@ def log_timeline(client: Any, cfg: NightlyConfig, metrics: dict[str, float]) -> 
 
 
 def step_register_promote(cfg: NightlyConfig, state: State) -> dict[str, Any]:
-    from jobs import registry
+    from serving import registry
 
     trained, measured = state.outputs("train"), state.outputs("evaluate")
     client = _client(cfg)

@@ -56,7 +56,7 @@ def _literal(text: Any) -> Any:
 @lru_cache(maxsize=256)
 def _count(model_items: tuple[tuple[str, Any], ...]) -> int:
     from pipeline.train.config import ModelConfig
-    from pipeline.train.loading import parameter_count as count
+    from serving.loading import parameter_count as count
 
     return count(ModelConfig(**dict(model_items)))
 

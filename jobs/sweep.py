@@ -13,50 +13,13 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-COMPONENT = str(Path(__file__).with_name("components.py")) + ":train"
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "UNKNOWN"}
-
-
-# ---------------------------------------------------------------------------------------------------
-# MLflow helpers shared by the jobs
-
-
-def absolute_tracking_uri(uri: str | None) -> str:
-    """The tracking URI jobs should use: relative SQLite paths made absolute (jobs may run elsewhere)."""
-    from pipeline.train.tracking import resolve_tracking_uri
-
-    uri = resolve_tracking_uri(uri)
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix) :]).resolve())
-    return uri
-
-
-def ensure_experiment(client: Any, name: str, artifact_root: str | Path | None = None) -> str:
-    """Experiment id by name, created if needed (with pipeline.train.tracking's experiment-kind tag). With a
-    SQLite store MLflow puts artifacts in ./mlruns of whichever process creates the experiment; pin them
-    next to the database file instead."""
-    from pipeline.train.tracking import get_or_create_experiment
-
-    location = None
-    if artifact_root is not None:
-        location = Path(artifact_root).resolve().as_uri()
-    elif client.tracking_uri.startswith("sqlite:///"):
-        location = (Path(client.tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
-    return get_or_create_experiment(client, name, artifact_location=location)
-
-
-def mlflow_client(tracking_uri: str | None = None) -> Any:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=absolute_tracking_uri(tracking_uri))
-
+from jobs.launch import Job, component_args, run_jobs
+from pipeline.train.tracking import absolute_tracking_uri, ensure_experiment, mlflow_client
 
 # ---------------------------------------------------------------------------------------------------
 # grid
@@ -91,110 +54,6 @@ def validate_point(preset: str, overrides: list[str], data: str | None = None) -
     from pipeline.train.config import apply_overrides, get_preset, validate
 
     validate(apply_overrides(get_preset(preset, data), overrides))
-
-
-# ---------------------------------------------------------------------------------------------------
-# launching
-
-
-@dataclass
-class Job:
-    name: str
-    point: dict[str, str]
-    args: list[str]  # component arguments
-    handle: str | None = None
-    state: str = "PENDING"
-    seconds: float = 0.0
-    started: float = field(default=0.0, repr=False)
-
-
-def component_args(
-    preset: str,
-    overrides: list[str],
-    *,
-    run_dir: str | None,
-    tracking_uri: str,
-    parent_run_id: str | None,
-    data: str | None = None,
-    cpu: int = 2,
-    nproc_per_node: int = 1,
-    nnodes: int = 1,
-    name: str = "fuxi-train",
-) -> list[str]:
-    args = [
-        "--preset",
-        preset,
-        "--tracking_uri",
-        tracking_uri,
-        "--cpu",
-        str(cpu),
-        "--nproc_per_node",
-        str(nproc_per_node),
-        "--nnodes",
-        str(nnodes),
-        "--name",
-        name,
-    ]
-    if run_dir:
-        args += ["--run_dir", run_dir]
-    if parent_run_id:
-        args += ["--parent_run_id", parent_run_id]
-    if data:
-        args += ["--data", data]
-    return args + list(overrides)
-
-
-def parse_scheduler_args(text: str | None) -> dict[str, Any]:
-    """'log_dir=runs/x,queue=default' -> dict (the same syntax as `torchx run --scheduler_args`)."""
-    out: dict[str, Any] = {}
-    for part in (text or "").split(","):
-        if part.strip():
-            key, _, value = part.partition("=")
-            out[key.strip()] = value.strip()
-    return out
-
-
-def run_jobs(
-    jobs: list[Job],
-    scheduler: str = "local_cwd",
-    scheduler_cfg: dict[str, Any] | None = None,
-    parallel: int = 1,
-    poll_seconds: float = 2.0,
-    log: Any = print,
-) -> list[Job]:
-    """Submit TorchX jobs, at most `parallel` in flight, and wait for all of them."""
-    from torchx.runner import get_runner
-
-    if scheduler.startswith("local"):
-        # local schedulers run `torchrun` from PATH: make it this environment's
-        bindir = str(Path(sys.executable).parent)
-        if not os.environ.get("PATH", "").startswith(bindir):
-            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-    runner = get_runner()
-    pending, running = list(jobs), []
-    try:
-        while pending or running:
-            while pending and len(running) < max(1, parallel):
-                job = pending.pop(0)
-                job.handle = runner.run_component(COMPONENT, job.args, scheduler, cfg=scheduler_cfg or {})
-                job.started, job.state = time.monotonic(), "SUBMITTED"
-                log(f"[torchx] submitted {job.name}: {job.handle}")
-                running.append(job)
-            time.sleep(poll_seconds)
-            for job in list(running):
-                status = runner.status(job.handle)
-                state = status.state.name if status is not None else "UNKNOWN"
-                if state in TERMINAL:
-                    job.state, job.seconds = state, time.monotonic() - job.started
-                    running.remove(job)
-                    log(f"[torchx] {job.name}: {state} in {job.seconds:.0f}s")
-    except BaseException:
-        for job in running:
-            runner.cancel(job.handle)
-        raise
-    finally:
-        runner.close()
-    return jobs
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -20,8 +20,11 @@ trial are not pruned (they would report the same epochs again).
 
 The study lives in an Optuna RDB storage (a SQLite file by default): a second invocation with the same
 `--study` and `--storage` continues it (trial numbers continue, the sampler sees all earlier trials) under
-the same parent run. A trial left RUNNING by an invocation that was killed is marked FAIL and queued again
-with the same values. One tuner process per study at a time.
+the same parent run. One tuner process per study at a time, so a trial an invocation finds RUNNING was
+left by one that was killed (SIGKILL): it is told FAIL, and it and every trial failed as interrupted
+(SIGTERM, Ctrl-C) are queued again with the same values (`requeue`), once each, through Optuna's public
+ask/tell API. (Optuna's heartbeats would find such a trial only after a grace period, and only while
+another tuner runs; with one tuner per study the next invocation knows at once.)
 """
 
 from __future__ import annotations
@@ -29,21 +32,14 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.sweep import (
-    COMPONENT,
-    TERMINAL,
-    absolute_tracking_uri,
-    component_args,
-    ensure_experiment,
-    mlflow_client,
-    validate_point,
-)
+from jobs.launch import Job, Launcher, component_args
+from jobs.sweep import validate_point
+from pipeline.train.tracking import absolute_tracking_uri, ensure_experiment, mlflow_client
 
 OBJECTIVE = "valid/ndcg_at_10"  # the per-epoch validation metric the trainer logs
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -72,7 +68,14 @@ def load_space(path: str | Path) -> list[Dist]:
 
     text = Path(path).read_text()
     # JSON through json: YAML 1.1 reads a JSON number such as 1e-12 (no dot) as a string
-    raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    try:
+        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ValueError(f"{path}: not valid YAML: {exc.problem}{where}") from None
     if not isinstance(raw, dict) or not raw:
         raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
     return [parse_dist(k, v) for k, v in raw.items()]
@@ -183,7 +186,6 @@ def run_tune(
     """Create or continue the study, run `n_trials` more trials, close the parent run."""
     import optuna
     from optuna.trial import TrialState
-    from torchx.runner import get_runner
 
     from pipeline.train.config import apply_overrides, get_preset
 
@@ -220,16 +222,8 @@ def run_tune(
         sampler=optuna.samplers.TPESampler(seed=sampler_seed + len(_existing_trials(storage, study_name))),
         pruner=pruners[pruner](),
     )
-    # a trial a killed invocation did not finish, left RUNNING (SIGKILL) or failed as interrupted
-    # (SIGTERM, Ctrl-C): fail it if needed and queue its values again, once
-    retried = {t.user_attrs.get("retry_of") for t in study.trials}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
-        if t.number in retried or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)):
-            continue
-        if t.state == TrialState.RUNNING:
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
-        log(f"[tune] trial {t.number} was interrupted: queued again")
+    for number in requeue(study):
+        log(f"[tune] trial {number} was interrupted: queued again")
 
     pid = study.user_attrs.get(PARENT_ATTR)
     if pid is None:
@@ -261,12 +255,8 @@ def run_tune(
     cfg = dict(scheduler_cfg or {})
     if scheduler == "local_cwd":
         cfg.setdefault("log_dir", str((root / "torchx_logs").resolve()))
-        # local schedulers run `torchrun` from PATH: make it this environment's
-        bindir = str(Path(sys.executable).parent)
-        if not os.environ.get("PATH", "").startswith(bindir):
-            os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
     cpu = cpu or max(1, os.cpu_count() or 2)
-    runner = get_runner()
+    launcher = Launcher(scheduler, cfg)
 
     def launch(trial: Any, seed: int, point: list[str], prune: bool) -> float:
         """One training job; returns its best validation metric (raises TrialPruned / RuntimeError)."""
@@ -288,13 +278,11 @@ def run_tune(
             cpu=cpu,
             name="fuxi-tune",
         )
-        handle = runner.run_component(COMPONENT, args, scheduler, cfg=cfg)
-        log(f"[tune] trial {trial.number} seed {seed}: {handle}")
-        reported, run_id, state = 0, None, "UNKNOWN"
-        while True:
-            time.sleep(poll_seconds)
-            status = runner.status(handle)
-            state = status.state.name if status is not None else "UNKNOWN"
+        reported, run_id = 0, None
+
+        def watch(job: Job) -> None:
+            """Find the job's child run, report its validation curve, prune (the launcher cancels)."""
+            nonlocal reported, run_id
             if run_id is None:
                 found = child_run(client, exp_id, pid, run_name)
                 run_id = found.info.run_id if found is not None else None
@@ -308,15 +296,16 @@ def run_tune(
                     trial.report(max(history[: reported + 1]), reported)  # best so far: what selection keeps
                     reported += 1
                     if trial.should_prune():
-                        runner.cancel(handle)
+                        launcher.cancel(job)
                         client.set_tag(run_id, "tune.state", "PRUNED")
                         client.set_terminated(run_id, status="KILLED")
                         log(f"[tune] trial {trial.number} pruned after {reported} evaluations ({value:.4f})")
                         raise optuna.TrialPruned()
-            if state in TERMINAL:
-                break
-        if state != "SUCCEEDED" or run_id is None:
-            raise RuntimeError(f"trial {trial.number} seed {seed}: job {handle} ended {state}")
+
+        job = Job(f"trial {trial.number} seed {seed}", {}, args)
+        launcher.run([job], poll_seconds=poll_seconds, log=log, on_poll=watch)
+        if job.state != "SUCCEEDED" or run_id is None:
+            raise RuntimeError(f"trial {trial.number} seed {seed}: job {job.handle} ended {job.state}")
         history = valid_history(client, run_id)
         if not history:
             raise RuntimeError(f"trial {trial.number} seed {seed}: run {run_id} logged no {OBJECTIVE}")
@@ -349,7 +338,7 @@ def run_tune(
         study.optimize(objective, n_trials=n_trials, catch=(RuntimeError,))
         status = "FINISHED"
     finally:
-        runner.close()
+        launcher.close()
         seconds = time.monotonic() - t0
         done = [t for t in study.trials if t.state == TrialState.COMPLETE]
         client.log_metric(pid, "tune/trials", len(study.trials))
@@ -362,6 +351,24 @@ def run_tune(
             client.set_tag(pid, "tune.best_params", json.dumps(best.params))
         client.set_terminated(pid, status=status)
     return TuneResult(study_name, pid, exp_id, len(study.trials), len(study.trials) - before, seconds)
+
+
+def requeue(study: Any) -> list[int]:
+    """Queue again, with the same values, every trial an earlier invocation did not finish: left RUNNING
+    (killed) or failed with the INTERRUPTED attribute (stopped). A RUNNING one is told FAIL first. Each
+    is queued once (its copy carries `retry_of`). Returns the numbers queued."""
+    from optuna.trial import TrialState
+
+    retried = {t.user_attrs.get("retry_of") for t in study.trials}
+    queued = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.FAIL)):
+        if t.number in retried or (t.state == TrialState.FAIL and not t.user_attrs.get(INTERRUPTED)):
+            continue
+        if t.state == TrialState.RUNNING:
+            study.tell(t.number, state=TrialState.FAIL)
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+        queued.append(t.number)
+    return queued
 
 
 def _existing_trials(storage: str, study_name: str) -> list[Any]:

@@ -263,7 +263,7 @@ def test_dropout_is_on_in_training_and_off_in_eval():
 
 def test_exported_encoder_equals_encode_last():
     """The serving export (`torch.export` of encode_fixed, dynamic batch) computes what encode_last does."""
-    from jobs.export import FixedShapeEncoder, example_inputs
+    from serving.export import FixedShapeEncoder, example_inputs
 
     torch.manual_seed(0)
     model = build_model(cfg_()).eval()

@@ -191,8 +191,8 @@ def one_line_error(call: Any) -> str:
 def test_shrinking_table_and_dense_shape_mismatch_are_one_line_errors(saved: dict[str, Path]) -> None:
     from pipeline.train.config import tiny
     from pipeline.train.grow import warm_start
-    from pipeline.train.loading import load_checkpoint_model
     from pipeline.train.parallelize import parallelize
+    from serving.loading import load_checkpoint_model
 
     cfg = train_config("", 1)
     with world_of_one():
@@ -232,8 +232,8 @@ def test_final_checkpoint_grows_weights_only(saved: dict[str, Path], tmp_path: P
 
 
 def test_load_checkpoint_model_grows_the_table(saved: dict[str, Path], tmp_path: Path) -> None:
-    from pipeline.train.loading import load_checkpoint_model
     from pipeline.train.parallelize import TABLE_KEY
+    from serving.loading import load_checkpoint_model
 
     old = full_state(saved["row_wise"])
     with world_of_one():

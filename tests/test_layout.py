@@ -5,8 +5,11 @@
     pipeline/features.py  the names the data path and the model share
     pipeline/data/   the data path; imports neither model/ nor pipeline.train
     pipeline/train/  the training path (may import both)
-    jobs/            launchers: training only through the command line (jobs/cli.py) or pipeline.train.loading
-and the `fuxi` argparse parser is built in exactly one module (jobs/cli.py).
+    serving/         inference: loads checkpoints through model/ and pipeline/; imports nothing of jobs/
+    jobs/            launchers: training only through the command line (the jobs/cli/ package); models
+                     through serving/
+Neither model/ nor pipeline/ imports serving/ or jobs/, and the `fuxi` argparse parser is built in
+exactly one package (jobs/cli/).
 """
 
 from __future__ import annotations
@@ -21,16 +24,15 @@ import pytest
 import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("model", "pipeline", "jobs")
+PACKAGES = ("model", "pipeline", "serving", "jobs")
 DISTRIBUTED = (
     "torch.distributed",
     "torchrec.distributed",
     "pipeline.train.parallelize",
     "pipeline.train.distributed",
 )
-# what jobs/ (other than the CLI) may import from the layers below
+# what jobs/ (other than the CLI) may import from the layers below (and all of serving/)
 JOBS_MAY_IMPORT = (
-    "pipeline.train.loading",
     "pipeline.train.config",
     "pipeline.train.tracking",
     "pipeline.data.schema",
@@ -83,6 +85,8 @@ def test_the_sources_are_where_the_rules_look() -> None:
         len(sources("model")) >= 5
         and len(sources("pipeline/data")) >= 10
         and len(sources("pipeline/train")) >= 8
+        and len(sources("serving")) >= 6
+        and len(sources("jobs/cli")) >= 5
     )
     assert sorted(p.name for p in (ROOT / "pipeline").glob("*.py")) == ["__init__.py", "features.py"], (
         "pipeline/ holds data/, train/ and the shared feature names"
@@ -106,7 +110,7 @@ def test_model_imports_nothing_distributed_and_only_the_feature_names_from_pipel
         )
 
     assert violations(("model",), bad) == []
-    assert violations(("model",), lambda n: under(n, "jobs")) == []
+    assert violations(("model",), lambda n: under(n, "jobs") or under(n, "serving")) == []
 
 
 def test_importing_the_model_loads_no_data_path() -> None:
@@ -137,11 +141,15 @@ def test_no_model_file_is_over_the_line_limit() -> None:
     assert long == {}, f"over {MAX_MODEL_FILE_LINES} lines: {long}"
 
 
-def test_training_does_not_import_jobs() -> None:
-    assert violations(("pipeline",), lambda n: under(n, "jobs")) == []
+def test_training_and_data_import_neither_serving_nor_jobs() -> None:
+    assert violations(("pipeline",), lambda n: under(n, "jobs") or under(n, "serving")) == []
 
 
-def test_jobs_call_training_only_through_the_cli_or_loading() -> None:
+def test_serving_does_not_import_jobs() -> None:
+    assert violations(("serving",), lambda n: under(n, "jobs")) == []
+
+
+def test_jobs_call_training_only_through_the_cli_and_models_through_serving() -> None:
     def bad(name: str) -> bool:
         if under(name, "model"):
             return True
@@ -151,7 +159,7 @@ def test_jobs_call_training_only_through_the_cli_or_loading() -> None:
             and not any(under(name, ok) for ok in JOBS_MAY_IMPORT)
         )
 
-    paths = [p for p in sources("jobs") if p != ROOT / "jobs" / "cli.py"]
+    paths = [p for p in sources("jobs") if (ROOT / "jobs" / "cli") not in p.parents]
     out = [
         f"{p.relative_to(ROOT)}:{line} imports {name}"
         for p in paths
@@ -177,11 +185,12 @@ def _builds_a_parser(path: Path) -> bool:
     return False
 
 
-def test_one_module_builds_the_fuxi_parser() -> None:
+def test_one_package_builds_the_fuxi_parser() -> None:
     builders = [
         str(p.relative_to(ROOT)) for p in sources(*PACKAGES, "benchmarks", "scripts") if _builds_a_parser(p)
     ]
-    assert builders == ["jobs/cli.py"]
+    groups = ["data", "jobs", "serving", "train"]
+    assert builders == ["jobs/cli/__init__.py"] + [f"jobs/cli/{g}.py" for g in groups]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["fuxi"] == "jobs.cli:main"
 
@@ -194,12 +203,20 @@ def test_old_modules_are_gone(path: str) -> None:
 def test_no_stale_module_paths_in_commands() -> None:
     """Module paths in subprocess commands, TorchX components and docs follow the layout."""
     stale = ("-m pipeline.cli", '"pipeline.cli"', "pipeline.cli:", "from pipeline.cli", "python -m pipeline ")
+    # inference moved from jobs/ and pipeline/train/ to serving/
+    stale += ("pipeline.train.loading", "pipeline/train/loading", "jobs.serving", "jobs/serving.py")
+    stale += tuple(f"jobs{sep}{m}" for sep in "./" for m in ("recommend", "item_index", "export", "registry"))
     skip = {"runs", "data", "mlruns", "__pycache__", "build", "dist"}
     hits = []
     for folder, dirs, names in os.walk(ROOT):
         top = Path(folder) == ROOT
         dirs[:] = [
-            d for d in dirs if not d.startswith(".") and d != "__pycache__" and not (top and d in skip)
+            d
+            for d in dirs
+            if not d.startswith(".")
+            and d != "__pycache__"
+            and not d.endswith(".egg-info")  # written by the editable install, from the README
+            and not (top and d in skip)
         ]
         for name in names:
             path = Path(folder) / name

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from jobs import registry
 from jobs.cli import main
 from jobs.nightly import NightlyConfig, run_nightly
 from jobs.report import timeline_frame
-from jobs.sweep import mlflow_client
 from pipeline.data.synth_logs import LogConfig, write_logs
 from pipeline.data.vocab import find_vocabulary, read_vocabulary
-from pipeline.train.loading import load_checkpoint_model
+from pipeline.train.tracking import mlflow_client
+from serving import registry
+from serving.loading import load_checkpoint_model
 
 MODEL = "fuxi-open-world"
 DATES = ["2024-01-01", "2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05", "2024-01-06"]

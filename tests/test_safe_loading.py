@@ -7,6 +7,7 @@ the project loads through refuses it with one line naming the file and entry, an
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 import subprocess
@@ -146,3 +147,25 @@ def test_metadata_naming_files_outside_the_folder_is_refused(trained: Path, tmp_
     (tmp_path / "ckpt" / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(UnsafeCheckpointError, match=r"storage entry '\.\./\.\./secret\.distcp' is not a"):
         read_dcp_metadata(tmp_path / "ckpt")
+
+
+def test_truncated_shard_is_one_line_naming_the_folder(trained: Path, tmp_path: Path) -> None:
+    """A shard cut short (a copy that stopped, a full disk): `fuxi eval` prints one line naming the folder
+    and torch's reason, exit status 2; FUXI_DEBUG=1 adds the traceback before that line."""
+    cut = tmp_path / "cut"
+    shutil.copytree(trained, cut)
+    (shard,) = cut.glob("*.distcp")
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(RuntimeError) as direct:  # the reason, as torch gives it reading the shard itself
+        torch.load(shard, weights_only=True)
+    reason = " ".join(str(direct.value).split())
+    line = f"fuxi: error: {cut}: cannot read the checkpoint ({reason})"
+
+    cmd = [sys.executable, "-m", "jobs.cli", "eval", "--checkpoint", str(cut)]
+    env = {k: v for k, v in os.environ.items() if k != "FUXI_DEBUG"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [line])
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**env, "FUXI_DEBUG": "1"})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and lines[0] == "Traceback (most recent call last):" and lines[-1] == line
+    assert any(f.startswith("pipeline.train.checkpoint.UnreadableCheckpointError: ") for f in lines), lines

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs import registry
+from serving import registry
 
 MODEL = "fuxi-serving-test"
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,11 +35,11 @@ UNKNOWN = 10_000  # an item row far beyond the tiny model's table (201 rows)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    from jobs.sweep import mlflow_client
     from pipeline.data.sequences import SequenceData, write_sequences
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
     from pipeline.train.config import tiny
     from pipeline.train.run import run
+    from pipeline.train.tracking import mlflow_client
 
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root}/mlflow.db"
@@ -148,7 +148,7 @@ def test_registered_model_holds_no_pickle_and_loads(store: dict, tmp_path: Path)
     )
     assert list(local.rglob("*.pkl")) == [] and list(local.rglob("*.pickle")) == []
     flavor = yaml.safe_load((local / "MLmodel").read_text())["flavors"]["python_function"]
-    assert flavor["loader_module"] == "jobs.serving" and not flavor.get("code")
+    assert flavor["loader_module"] == "serving.pyfunc" and not flavor.get("code")
     assert "python_model" not in flavor and "artifacts" not in flavor
     ckpt = registry.version_checkpoint(store["client"], MODEL, store["version"], tmp_path / "v")
     assert (ckpt / "train.json").exists() and (ckpt / "item_index.faiss").exists()
@@ -184,8 +184,8 @@ def test_pyfunc_rejects_malformed_requests(store: dict, frame: dict, params: dic
 def test_batch_pyfunc_and_http_give_the_same_top_k(store: dict, server: str, tmp_path: Path) -> None:
     import mlflow.pyfunc
 
-    from jobs.item_index import recall_at_k
-    from jobs.recommend import recommend, resolve_model
+    from serving.item_index import recall_at_k
+    from serving.recommend import recommend, resolve_model
 
     k = 10
     model = resolve_model(f"models:/{MODEL}@champion", store["uri"], tmp_path / "cache")
@@ -294,7 +294,7 @@ def _planted(num_items: int = 5000, dim: int = 32, users: int = 20, k: int = 10,
 
 
 def test_exact_and_index_top_k_find_the_planted_items(tmp_path: Path) -> None:
-    from jobs.item_index import build_index, exact_top_k, index_top_k, read_index, recall_at_k, write_index
+    from serving.item_index import build_index, exact_top_k, index_top_k, read_index, recall_at_k, write_index
 
     items, queries, planted = _planted()
     k = planted.shape[1]
@@ -327,8 +327,8 @@ def test_exact_and_index_top_k_find_the_planted_items(tmp_path: Path) -> None:
 def test_exported_encoder_equals_eager(store: dict, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    from jobs.export import TOLERANCE, example_inputs, export_encoder
-    from pipeline.train.loading import load_checkpoint_model
+    from serving.export import TOLERANCE, example_inputs, export_encoder
+    from serving.loading import load_checkpoint_model
 
     ckpt = registry.version_checkpoint(store["client"], MODEL, store["version"], tmp_path / "v")
     manifest = export_encoder(ckpt, tmp_path / "export", batch=2, length=20)

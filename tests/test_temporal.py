@@ -192,7 +192,7 @@ def test_evaluate_and_evaluate_sharded_agree():
 def test_fuxi_train_temporal_end_to_end(tmp_path, monkeypatch):
     from jobs.cli import main
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
-    from pipeline.train.loading import evaluate_checkpoint, load_checkpoint_model
+    from serving.loading import evaluate_checkpoint, load_checkpoint_model
 
     monkeypatch.chdir(tmp_path)
     data = synthetic_sequences(

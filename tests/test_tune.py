@@ -16,8 +16,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from jobs.cli import main
-from jobs.sweep import mlflow_client
 from jobs.tune import INTERRUPTED, child_run, load_space, parse_dist, study_report, valid_history
+from pipeline.train.tracking import mlflow_client
 
 # ~15 s per job on an idle 2-core machine (imports and torchrun dominate)
 FAST = ["epochs=2", "data.synthetic.num_users=100", "tracking.log_every_steps=1"]

@@ -227,7 +227,7 @@ def test_string_ids_build_train_and_return_raw_ids_in_top_k(tmp_path):
 
     import numpy as np
 
-    from pipeline.train.loading import load_checkpoint_model
+    from serving.loading import load_checkpoint_model
 
     rng = np.random.default_rng(0)
     logs = tmp_path / "logs"

@@ -20,7 +20,7 @@ reaches `min_count`; that day's new rows go to its new ids in ascending raw-id o
 at once and appending them one by one give the same vocabulary.
 
 A checkpoint folder (and the registered model) carries a copy named VOCAB_FILE, so top-k and serving speak
-raw ids (pipeline/train/loading.py).
+raw ids (serving/loading.py).
 """
 
 from __future__ import annotations

@@ -75,6 +75,10 @@ class UnsafeCheckpointError(ValueError):
     """A checkpoint holds something that is not plain checkpoint data (it is refused, never executed)."""
 
 
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint's shards cannot be read (truncated, corrupted)."""
+
+
 # What DCP's FileSystemWriter pickles into .metadata (torch 2.13): its metadata dataclasses, the storage
 # index, torch.Size / dtypes / layouts, and the checkpoint id as a path. Nothing here runs code when built.
 _METADATA_GLOBALS = {
@@ -179,10 +183,13 @@ def load_state(state: dict[str, Any], path: str | Path) -> None:
     try:
         dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(path))
     except CheckpointException as e:
-        for exc, _ in e.failures.values():
+        failures = [exc for exc, _ in e.failures.values()]
+        for exc in failures:
             if isinstance(exc, UnsafeCheckpointError):
                 raise UnsafeCheckpointError(str(exc)) from None
-        raise
+        # a shard that cannot be read (truncated, corrupted): DCP's message embeds every rank's traceback
+        reason = " ".join(str(failures[0]).split()) if failures else str(e)
+        raise UnreadableCheckpointError(f"{path}: cannot read the checkpoint ({reason})") from e
 
 
 class Checkpointer:

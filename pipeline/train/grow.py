@@ -12,7 +12,7 @@ its first N_old rows* with the old global shape:
     global metadata is the new tensor's, cut the same way on every rank, so no communication is needed.
     Fused row-wise Adagrad under column_wise keeps one [N] accumulator per column shard, end to end
     ([c * N]): each block of N rows is cut to its first N_old the same way;
-  - a plain tensor (the data_parallel table, the unsharded model of pipeline/train/loading.py): t[:N_old].
+  - a plain tensor (the data_parallel table, the unsharded model of serving/loading.py): t[:N_old].
 DCP then reads just the old rows and reshards them from the saved layout (any world size, any sharding
 type) straight into the live weights and optimizer buffers.
 Why not load-then-copy: a temporary old-shape model, or old-shape tensors, would cost a second copy of

@@ -73,6 +73,34 @@ def get_or_create_experiment(client: Any, name: str, artifact_location: str | No
     return exp.experiment_id
 
 
+def absolute_tracking_uri(uri: str | None) -> str:
+    """The tracking URI to hand to other processes (jobs, servers): a relative SQLite path made absolute,
+    since they may run in another working directory."""
+    uri = resolve_tracking_uri(uri)
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        return prefix + str(Path(uri[len(prefix) :]).resolve())
+    return uri
+
+
+def mlflow_client(tracking_uri: str | None = None) -> Any:
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=absolute_tracking_uri(tracking_uri))
+
+
+def ensure_experiment(client: Any, name: str, artifact_root: str | Path | None = None) -> str:
+    """Experiment id by name, created if needed (with the experiment-kind tag). With a SQLite store MLflow
+    puts artifacts in ./mlruns of whichever process creates the experiment; pin them next to the database
+    file instead."""
+    location = None
+    if artifact_root is not None:
+        location = Path(artifact_root).resolve().as_uri()
+    elif client.tracking_uri.startswith("sqlite:///"):
+        location = (Path(client.tracking_uri[len("sqlite:///") :]).resolve().parent / "mlruns").as_uri()
+    return get_or_create_experiment(client, name, artifact_location=location)
+
+
 class MLflowLogger:
     def __init__(
         self,

@@ -2,15 +2,15 @@
 
 A sharded model cannot go through `mlflow.pytorch.log_model` (pt2 export), so the registered model is the
 checkpoint folder (DCP shards + train.json with the full config, + the faiss item index when built) in
-MLflow's `loader_module` pyfunc flavour: MLModel names `jobs.serving`, whose `_load_pyfunc(data_path)`
-loads the folder through `pipeline.train.loading.load_checkpoint_model`. No python_model object and no
+MLflow's `loader_module` pyfunc flavour: MLModel names `serving.pyfunc`, whose `_load_pyfunc(data_path)`
+loads the folder through `serving.loading.load_checkpoint_model`. No python_model object and no
 code_paths are logged, so loading unpickles nothing: the code is the installed package's. Loading needs
 no cluster and no process group: DCP reshards the model to one CPU process.
 
     model = mlflow.pyfunc.load_model("models:/fuxi-alpha@champion")
     model.predict(pd.DataFrame({"item_ids": [[5, 17, 3]], "timestamps": [[t0, t1, t2]]}), params={"k": 10})
     -> DataFrame with columns item_ids (top-k, best first), scores and ignored (history ids unknown to
-       the model, dropped); jobs/serving.py documents the request and its checks
+       the model, dropped); serving/pyfunc.py documents the request and its checks
 Item ids are raw ids (integers or strings, as in the logs) when the training data had a vocabulary (the
 checkpoint folder carries it); otherwise table rows.
 
@@ -33,7 +33,7 @@ import numpy as np
 MODEL_NAME = "fuxi-alpha"
 CHAMPION = "champion"
 SELECT_METRIC = "ndcg_at_10"  # the trainer's model-selection metric
-LOADER_MODULE = "jobs.serving"  # the pyfunc's code: imported from the installed package at load time
+LOADER_MODULE = "serving.pyfunc"  # the pyfunc's code: imported from the installed package at load time
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -44,12 +44,12 @@ class Recommender:
     """A checkpoint loaded on one CPU process: top-k items for user histories (`LoadedModel.top_k`)."""
 
     def __init__(self, loaded: Any) -> None:
-        self.loaded = loaded  # pipeline.train.loading.LoadedModel
+        self.loaded = loaded  # serving.loading.LoadedModel
         self.model = loaded.model
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path) -> Recommender:
-        from pipeline.train.loading import load_checkpoint_model
+        from serving.loading import load_checkpoint_model
 
         return cls(load_checkpoint_model(checkpoint, device="cpu"))
 
@@ -66,14 +66,14 @@ class Recommender:
 
 
 def _signature(item_type: str = "long") -> Any:
-    from jobs.serving import signature
+    from serving.pyfunc import signature
 
     return signature(item_type)
 
 
 def _item_type(checkpoint: Path) -> str:
     """The MLflow type of the model's raw item ids: from the vocabulary it carries (ids are rows without)."""
-    from pipeline.train.loading import checkpoint_vocabulary
+    from serving.loading import checkpoint_vocabulary
 
     vocab = checkpoint_vocabulary(checkpoint)
     return "string" if vocab is not None and vocab.key_type == "string" else "long"
@@ -94,7 +94,7 @@ def _requirements() -> list[str]:
 
 def run_checkpoint(client: Any, run_id: str) -> Path:
     """The latest complete checkpoint a training run wrote (its run_dir, else the default layout)."""
-    from pipeline.train.loading import resolve_checkpoint
+    from serving.loading import resolve_checkpoint
 
     params = client.get_run(run_id).data.params
     run_dir = params.get("run_dir")
@@ -112,11 +112,11 @@ def register(
     index: bool = False,
 ) -> Any:
     """Log the run's checkpoint as a pyfunc model in the run and register it; returns the ModelVersion.
-    index: also build the faiss item index (jobs/item_index.py, HNSW defaults) into the logged folder."""
+    index: also build the faiss item index (serving/item_index.py, HNSW defaults) into the logged folder."""
     import mlflow
     import mlflow.pyfunc
 
-    from pipeline.train.loading import resolve_checkpoint
+    from serving.loading import resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
     run = client.get_run(run_id)
@@ -125,8 +125,8 @@ def register(
         staged = Path(tmp) / ckpt.name
         shutil.copytree(ckpt, staged)
         if index:
-            from jobs.item_index import index_checkpoint
-            from pipeline.train.loading import load_checkpoint_model
+            from serving.item_index import index_checkpoint
+            from serving.loading import load_checkpoint_model
 
             index_checkpoint(load_checkpoint_model(staged))
         with mlflow.start_run(run_id=run_id):
@@ -158,7 +158,7 @@ def evaluate_checkpoint(
     checkpoint: str | Path, data: str | None = None, split: str = "valid"
 ) -> dict[str, float]:
     """Full-ranking metrics of a checkpoint on a split of `data` (default: the data it was trained on)."""
-    from pipeline.train.loading import evaluate_checkpoint as evaluate
+    from serving.loading import evaluate_checkpoint as evaluate
 
     return evaluate(checkpoint, data, split)
 
@@ -236,7 +236,7 @@ def promote_if_better(
             candidate_data = data or client.get_model_version(name, version).tags.get("data.source") or None
             champion_metric = evaluate_checkpoint(champ_ckpt, candidate_data)[metric]
     client.set_model_version_tag(name, version, f"valid_{metric}", f"{candidate_metric:.6f}")
-    if current is None:
+    if current is None or champion_metric is None:
         better, reason = True, "no champion yet"
     else:
         better = candidate_metric > float(champion_metric) + min_delta

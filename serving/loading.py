@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -196,7 +197,10 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
     if cfg.model.num_items > saved_rows:  # the rows the checkpoint lacks: as a cold start draws them
         init_fn = model.item_embedding.embedding_configs()[0].init_fn
         init_item_table(model, init_fn, cfg.model.num_items, cfg.model.embedding_dim, cfg.seed)
-    warm_start(model, resolved)
+    with warnings.catch_warnings():
+        # one process without a process group is the point here, not a fallback worth a warning
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        warm_start(model, resolved)
     return LoadedModel(model.eval(), cfg, resolved, meta, checkpoint_vocabulary(resolved))
 
 

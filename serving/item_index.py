@@ -51,7 +51,7 @@ def exact_top_k(
     gets -inf scores (row ids then are arbitrary)."""
     num_items = items_VD.shape[0]
     k = min(k, num_items - 1)
-    users, items = _seen_pairs(seen) if seen is not None else (None, None)
+    pairs = _seen_pairs(seen) if seen is not None else None
     best_s = torch.full((user_BD.shape[0], 0), -torch.inf)
     best_i = torch.zeros((user_BD.shape[0], 0), dtype=torch.long)
     with torch.no_grad():
@@ -60,7 +60,8 @@ def exact_top_k(
             scores = user_BD @ items_VD[lo:hi].T
             if lo == 0:
                 scores[:, 0] = -torch.inf  # padding row
-            if users is not None:
+            if pairs is not None:
+                users, items = pairs
                 inside = (items >= lo) & (items < hi)
                 scores[users[inside], items[inside] - lo] = -torch.inf
             top = torch.topk(scores, min(k, hi - lo), dim=1)

@@ -93,7 +93,7 @@ def export_encoder(
     """Export, check and write encoder.pt2 + item_vectors.safetensors + vocab.parquet + manifest.json."""
     from safetensors.torch import save_file
 
-    from pipeline.train.loading import load_checkpoint_model
+    from serving.loading import load_checkpoint_model
 
     loaded = load_checkpoint_model(checkpoint)
     length = length or loaded.cfg.model.max_sequence_length

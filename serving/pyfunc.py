@@ -2,7 +2,7 @@
 
 The registered model is MLflow's `loader_module` pyfunc flavour: MLModel names this module, `data/` holds
 the checkpoint folder (DCP shards, train.json, vocab.parquet, optionally item_index.faiss), and
-`_load_pyfunc(data_path)` loads it with `pipeline.train.loading.load_checkpoint_model`. Nothing is
+`_load_pyfunc(data_path)` loads it with `serving.loading.load_checkpoint_model`. Nothing is
 pickled (no python_model.pkl, no code_paths): the code comes from the installed package.
 
 Request (the model signature documents it; JSON as MLflow's scoring server takes it):
@@ -155,7 +155,7 @@ def frame_records(model_input: pd.DataFrame | dict | list) -> list[dict[str, Any
         rows = pd.DataFrame(model_input).to_dict(orient="records")
     else:
         rows = list(model_input)
-    return [{k: _plain(v) for k, v in r.items() if _plain(v) is not None} for r in rows]
+    return [{str(k): _plain(v) for k, v in r.items() if _plain(v) is not None} for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,12 +164,12 @@ def frame_records(model_input: pd.DataFrame | dict | list) -> list[dict[str, Any
 
 class TopKModel:
     """A checkpoint folder served as top-k: `predict(DataFrame, params)` -> DataFrame(item_ids, scores,
-    ignored). Exact scan over the item table by default (`jobs.item_index.exact_top_k`, the same function
+    ignored). Exact scan over the item table by default (`serving.item_index.exact_top_k`, the same function
     the batch job uses), the faiss index with use_index."""
 
     def __init__(self, checkpoint: str | Path) -> None:
-        from jobs.item_index import read_index
-        from pipeline.train.loading import load_checkpoint_model
+        from serving.item_index import read_index
+        from serving.loading import load_checkpoint_model
 
         self.loaded = load_checkpoint_model(checkpoint, device="cpu")
         self.items_VD = self.loaded.item_vectors()
@@ -179,7 +179,7 @@ class TopKModel:
         self.item_type = "string" if vocab is not None and vocab.key_type == "string" else "long"
 
     def recommend(self, req: Request) -> pd.DataFrame:
-        from jobs.item_index import exact_top_k, index_top_k
+        from serving.item_index import exact_top_k, index_top_k
 
         if req.use_index and self.index is None:
             raise RequestError("params.use_index", "this model version has no item index")

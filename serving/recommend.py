@@ -7,7 +7,7 @@ streamed to an actor pool of `Scorer`s (callable classes: each loads the model o
 so memory is bounded by the blocks in flight, not by the number of users. Each user's vector is computed
 once from the whole sequence (the model reads its last max_sequence_length items; the request time is
 the last event's), and its exact top-k over the item table is taken in chunks with every item of the
-sequence filtered (`jobs.item_index.exact_top_k`, the same function the served model uses), or from the
+sequence filtered (`serving.item_index.exact_top_k`, the same function the served model uses), or from the
 faiss index (`use_index`). The driver writes the results to one Parquet file as they arrive:
 
     user_id | item_ids (list of raw ids, best first) | scores (list<float32>) | ignored | model_version
@@ -47,11 +47,11 @@ def resolve_model(
 ) -> ResolvedModel:
     """models:/NAME@alias, models:/NAME/3 (downloaded once into `cache`), runs:/RUN_ID (the run's latest
     checkpoint), or a checkpoint folder / root."""
-    from pipeline.train.loading import resolve_checkpoint
+    from serving.loading import resolve_checkpoint
 
     if ref.startswith("models:/") or ref.startswith("runs:/"):
-        from jobs import registry
-        from jobs.sweep import mlflow_client
+        from pipeline.train.tracking import mlflow_client
+        from serving import registry
 
         client = mlflow_client(tracking_uri)
         if ref.startswith("runs:/"):
@@ -101,8 +101,8 @@ class Scorer:
     ) -> None:
         import torch
 
-        from jobs.item_index import DEFAULT_CHUNK, read_index
-        from pipeline.train.loading import load_checkpoint_model
+        from serving.item_index import DEFAULT_CHUNK, read_index
+        from serving.loading import load_checkpoint_model
 
         torch.set_num_threads(threads)  # one actor per core: intra-op threads would oversubscribe
         self.loaded = load_checkpoint_model(checkpoint, device="cpu")
@@ -119,7 +119,7 @@ class Scorer:
         self.item_type = pa.string() if vocab is not None and vocab.key_type == "string" else pa.int64()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from jobs.item_index import exact_top_k, index_top_k
+        from serving.item_index import exact_top_k, index_top_k
 
         num_items = self.loaded.cfg.model.num_items
         items = batch.column("item_ids").to_pylist()
@@ -245,6 +245,7 @@ def recommend(
         writer = None
         try:
             for block in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                assert isinstance(block, pa.Table)  # batch_format="pyarrow"
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, block.schema, compression="zstd")
                     first, first_n = time.perf_counter() - start, block.num_rows

@@ -1,0 +1,131 @@
+"""`fuxi train | eval | presets`: train a model from a preset, evaluate a checkpoint, list presets."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METRIC_ORDER = ("hr_at_10", "ndcg_at_10", "hr_at_50", "ndcg_at_50", "mrr")
+
+
+def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
+    print(title)
+    for key in METRIC_ORDER:
+        if key in metrics:
+            print(f"  {key.replace('_at_', '@'):10s} {metrics[key]:.4f}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.train.config import AUTO, apply_overrides, get_preset, validate
+    from pipeline.train.run import run
+
+    # no preset named: the generic recipe sized by the data given, else the embedded demo
+    preset = args.preset or (AUTO if args.data else "cpu-demo")
+    cfg = get_preset(preset, args.data)
+    if preset == AUTO and int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"fuxi: no preset named, the generic recipe for {args.data}: {cfg.epochs} epochs "
+            f"(patience {cfg.patience}), history {cfg.model.max_sequence_length}, negatives "
+            f"{cfg.loss.negatives}, lr {cfg.optim.lr:g} {cfg.optim.schedule} (docs/QUALITY.md)"
+        )
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.output_dir:
+        cfg.output_dir = args.output_dir
+    if args.no_tracking:
+        cfg.tracking.enabled = False
+    if args.run_dir:
+        cfg.run_dir = args.run_dir
+    if args.resume:
+        cfg.resume = True
+    if args.init_checkpoint:
+        cfg.init_checkpoint = args.init_checkpoint
+    if args.parent_run_id:
+        cfg.tracking.parent_run_id = args.parent_run_id
+    validate(apply_overrides(cfg, args.set or []))
+    report = run(cfg, device=args.device)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
+        return 0
+    print(
+        f"\n== {cfg.name}: {cfg.model.architecture}, protocol {report['protocol']}, "
+        f"{report['epochs']} epochs, {report.get('seconds_per_epoch', 0):.2f} s/epoch =="
+    )
+    _print_metrics(
+        f"test metrics (epoch {report['selected_epoch']}, {int(report['test'].get('num_users', 0))} users):",
+        report["test"],
+    )
+    print(f"checkpoint: {report['checkpoint']}")
+    if report.get("run_id"):
+        print(f"mlflow run: {report['run_id']}")
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(report, indent=1, default=str))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from serving.loading import evaluate_checkpoint, load_checkpoint_model
+
+    loaded = load_checkpoint_model(args.checkpoint)
+    metrics = evaluate_checkpoint(loaded, args.data, args.split)
+    _print_metrics(f"{args.split} metrics of {loaded.path} ({int(metrics['num_users'])} users):", metrics)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from pipeline.train.config import AUTO, PRESETS, apply_overrides, get_preset, to_flat_dict
+
+    if args.show:
+        cfg = apply_overrides(get_preset(args.show, args.data), args.set or [])
+        for key, value in to_flat_dict(cfg).items():
+            print(f"{key} = {value!r}")
+        return 0
+    for name, fn in PRESETS.items():
+        print(f"{name:16s} {(fn.__doc__ or '').strip().splitlines()[0] if fn.__doc__ else ''}")
+    print(f"{AUTO:16s} The generic recipe sized by --data (what `fuxi train --data X` uses with no preset).")
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """fuxi train, eval, presets."""
+    p = sub.add_parser("train", help="train a model from a preset (+ overrides), evaluate, checkpoint, track")
+    p.add_argument(
+        "--preset",
+        help="named config (see `fuxi presets`); default: auto (the generic recipe) with --data, else "
+        "cpu-demo",
+    )
+    p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
+    p.add_argument("--epochs", type=int)
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position",
+    )
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output-dir")
+    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("--run-dir", help="checkpoint directory (shared by retries of one job)")
+    p.add_argument(
+        "--resume", action="store_true", help="continue from the run dir's latest complete checkpoint"
+    )
+    p.add_argument("--init-checkpoint", help="warm start: load model weights from this checkpoint")
+    p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
+    p.add_argument("--report-json", help="also write the final report here")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="full-ranking evaluation of a checkpoint")
+    p.add_argument(
+        "--checkpoint", required=True, help="a checkpoint folder or a checkpoints root with 'latest'"
+    )
+    p.add_argument("--data", help="sequence Parquet (default: the data the run trained on)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("presets", help="list presets, or --show NAME to print a resolved config")
+    p.add_argument("--show")
+    p.add_argument("--data", help="--show auto: the sequence file the generic recipe is sized by")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_presets)
