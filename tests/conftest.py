@@ -66,7 +66,7 @@ def ray_local():
 @pytest.fixture
 def deterministic():
     """Bit-reproducible CPU training for one test. With more than one thread an accumulating index_put_
-    (the backward of gathering the time-bucket weights, model/fast_ams.py) adds with float atomics in
+    (the backward of gathering the time-bucket weights, model/attention.py) adds with float atomics in
     thread order, so two identical runs differ in the last bits from the first steps on; deterministic
     mode makes it add serially."""
     before = torch.are_deterministic_algorithms_enabled()
