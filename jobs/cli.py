@@ -4,7 +4,7 @@
 
 Imports stay inside the handlers so `fuxi --help` does not load torch, Ray or MLflow. Training and data
 commands call the layers below (`pipeline.train`, `pipeline.data`); jobs call training only through this
-command line or `pipeline.train.loading` (tests/test_layout.py).
+command line or `pipeline.train.loading` (tests/unit/test_layout.py).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@
 
 * "reference": the padded einsums, materialising every [n, H, L, L] score, weight and mask tensor and
   letting autograd store them. Tested against the official indexing and a per-(i, j) loop
-  (tests/test_model.py); the slow twin of the fast core.
+  (tests/unit/test_model.py); the slow twin of the fast core.
 * "fast" (the default): the same function with
   - **causal row chunks**: query rows in chunks of `chunk` rows; chunk [r0, r1) only reads keys [0, r1),
     so the strictly-upper triangle is never computed and every [n, C, r1] temporary stays in cache. Only
@@ -27,7 +27,7 @@
     so no elementwise op mixes bf16 and fp32 (a slow CPU path).
 
 `last_row_attention` (either kernel) computes only each row's last query: the final block at evaluation.
-tests/test_fast_paths.py checks every fast core against the reference core, outputs and gradients, over
+tests/unit/test_fast_paths.py checks every fast core against the reference core, outputs and gradients, over
 random jagged lengths, and the hand-written backward with gradcheck.
 
 Shapes: n rows of a group, L its width, H heads, C active channels, d per-head width.

@@ -1,6 +1,7 @@
 """Names the data path and the model share: batch feature keys and the Parquet layouts several modules use.
 
-The only module under `pipeline/` that `model/` may import (tests/test_layout.py): plain constants, no torch.
+The only module under `pipeline/` that `model/` may import (tests/unit/test_layout.py): plain constants,
+no torch.
 """
 
 from __future__ import annotations
