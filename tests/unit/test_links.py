@@ -118,3 +118,16 @@ def test_every_named_path_exists_in_the_repo():
     outputs = ignored([where for _, _, where, _ in unresolved])
     missing = [f"{name}: {written}" for name, written, where, _ in unresolved if where not in outputs]
     assert not missing, "paths named but not in the repo:\n" + "\n".join(sorted(set(missing)))
+
+
+def test_what_resolves():
+    assert resolves("model/attention.py", False) and resolves("docs/quality/", False)
+    assert not resolves("model/fast_ams.py", False)  # a file that is gone
+    assert not resolves("../shared/docs/fuxi-reference.md", False)  # outside the repo
+    assert resolves("docs/quality/generic", False)  # an output stem: generic.md, generic.json, ...
+    assert not resolves("docs/quality/gener", False)  # not a stem, only a prefix
+    assert resolves("docs/quality/tune_ml100k-", True)  # cut at a placeholder: tune_ml100k-{fuxi,...}
+    assert ignored(["runs/demo/report.json", "benchmarks/results/x", "docs/gone.md"]) == {
+        "runs/demo/report.json",
+        "benchmarks/results/x",
+    }
