@@ -8,7 +8,8 @@ the job SUCCEEDED after >= 1 restart, the run is one MLflow run that FINISHED, a
 and test metrics equal an uninterrupted run's.
 
     .venv/bin/python benchmarks/chaos_drill.py --trials 5 --out runs/chaos
-prints one row per trial (restarts, wall time, equality) and a summary; tests/test_chaos.py runs one.
+prints one row per trial (restarts, wall time, equality) and a summary; tests/integration/test_chaos.py
+runs it with one trial.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ trains from scratch, times seconds per training epoch, and records HR@10/50, NDC
 are appended to a JSONL file as they finish (a rerun skips finished cells), then aggregated as mean ± std
 over seeds into a Markdown table and a plot.
 
-    python benchmarks/reproduce_ml100k.py --data ../shared/data/movielens-100k/ratings.parquet \
+    python benchmarks/reproduce_ml100k.py --data path/to/ml-100k/ratings.parquet \
         --epochs 50 --seeds 0 1 2 --out benchmarks/results/ml100k
 
 The ratings file may be any layout `fuxi data prepare` reads (u.data, ratings.parquet, ...).

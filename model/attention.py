@@ -9,7 +9,7 @@ A forward, in the order a reader meets it:
   3. The kernel `ModelConfig.kernel` picks (`KERNELS`) computes it:
      "reference": padded einsums (model/attention_reference.py), the slow twin;
      "fast" (the default): causal row chunks with a hand-written backward (model/attention_fast.py).
-     Both compute the same function (tests/test_fast_paths.py); they differ in speed and in their plans.
+     Both compute the same function (tests/unit/test_fast_paths.py); they differ in speed and in their plans.
 
 At evaluation the final block computes only each row's last query (`last_token_attention`, either kernel).
 

@@ -21,7 +21,7 @@ The same functions as the padded einsums of model/attention_reference.py (their 
     (`model.attention.core_dtype`: fp32 for small groups on CPU) and return their input dtype, so no
     elementwise op mixes bf16 and fp32 (a slow CPU path).
 
-tests/test_fast_paths.py checks every fast core against the reference core, outputs and gradients, over
+tests/unit/test_fast_paths.py checks every fast core against the reference core, outputs and gradients, over
 random jagged lengths, and the hand-written backward with gradcheck.
 
 Shapes: n (or B) rows of a group, L its width, H heads, C active channels, d per-head width.

@@ -1,7 +1,7 @@
 """kernel="reference": the attention cores as padded einsums, the slow twins of model/attention_fast.py.
 
 Every [n, H, L, L] score, weight and mask tensor is materialised and autograd stores them. Tested against
-the official indexing and a per-(i, j) loop (tests/test_model.py); the fast core is tested against this.
+the official indexing and a per-(i, j) loop (tests/unit/test_model.py); the fast core is tested against this.
 
 Shapes: n rows of a group, L its width, H heads, C active channels, d per-head width, N = padded_length.
 """

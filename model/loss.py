@@ -18,7 +18,7 @@ distinct ids are few compared with R (small catalogues: ML-100K has 1,682 items 
 draws a step), the loss scores every position against every distinct id with one matmul and gathers
 the R sampled logits per row, which is far cheaper than gathering T * R vectors. The sampled ids, the
 logits and the loss are exactly those of the as-sampled layout (`dedup=False`, the official code's),
-which `tests/test_metrics_loss.py` checks forward and backward.
+which `tests/unit/test_metrics_loss.py` checks forward and backward.
 
 The de-duplicated per-position loss runs as one fused operator (`_PerPositionSoftmax`): it walks the
 positions in chunks small enough for the CPU's L2 cache, scores each chunk, and, since the gradient of a
@@ -149,7 +149,7 @@ class _PerPositionSoftmax(torch.autograd.Function):
     """The de-duplicated per-position loss, fused: mean over t of
     -log softmax([u_t . target_t, u_t . neg[index[t, r]] for r < R] / temperature)[0], with the
     negatives equal to the positive (`same`) masked. Same function and gradients as the unfused
-    formula above (tests/test_metrics_loss.py).
+    formula above (tests/unit/test_metrics_loss.py).
 
     Per chunk of positions, `dense` scores the chunk against every distinct id with one matmul and
     gathers R columns (small catalogues); otherwise it gathers the chunk's R vectors per position.

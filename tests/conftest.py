@@ -65,10 +65,20 @@ def ray_local():
 @pytest.fixture
 def deterministic():
     """Bit-reproducible CPU training for one test. With more than one thread an accumulating index_put_
-    (the backward of gathering the time-bucket weights, model/fast_ams.py) adds with float atomics in
+    (the backward of gathering the time-bucket weights, model/attention.py) adds with float atomics in
     thread order, so two identical runs differ in the last bits from the first steps on; deterministic
     mode makes it add serially."""
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     yield
     torch.use_deterministic_algorithms(before)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device: skipped, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marked gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -7,7 +7,7 @@
 
 Imports stay inside the handlers so `fuxi --help` does not load torch, Ray or MLflow. Training and data
 commands call the layers below (`pipeline.train`, `pipeline.data`); jobs call training only through this
-command line, and load checkpoints through `serving.loading` (tests/test_layout.py).
+command line, and load checkpoints through `serving.loading` (tests/unit/test_layout.py).
 
 Every error a command raises is one line on stderr, `fuxi: error: <message>`, and exit status 2; with
 FUXI_DEBUG=1 the traceback comes first. Ctrl-C is `fuxi: interrupted` and exit status 130.

@@ -56,7 +56,8 @@ class Batch(Pipelineable):
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
-        self.seq.record_stream(stream)
+        # Pipelineable takes a torch.Stream, KeyedJaggedTensor a torch.cuda.Stream: the same object on CUDA
+        self.seq.record_stream(stream)  # pyrefly: ignore[bad-argument-type]
         self.user_ids.record_stream(stream)
         if self.tags is not None:
             self.tags.record_stream(stream)

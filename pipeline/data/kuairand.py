@@ -116,7 +116,7 @@ def preprocess_kuairand(
         ColumnSpec("video_id", "id", 0),
         ColumnSpec("time_ms", "time"),
     )
-    wanted = {c: (c,) for c in REQUIRED}
+    wanted: dict[str, tuple[str, ...]] = {c: (c,) for c in REQUIRED}
     if positive != "all":
         if positive in REQUIRED:
             raise ValueError(f"positive={positive!r} is not a feedback column")

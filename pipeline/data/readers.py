@@ -63,7 +63,7 @@ _SEPARATORS = {"ml-dat": "::", "ml-tsv": "\t", "ml-csv": ","}
 # headerless MovieLens layouts: field order in the line
 _POSITIONAL = {"user_id": 0, "item_id": 1, "rating": 2, "timestamp": 3}
 # header names accepted for each output column (first name is the one error messages use)
-_CSV_NAMES = {
+_CSV_NAMES: dict[str, tuple[str, ...]] = {
     "user_id": ("userId", "user_id"),
     "item_id": ("movieId", "item_id", "itemId"),
     "timestamp": ("timestamp",),

@@ -31,11 +31,11 @@ import logging
 import math
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -237,7 +237,7 @@ def read_segment(spec: dict) -> pa.Table:
     return table.take(pa.array(rows[spec["start"] : spec["stop"]])).combine_chunks()
 
 
-def cut_batches(tables: Iterator[pa.Table], sizes: np.ndarray) -> Iterator[pa.Table]:
+def cut_batches(tables: Iterable[pa.Table], sizes: np.ndarray) -> Iterator[pa.Table]:
     """Re-cut an ordered stream of tables into consecutive batches of the given sizes."""
     buf, have, k = [], 0, 0
     for t in tables:
@@ -373,7 +373,7 @@ class ShardBatches:
             self._epoch, self._batch = (epoch + 1, 0) if k == self._steps else (epoch, k)
             yield collate_arrow(rows, self.max_sequence_length, self.drop_last_items)
 
-    def _read_ray(self, specs: list[dict]) -> Iterator[pa.Table]:
+    def _read_ray(self, specs: list[dict]) -> Iterable[pa.Table]:
         import ray.data
 
         if not specs:
@@ -386,7 +386,9 @@ class ShardBatches:
         if self.max_bytes_in_flight is not None:
             limits = ctx.execution_options.resource_limits
             ctx.execution_options.resource_limits = limits.copy(object_store_memory=self.max_bytes_in_flight)
-        return ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        # batch_format="pyarrow": every batch is a pa.Table (Ray types it as any DataBatch)
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        return cast("Iterable[pa.Table]", batches)
 
 
 def _read_batch(spec_rows: pa.Table) -> pa.Table:

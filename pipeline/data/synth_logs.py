@@ -191,6 +191,7 @@ def _day_table(cfg: LogConfig, st: _Static, day: int) -> _Day:
     n_new = day * k
     new_ids = cfg.num_items + 1 + np.arange(n_new, dtype=np.int64)
     base_theme = np.repeat(np.arange(cfg.num_themes, dtype=np.int64), st.theme_size)
+    assert st.new_theme is not None  # _static draws it whenever the catalogue grows
     theme = np.r_[base_theme, st.new_theme[:n_new]]
     order = np.argsort(theme, kind="stable")  # stable: initial items first, new items by introduction
     size = np.bincount(theme, minlength=cfg.num_themes).astype(np.int64)
@@ -257,7 +258,7 @@ def generate_slice(
     rank = np.minimum(np.exp(rng.random(base) * np.log1p(size)).astype(np.int64) - 1, size - 1)
     items = cat.item_perm[cat.theme_start[theme] + rank]
     etype = np.searchsorted(np.cumsum(EVENT_TYPE_P), rng.random(base), side="right").astype(np.int8)
-    if cat.recent is not None and cfg.new_item_share > 0:
+    if cat.recent is not None and cat.recent_cdf is not None and cfg.new_item_share > 0:
         # a separate stream, so the draws above are those of the frozen catalogue
         rng_new = np.random.default_rng(np.random.SeedSequence([cfg.seed, 3, day, part]))
         pick = np.flatnonzero(rng_new.random(base) < cfg.new_item_share)
@@ -287,6 +288,7 @@ def _id_array(dense: np.ndarray, table: np.ndarray | None, style: str, prefix: s
     """The written id column: the dense ids, their hashed int64 ids, or prefix + 16 hex digits of those."""
     if style == "dense":
         return pa.array(dense, mask=null)
+    assert table is not None  # the hash table exists for every style but "dense"
     ids = table[np.where(null, 0, dense) if null is not None else dense]
     if style == "hashed":
         return pa.array(ids, mask=null)

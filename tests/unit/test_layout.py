@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("model", "pipeline", "serving", "jobs")
 DISTRIBUTED = (
     "torch.distributed",

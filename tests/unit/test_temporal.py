@@ -1,11 +1,11 @@
 """Temporal evaluation (data.protocol=temporal): exact splits on hand-written events, the grouped metrics
-on a planted case, plain and sharded evaluation agreeing, and `fuxi train` end to end."""
+on a planted case, plain and sharded evaluation agreeing (`fuxi train` end to end:
+tests/integration/test_temporal_training.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import json
 import math
 
 import numpy as np
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.data.sequences import SequenceData, write_sequences
+from pipeline.data.sequences import SequenceData
 from pipeline.data.temporal import TAG_NEW_ITEM, TAG_NEW_USER, resolve_cut, temporal_split
 from pipeline.train.config import apply_overrides, tiny
 from pipeline.train.evaluate import evaluate
@@ -187,46 +187,3 @@ def test_evaluate_and_evaluate_sharded_agree():
     assert "users/ndcg_at_10" in plain and "new_users/mrr" in plain
     for key in plain:
         assert sharded[key] == pytest.approx(plain[key], abs=1e-9), key
-
-
-def test_fuxi_train_temporal_end_to_end(tmp_path, monkeypatch):
-    from jobs.cli import main
-    from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
-    from serving.loading import evaluate_checkpoint, load_checkpoint_model
-
-    monkeypatch.chdir(tmp_path)
-    data = synthetic_sequences(
-        SyntheticConfig(num_users=200, num_items=200, num_themes=10, mean_length=20, max_length=60)
-    )
-    # squeeze the synthetic year into 10 days: every day has events
-    times = data.table.column("timestamps").combine_chunks()
-    t = times.values.to_numpy()
-    start = C - 8 * D
-    squeezed = start + (t - t.min()) * (10 * D - 1) // (t.max() - t.min())
-    data.table = data.table.set_column(
-        2, "timestamps", pa.ListArray.from_arrays(times.offsets, pa.array(squeezed, pa.int64()))
-    )
-    path = write_sequences(data, tmp_path / "seq.parquet")
-
-    keys = ("num_targets", "users/ndcg_at_10", "new_items/num_targets", "new_users/num_targets")
-    common = ["train", "--preset", "tiny", "--no-tracking", "--data", str(path), "--epochs", "1"]
-    out = tmp_path / "report.json"
-    args = ["--set", "data.protocol=temporal", "--set", "data.cut=2024-01-05", "--report-json", str(out)]
-    assert main(common + args) == 0
-    report = json.loads(out.read_text())
-    assert report["protocol"] == "temporal" and "test_is_valid" not in report
-    assert all(k in report["test"] for k in keys)
-    assert all(f"valid/{k}" in report["history"][0] for k in keys)
-    assert report["skipped_users"]["valid"] >= 0
-
-    # the nightly job's call: valid is the window right after the cut
-    loaded = load_checkpoint_model(report["checkpoint"])
-    overrides = ["data.protocol=temporal", "data.cut=2024-01-05", "data.window_seconds=86400"]
-    metrics = evaluate_checkpoint(loaded, str(path), "valid", data_overrides=overrides)
-    assert metrics["num_targets"] == report["history"][0]["valid/num_targets"]
-
-    # the default cut (the newest day): no test window, the report's test is the valid window, flagged
-    assert main(common + ["--set", "data.protocol=temporal", "--report-json", str(out)]) == 0
-    report = json.loads(out.read_text())
-    assert report["test_is_valid"] is True
-    assert report["test"]["num_targets"] == report["history"][0]["valid/num_targets"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 AIRFLOW_PY = ROOT / ".venv-airflow" / "bin" / "python"
 DAG_FILE = ROOT / "jobs" / "dags" / "fuxi_nightly.py"
 STEPS = ["ingest", "update_sequences", "train", "evaluate", "register_promote"]

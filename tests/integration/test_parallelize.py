@@ -29,38 +29,16 @@ near-tie, so they may differ by at most one user's hit: atol = 1 / num_users.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers.distributed import run_recorded, torchrun
+
 GLOBAL_BATCH = 64
 KINDS = ("data_parallel", "row_wise", "table_wise", "column_wise")
-
-
-class RecordingLogger:
-    """Keeps every logged metric (the trainer logs train/loss each step with log_every_steps=1)."""
-
-    run_id = None
-
-    def __init__(self) -> None:
-        self.points: list[tuple[int, str, float]] = []
-
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_artifacts(self, path: Any, artifact_path: str | None = None) -> None: ...
-    def flush(self) -> None: ...
-    def close(self, status: str = "FINISHED") -> None: ...
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.points.extend((step, k, float(v)) for k, v in metrics.items())
-
-    def losses(self) -> list[float]:
-        return [v for _, k, v in self.points if k == "train/loss"]
 
 
 def parity_config(kind: str, world_size: int, run_dir: str, epochs: int = 2) -> Any:
@@ -148,23 +126,6 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     return probe.norms
 
 
-def run_recorded(cfg: Any) -> dict[str, Any]:
-    """run(cfg) with a recording logger: per-step losses, per-epoch metrics, final test metrics, plan."""
-    from pipeline.train.run import run
-
-    logger = RecordingLogger()
-    report = run(cfg, logger=logger)
-    return {
-        "losses": logger.losses(),
-        "history": report["history"],
-        "test": report["test"],
-        "sharding": report["sharding"],
-        "resumed_from": report["resumed_from"],
-        "steps": report["steps"],
-        "checkpoint": report["checkpoint"],
-    }
-
-
 def plain_test_metrics(cfg: Any, checkpoint: str) -> dict[str, float]:
     """The reported model, loaded into an unsharded model and scored by the one-process `evaluate`."""
     import dataclasses
@@ -177,27 +138,6 @@ def plain_test_metrics(cfg: Any, checkpoint: str) -> dict[str, float]:
     model = build_model(dataclasses.replace(cfg.model, num_items=data.num_items))
     load_model_weights(model, checkpoint)
     return evaluate(model, build_batches(cfg, data)["test"].epoch())
-
-
-def torchrun(nproc: int, args: list[str], tmp_path: Path, timeout: int = 240) -> subprocess.CompletedProcess:
-    """Launch this repository's tests/<file>.py as a torchrun worker (gloo, CPU, one thread per rank)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--rdzv_backend",
-        "c10d",
-        "--rdzv_endpoint",
-        "localhost:0",
-        *args,
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    (tmp_path / f"torchrun-{nproc}.log").write_text(proc.stdout + proc.stderr)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
-    return proc
 
 
 def assert_same_run(one: dict[str, Any], many: dict[str, Any], what: str) -> None:

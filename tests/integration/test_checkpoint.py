@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from pipeline.train.checkpoint import Checkpointer, resolve_checkpoint
-from tests.test_parallelize import run_recorded, torchrun
+from tests.helpers.distributed import run_recorded, torchrun
 
 GLOBAL_BATCH = 48  # divisible by 1, 2 and 3 ranks
 

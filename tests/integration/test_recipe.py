@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,8 @@ from pipeline.train.trainer import lr_multiplier
 # init makes stage 2 ~3x the residual it is added to), 6 epochs of 4 steps
 OFFICIAL_WIDTH = ["model.embedding_dim=50", "model.dqk=50", "model.dv=50", "epochs=6"]
 MARGIN = 0.08  # valid NDCG@10 over the untrained model; measured: zero init +0.118, official +0.048
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def train(overrides: list[str]) -> dict:
@@ -146,8 +150,13 @@ def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> Non
 
 def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
     """benchmarks/compare_models.py builds the docs/quality tables: a --set variant is its own row under
-    --label, and --combine of the written JSON files gives the same table without training."""
-    from benchmarks.compare_models import main as compare
+    --label, and --combine of the written JSON files gives the same table without training. Run as a
+    script, the way the docs run it."""
+
+    def compare(args: list[str]) -> None:
+        script = [sys.executable, "benchmarks/compare_models.py"]
+        proc = subprocess.run(script + args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
 
     path = tmp_path / "shape.parquet"
     write_sequences(synthetic_sequences(SyntheticConfig(num_users=40, num_items=60, mean_length=10)), path)

@@ -104,7 +104,8 @@ def test_full_build_and_append_give_the_exact_sequences(tmp_path):
     logs = tmp_path / "logs"
     write_day(logs, "2024-01-01", DAY1)
     write_day(logs, "2024-01-02", DAY2)
-    # identity ids: the sequences hold the log's item ids themselves (tests/test_vocab.py: the vocabulary)
+    # identity ids: the sequences hold the log's item ids themselves (the vocabulary:
+    # tests/integration/test_vocab.py)
     rules = IngestRules(identity_ids=True)
     cfg = BuildConfig(max_length=MAX_LEN, num_partitions=3, row_group_rows=2, rules=rules)
     full = build_sequences(logs, tmp_path / "full", cfg, progress=False)

@@ -1,4 +1,4 @@
-"""No Ray process outlives a stopped `fuxi data build-sequences` (pipeline/data/stream.ray_session)."""
+"""No Ray process outlives a stopped `fuxi data build-sequences` (ray_session in pipeline/data/stream.py)."""
 
 from __future__ import annotations
 

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.test_parallelize import run_recorded, torchrun
+from tests.helpers.distributed import run_recorded, torchrun
 
 GROWTH = 131  # rows added; moves the 2-rank row-wise boundary from ~N_old/2 to ~(N_old + 131)/2
 

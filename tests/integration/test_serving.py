@@ -29,7 +29,7 @@ import torch
 from serving import registry
 
 MODEL = "fuxi-serving-test"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 UNKNOWN = 10_000  # an item row far beyond the tiny model's table (201 rows)
 
 

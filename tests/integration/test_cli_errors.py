@@ -1,6 +1,6 @@
 """`fuxi` turns every error into one line on stderr and exit status 2 (the traceback only with
 FUXI_DEBUG=1), and Ctrl-C into one line and exit status 130. The commands run as real processes.
-(A truncated DCP shard given to `fuxi eval`: tests/test_safe_loading.py.)"""
+(A truncated DCP shard given to `fuxi eval`: tests/integration/test_safe_loading.py.)"""
 
 from __future__ import annotations
 

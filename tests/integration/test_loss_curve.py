@@ -4,7 +4,7 @@ A change that should not affect numerics (a refactor, a faster path claimed equa
 recorded curve exactly: same preset, seed, one process, one CPU thread (the thread count changes float
 reduction orders), fp32. A change meant to alter numerics regenerates the file, with one command:
 
-    FUXI_UPDATE_LOSS_CURVES=1 PYTHONPATH=$PWD python -m pytest -q tests/test_loss_curve.py
+    FUXI_UPDATE_LOSS_CURVES=1 PYTHONPATH=$PWD python -m pytest -q tests/integration/test_loss_curve.py
 
 and the commit says why the curve moved. The file also records the torch version and CPU it was made
 with: on that CPU the comparison is exact; on another CPU model (other SIMD kernels, other float summation
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-CURVE = Path(__file__).parent / "assets" / "losses" / "tiny_cpu.txt"
+CURVE = Path(__file__).resolve().parents[1] / "assets" / "losses" / "tiny_cpu.txt"
 EPOCHS = 3  # 4 steps an epoch (200 users, batches of 64): 12 steps
 UPDATE = os.environ.get("FUXI_UPDATE_LOSS_CURVES") == "1"
 
 
 def tiny_losses(run_dir: Path) -> list[float]:
     from pipeline.train.config import tiny
-    from tests.test_parallelize import run_recorded
+    from tests.helpers.distributed import run_recorded
 
     cfg = tiny()
     cfg.epochs = EPOCHS
@@ -56,9 +56,9 @@ def write_curve(path: Path, losses: list[float]) -> None:
             f"# Per-step training loss of the `tiny` preset (pipeline/train/config.py), {EPOCHS} epochs, "
             "seed 42, one"
         ),
-        "# process, one CPU thread, fp32; tests/test_loss_curve.py compares a fresh run to it exactly.",
+        "# process, one CPU thread, fp32; tests/integration/test_loss_curve.py compares a fresh run to it.",
         "# Regenerate after a change meant to alter numerics (and say why in the commit):",
-        "#   FUXI_UPDATE_LOSS_CURVES=1 PYTHONPATH=$PWD python -m pytest -q tests/test_loss_curve.py",
+        "#   make loss-curves",
         f"# recorded with torch {torch.__version__} on {platform.machine()} {cpu_model()}".rstrip(),
         "# step loss",
     ]
