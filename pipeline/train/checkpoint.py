@@ -266,8 +266,9 @@ class Checkpointer:
             if not storage.is_file(self._child(name)) and storage.exists(self._child(name)):
                 # a step-N folder of the layout before pointers, never named by `latest` once this commits
                 storage.delete(self._child(name), recursive=True)
-            self.commits.commit(name, gen, meta={"step": step})
-            # a text `latest` (layout before pointers) is no pointer to collect behind: replaced as it is
+            # while `latest` is a text file (layout before pointers), collection (which reads every
+            # pointer) waits: the commit below replaces it as it is
+            self.commits.commit(name, gen, meta={"step": step}, collect=not legacy_latest)
             self.commits.commit(LATEST, gen, meta={"step": step}, collect=not legacy_latest)
             self._prune()
             self._collect()
