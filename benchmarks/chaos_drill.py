@@ -104,8 +104,8 @@ def kill_a_rank(run_dir: Path, rng: random.Random, job: subprocess.Popen) -> tup
 
     def reached() -> int:
         try:
-            return int(latest.read_text().strip().split("-")[1])
-        except (OSError, IndexError, ValueError):  # not written yet, or being replaced
+            return int(json.loads(latest.read_text())["meta"]["step"])  # the pointer object (checkpoint.py)
+        except (OSError, KeyError, TypeError, ValueError):  # not written yet
             return 0
 
     while reached() < target:

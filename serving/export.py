@@ -23,13 +23,14 @@ export one program per length you serve (`--length`).
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+import storage
 
 TOLERANCE = 1e-5  # max |exported - eager| on a user vector's entries (unit vectors, fp32)
 # the largest dynamic batch: above ~1024/L rows of 25+ tokens the attention core takes another branch,
@@ -110,9 +111,10 @@ def export_encoder(
     out.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, out / "encoder.pt2")
     save_file({"items": loaded.item_vectors().contiguous()}, out / "item_vectors.safetensors")
-    has_vocab = (loaded.path / "vocab.parquet").exists()
+    vocab = storage.join(loaded.path, "vocab.parquet", field="checkpoint file")
+    has_vocab = storage.is_file(vocab)
     if has_vocab:
-        shutil.copy2(loaded.path / "vocab.parquet", out / "vocab.parquet")
+        storage.copy_file(vocab, str(out / "vocab.parquet"))
     manifest = {
         "checkpoint": str(loaded.path),
         "architecture": loaded.cfg.model.architecture,

@@ -42,7 +42,7 @@ __all__ = [
 class LoadedModel:
     model: Any  # model.recommender.SequentialRecommender, in eval mode
     cfg: TrainConfig  # the config the checkpoint was trained with (train.json)
-    path: Path  # the resolved checkpoint folder
+    path: str  # the resolved checkpoint: a folder, or a URI (pipeline/train/checkpoint.py)
     meta: dict[str, Any]  # the whole train.json
     vocab: Any = None  # pipeline.data.vocab.Vocabulary (rows <-> raw item ids), None: ids are rows
 
@@ -204,12 +204,20 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
     return LoadedModel(model.eval(), cfg, resolved, meta, checkpoint_vocabulary(resolved))
 
 
-def checkpoint_vocabulary(path: Path) -> Any:
-    """The vocabulary a checkpoint folder carries, or None (its item ids are rows)."""
+def checkpoint_vocabulary(path: str) -> Any:
+    """The vocabulary a checkpoint carries, or None (its item ids are rows); read from a local copy."""
+    import tempfile
+
+    import storage
     from pipeline.data.vocab import VOCAB_FILE, read_vocabulary
 
-    file = Path(path) / VOCAB_FILE
-    return read_vocabulary(file) if file.exists() else None
+    uri = storage.join(path, VOCAB_FILE, field="checkpoint file")
+    if not storage.is_file(uri):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = str(Path(tmp) / VOCAB_FILE)
+        storage.copy_file(uri, local)
+        return read_vocabulary(local)
 
 
 def evaluate_checkpoint(

@@ -38,7 +38,7 @@ COLUMNS = ["user_id", "item_ids", "timestamps"]
 
 @dataclass
 class ResolvedModel:
-    checkpoint: Path  # a local checkpoint folder
+    checkpoint: str | Path  # a checkpoint (URI) or a registered version's local copy
     version: str  # "NAME/3" for a registered version, else the checkpoint folder
 
 

@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+import storage
+
 MODEL_NAME = "fuxi-alpha"
 CHAMPION = "champion"
 SELECT_METRIC = "ndcg_at_10"  # the trainer's model-selection metric
@@ -71,7 +73,7 @@ def _signature(item_type: str = "long") -> Any:
     return signature(item_type)
 
 
-def _item_type(checkpoint: Path) -> str:
+def _item_type(checkpoint: str) -> str:
     """The MLflow type of the model's raw item ids: from the vocabulary it carries (ids are rows without)."""
     from serving.loading import checkpoint_vocabulary
 
@@ -92,7 +94,7 @@ def _requirements() -> list[str]:
 # register / evaluate / promote
 
 
-def run_checkpoint(client: Any, run_id: str) -> Path:
+def run_checkpoint(client: Any, run_id: str) -> str:
     """The latest complete checkpoint a training run wrote (its run_dir, else the default layout)."""
     from serving.loading import resolve_checkpoint
 
@@ -122,7 +124,7 @@ def register(
     run = client.get_run(run_id)
     mlflow.set_tracking_uri(client.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / ckpt.name
+        staged = Path(tmp) / storage.name_of(ckpt)
         shutil.copytree(ckpt, staged)
         if index:
             from serving.item_index import index_checkpoint

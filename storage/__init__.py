@@ -24,7 +24,7 @@ from storage.fs import (
     walk,
     write_bytes,
 )
-from storage.uri import display, is_local, join, name_of, parse
+from storage.uri import display, is_local, join, name_of, parent, parse
 
 __all__ = [
     "CURRENT",
@@ -45,6 +45,7 @@ __all__ = [
     "name_of",
     "open_input",
     "open_output",
+    "parent",
     "parse",
     "read_bytes",
     "resolve",

@@ -301,6 +301,23 @@ class CommitRoot:
                 fs.delete(previous.uri, recursive=True)
         return Pointer(name, gen_name, gen_uri, version, dict(meta or {}))
 
+    def retire(self, name: str) -> Pointer | None:
+        """Delete the pointer `name`, then the generation it named once no other pointer names it (a
+        writer killed in between leaves an unnamed generation: `collect` removes it). Returns the pointer
+        retired, or None when there was none."""
+        pointer = self.read(name)
+        if pointer is None:
+            return None
+        uri = self._pointer_uri(name)
+        fs.delete(uri)
+        if parse(uri).scheme == LOCAL:  # its lock file goes with it (one writer per root: nobody waits on it)
+            path = parse(uri).path
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.lock"))
+        if pointer.generation not in {p.generation for p in self.pointers().values()}:
+            fs.delete(pointer.uri, recursive=True)
+        return pointer
+
     def generations(self) -> list[str]:
         """Names of the generations under the root, oldest first."""
         return [n for n in fs.listdir(self.uri) if _GENERATION.match(n)]

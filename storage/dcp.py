@@ -13,12 +13,16 @@ from typing import Any
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 from storage.fs import fsspec_target, require_bucket
+from storage.uri import is_local
 
 
 def writer(uri: str | os.PathLike[str], **kwargs: Any) -> FsspecWriter:
     """A DCP StorageWriter for `uri` (kwargs: FsspecWriter's own, e.g. thread_count). The bucket must
-    exist: the writer's makedirs would otherwise create it."""
+    exist: the writer's makedirs would otherwise create it. Files are fsynced on local disk only: an
+    object-store stream has no file descriptor, and DCP would fall back to `os.sync()` of the whole
+    machine for each file (an upload is durable once it completes)."""
     require_bucket(uri)
+    kwargs.setdefault("sync_files", is_local(uri))
     url, options = fsspec_target(uri)
     return FsspecWriter(url, **kwargs, **options)
 

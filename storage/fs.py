@@ -175,11 +175,18 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
+    """One small object, whole or not at all: a single PUT on an object store; on local disk a temporary
+    file beside it (a dotfile) renamed over it, so a killed writer never leaves it torn."""
     fs, path = resolve(uri)
 
     def write() -> None:
         if isinstance(fs, pafs.LocalFileSystem):
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            return
         with fs.open_output_stream(path) as f:
             f.write(data)
 

@@ -117,3 +117,16 @@ def join(uri: str | os.PathLike[str], *names: str, field: str = "name") -> str:
 def name_of(uri: str | os.PathLike[str]) -> str:
     """The last segment of a URI (`s3://b/runs/x` -> `x`)."""
     return parse(uri).path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent(uri: str | os.PathLike[str]) -> str:
+    """The folder or prefix holding a URI (`s3://b/runs/x` -> `s3://b/runs`); a plain path stays plain.
+    `join(parent(u), name_of(u))` names `u` again."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return os.path.dirname(os.path.abspath(uri))
+    p = parse(uri)
+    if p.scheme == LOCAL:
+        return f"file://{os.path.dirname(p.path)}"
+    head = p.path.rstrip("/").rpartition("/")[0]
+    return f"{p.scheme}://{p.netloc}/{head}".rstrip("/")

@@ -1,27 +1,37 @@
 """Checkpoints with torch.distributed.checkpoint (DCP): one checkpoint holds everything that moves.
 
-Layout under `root` (a folder every rank can reach: a shared filesystem on several nodes):
-    step-000120/            a complete training checkpoint: .metadata + one .distcp file per rank
-    step-000120/train.json  run config, world size and the trainer state (loop position, best metric, history,
-                            data stream position), written by rank 0 before the commit
-    latest                  a text file naming the newest complete training checkpoint (what --resume loads)
-    best -> best.<id>/      model only: the best validation weights so far (validated protocol)
-    final -> final.<id>/    the model the run reports (selected weights) + train.json with the report
-Every write is atomic: DCP writes into `<name>.tmp`; once all ranks have finished, rank 0 renames it, and
-only then replaces `latest` (itself via rename). A job killed mid-write leaves a `.tmp` folder that is
-never loaded; `latest` keeps naming the previous complete checkpoint. `best` and `final` are symbolic
-links swapped in one rename onto a new `<name>.<id>` folder, so they always name a complete model (the
-old folder is removed after the swap). Only the newest `keep` step checkpoints stay on disk.
+`root` is a URI (storage/uri.py): a plain path (the default, a folder every rank can reach: a shared
+filesystem on several nodes) or an object-store prefix (`s3://bucket/runs/x/checkpoints`). Each save is
+a generation of a storage.CommitRoot, published by a pointer written last (docs/STORAGE.md):
+    gen-<time>-<id>/            one save: .metadata + one .distcp file per rank (DCP through its fsspec
+                                writer), train.json (run config, world size, the trainer state: loop
+                                position, best metric, history, data stream position) and the `files`
+    step-000120                 pointer: the training checkpoint of step 120
+    latest                      pointer: the newest training checkpoint (what --resume loads)
+    best                        pointer: model only, the best validation weights so far
+    final                       pointer: the model the run reports (selected weights) + train.json with
+                                the report
+A save writes its whole generation (all ranks: DCP; rank 0: train.json and the files), then rank 0
+commits the pointers (`step-N`, then `latest`). A job killed at any point before that leaves the pointers
+naming the previous generations, on S3 exactly as on disk; the unnamed generation it left is never loaded
+and `collect` removes it later. Replacing `best` / `final` deletes the generation it named; only the
+newest `keep` step checkpoints keep their pointer and generation.
 
 Model weights are TorchRec ShardedTensors (the item table) and FSDP2 DTensors (the dense part); DCP
 stores them with their global shapes, so a checkpoint loads into any world size or sharding type.
 
 Loading runs no code from the checkpoint (infra/README.md, "Trust model"): stock DCP unpickles `.metadata`
 with `pickle.load` and every non-tensor entry with `torch.load(weights_only=False)`. Every load here goes
-through `load_state` instead: `.metadata` is read by an unpickler that resolves only DCP's own metadata
-classes (anything else is refused before it is constructed), its storage entries must name `.distcp` files
-inside the checkpoint folder, and non-tensor entries are read with `torch.load(weights_only=True)` (plain
-data only). The trainer's state is JSON in train.json; `latest` may name only a `step-N` folder beside it.
+through `load_state` instead: `.metadata` is read through the storage layer by an unpickler that resolves
+only DCP's own metadata classes (anything else is refused before it is constructed), its storage entries
+must name `.distcp` files directly in the checkpoint's own folder or prefix, and non-tensor entries are read
+with `torch.load(weights_only=True)` (plain data only). The trainer's state is JSON in train.json; a pointer
+may name only a `gen-<time>-<id>` generation of its own root.
+
+Roots written before pointers (`latest` a text file naming a `step-N` folder beside it; `best` / `final`
+symbolic links onto `best.<id>` / `final.<id>` folders) still load, and a run resumed on one goes on in
+this layout: the first commit replaces the text file or link, and the old folders are pruned or removed
+the same way.
 """
 
 from __future__ import annotations
@@ -32,25 +42,31 @@ import json
 import os
 import pickle
 import re
-import shutil
 import uuid
-from pathlib import Path
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 
+import storage
 from pipeline.train.distributed import broadcast_object
+from storage import CommitRoot, ConfinementError, Pointer, StorageError, display
+from storage import dcp as storage_dcp
+from storage.errors import NOT_FOUND
+from storage.fs import fsspec_target
 
 LATEST = "latest"
 FINAL = "final"
 BEST = "best"
+TRAIN_JSON = "train.json"
 _STEP = re.compile(r"^step-(\d+)$")
 
 
@@ -63,8 +79,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def is_complete(path: Path) -> bool:
-    return (path / ".metadata").exists()
+def _step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    """A DCP checkpoint folder or prefix whose `.metadata` (DCP's last write) is there."""
+    return storage.is_file(storage.join(os.fspath(path), ".metadata", field="checkpoint"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -79,8 +100,9 @@ class UnreadableCheckpointError(ValueError):
     """A checkpoint's shards cannot be read (truncated, corrupted)."""
 
 
-# What DCP's FileSystemWriter pickles into .metadata (torch 2.13): its metadata dataclasses, the storage
-# index, torch.Size / dtypes / layouts, and the checkpoint id as a path. Nothing here runs code when built.
+# What DCP's writers pickle into .metadata (torch 2.13): its metadata dataclasses, the storage index,
+# torch.Size / dtypes / layouts, and the checkpoint id (a path from FileSystemWriter, a string from
+# FsspecWriter). Nothing here runs code when built.
 _METADATA_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name)
     for name in (
@@ -121,13 +143,19 @@ class _MetadataUnpickler(pickle.Unpickler):
         )
 
 
-def read_dcp_metadata(path: str | Path) -> Metadata:
-    """A checkpoint's `.metadata`, read without running code and checked: every storage entry is a
-    `.distcp` file inside the checkpoint folder."""
-    source = Path(path) / ".metadata"
+def read_dcp_metadata(path: str | os.PathLike[str]) -> Metadata:
+    """A checkpoint's `.metadata`, read through the storage layer without running code and checked: every
+    storage entry is a `.distcp` file directly in the checkpoint's folder or prefix."""
+    uri = storage.join(os.fspath(path), ".metadata", field="checkpoint")
+    source = display(uri)
     try:
-        with open(source, "rb") as f:
-            metadata = _MetadataUnpickler(f, str(source)).load()
+        data = storage.read_bytes(uri)
+    except StorageError as e:
+        if e.cause == NOT_FOUND:
+            raise FileNotFoundError(f"{source}: no DCP metadata (not a complete checkpoint)") from None
+        raise
+    try:
+        metadata = _MetadataUnpickler(io.BytesIO(data), source).load()
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # truncated or not a pickle at all
@@ -136,16 +164,23 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
         raise UnsafeCheckpointError(f"{source}: holds a {type(metadata).__name__}, not DCP Metadata")
     for info in (metadata.storage_data or {}).values():
         rel = str(getattr(info, "relative_path", ""))
-        if not rel.endswith(".distcp") or os.path.basename(rel) != rel or rel.startswith("."):
+        if not rel.endswith(".distcp") or "/" in rel or "\\" in rel or rel.startswith("."):
             raise UnsafeCheckpointError(
                 f"{source}: storage entry {rel!r} is not a .distcp file in the folder"
             )
     return metadata
 
 
-class _SafeReader(dcp.FileSystemReader):
+class _SafeReader(FsspecReader):
+    """DCP's fsspec reader (any URI the storage layer opens) with `.metadata` read by read_dcp_metadata."""
+
+    def __init__(self, uri: str) -> None:
+        url, options = fsspec_target(uri)
+        super().__init__(url, **options)
+        self.uri = uri
+
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        metadata = read_dcp_metadata(str(self.path))
+        metadata = read_dcp_metadata(self.uri)
         storage_meta = metadata.storage_meta or StorageMeta()
         storage_meta.load_id = self.load_id
         metadata.storage_meta = storage_meta
@@ -175,13 +210,13 @@ class _SafePlanner(DefaultLoadPlanner):
             self.state_dict[fqn] = obj
 
 
-def load_state(state: dict[str, Any], path: str | Path) -> None:
+def load_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
     """`dcp.load(state, path)` that runs no code from the checkpoint (module docstring): a refused
     checkpoint raises UnsafeCheckpointError on every rank, with one line naming the file and entry."""
-    path = str(path)
-    read_dcp_metadata(path)  # every rank: a refused .metadata fails here, before any collective
+    uri = os.fspath(path)
+    read_dcp_metadata(uri)  # every rank: a refused .metadata fails here, before any collective
     try:
-        dcp.load(state, storage_reader=_SafeReader(path), planner=_SafePlanner(path))
+        dcp.load(state, storage_reader=_SafeReader(uri), planner=_SafePlanner(display(uri)))
     except CheckpointException as e:
         failures = [exc for exc, _ in e.failures.values()]
         for exc in failures:
@@ -189,132 +224,213 @@ def load_state(state: dict[str, Any], path: str | Path) -> None:
                 raise UnsafeCheckpointError(str(exc)) from None
         # a shard that cannot be read (truncated, corrupted): DCP's message embeds every rank's traceback
         reason = " ".join(str(failures[0]).split()) if failures else str(e)
-        raise UnreadableCheckpointError(f"{path}: cannot read the checkpoint ({reason})") from e
+        raise UnreadableCheckpointError(f"{display(uri)}: cannot read the checkpoint ({reason})") from e
+
+
+# ---------------------------------------------------------------------------------------------------
+# writing: generations and pointers
 
 
 class Checkpointer:
-    """`files`: name -> source file copied into every checkpoint folder before its commit (e.g. the item
-    vocabulary that maps the table's rows to raw ids, so a checkpoint is self-contained). `keep`: step
-    checkpoints kept (the newest; 0 keeps all)."""
+    """Checkpoints under a root URI (module docstring). `files`: name -> source file (a URI) copied into
+    every checkpoint before its commit (e.g. the item vocabulary that maps the table's rows to raw ids, so
+    a checkpoint is self-contained). `keep`: step checkpoints kept (the newest; 0 keeps all)."""
 
-    def __init__(self, root: str | Path, files: dict[str, Path] | None = None, keep: int = 0) -> None:
-        self.root = Path(root)
-        self.files = {name: Path(src) for name, src in (files or {}).items()}
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        files: dict[str, str | os.PathLike[str]] | None = None,
+        keep: int = 0,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.commits = CommitRoot(self.root)
+        self.files = {name: os.fspath(src) for name, src in (files or {}).items()}
         self.keep = keep
 
-    def _write(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None, folder: str = "") -> Path:
-        """All ranks: DCP into name.tmp, then rank 0 writes train.json and renames it to `folder` (default
-        `name`): the commit."""
-        final = self.root / (folder or name)
-        tmp = self.root / f"{name}.tmp"
-        if _rank() == 0:
-            if tmp.exists():
-                shutil.rmtree(tmp)  # a write cut off earlier
-            tmp.mkdir(parents=True)
-        _barrier()
-        dcp.save(state, checkpoint_id=str(tmp))
+    def _child(self, name: str) -> str:
+        return storage.join(self.root, name, field="checkpoint name")
+
+    def _write(self, state: dict[str, Any], meta: dict[str, Any] | None) -> str:
+        """All ranks: DCP into a fresh generation; then rank 0 adds train.json and the files. Returns the
+        generation's URI (nothing names it yet)."""
+        gen = str(broadcast_object(self.commits.new_generation() if _rank() == 0 else ""))
+        dcp.save(state, storage_writer=storage_dcp.writer(gen))
         _barrier()
         if _rank() == 0:
-            (tmp / "train.json").write_text(json.dumps(meta or {}, indent=1, default=str))
+            data = json.dumps(meta or {}, indent=1, default=str).encode()
+            storage.write_bytes(storage.join(gen, TRAIN_JSON), data)
             for name, src in self.files.items():
-                shutil.copyfile(src, tmp / name)
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-        return final
+                storage.copy_file(src, storage.join(gen, name, field="checkpoint file"))
+        return gen
 
-    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        """A training checkpoint; `latest` names it once it is complete. Older ones beyond `keep` are removed
-        after that."""
-        final = self._write(f"step-{step:06d}", state, meta)
+    def save(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+        """A training checkpoint: its generation, then the `step-N` pointer, then `latest` (the commit).
+        Older ones beyond `keep` are removed after that. Returns the generation's URI."""
+        gen = self._write(state, meta)
         if _rank() == 0:
-            pointer = self.root / (LATEST + ".tmp")
-            pointer.write_text(final.name)
-            pointer.replace(self.root / LATEST)
-            self._prune(final)
+            name = _step_name(step)
+            legacy_latest = self._legacy_latest() is not None
+            if not storage.is_file(self._child(name)) and storage.exists(self._child(name)):
+                # a step-N folder of the layout before pointers, never named by `latest` once this commits
+                storage.delete(self._child(name), recursive=True)
+            # while `latest` is a text file (layout before pointers), collection (which reads every
+            # pointer) waits: the commit below replaces it as it is
+            self.commits.commit(name, gen, meta={"step": step}, collect=not legacy_latest)
+            self.commits.commit(LATEST, gen, meta={"step": step}, collect=not legacy_latest)
+            self._prune()
+            self._collect()
         _barrier()
-        return final
+        return gen
 
-    def _prune(self, newest: Path) -> None:
+    def _steps(self) -> list[tuple[int, str, bool]]:
+        """(step, name, is a pointer) of every step checkpoint in the root, oldest first; `is a pointer`
+        False: a step-N folder of the layout before pointers."""
+        found = []
+        for name in storage.listdir(self.root):
+            if m := _STEP.match(name):
+                found.append((int(m.group(1)), name, storage.is_file(self._child(name))))
+        return sorted(found)
+
+    def _prune(self) -> None:
         if self.keep <= 0:
             return
-        steps = sorted(
-            (int(m.group(1)), p)
-            for p in self.root.glob("step-*")
-            if (m := _STEP.match(p.name)) and p.is_dir()
-        )
-        for _, path in steps[: -self.keep]:
-            if path != newest:
-                shutil.rmtree(path, ignore_errors=True)
+        for _, name, is_pointer in self._steps()[: -self.keep]:
+            if is_pointer:
+                self.commits.retire(name)  # its generation goes unless `latest` (or another) names it
+            else:
+                storage.delete(self._child(name), recursive=True)
 
-    def save_named(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None = None) -> Path:
-        """`best` or `final`: a new `<name>.<id>` folder, then the `name` link swapped onto it in one rename
-        (readers see the old model or the new one, never none); never named by `latest`."""
-        folder = f"{name}.{uuid.uuid4().hex[:8]}" if _rank() == 0 else ""
-        folder = str(broadcast_object(folder))
-        self._write(name, state, meta, folder)
-        link = self.root / name
+    def _collect(self) -> None:
+        """Generations left by killed writers (older than the protocol's grace period)."""
+        try:
+            self.commits.collect()
+        except StorageError as e:
+            warnings.warn(f"{e}: generations left by killed writers were not collected", stacklevel=2)
+
+    def save_named(self, name: str, state: dict[str, Any], meta: dict[str, Any] | None = None) -> str:
+        """`best` or `final`: a new generation, then the pointer `name` (readers see the old model or the
+        new one, never none); the generation it named before is deleted. Returns the new generation."""
+        gen = self._write(state, meta)
         if _rank() == 0:
-            tmp_link = self.root / f"{name}.link.tmp"
-            tmp_link.unlink(missing_ok=True)
-            tmp_link.symlink_to(folder)
-            if link.exists() and not link.is_symlink():  # a plain folder from an older layout
-                link.rename(self.root / f"{name}.{uuid.uuid4().hex[:8]}")
-            tmp_link.replace(link)
-            # the folder the link named before, and any left by a job killed between swap and cleanup
-            for stale in self.root.glob(f"{name}.*"):
-                if stale.name not in (folder, f"{name}.tmp") and stale.is_dir() and not stale.is_symlink():
-                    shutil.rmtree(stale, ignore_errors=True)
+            self._retire_legacy_folder(name)
+            self.commits.commit(name, gen)
+            self._remove_legacy_named(name)
+            self._collect()
         _barrier()
-        return link
+        return gen
 
-    def latest(self) -> Path | None:
+    def _read(self, name: str) -> Pointer | None:
+        """The pointer `name`; one that names anything but a generation of this root is refused."""
+        try:
+            return self.commits.read(name)
+        except ConfinementError as e:
+            raise UnsafeCheckpointError(str(e)) from None
+        except StorageError as e:
+            if e.cause.startswith("not a pointer object"):
+                raise UnsafeCheckpointError(str(e)) from None
+            raise
+
+    def latest(self) -> str | None:
         """The newest complete training checkpoint: the one `latest` names, else the highest complete
-        step-* folder (a `.tmp` folder is never a candidate)."""
-        pointer = self.root / LATEST
-        if pointer.exists():
-            name = pointer.read_text().strip()
-            if not _STEP.match(name):  # a plain step-N name beside `latest`: no paths, absolute or relative
-                raise UnsafeCheckpointError(
-                    f"{pointer}: names {name[:200]!r}; `latest` may only name a step-N checkpoint in its root"
-                )
-            path = self.root / name
-            if is_complete(path):
-                return path
-        steps = sorted(
-            (int(m.group(1)), p)
-            for p in self.root.glob("step-*")
-            if (m := _STEP.match(p.name)) and is_complete(p)
-        )
-        return steps[-1][1] if steps else None
+        step checkpoint (an unnamed generation is never a candidate)."""
+        found = self._latest()
+        return found[1] if found else None
 
-    def named(self, name: str) -> Path | None:
-        path = self.root / name
-        return path if is_complete(path) else None
+    def _latest(self) -> tuple[str, str] | None:
+        """(step name, URI) of what `latest` returns."""
+        legacy = self._legacy_latest()
+        if legacy is not None:
+            if is_complete(self._child(legacy)):
+                return legacy, self._child(legacy)
+        elif (pointer := self._read(LATEST)) is not None and is_complete(pointer.uri):
+            step = pointer.meta.get("step")
+            return (_step_name(step) if isinstance(step, int) else pointer.generation), pointer.uri
+        for _, name, is_pointer in reversed(self._steps()):
+            step_pointer = self._read(name) if is_pointer else None
+            uri = step_pointer.uri if step_pointer is not None else self._child(name)
+            if is_complete(uri):
+                return name, uri
+        return None
 
-    def load(self, state: dict[str, Any], path: str | Path | None = None) -> dict[str, Any]:
+    def named(self, name: str) -> str | None:
+        """The complete checkpoint the pointer `name` (best, final, step-N) names, or None."""
+        pointer = self._read(name)
+        if pointer is not None:
+            return pointer.uri if is_complete(pointer.uri) else None
+        try:  # a link onto `name.<id>/` or a plain folder (layouts before pointers)
+            legacy = self._child(name)
+        except ConfinementError as e:  # a link that leads out of the root
+            raise UnsafeCheckpointError(str(e)) from None
+        return legacy if is_complete(legacy) else None
+
+    def load(self, state: dict[str, Any], path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
         """Load into `state` in place (DCP reshards to this world size); returns its train.json."""
-        path = Path(path) if path is not None else self.latest()
-        if path is None:
-            raise FileNotFoundError(f"no complete checkpoint under {self.root}")
-        load_state(state, path)
-        return read_meta(path)
+        uri = os.fspath(path) if path is not None else self.latest()
+        if uri is None:
+            raise FileNotFoundError(f"no complete checkpoint under {display(self.root)}")
+        load_state(state, uri)
+        return read_meta(uri)
+
+    # -- the layout before pointers (read-compat; local disk) ------------------------------------------
+
+    def _legacy_latest(self) -> str | None:
+        """The step-N name a text `latest` holds (the layout before pointers), or None when `latest` is a
+        pointer object or absent. A text `latest` may name only a step-N checkpoint beside it."""
+        uri = self._child(LATEST)
+        if not storage.is_file(uri):
+            return None
+        data = storage.read_bytes(uri)
+        if data.lstrip().startswith(b"{"):
+            return None
+        name = data.decode(errors="replace").strip()
+        if not _STEP.match(name):  # a plain step-N name beside `latest`: no paths, absolute or relative
+            raise UnsafeCheckpointError(
+                f"{display(uri)}: names {name[:200]!r}; `latest` may only name a step-N checkpoint in "
+                "its root"
+            )
+        return name
+
+    def _retire_legacy_folder(self, name: str) -> None:
+        """A plain `best` / `final` folder (before links): moved aside to `name.<id>` so the pointer can
+        take its name (links are replaced by the pointer's own atomic write)."""
+        uri = self._child(name)
+        if not storage.is_local(uri):
+            return
+        path = storage.parse(uri).path
+        if os.path.isdir(path) and not os.path.islink(path):
+            os.rename(path, storage.parse(self._child(f"{name}.{uuid.uuid4().hex[:8]}")).path)
+
+    def _remove_legacy_named(self, name: str) -> None:
+        """The `name.<id>` folders the link used to name, and what a write of that layout cut off left."""
+        legacy = re.compile(rf"^{re.escape(name)}\.([0-9a-f]{{8}}|tmp|link\.tmp)$")
+        for entry in storage.listdir(self.root):
+            if legacy.match(entry):
+                storage.delete(self._child(entry), recursive=True)
 
 
-def read_meta(path: str | Path) -> dict[str, Any]:
-    meta = Path(path) / "train.json"
-    return json.loads(meta.read_text()) if meta.exists() else {}
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A checkpoint's train.json ({} when it has none)."""
+    uri = storage.join(os.fspath(path), TRAIN_JSON, field="checkpoint")
+    return json.loads(storage.read_bytes(uri)) if storage.is_file(uri) else {}
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder; or a root: its `final` model when the run finished, else its latest."""
-    path = Path(path)
-    if is_complete(path):
-        return path
-    ckpt = Checkpointer(path)
+def resolve_checkpoint(path: str | os.PathLike[str]) -> str:
+    """A checkpoint folder; a pointer (`<root>/final`, `<root>/step-000120`): the checkpoint it names; or a
+    root: its `final` model when the run finished, else its latest. Returns a URI."""
+    uri = os.fspath(path)
+    if is_complete(uri):
+        return uri
+    if storage.is_file(uri):  # a pointer object
+        found = Checkpointer(storage.parent(uri)).named(storage.name_of(uri))
+        if found is None:
+            raise FileNotFoundError(f"{display(uri)}: the checkpoint this pointer names is not complete")
+        return found
+    ckpt = Checkpointer(uri)
     found = ckpt.named(FINAL) or ckpt.latest()
     if found is None:
-        raise FileNotFoundError(f"{path} is neither a checkpoint nor a folder with a complete checkpoint")
+        raise FileNotFoundError(
+            f"{display(uri)} is neither a checkpoint nor a folder with a complete checkpoint"
+        )
     return found
 
 
@@ -325,8 +441,8 @@ def _json_ready(state: dict[str, Any]) -> dict[str, Any]:
 
 
 class RunCheckpoints:
-    """A training run's checkpoints on disk; implements the Trainer's `Checkpoints` protocol (every rank
-    calls every method).
+    """A training run's checkpoints under a root URI; implements the Trainer's `Checkpoints` protocol
+    (every rank calls every method).
 
     A training checkpoint holds {"model": dmp.state_dict() (ShardedTensor table + DTensor dense), "optim":
     the CombinedOptimizer's state (fused table state + AdamW)} in DCP, and the trainer's state (step,
@@ -337,12 +453,12 @@ class RunCheckpoints:
 
     def __init__(
         self,
-        root: Path,
+        root: str | os.PathLike[str],
         dmp: Any,
         optimizer: Any,
         init_optimizer_state: Any,
         meta: dict[str, Any] | None = None,
-        files: dict[str, Path] | None = None,
+        files: dict[str, str | os.PathLike[str]] | None = None,
         keep: int = 0,
     ) -> None:
         self.store = Checkpointer(root, files, keep)
@@ -357,36 +473,38 @@ class RunCheckpoints:
     def _meta(self, trainer_state: dict[str, Any], **extra: Any) -> dict[str, Any]:
         return {**self.meta, "trainer": _json_ready(trainer_state), **extra}
 
-    def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
+    def save(self, step: int, trainer_state: dict[str, Any]) -> str:
         """A training checkpoint at `step`; `latest` names it once it is complete."""
         return self.store.save(step, self._state(), self._meta(trainer_state))
 
     def resume(self) -> tuple[str, dict[str, Any]] | None:
-        """Load the latest complete training checkpoint, if any, into model and optimizer; returns its
-        path and the trainer state it holds."""
-        path = self.store.latest()
-        if path is None:
+        """Load the latest complete training checkpoint, if any, into model and optimizer; returns where
+        it came from (`<root>/step-N`, a name resolve_checkpoint takes) and the trainer state it holds."""
+        found = self.store._latest()
+        if found is None:
             return None
+        name, uri = found
         self.init_optimizer_state()
         state = self._state()
-        load_state(state, path)
+        load_state(state, uri)
         self.dmp.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optim"])
-        return str(path), read_meta(path)["trainer"]
+        return self.store._child(name), read_meta(uri)["trainer"]
 
     def save_best(self) -> None:
         self.store.save_named(BEST, {"model": self.dmp.state_dict()})
 
     def load_best(self) -> None:
-        path = self.store.named(BEST)
-        if path is None:
-            raise FileNotFoundError(f"no complete '{BEST}' checkpoint under {self.store.root}")
+        uri = self.store.named(BEST)
+        if uri is None:
+            raise FileNotFoundError(f"no complete '{BEST}' checkpoint under {display(self.store.root)}")
         state = {"model": self.dmp.state_dict()}
-        load_state(state, path)
+        load_state(state, uri)
         self.dmp.load_state_dict(state["model"])
 
-    def save_final(self, trainer_state: dict[str, Any], report: dict[str, Any]) -> Path:
-        """The model the run reports (the selected weights), for `fuxi eval`, warm starts and the registry."""
+    def save_final(self, trainer_state: dict[str, Any], report: dict[str, Any]) -> str:
+        """The model the run reports (the selected weights), for `fuxi eval`, warm starts and the registry.
+        Returns its generation's URI."""
         return self.store.save_named(
             FINAL, {"model": self.dmp.state_dict()}, self._meta(trainer_state, report=report)
         )

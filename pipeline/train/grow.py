@@ -124,7 +124,7 @@ def _shape(value: Any) -> tuple[int, ...]:
 
 
 def load_targets(
-    state: dict[str, Any], saved: dict[str, tuple[int, ...] | None], new_rows: int, path: Path
+    state: dict[str, Any], saved: dict[str, tuple[int, ...] | None], new_rows: int, path: str
 ) -> dict[str, Any]:
     """The flat dict handed to dcp.load: the state's own tensors, or views of their first N_old rows for
     the table's tensors. Raises the one-line errors (missing entry, shrinking table, other shape)."""
@@ -159,11 +159,11 @@ def warm_start(
     checkpoint: str | Path,
     optimizer: Any | None = None,
     init_optimizer_state: Callable[[], None] | None = None,
-) -> Path:
+) -> str:
     """Load a checkpoint's model (and, with `optimizer`, its optimizer state) into `model`, growing the
     item table; `model` is a plain model in one process, or the DMP of a sharded one (every rank calls
     it). `init_optimizer_state` creates lazy optimizer state first (ParallelModel.init_optimizer_state).
-    Returns the resolved checkpoint folder."""
+    Returns the resolved checkpoint's URI."""
     path = resolve_checkpoint(checkpoint)
     saved = saved_shapes(path)
     state: dict[str, Any] = {"model": model.state_dict()}

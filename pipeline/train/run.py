@@ -11,12 +11,14 @@ import dataclasses
 import json
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+import storage
 from model.loss import NegativeSampler
 from pipeline.data.batches import SequenceBatches, temporal_batches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
@@ -58,17 +60,21 @@ def git_commit() -> str:
 
 
 RUN_RECORD = "mlflow_run.json"  # in the run directory: the MLflow run every attempt of the job logs to
+CHECKPOINTS = "checkpoints"  # in the run directory: the Checkpointer's root
 
 
-def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: Path | None = None) -> MetricLogger:
+def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: str | None = None) -> MetricLogger:
     """Rank 0's MLflow run. With a run directory, one run per job: a resumed attempt that finds a
     checkpoint continues the run its record names (the curve goes on where the checkpoint left it); an
     attempt that finds none marks the earlier run KILLED and starts a new one."""
     if not cfg.tracking.enabled:
         return NullLogger()
-    record = run_dir / RUN_RECORD if run_dir is not None else None
-    previous = json.loads(record.read_text()) if record is not None and record.exists() else None
-    resumable = cfg.resume and run_dir is not None and Checkpointer(run_dir / "checkpoints").latest()
+    record = storage.join(run_dir, RUN_RECORD) if run_dir is not None else None
+    found = record is not None and storage.is_file(record)
+    previous = json.loads(storage.read_bytes(record)) if record is not None and found else None
+    resumable = (
+        cfg.resume and run_dir is not None and Checkpointer(storage.join(run_dir, CHECKPOINTS)).latest()
+    )
     continued = None
     if previous is not None:
         if resumable:
@@ -90,11 +96,8 @@ def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: Path | None = Non
     logger.set_tags(
         {"fuxi.attempt": str(attempt), "fuxi.restarts": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}
     )
-    if record is not None:
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_id": logger.run_id, "attempt": attempt}))
-        tmp.replace(record)
+    if record is not None:  # one PUT, or a temporary file renamed over it: never a torn record
+        storage.write_bytes(record, json.dumps({"run_id": logger.run_id, "attempt": attempt}).encode())
     return logger
 
 
@@ -103,11 +106,11 @@ def load_model_weights(
     checkpoint: str | Path,
     optimizer: Any | None = None,
     init_optimizer_state: Any | None = None,
-) -> Path:
+) -> str:
     """Warm start: the model part of a checkpoint (folder, or a root), resharded by DCP into `model`:
     a plain model in one process, or the DMP of a sharded one (every rank calls it). The item table may
     have grown since (new rows keep their init); with `optimizer` its state is loaded too
-    (pipeline/train/grow.py). Returns the resolved checkpoint folder."""
+    (pipeline/train/grow.py). Returns the resolved checkpoint's URI."""
     return warm_start(model, checkpoint, optimizer, init_optimizer_state)
 
 
@@ -200,8 +203,7 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
     pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
     if logger is None:
-        run_dir = Path(cfg.run_dir) if cfg.run_dir else None
-        logger = make_logger(cfg, data, run_dir) if ctx.is_main else NullLogger()
+        logger = make_logger(cfg, data, cfg.run_dir or None) if ctx.is_main else NullLogger()
     status = "FAILED"
     try:
         report = _train(cfg, ctx, data, splits, pm, logger)
@@ -219,10 +221,12 @@ def _train(
     pm: ParallelModel,
     logger: MetricLogger,
 ) -> dict[str, Any]:
-    default_dir = Path(cfg.output_dir) / cfg.name / (logger.run_id or time.strftime("%Y%m%d-%H%M%S"))
-    run_dir = Path(str(broadcast_object(str(cfg.run_dir or default_dir))))
+    run_dir = cfg.run_dir or storage.join(
+        cfg.output_dir, cfg.name, logger.run_id or time.strftime("%Y%m%d-%H%M%S"), field="run directory"
+    )
+    run_dir = str(broadcast_object(run_dir))
     ckpt = RunCheckpoints(
-        run_dir / "checkpoints",
+        storage.join(run_dir, CHECKPOINTS),
         pm.dmp,
         pm.optimizer,
         pm.init_optimizer_state,
@@ -282,11 +286,15 @@ def _train(
         logger.set_tags({"init_checkpoint": str(init), "init_optimizer": str(cfg.init_optimizer)})
     report = trainer.fit()
     final = ckpt.save_final(trainer.state_dict(), report)
-    logger.log_artifacts(final / "train.json")
+    if ctx.is_main:  # MLflow logs local files: the train.json of the final checkpoint, through a copy
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, "train.json")
+            storage.copy_file(storage.join(final, "train.json"), local)
+            logger.log_artifacts(local)
     report.update(
         checkpoint=str(final),
         run_id=logger.run_id,
-        run_dir=str(run_dir),
+        run_dir=run_dir,
         world_size=ctx.world_size,
         resumed_from=resumed,
         sharding=pm.table_sharding(),

@@ -70,8 +70,9 @@ def test_resume_equals_uninterrupted_on_2_ranks_and_reshards_to_1_and_3(tmp_path
     out.mkdir()
     torchrun(2, [__file__, "--worker", "first", str(tmp_path), str(out)], tmp_path)
     full = json.loads((out / "full.json").read_text())
-    stopped = Checkpointer(tmp_path / "interrupted" / "checkpoints").latest()
-    assert stopped is not None and stopped.name == f"step-{full['steps'] // 2:06d}"
+    store = Checkpointer(tmp_path / "interrupted" / "checkpoints")
+    stopped = store.latest()
+    assert stopped is not None and stopped == store.named(f"step-{full['steps'] // 2:06d}")
     for world in (1, 3):  # copies of the stopped run, resumed on other world sizes below
         shutil.copytree(tmp_path / "interrupted", tmp_path / f"interrupted-{world}")
 
@@ -81,10 +82,11 @@ def test_resume_equals_uninterrupted_on_2_ranks_and_reshards_to_1_and_3(tmp_path
     torchrun(3, [__file__, "--worker", "resume", str(tmp_path / "interrupted-3"), str(out)], tmp_path)
     assert_continues(full, json.loads((out / "resumed-3.json").read_text()), 1e-5, "2 -> 3 ranks")
 
-    # 1 rank, in this process; a write cut off after the step-k checkpoint lies beside it and is ignored
-    ckpt_root = tmp_path / "interrupted-1" / "checkpoints"
-    (ckpt_root / "step-999999.tmp").mkdir()
-    (ckpt_root / "step-999999.tmp" / "__0_0.distcp").write_bytes(b"torn")
+    # 1 rank, in this process; a write cut off after the step-k checkpoint (a generation no pointer names)
+    # lies beside it and is ignored
+    torn = Path(Checkpointer(tmp_path / "interrupted-1" / "checkpoints").commits.new_generation())
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"torn")
     resumed = run_recorded(resume_config(1, str(tmp_path / "interrupted-1"), epochs=2, resume=True))
     assert_continues(full, resumed, 1e-5, "2 -> 1 rank")
 
@@ -95,35 +97,37 @@ def test_cut_off_checkpoint_is_never_loaded_as_latest(
     import pipeline.train.checkpoint as checkpoint
 
     store = Checkpointer(tmp_path)
-    store.save(4, {"w": torch.arange(6.0)}, meta={"step": 4})
-    assert store.latest() == tmp_path / "step-000004"
+    step4 = store.save(4, {"w": torch.arange(6.0)}, meta={"step": 4})
+    assert store.latest() == step4 == store.named("step-000004")
 
     class Killed(BaseException):
         pass
 
-    def dies_mid_write(state: dict[str, Any], checkpoint_id: str) -> None:
-        (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"half a tensor")
+    def dies_mid_write(state: dict[str, Any], storage_writer: Any) -> None:
+        Path(storage_writer.path).mkdir(parents=True)
+        (Path(storage_writer.path) / "__0_0.distcp").write_bytes(b"half a tensor")
         raise Killed("killed while writing")
 
     monkeypatch.setattr(checkpoint.dcp, "save", dies_mid_write)
     with pytest.raises(Killed):
         store.save(8, {"w": torch.zeros(6)})
     monkeypatch.undo()
-    assert (tmp_path / "step-000008.tmp").exists()
-    assert store.latest() == tmp_path / "step-000004"
-    assert resolve_checkpoint(tmp_path) == tmp_path / "step-000004"
+    torn = [g for g in store.commits.generations() if str(tmp_path / g) != step4]
+    assert len(torn) == 1  # the cut-off write: a generation no pointer names
+    assert store.latest() == step4 and resolve_checkpoint(tmp_path) == step4
+    assert store.named("step-000008") is None
 
-    # a torn folder with a final name but no .metadata (e.g. a partial copy), even if `latest` names it
-    (tmp_path / "step-000012").mkdir()
-    (tmp_path / "latest").write_text("step-000012")
-    assert store.latest() == tmp_path / "step-000004"
+    # a generation without .metadata (e.g. a partial copy), even if `latest` names it: never loaded
+    store.commits.commit("latest", str(tmp_path / torn[0]), collect=False)
+    assert store.latest() == step4
     state = {"w": torch.zeros(6)}
     assert store.load(state) == {"step": 4}
     assert torch.equal(state["w"], torch.arange(6.0))
 
-    # the next complete save becomes latest, and a retried write of a cut-off step replaces its .tmp
-    store.save(8, {"w": torch.ones(6)})
-    assert store.latest() == tmp_path / "step-000008" and not (tmp_path / "step-000008.tmp").exists()
+    # the next complete save becomes latest, and the generation `latest` named before is deleted
+    step8 = store.save(8, {"w": torch.ones(6)})
+    assert store.latest() == step8
+    assert sorted(store.commits.generations()) == sorted(Path(g).name for g in (step4, step8))
 
 
 def _worker(mode: str, root: str, out: str) -> None:
@@ -250,7 +254,8 @@ def test_killed_mid_epoch_resumes_at_the_next_batch(
     mid = max(s for s in range(every, steps - 1, every) if s > per_epoch and s % per_epoch)
     killed = recorded_run(mid_epoch_config(source, tmp_path / "run", every), monkeypatch, kill_at=mid + 2)
     assert "steps" not in killed and len(killed["users"]) == mid + 1  # step mid + 1 was trained, then lost
-    assert Checkpointer(tmp_path / "run" / "checkpoints").latest().name == f"step-{mid:06d}"
+    store = Checkpointer(tmp_path / "run" / "checkpoints")
+    assert store.latest() == store.named(f"step-{mid:06d}")
 
     resumed = recorded_run(mid_epoch_config(source, tmp_path / "run", every, resume=True), monkeypatch)
     assert resumed["resumed_from"].endswith(f"step-{mid:06d}")

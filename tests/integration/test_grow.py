@@ -14,7 +14,6 @@ the checkpoint's.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ def training_checkpoint(run_dir: str) -> Path:
 
     path = Checkpointer(Path(run_dir) / "checkpoints").latest()
     assert path is not None
-    return path
+    return Path(path)
 
 
 def grow_and_save(ckpt: Path | None, num_items: int, kind: str, out: Path) -> None:
@@ -71,17 +70,22 @@ def grow_and_save(ckpt: Path | None, num_items: int, kind: str, out: Path) -> No
         pm.init_optimizer_state()
     else:
         warm_start(pm.dmp, ckpt, pm.optimizer, pm.init_optimizer_state)
-    path = Checkpointer(out).save_named(
-        "state", {"model": pm.dmp.state_dict(), "optim": pm.optimizer.state_dict()}
+    Checkpointer(out).save_named(
+        "state",
+        {"model": pm.dmp.state_dict(), "optim": pm.optimizer.state_dict()},
+        meta={"sharding": pm.table_sharding()},
     )
-    if torch.distributed.get_rank() == 0:
-        (path / "sharding.json").write_text(json.dumps(pm.table_sharding()))
 
 
 def full_state(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a DCP checkpoint as one full plain tensor (read in this process, no group)."""
+    """Every tensor of a DCP checkpoint (a folder, or a pointer such as <out>/state) as one full plain
+    tensor (read in this process, no group)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from pipeline.train.checkpoint import resolve_checkpoint
+
+    path = Path(resolve_checkpoint(path))
 
     metadata = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state = {
@@ -159,7 +163,7 @@ def perturbed_checkpoint(root: Path, kind: str) -> Path:
     store = Checkpointer(root)
     path = store.save(1, state, meta={"config": dataclasses.asdict(cfg)})
     store.save_named("final", {"model": state["model"]}, meta={"config": dataclasses.asdict(cfg)})
-    return path
+    return Path(path)
 
 
 @pytest.fixture(scope="module")
@@ -280,7 +284,7 @@ def test_run_warm_starts_a_grown_table_as_a_new_run(saved: dict[str, Path], tmp_
 
 @pytest.mark.slow
 def test_table_grows_on_warm_start_on_2_ranks_and_across_world_sizes(tmp_path: Path) -> None:
-    from pipeline.train.checkpoint import read_meta
+    from pipeline.train.checkpoint import read_meta, resolve_checkpoint
 
     run_recorded(train_config(str(tmp_path / "run-1"), 1))
     one = training_checkpoint(str(tmp_path / "run-1"))
@@ -293,10 +297,10 @@ def test_table_grows_on_warm_start_on_2_ranks_and_across_world_sizes(tmp_path: P
 
     # the row-wise boundary between the 2 ranks moved: rows near it changed rank
     before = [s["offsets"][0] for s in read_meta(two)["sharding"]["shards"]]
-    after = json.loads((tmp_path / "grown-2-2" / "state" / "sharding.json").read_text())
+    after = read_meta(resolve_checkpoint(tmp_path / "grown-2-2" / "state"))["sharding"]
     assert after["sharding_type"] == "row_wise" and len(before) == len(after["shards"]) == 2
     assert before[0] == after["shards"][0]["offsets"][0] == 0 < before[1] < after["shards"][1]["offsets"][0]
-    table_wise = json.loads((tmp_path / "grown-2-2-table_wise" / "state" / "sharding.json").read_text())
+    table_wise = read_meta(resolve_checkpoint(tmp_path / "grown-2-2-table_wise" / "state"))["sharding"]
     assert table_wise["sharding_type"] == "table_wise"
 
     cold = full_state(tmp_path / "cold-2" / "state")

@@ -54,27 +54,25 @@ def test_resumed_attempt_continues_the_run_one_without_checkpoint_marks_it_kille
 
 def test_named_checkpoints_swap_atomically_and_step_checkpoints_are_pruned(tmp_path: Path) -> None:
     store = Checkpointer(tmp_path, keep=2)
-    for step in (1, 2, 3, 4):
-        store.save(step, {"w": torch.full((2,), float(step))})
+    gens = [store.save(step, {"w": torch.full((2,), float(step))}) for step in (1, 2, 3, 4)]
+    # the newest two step checkpoints keep their pointer and generation; the older ones are gone
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000003", "step-000004"]
-    assert store.latest() == tmp_path / "step-000004"
+    assert store.latest() == gens[3] and store.named("step-000003") == gens[2]
+    assert [Path(g).exists() for g in gens] == [False, False, True, True]
 
     first = store.save_named("best", {"w": torch.ones(2)})
-    target = first.resolve()
-    assert first.is_symlink() and target.parent == tmp_path and target.name.startswith("best.")
-    store.save_named("best", {"w": torch.full((2,), 7.0)})
-    assert not target.exists()  # the old folder goes once the link names the new one
+    assert store.named("best") == first and Path(first).parent == tmp_path
+    second = store.save_named("best", {"w": torch.full((2,), 7.0)})
+    assert not Path(first).exists()  # the old generation goes once the pointer names the new one
     state = {"w": torch.zeros(2)}
     store.load(state, store.named("best"))
     assert torch.equal(state["w"], torch.full((2,), 7.0))
-    assert [p.name for p in tmp_path.glob("best*") if p.is_dir() and not p.is_symlink()] == [
-        (tmp_path / "best").resolve().name
-    ]
+    assert sorted(p.name for p in tmp_path.glob("gen-*")) == sorted(Path(g).name for g in (*gens[2:], second))
 
-    # a `final` folder from the older layout (a plain directory) is replaced as well
+    # a `final` folder from an older layout (a plain directory) is replaced as well
     legacy = tmp_path / "final"
     legacy.mkdir()
     (legacy / "old").write_text("x")
     store.save_named("final", {"w": torch.ones(2)})
-    assert (tmp_path / "final").is_symlink() and store.named("final") is not None
+    assert (tmp_path / "final").is_file() and store.named("final") is not None
     assert not any((p / "old").exists() for p in tmp_path.glob("final*"))

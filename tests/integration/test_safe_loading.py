@@ -50,7 +50,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run(cfg)
     latest = Checkpointer(Path(cfg.run_dir) / "checkpoints").latest()
     assert latest is not None
-    return latest
+    return Path(latest)
 
 
 def crafted_entry(genuine: Path, dest: Path, marker: Path) -> str:

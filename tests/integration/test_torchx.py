@@ -162,6 +162,9 @@ def test_local_cwd_two_processes_log_one_mlflow_run(tmp_path: Path) -> None:
         }
     assert params["name"] == "tiny"
     assert {"train/epoch_loss", "valid/ndcg_at_10", "final_test/ndcg_at_10"} <= metrics
-    assert (run_dir / "checkpoints" / "final" / ".metadata").exists()
-    meta = yaml.safe_load((run_dir / "checkpoints" / "final" / "train.json").read_text())
+    from pipeline.train.checkpoint import resolve_checkpoint
+
+    final = Path(resolve_checkpoint(run_dir / "checkpoints" / "final"))  # the generation `final` names
+    assert (final / ".metadata").exists()
+    meta = yaml.safe_load((final / "train.json").read_text())
     assert meta["world_size"] == 2 and meta["mlflow_run_id"] == run_id
