@@ -65,7 +65,8 @@ def trained_model(out: Path) -> dict:
         return json.loads(marker.read_text())
     from jobs import registry
     from jobs.sweep import mlflow_client
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
     from pipeline.train.run import run
 
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,8 @@ MODELS = ("fuxi", "hstu", "sasrec")
 
 
 def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
-    from pipeline.train.config import apply_overrides, get_preset, validate
+    from pipeline.train.config import apply_overrides, validate
+    from pipeline.train.presets import get_preset
 
     named = preset.format(model=model)
     cfg = get_preset(named, data)

@@ -67,7 +67,8 @@ def subsample(data_path: str, users: int, seed: int, work: Path) -> str:
 
 
 def make_config(args: argparse.Namespace, data: str, overrides: list[str], seed: int):
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
 
     cfg = get_preset(args.preset, data)
     cfg.data.protocol = "validated"
@@ -88,8 +89,9 @@ def cmd_norms(args: argparse.Namespace) -> None:
     from model.recommender import build_model
     from pipeline.data.batches import SequenceBatches
     from pipeline.data.sequences import PROTOCOLS, read_sequences
+    from pipeline.train.config import TrainConfig
     from pipeline.train.parallelize import init_dense
-    from pipeline.train.trainer import Trainer, TrainerConfig
+    from pipeline.train.trainer import Trainer
 
     data_path = subsample(args.data, args.users, args.subsample_seed, Path(args.work))
     for variant in args.variants:
@@ -116,7 +118,8 @@ def cmd_norms(args: argparse.Namespace) -> None:
             sampler,
             train,
             lambda split: {},
-            TrainerConfig(protocol="validated", temperature=cfg.loss.temperature, epochs=1, progress=False),
+            # the loop's defaults (validated, seed 0, constant lr) with this variant's loss
+            TrainConfig(loss=cfg.loss, epochs=1, seed=0, progress=False),
         )
         print(f"\n## {variant} ({' '.join(VARIANTS[variant]) or 'official recipe'}), {data.num_users} users")
         print(

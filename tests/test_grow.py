@@ -30,7 +30,7 @@ GROWTH = 131  # rows added; moves the 2-rank row-wise boundary from ~N_old/2 to 
 
 
 def train_config(run_dir: str, world_size: int) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()
     cfg.epochs = 1
@@ -189,10 +189,10 @@ def one_line_error(call: Any) -> str:
 
 
 def test_shrinking_table_and_dense_shape_mismatch_are_one_line_errors(saved: dict[str, Path]) -> None:
-    from pipeline.train.config import tiny
     from pipeline.train.grow import warm_start
     from pipeline.train.loading import load_checkpoint_model
     from pipeline.train.parallelize import parallelize
+    from pipeline.train.presets import tiny
 
     cfg = train_config("", 1)
     with world_of_one():
@@ -254,7 +254,8 @@ def test_load_checkpoint_model_grows_the_table(saved: dict[str, Path], tmp_path:
 
 
 def test_init_optimizer_is_a_boolean_override() -> None:
-    from pipeline.train.config import TrainConfig, apply_overrides, from_dict, tiny
+    from pipeline.train.config import TrainConfig, apply_overrides, from_dict
+    from pipeline.train.presets import tiny
 
     assert tiny().init_optimizer is True
     assert apply_overrides(tiny(), ["init_optimizer=false"]).init_optimizer is False

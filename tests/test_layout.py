@@ -29,6 +29,7 @@ DISTRIBUTED = (
 JOBS_MAY_IMPORT = (
     "pipeline.train.loading",
     "pipeline.train.config",
+    "pipeline.train.presets",
     "pipeline.train.tracking",
     "pipeline.data.schema",
 )

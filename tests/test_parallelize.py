@@ -64,7 +64,7 @@ class RecordingLogger:
 
 
 def parity_config(kind: str, world_size: int, run_dir: str, epochs: int = 2) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()
     cfg.epochs = epochs
@@ -123,7 +123,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     from pipeline.train.distributed import all_reduce_sum
     from pipeline.train.parallelize import parallelize
     from pipeline.train.run import build_batches, load_data
-    from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+    from pipeline.train.trainer import DistInfo, Trainer
 
     data = load_data(cfg)
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
@@ -139,9 +139,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
         sampler=NegativeSampler(cfg.loss.num_negatives, "shared", 1, data.num_items),
         data=batches,
         evaluate=lambda split: {},
-        cfg=TrainerConfig(
-            protocol="validated", temperature=cfg.loss.temperature, epochs=1, seed=cfg.seed, progress=False
-        ),
+        cfg=cfg,
         dist=DistInfo(rank, world, "cpu", all_reduce_sum),
     )
     trainer.train_step(next(iter(batches.epoch(0))))
@@ -259,8 +257,8 @@ def test_sharded_evaluation_scores_every_user_once_on_every_world_size() -> None
     without rows in the last global batch evaluates one padding row, marked invalid)."""
     import numpy as np
 
-    from pipeline.train.config import tiny
     from pipeline.train.evaluate import _eval_rows
+    from pipeline.train.presets import tiny
     from pipeline.train.run import build_batches, load_data
 
     cfg = tiny()

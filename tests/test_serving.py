@@ -38,7 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from jobs.sweep import mlflow_client
     from pipeline.data.sequences import SequenceData, write_sequences
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import run
 
     root = tmp_path_factory.mktemp("serving")

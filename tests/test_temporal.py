@@ -15,8 +15,9 @@ import torch
 
 from pipeline.data.sequences import SequenceData, write_sequences
 from pipeline.data.temporal import TAG_NEW_ITEM, TAG_NEW_USER, resolve_cut, temporal_split
-from pipeline.train.config import apply_overrides, tiny
+from pipeline.train.config import apply_overrides
 from pipeline.train.evaluate import evaluate
+from pipeline.train.presets import tiny
 from pipeline.train.run import build_batches
 
 D = 86400
@@ -209,7 +210,17 @@ def test_fuxi_train_temporal_end_to_end(tmp_path, monkeypatch):
     path = write_sequences(data, tmp_path / "seq.parquet")
 
     keys = ("num_targets", "users/ndcg_at_10", "new_items/num_targets", "new_users/num_targets")
-    common = ["train", "--preset", "tiny", "--no-tracking", "--data", str(path), "--epochs", "1"]
+    common = [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "tracking.enabled=false",
+        "--data",
+        str(path),
+        "--set",
+        "epochs=1",
+    ]
     out = tmp_path / "report.json"
     args = ["--set", "data.protocol=temporal", "--set", "data.cut=2024-01-05", "--report-json", str(out)]
     assert main(common + args) == 0

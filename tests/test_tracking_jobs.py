@@ -19,7 +19,8 @@ import torch
 from jobs import registry
 from jobs.report import build_report, parameter_count, plot, scaling_series
 from jobs.sweep import expand_grid, mlflow_client, parse_grid, point_name, run_sweep
-from pipeline.train.config import apply_overrides, get_preset, to_flat_dict
+from pipeline.train.config import apply_overrides, to_flat_dict
+from pipeline.train.presets import get_preset
 
 GRID = {"model.num_layers": ["1", "2"], "loss.num_negatives": ["8", "32"]}
 # ~15 s per job on an idle 2-core machine (mostly imports and torchrun): 100 users, 2 epochs,

@@ -123,28 +123,12 @@ def table_sharding(plan: ShardingPlan) -> dict[str, Any]:
 def resolve_sharding_types(
     parallel: ParallelConfig, cfg: ModelConfig, device: torch.device
 ) -> tuple[str, ...]:
-    """The sharding types offered to the planner (see ParallelConfig)."""
-    types = tuple(parallel.sharding_types)
-    if not types:  # auto
-        split = device.type == "cuda" and cfg.embedding_dim % 4 == 0
-        return MODEL_PARALLEL if split else (DATA_PARALLEL,)
-    if DATA_PARALLEL in types:
-        if len(types) > 1:
-            raise ValueError(
-                "parallel.sharding_types: data_parallel cannot be mixed with model-parallel types"
-            )
-        return types
-    unknown = set(types) - set(MODEL_PARALLEL)
-    if unknown:
-        raise ValueError(
-            f"parallel.sharding_types must be data_parallel or a subset of {MODEL_PARALLEL}, got {types}"
-        )
-    if cfg.embedding_dim % 4:
-        raise ValueError(
-            f"fbgemm's fused kernels need embedding_dim % 4 == 0 (got {cfg.embedding_dim}): "
-            "use parallel.sharding_types=data_parallel"
-        )
-    return types
+    """The sharding types offered to the planner: the configured ones (ParallelConfig checks them), or
+    auto's choice for this device."""
+    if parallel.sharding_types:
+        return tuple(parallel.sharding_types)
+    split = device.type == "cuda" and cfg.embedding_dim % 4 == 0
+    return MODEL_PARALLEL if split else (DATA_PARALLEL,)
 
 
 def resolve_embedding_optimizer(name: str, device: torch.device) -> str:

@@ -23,7 +23,7 @@ from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
 from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
-from pipeline.train.config import TrainConfig, to_flat_dict, validate
+from pipeline.train.config import TrainConfig, to_dict, to_flat_dict, validate
 from pipeline.train.distributed import (
     DistContext,
     all_reduce_sum,
@@ -35,7 +35,7 @@ from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.grow import warm_start
 from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
-from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+from pipeline.train.trainer import DistInfo, Trainer
 
 if TYPE_CHECKING:
     from pipeline.data.stream import ShardBatches
@@ -227,7 +227,7 @@ def _train(
         pm.optimizer,
         pm.init_optimizer_state,
         meta={
-            "config": dataclasses.asdict(cfg),
+            "config": to_dict(cfg),
             "world_size": ctx.world_size,
             "sharding": pm.table_sharding(),
             "mlflow_run_id": logger.run_id,
@@ -248,23 +248,7 @@ def _train(
         ),
         data=splits["train"],
         evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
-        cfg=TrainerConfig(
-            protocol=cfg.data.protocol,
-            temperature=cfg.loss.temperature,
-            epochs=cfg.epochs,
-            eval_every_epochs=cfg.eval_every_epochs,
-            log_every_steps=cfg.tracking.log_every_steps,
-            seed=cfg.seed,
-            amp=cfg.amp,
-            checkpoint_every_steps=cfg.checkpoint_every_steps,
-            checkpoint_every_epochs=cfg.checkpoint_every_epochs,
-            progress=cfg.progress and ctx.is_main,
-            warmup_steps=cfg.optim.warmup_steps,
-            schedule=cfg.optim.schedule,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-            max_steps=cfg.max_steps,
-            patience=cfg.patience,
-        ),
+        cfg=cfg,
         dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
         logger=logger,
         checkpointer=ckpt,
