@@ -23,6 +23,7 @@ DISTRIBUTED = (
     "torch.distributed",
     "torchrec.distributed",
     "pipeline.train.parallelize",
+    "pipeline.train.builder",
     "pipeline.train.distributed",
 )
 # what jobs/ (other than the CLI) may import from the layers below
@@ -103,6 +104,13 @@ def test_model_imports_nothing_distributed_and_only_the_schema_from_pipeline() -
 
     assert violations(("model",), bad) == []
     assert violations(("model",), lambda n: under(n, "jobs")) == []
+
+
+def test_the_config_tree_imports_no_other_training_module() -> None:
+    """pipeline/train/config.py is the bottom of the training path: presets and recipes import it, never
+    the other way round (no import circle)."""
+    path = ROOT / "pipeline" / "train" / "config.py"
+    assert [n for _, n in imports(path) if under(n, "pipeline.train")] == []
 
 
 def test_training_does_not_import_jobs() -> None:
