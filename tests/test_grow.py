@@ -259,7 +259,7 @@ def test_init_optimizer_is_a_boolean_override() -> None:
 
     assert tiny().init_optimizer is True
     assert apply_overrides(tiny(), ["init_optimizer=false"]).init_optimizer is False
-    with pytest.raises(ValueError, match="init_optimizer: cannot use .maybe. .Input should be a valid boolean"):
+    with pytest.raises(ValueError, match="init_optimizer: cannot use .maybe. .Input should be a valid bool"):
         apply_overrides(tiny(), ["init_optimizer=maybe"])
     older = dataclasses.asdict(tiny())
     del older["init_optimizer"]  # a train.json written before the field existed
