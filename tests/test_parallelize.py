@@ -120,8 +120,8 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     import torch.distributed as dist
 
     from model.loss import NegativeSampler
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.distributed import all_reduce_sum
-    from pipeline.train.parallelize import parallelize
     from pipeline.train.run import build_batches, load_data
     from pipeline.train.trainer import DistInfo, Trainer
 
@@ -129,7 +129,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = build_batches(cfg, data, rank, world)["train"]
-    pm = parallelize(
+    pm = build_parallel_model(
         cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed, batch_size=cfg.batch_size
     )
     probe = GradProbe(pm)

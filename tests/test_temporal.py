@@ -168,9 +168,9 @@ def test_leave_one_out_metrics_keep_their_keys():
 
 
 def test_evaluate_and_evaluate_sharded_agree():
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.distributed import init_distributed, teardown
     from pipeline.train.evaluate import evaluate_sharded
-    from pipeline.train.parallelize import parallelize
 
     cfg = tiny()
     apply_overrides(cfg, ["data.protocol=temporal", "data.cut=2024-01-05"])
@@ -179,7 +179,7 @@ def test_evaluate_and_evaluate_sharded_agree():
     valid.batch_size = 2
     ctx = init_distributed("cpu")
     try:
-        pm = parallelize(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
+        pm = build_parallel_model(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
         plain = evaluate(pm.model, valid.epoch())
         sharded = evaluate_sharded(pm, valid)
     finally:

@@ -22,6 +22,7 @@ from pipeline.data.batches import SequenceBatches, temporal_batches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
+from pipeline.train.builder import ParallelModel, build_parallel_model
 from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
 from pipeline.train.config import TrainConfig, to_dict, to_flat_dict, validate
 from pipeline.train.distributed import (
@@ -33,7 +34,6 @@ from pipeline.train.distributed import (
 )
 from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.grow import warm_start
-from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
 from pipeline.train.trainer import DistInfo, Trainer
 
@@ -198,7 +198,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
     if cfg.model.num_items != data.num_items:
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
-    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
+    pm = build_parallel_model(
+        cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size
+    )
     if logger is None:
         run_dir = Path(cfg.run_dir) if cfg.run_dir else None
         logger = make_logger(cfg, data, run_dir) if ctx.is_main else NullLogger()
