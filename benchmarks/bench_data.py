@@ -30,7 +30,8 @@ from pipeline.data.build import BuildConfig, build_sequences
 from pipeline.data.schema import ITEM_FEATURE
 from pipeline.data.stream import Backend, ShardBatches, ensure_ray
 from pipeline.data.synth_logs import LogConfig, write_logs
-from pipeline.train.trainer import Trainer, TrainerConfig
+from pipeline.train.config import DataConfig, TrainConfig
+from pipeline.train.trainer import Trainer
 
 
 def timed(fn):
@@ -78,7 +79,7 @@ def trainer_rate(seq: Path, num_items: int, batch_size: int, max_len: int, steps
         sampler=sampler,
         data=stream,
         evaluate=lambda split: {},
-        cfg=TrainerConfig(protocol="anchor", temperature=0.05, epochs=1, seed=0, progress=False),
+        cfg=TrainConfig(data=DataConfig(protocol="anchor"), epochs=1, seed=0, progress=False),
     )
     it = stream.epoch(0)
     trainer.train_step(next(it))  # warm-up (allocations, first Ray task)

@@ -63,7 +63,8 @@ def trained_model(out: Path) -> dict:
     marker = out / "model.json"
     if marker.exists():
         return json.loads(marker.read_text())
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
     from pipeline.train.run import run
     from pipeline.train.tracking import mlflow_client
     from serving import registry

@@ -56,10 +56,11 @@ def worker(args: argparse.Namespace) -> None:
 
     from model.loss import NegativeSampler
     from pipeline.data.collate import Batch
-    from pipeline.train.config import tiny
+    from pipeline.train.builder import build_parallel_model
+    from pipeline.train.config import TrainConfig
     from pipeline.train.distributed import all_reduce_sum, init_distributed, teardown
-    from pipeline.train.parallelize import parallelize
-    from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+    from pipeline.train.presets import tiny
+    from pipeline.train.trainer import DistInfo, Trainer
 
     ctx = init_distributed("cpu")
     cfg = tiny()
@@ -77,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
     proc = psutil.Process()
     rss0 = proc.memory_info().rss
     t0 = time.perf_counter()
-    pm = parallelize(
+    pm = build_parallel_model(
         cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=args.batch, init_table=False
     )
     build_s = time.perf_counter() - t0
@@ -109,7 +110,7 @@ def worker(args: argparse.Namespace) -> None:
         sampler=NegativeSampler(args.negatives, "shared", 1, args.rows),
         data=FixedBatches(batches),
         evaluate=lambda split: {},
-        cfg=TrainerConfig(protocol="validated", temperature=0.05, epochs=1, progress=False),
+        cfg=TrainConfig(epochs=1, seed=0, progress=False),
         dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
     )
     times = []

@@ -42,7 +42,8 @@ DEFAULT_MODELS = ("fuxi", "hstu", "sasrec", "esasrec")
 
 
 def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
-    from pipeline.train.config import apply_overrides, get_preset, validate
+    from pipeline.train.config import apply_overrides, validate
+    from pipeline.train.presets import get_preset
 
     named = preset.format(model=model)
     cfg = get_preset(named, data)
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def missing_presets(preset: str, models: list[str]) -> list[str]:
-    from pipeline.train.config import AUTO, PRESETS
+    from pipeline.train.presets import AUTO, PRESETS
 
     names = dict.fromkeys(preset.format(model=m) for m in models)
     return [n for n in names if n != AUTO and n not in PRESETS]

@@ -5,7 +5,7 @@
         --seeds 0 1 --variants official single_stage zero_w2 hstu
 
 `norms` builds the model exactly as training does (the seeded dense template of
-init_dense in pipeline/train/parallelize.py, the table's truncated normal) and, on a fixed batch in eval mode,
+pipeline/train/builder.init_dense, the table's truncated normal) and, on a fixed batch in eval mode,
 prints per block the RMS of: the block input x, the AMS output h, the MFFN stage-1 branch Linear(h), the
 stage-1 sum o = x + Linear(h), the stage-2 branch SwiGLU(RMSNorm(o)) and the block output; and the
 gradient norm of each weight group. It does this at init and after each of --steps optimizer steps
@@ -68,7 +68,8 @@ def subsample(data_path: str, users: int, seed: int, work: Path) -> str:
 
 
 def make_config(args: argparse.Namespace, data: str, overrides: list[str], seed: int):
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
 
     cfg = get_preset(args.preset, data)
     cfg.data.protocol = "validated"
@@ -89,8 +90,9 @@ def cmd_norms(args: argparse.Namespace) -> None:
     from model.recommender import build_model
     from pipeline.data.batches import SequenceBatches
     from pipeline.data.sequences import PROTOCOLS, read_sequences
-    from pipeline.train.parallelize import init_dense
-    from pipeline.train.trainer import Trainer, TrainerConfig
+    from pipeline.train.builder import init_dense
+    from pipeline.train.config import TrainConfig
+    from pipeline.train.trainer import Trainer
 
     data_path = subsample(args.data, args.users, args.subsample_seed, Path(args.work))
     for variant in args.variants:
@@ -117,7 +119,8 @@ def cmd_norms(args: argparse.Namespace) -> None:
             sampler,
             train,
             lambda split: {},
-            TrainerConfig(protocol="validated", temperature=cfg.loss.temperature, epochs=1, progress=False),
+            # the loop's defaults (validated, seed 0, constant lr) with this variant's loss
+            TrainConfig(loss=cfg.loss, epochs=1, seed=0, progress=False),
         )
         print(f"\n## {variant} ({' '.join(VARIANTS[variant]) or 'official recipe'}), {data.num_users} users")
         print(

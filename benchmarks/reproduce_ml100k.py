@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from pipeline.data.readers import prepare_sequences
-from pipeline.train.config import apply_overrides, ml_100k
+from pipeline.train.config import apply_overrides
+from pipeline.train.presets import ml_100k
 from pipeline.train.run import run
 
 MODELS = {

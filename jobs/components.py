@@ -6,7 +6,7 @@
 
 Each replica runs `torchrun ... -m jobs.cli train ...`; the trainer finds its rank from torchrun's
 environment (gloo on CPU, nccl with `--gpu`). Every attempt of a job trains in the same run directory
-(`run_dir`, default `runs/<name>`: stable per job name) with `--resume`, so a retry, or the same job
+(`run_dir`, default `runs/<name>`: stable per job name) with `resume=true`, so a retry, or the same job
 submitted again, continues from the last complete checkpoint and the same MLflow run; the first attempt
 finds none and starts fresh. On several nodes `run_dir` must be on storage every node mounts.
 
@@ -69,13 +69,13 @@ def train(
     args = ["train", "--preset", preset]
     if data:
         args += ["--data", data]
-    args += ["--run-dir", run_dir or f"runs/{name}", "--resume"]
+    args += ["--set", f"run_dir={run_dir or f'runs/{name}'}", "--set", "resume=true"]
     if gpu > 0:
         args += ["--device", "cuda"]
     if epochs is not None:
-        args += ["--epochs", str(epochs)]
+        args += ["--set", f"epochs={epochs}"]
     if parent_run_id:
-        args += ["--parent-run-id", parent_run_id]
+        args += ["--set", f"tracking.parent_run_id={parent_run_id}"]
     for item in overrides:
         args += ["--set", item]
     job_env = {

@@ -329,7 +329,8 @@ def warm_start_overrides(
     overrides on top; returns (overrides, None), or ([], reason) when the weights cannot fit any more.
     A table that grew (new items) is no reason: the warm start copies the old rows and their optimizer
     state and initialises the new ones (pipeline/train/grow.py)."""
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
     from serving.loading import checkpoint_config
 
     champion_model = checkpoint_config(checkpoint).model

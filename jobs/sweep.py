@@ -51,7 +51,8 @@ def point_name(point: dict[str, str]) -> str:
 
 def validate_point(preset: str, overrides: list[str], data: str | None = None) -> None:
     """Fail before launching anything if a field or value is wrong."""
-    from pipeline.train.config import apply_overrides, get_preset, validate
+    from pipeline.train.config import apply_overrides, validate
+    from pipeline.train.presets import get_preset
 
     validate(apply_overrides(get_preset(preset, data), overrides))
 
@@ -89,7 +90,7 @@ def run_sweep(
     log: Any = print,
 ) -> SweepResult:
     """Create the parent run, launch one TorchX job per grid point, wait, close the parent run."""
-    from pipeline.train.config import get_preset
+    from pipeline.train.presets import get_preset
 
     overrides = list(overrides or [])
     points = expand_grid(grid)

@@ -187,7 +187,8 @@ def run_tune(
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.train.config import apply_overrides, get_preset
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
 
     overrides = list(overrides or [])
     seeds = list(seeds if seeds is not None else [0])

@@ -183,7 +183,7 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
     init of a training run under the checkpoint config's seed; the returned cfg.model.num_items is the
     grown size. Fewer rows is a ValueError."""
     from model.recommender import build_model
-    from pipeline.train.parallelize import init_item_table
+    from pipeline.train.builder import init_item_table
 
     resolved = resolve_checkpoint(path)
     meta = read_meta(resolved)

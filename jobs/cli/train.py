@@ -19,7 +19,8 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train.config import AUTO, apply_overrides, get_preset, validate
+    from pipeline.train.config import apply_overrides, validate
+    from pipeline.train.presets import AUTO, get_preset
     from pipeline.train.run import run
 
     # no preset named: the generic recipe sized by the data given, else the embedded demo
@@ -31,20 +32,6 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"(patience {cfg.patience}), history {cfg.model.max_sequence_length}, negatives "
             f"{cfg.loss.negatives}, lr {cfg.optim.lr:g} {cfg.optim.schedule} (docs/QUALITY.md)"
         )
-    if args.epochs is not None:
-        cfg.epochs = args.epochs
-    if args.output_dir:
-        cfg.output_dir = args.output_dir
-    if args.no_tracking:
-        cfg.tracking.enabled = False
-    if args.run_dir:
-        cfg.run_dir = args.run_dir
-    if args.resume:
-        cfg.resume = True
-    if args.init_checkpoint:
-        cfg.init_checkpoint = args.init_checkpoint
-    if args.parent_run_id:
-        cfg.tracking.parent_run_id = args.parent_run_id
     validate(apply_overrides(cfg, args.set or []))
     report = run(cfg, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
@@ -75,7 +62,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from pipeline.train.config import AUTO, PRESETS, apply_overrides, get_preset, to_flat_dict
+    from pipeline.train.config import apply_overrides, to_flat_dict
+    from pipeline.train.presets import AUTO, PRESETS, get_preset
 
     if args.show:
         cfg = apply_overrides(get_preset(args.show, args.data), args.set or [])
@@ -96,23 +84,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="named config (see `fuxi presets`); default: auto (the generic recipe) with --data, else "
         "cpu-demo",
     )
-    p.add_argument("--data", help="sequence Parquet file (overrides data.source); default: the preset's")
-    p.add_argument("--epochs", type=int)
+    # --data picks the recipe as well as the source (no preset: the generic recipe sized by this file), so
+    # it stays a flag; every config field is set with --set
+    p.add_argument("--data", help="sequence Parquet file (sets data.source); default: the preset's")
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override any config field, e.g. --set model.num_layers=4 --set loss.negatives=per_position",
+        help="override any config field, e.g. --set epochs=3 --set model.num_layers=4 --set "
+        "tracking.enabled=false --set run_dir=runs/job --set resume=true (`fuxi presets --show NAME` "
+        "lists them)",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--output-dir")
-    p.add_argument("--no-tracking", action="store_true", help="do not log to MLflow")
-    p.add_argument("--run-dir", help="checkpoint directory (shared by retries of one job)")
-    p.add_argument(
-        "--resume", action="store_true", help="continue from the run dir's latest complete checkpoint"
-    )
-    p.add_argument("--init-checkpoint", help="warm start: load model weights from this checkpoint")
-    p.add_argument("--parent-run-id", help="MLflow parent run (sweeps)")
     p.add_argument("--report-json", help="also write the final report here")
     p.set_defaults(func=cmd_train)
 

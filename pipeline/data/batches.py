@@ -24,6 +24,7 @@ over the pre-cut rows; each evaluation split is one over rows that end with thei
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterator
 from typing import Any
 
@@ -152,7 +153,7 @@ class SequenceBatches:
 
 def temporal_batches(
     data: SequenceData,
-    cut: str | int | None,
+    cut: str | int | dt.date | None,
     window_seconds: int,
     batch_size: int,
     eval_batch_size: int,

@@ -13,10 +13,12 @@ and a model that ignores time measurably loses. A user never repeats an item.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pyarrow as pa
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass
 
 from pipeline.data.sequences import SequenceData, events_to_sequences
 
@@ -24,20 +26,26 @@ SECONDS_PER_DAY = 86_400
 START_TIME = 1_700_000_000  # 2023-11-14, unix seconds
 
 
-@dataclass
+AtLeast1 = Annotated[int, Field(ge=1)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+@dataclass(config=ConfigDict(extra="forbid", revalidate_instances="always"))
 class SyntheticConfig:
-    num_users: int = 2000
-    num_items: int = 1000  # real items are 1..num_items; the item table has num_items + 1 rows
-    num_themes: int = 25
-    mean_length: float = 40.0
-    min_length: int = 5
-    max_length: int = 400
-    long_gap_prob: float = 0.4
+    """The generator's knobs, each with its range (checked when built, and by the training config)."""
+
+    num_users: AtLeast1 = 2000
+    num_items: AtLeast1 = 1000  # real items are 1..num_items; the item table has num_items + 1 rows
+    num_themes: AtLeast1 = 25
+    mean_length: Annotated[float, Field(gt=0)] = 40.0
+    min_length: Annotated[int, Field(ge=3)] = 5  # a train, a valid and a test event
+    max_length: AtLeast1 = 400
+    long_gap_prob: Fraction = 0.4
     # median of a long gap (log-normal); 2 days by default, months for a long-gap set where the time
     # since the last visit spans the whole year
-    long_gap_days: float = 2.0
-    return_prob: float = 0.9
-    excursion_prob: float = 0.3
+    long_gap_days: Annotated[float, Field(gt=0)] = 2.0
+    return_prob: Fraction = 0.9
+    excursion_prob: Fraction = 0.3
     zipf_exponent: float = 1.0
     seed: int = 0
 

@@ -60,8 +60,9 @@ def time_range(data: SequenceData) -> str:
     return f"events from {_utc_date(times.min())} to {_utc_date(times.max())} (UTC)"
 
 
-def resolve_cut(data: SequenceData, cut: str | int | None) -> int:
-    """The cut in unix seconds: an ISO date (00:00 UTC), integer seconds (as a string or an int), or None:
+def resolve_cut(data: SequenceData, cut: str | int | dt.date | None) -> int:
+    """The cut in unix seconds: a date or ISO date string (00:00 UTC), integer seconds (as a string or an
+    int), or None:
     00:00 UTC of the last day that has events."""
     if cut is None:
         _, _, times = _flat(data)
@@ -134,7 +135,10 @@ def eval_rows(data: SequenceData, start: int, end: int, max_history: int | None 
 
 
 def temporal_split(
-    data: SequenceData, cut: str | int | None, window_seconds: int, max_history: int | None = None
+    data: SequenceData,
+    cut: str | int | dt.date | None,
+    window_seconds: int,
+    max_history: int | None = None,
 ) -> tuple[SequenceData, dict[str, EvalRows]]:
     """(train rows, {"valid": ..., "test": ...}); "test" only when its window has events."""
     if window_seconds <= 0:
@@ -143,8 +147,9 @@ def temporal_split(
     _, _, times = _flat(data)
     if not (times < at).any() or not ((times >= at) & (times < at + window_seconds)).any():
         where = "before the cut" if not (times < at).any() else "in the window after it"
+        shown = str(cut) if isinstance(cut, dt.date) else repr(cut)
         raise ValueError(
-            f"data.cut={cut!r} ({_utc_date(at)} {at}): no events {where} "
+            f"data.cut={shown} ({_utc_date(at)} {at}): no events {where} "
             f"(window_seconds={window_seconds}); the data has {time_range(data)}"
         )
     splits = {"valid": eval_rows(data, at, at + window_seconds, max_history)}

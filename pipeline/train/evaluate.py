@@ -31,7 +31,8 @@ from pipeline.data.batches import SequenceBatches
 from pipeline.data.collate import Batch
 from pipeline.data.schema import ITEM_FEATURE
 from pipeline.data.temporal import TAG_NEW_ITEM, TAG_NEW_USER
-from pipeline.train.parallelize import TABLE_KEY, ParallelModel
+from pipeline.train.builder import ParallelModel
+from pipeline.train.parallelize import TABLE_KEY
 
 
 def split_history_target(batch: Batch) -> tuple[Tensor, Tensor]:

@@ -24,8 +24,9 @@ from pipeline.data.batches import SequenceBatches, temporal_batches
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE
+from pipeline.train.builder import ParallelModel, build_parallel_model
 from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
-from pipeline.train.config import TrainConfig, to_flat_dict, validate
+from pipeline.train.config import TrainConfig, to_dict, to_flat_dict, validate
 from pipeline.train.distributed import (
     DistContext,
     all_reduce_sum,
@@ -35,9 +36,8 @@ from pipeline.train.distributed import (
 )
 from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.grow import warm_start
-from pipeline.train.parallelize import ParallelModel, parallelize
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
-from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+from pipeline.train.trainer import DistInfo, Trainer
 
 if TYPE_CHECKING:
     from pipeline.data.stream import ShardBatches
@@ -201,7 +201,9 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
     if cfg.model.num_items != data.num_items:
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
-    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size)
+    pm = build_parallel_model(
+        cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size
+    )
     if logger is None:
         logger = make_logger(cfg, data, cfg.run_dir or None) if ctx.is_main else NullLogger()
     status = "FAILED"
@@ -231,7 +233,7 @@ def _train(
         pm.optimizer,
         pm.init_optimizer_state,
         meta={
-            "config": dataclasses.asdict(cfg),
+            "config": to_dict(cfg),
             "world_size": ctx.world_size,
             "sharding": pm.table_sharding(),
             "mlflow_run_id": logger.run_id,
@@ -252,23 +254,7 @@ def _train(
         ),
         data=splits["train"],
         evaluate=lambda split: evaluate_sharded(pm, splits[split], ctx.device),
-        cfg=TrainerConfig(
-            protocol=cfg.data.protocol,
-            temperature=cfg.loss.temperature,
-            epochs=cfg.epochs,
-            eval_every_epochs=cfg.eval_every_epochs,
-            log_every_steps=cfg.tracking.log_every_steps,
-            seed=cfg.seed,
-            amp=cfg.amp,
-            checkpoint_every_steps=cfg.checkpoint_every_steps,
-            checkpoint_every_epochs=cfg.checkpoint_every_epochs,
-            progress=cfg.progress and ctx.is_main,
-            warmup_steps=cfg.optim.warmup_steps,
-            schedule=cfg.optim.schedule,
-            min_lr_ratio=cfg.optim.min_lr_ratio,
-            max_steps=cfg.max_steps,
-            patience=cfg.patience,
-        ),
+        cfg=cfg,
         dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
         logger=logger,
         checkpointer=ckpt,

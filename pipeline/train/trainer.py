@@ -42,6 +42,7 @@ from model.loss import NegativeSampler, sampled_softmax_loss
 from model.recommender import SequentialRecommender
 from pipeline.data.collate import Batch
 from pipeline.train.checkpoint import MemoryCheckpoints
+from pipeline.train.config import TrainConfig
 from pipeline.train.tracking import MetricLogger, NullLogger
 
 SELECT_METRIC = "ndcg_at_10"
@@ -95,34 +96,6 @@ class TrainState:
 
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
-
-
-@dataclass(frozen=True)
-class TrainerConfig:
-    """What the loop does (TrainConfig's training fields; pipeline/train/run.py fills it)."""
-
-    protocol: str  # "validated", "anchor" or "temporal" (module docstring)
-    temperature: float
-    epochs: int
-    eval_every_epochs: int = 1
-    log_every_steps: int = 10
-    seed: int = 0  # negatives and dropout are reseeded from (seed, step, rank) every step
-    amp: str = "none"  # "bf16": forward + loss under autocast (TrainConfig.amp)
-    checkpoint_every_steps: int = 0  # 0: off; else also mid-epoch, every this many optimizer steps
-    checkpoint_every_epochs: int = 0  # 0: off; else every this many epochs and after the last one
-    progress: bool = True
-    # recipe levers (TrainConfig / OptimConfig; the defaults are the official recipe)
-    warmup_steps: int = 0  # linear learning-rate warm-up over this many steps
-    schedule: str = "constant"  # after warm-up: "constant", "cosine" or "linear" decay to min_lr_ratio
-    min_lr_ratio: float = 0.0
-    max_steps: int = 0  # step budget (0: epochs only); also the end of the decay when set
-    patience: int = 0  # early stopping: evaluations without a better selection metric (0: off)
-
-    def __post_init__(self) -> None:
-        if self.amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of {sorted(AMP_DTYPES)}, got {self.amp!r}")
-        if self.schedule not in ("constant", "cosine", "linear"):
-            raise ValueError(f"schedule must be constant, cosine or linear, got {self.schedule!r}")
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -182,7 +155,7 @@ class Trainer:
         sampler: NegativeSampler,
         data: TrainData,
         evaluate: Callable[[str], dict[str, float]],  # split name -> metrics
-        cfg: TrainerConfig,
+        cfg: TrainConfig,  # the run's tree: the loop reads its own fields, the loss's, optim's schedule
         dist: DistInfo = DistInfo(),
         logger: MetricLogger | None = None,
         checkpointer: Checkpoints | None = None,  # None: MemoryCheckpoints(model, optimizer)
@@ -198,6 +171,7 @@ class Trainer:
         self.logger = logger or NullLogger()
         self.checkpointer = checkpointer or MemoryCheckpoints(model, optimizer)
         self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.progress = cfg.progress and dist.rank == 0  # one progress bar, on rank 0
         self.generator = torch.Generator(device=self.device)  # negatives; reseeded every step
         self.state = TrainState()
         self.epoch_seconds: list[float] = []
@@ -215,11 +189,11 @@ class Trainer:
         return min(self.cfg.max_steps, by_epochs) if self.cfg.max_steps > 0 else by_epochs
 
     def _set_lr(self) -> None:
-        cfg = self.cfg
-        if cfg.warmup_steps == 0 and cfg.schedule == "constant":
+        optim = self.cfg.optim
+        if optim.warmup_steps == 0 and optim.schedule == "constant":
             return  # the official recipe: the optimizer's lr untouched
         factor = lr_multiplier(
-            self.state.step, self.total_steps(), cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio
+            self.state.step, self.total_steps(), optim.warmup_steps, optim.schedule, optim.min_lr_ratio
         )
         for group, base in zip(self._param_groups(), self._base_lrs):
             group["lr"] = base * factor
@@ -261,7 +235,7 @@ class Trainer:
         negatives = self.sampler.sample(batch.history_lengths(), self.generator)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
             out = self.model(batch.seq, negatives.lookup)
-            loss_mean = sampled_softmax_loss(out, negatives, self.cfg.temperature).float()
+            loss_mean = sampled_softmax_loss(out, negatives, self.cfg.loss.temperature).float()
         positions = float(out.user_TD.shape[0])
         totals = torch.stack(
             [torch.tensor(positions, device=loss_mean.device), loss_mean.detach() * positions]
@@ -295,7 +269,7 @@ class Trainer:
             self.data.epoch(epoch, start),
             total=len(self.data) - start,
             desc=f"epoch {epoch + 1}/{cfg.epochs}",
-            disable=not cfg.progress,
+            disable=not self.progress,
             leave=False,
             dynamic_ncols=True,
         )
@@ -303,7 +277,7 @@ class Trainer:
             loss = self.train_step(batch)
             self.state.batch_in_epoch += 1
             self.state.epoch_loss_sum += loss
-            if self.state.step % cfg.log_every_steps == 0:
+            if self.state.step % cfg.tracking.log_every_steps == 0:
                 self.logger.log({"train/loss": loss}, self.state.step)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self._budget_spent():
@@ -335,7 +309,7 @@ class Trainer:
         return (every > 0 and (epoch % every == 0 or last)) or self._step_checkpoint_due()
 
     def _selects_on_valid(self) -> bool:
-        return self.cfg.protocol in ("validated", "temporal")
+        return self.cfg.data.protocol in ("validated", "temporal")
 
     def _select_split(self) -> str:
         return "valid" if self._selects_on_valid() else "test"
@@ -373,7 +347,7 @@ class Trainer:
                 flush = getattr(self.logger, "flush", None)
                 if flush is not None:  # per-epoch metrics visible at once (a tuner prunes on them)
                     flush()
-                if self.cfg.progress:
+                if self.progress:
                     tqdm.write(
                         f"epoch {epoch + 1:3d}  loss {mean_loss:.4f}  {split} "
                         + "  ".join(f"{k} {metrics[k]:.4f}" for k in ("hr_at_10", "ndcg_at_10", "mrr"))
@@ -393,7 +367,7 @@ class Trainer:
         try:
             return self.evaluate("test")
         except KeyError as exc:
-            if self.cfg.protocol != "temporal" or exc.args != ("test",):
+            if self.cfg.data.protocol != "temporal" or exc.args != ("test",):
                 raise
         report["test_is_valid"] = True
         selected = next((r for r in self.state.history if r["epoch"] == self.state.best_epoch), {})
@@ -402,7 +376,7 @@ class Trainer:
     def final_report(self) -> dict[str, Any]:
         """Test metrics of the selected model, plus timing."""
         report: dict[str, Any] = {
-            "protocol": self.cfg.protocol,
+            "protocol": self.cfg.data.protocol,
             "epochs": self.state.epoch,
             "steps": self.state.step,
         }

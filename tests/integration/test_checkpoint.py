@@ -30,7 +30,7 @@ GLOBAL_BATCH = 48  # divisible by 1, 2 and 3 ranks
 
 
 def resume_config(world_size: int, run_dir: str, epochs: int, resume: bool) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()
     cfg.epochs = epochs
@@ -224,7 +224,7 @@ def small_shards(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> P
 
 
 def mid_epoch_config(source: str, run_dir: Path, every_steps: int, resume: bool = False) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()  # dropout stays on: its masks are a function of (seed, step, rank), as are the negatives
     cfg.epochs = 2

@@ -23,13 +23,16 @@ def test_fuxi_help_lists_the_commands(capsys):
 
 def test_unknown_override_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--preset", "tiny", "--no-tracking", "--set", "model.num_layerz=3"]) == 2
+    assert (
+        main(["train", "--preset", "tiny", "--set", "tracking.enabled=false", "--set", "model.num_layerz=3"])
+        == 2
+    )
     assert "model.num_layerz" in capsys.readouterr().err
 
 
 def test_unknown_amp_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert main(["train", "--preset", "tiny", "--no-tracking", "--set", "amp=fp8"]) == 2
+    assert main(["train", "--preset", "tiny", "--set", "tracking.enabled=false", "--set", "amp=fp8"]) == 2
     assert "fuxi: error: amp must be one of 'none', 'bf16' (got 'fp8')" in capsys.readouterr().err
 
 
@@ -41,7 +44,7 @@ def test_train_logs_mlflow_run_and_checkpoint_reevaluates(tmp_path, monkeypatch,
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     report_path = tmp_path / "report.json"
-    assert main(["train", "--preset", "tiny", "--epochs", "3", "--report-json", str(report_path)]) == 0
+    assert main(["train", "--preset", "tiny", "--set", "epochs=3", "--report-json", str(report_path)]) == 0
     out = capsys.readouterr().out
     assert "ndcg@10" in out and "hr@10" in out and "mrr" in out
     report = json.loads(report_path.read_text())

@@ -282,7 +282,8 @@ def test_exported_encoder_equals_encode_last():
 
 
 def test_preset_carries_the_papers_ml1m_settings():
-    from pipeline.train.config import get_preset, validate
+    from pipeline.train.config import validate
+    from pipeline.train.presets import get_preset
 
     cfg = validate(get_preset("ml-100k-esasrec"))
     m = cfg.model

@@ -15,7 +15,7 @@ def test_training_run_fast_recipe_equals_reference_recipe(tmp_path, arch):
     (reference kernels, padded batches, negatives looked up as sampled). Dropout is off: the fast path draws
     its masks differently. Catches a fast path that bypasses module hooks (FSDP2 unshards parameters in
     forward pre-hooks) or a loss layout that changes the gradient."""
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import run
 
     def train(amp="none", **overrides):

@@ -29,7 +29,7 @@ GROWTH = 131  # rows added; moves the 2-rank row-wise boundary from ~N_old/2 to 
 
 
 def train_config(run_dir: str, world_size: int) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()
     cfg.epochs = 1
@@ -55,17 +55,17 @@ def training_checkpoint(run_dir: str) -> Path:
 def grow_and_save(ckpt: Path | None, num_items: int, kind: str, out: Path) -> None:
     """Every rank: a cold-start model with num_items rows, warm-started from ckpt (None: left cold), its
     model + optimizer state saved with DCP under out/state."""
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.checkpoint import Checkpointer, read_meta
     from pipeline.train.config import TrainConfig, from_dict
     from pipeline.train.grow import warm_start
-    from pipeline.train.parallelize import parallelize
 
     cfg = train_config("", 1)
     if ckpt is not None:
         cfg = from_dict(TrainConfig, read_meta(ckpt)["config"])
     cfg.parallel.sharding_types = (kind,)
     model_cfg = dataclasses.replace(cfg.model, num_items=num_items)
-    pm = parallelize(model_cfg, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
+    pm = build_parallel_model(model_cfg, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
     if ckpt is None:
         pm.init_optimizer_state()
     else:
@@ -140,14 +140,14 @@ def perturbed_checkpoint(root: Path, kind: str) -> Path:
     """A one-rank training checkpoint (model + optimizer, train.json with the config) of an N_OLD-row model
     whose every tensor was moved off its init (random table rows and optimizer state, shifted dense
     weights), so that old rows, new rows and dense values are all told apart."""
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.checkpoint import Checkpointer
     from pipeline.train.grow import _flatten
-    from pipeline.train.parallelize import parallelize
 
     cfg = train_config("", 1)
     cfg.parallel.sharding_types = (kind,)
     cfg.model = dataclasses.replace(cfg.model, num_items=N_OLD)
-    pm = parallelize(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
+    pm = build_parallel_model(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
     pm.init_optimizer_state()
     state = {"model": pm.dmp.state_dict(), "optim": pm.optimizer.state_dict()}
     gen = torch.Generator().manual_seed(7)
@@ -193,14 +193,14 @@ def one_line_error(call: Any) -> str:
 
 
 def test_shrinking_table_and_dense_shape_mismatch_are_one_line_errors(saved: dict[str, Path]) -> None:
-    from pipeline.train.config import tiny
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.grow import warm_start
-    from pipeline.train.parallelize import parallelize
+    from pipeline.train.presets import tiny
     from serving.loading import load_checkpoint_model
 
     cfg = train_config("", 1)
     with world_of_one():
-        small = parallelize(
+        small = build_parallel_model(
             dataclasses.replace(cfg.model, num_items=N_OLD - 1),
             cfg.parallel,
             cfg.optim,
@@ -211,7 +211,7 @@ def test_shrinking_table_and_dense_shape_mismatch_are_one_line_errors(saved: dic
         assert message == f"checkpoint has {N_OLD} item rows, the model {N_OLD - 1}: a table can only grow"
         # another padded_length: the position weights of every block have another shape
         other = dataclasses.replace(cfg.model, num_items=N_OLD, padded_length=tiny().model.padded_length + 10)
-        wide = parallelize(other, cfg.parallel, cfg.optim, torch.device("cpu"), 0)
+        wide = build_parallel_model(other, cfg.parallel, cfg.optim, torch.device("cpu"), 0)
         message = one_line_error(lambda: warm_start(wide.dmp, saved["row_wise"]))
         assert "model.encoder.blocks.0.ams.pos_weights.weight has shape" in message
     message = one_line_error(lambda: load_checkpoint_model(saved["row_wise"], num_items=N_OLD - 1))
@@ -220,14 +220,15 @@ def test_shrinking_table_and_dense_shape_mismatch_are_one_line_errors(saved: dic
 
 def test_final_checkpoint_grows_weights_only(saved: dict[str, Path], tmp_path: Path) -> None:
     """final/ holds the model only: init_optimizer needs a training checkpoint; weights alone still grow."""
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.grow import warm_start
-    from pipeline.train.parallelize import TABLE_KEY, parallelize
+    from pipeline.train.parallelize import TABLE_KEY
 
     final = saved["row_wise"].parent / "final"
     cfg = train_config("", 1)
     model_cfg = dataclasses.replace(cfg.model, num_items=N_OLD + GROWTH)
     with world_of_one():
-        pm = parallelize(model_cfg, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
+        pm = build_parallel_model(model_cfg, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
         message = one_line_error(lambda: warm_start(pm.dmp, final, pm.optimizer, pm.init_optimizer_state))
         assert "holds no optimizer state" in message and "init_optimizer=false" in message
         warm_start(pm.dmp, final)
@@ -258,11 +259,12 @@ def test_load_checkpoint_model_grows_the_table(saved: dict[str, Path], tmp_path:
 
 
 def test_init_optimizer_is_a_boolean_override() -> None:
-    from pipeline.train.config import TrainConfig, apply_overrides, from_dict, tiny
+    from pipeline.train.config import TrainConfig, apply_overrides, from_dict
+    from pipeline.train.presets import tiny
 
     assert tiny().init_optimizer is True
     assert apply_overrides(tiny(), ["init_optimizer=false"]).init_optimizer is False
-    with pytest.raises(ValueError, match="expected a boolean"):
+    with pytest.raises(ValueError, match="init_optimizer: cannot use .maybe. .Input should be a valid bool"):
         apply_overrides(tiny(), ["init_optimizer=maybe"])
     older = dataclasses.asdict(tiny())
     del older["init_optimizer"]  # a train.json written before the field existed

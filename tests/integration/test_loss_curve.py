@@ -25,7 +25,7 @@ UPDATE = os.environ.get("FUXI_UPDATE_LOSS_CURVES") == "1"
 
 
 def tiny_losses(run_dir: Path) -> list[float]:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from tests.helpers.distributed import run_recorded
 
     cfg = tiny()

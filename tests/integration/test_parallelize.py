@@ -42,7 +42,7 @@ KINDS = ("data_parallel", "row_wise", "table_wise", "column_wise")
 
 
 def parity_config(kind: str, world_size: int, run_dir: str, epochs: int = 2) -> Any:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
 
     cfg = tiny()
     cfg.epochs = epochs
@@ -98,16 +98,16 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
     import torch.distributed as dist
 
     from model.loss import NegativeSampler
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.distributed import all_reduce_sum
-    from pipeline.train.parallelize import parallelize
     from pipeline.train.run import build_batches, load_data
-    from pipeline.train.trainer import DistInfo, Trainer, TrainerConfig
+    from pipeline.train.trainer import DistInfo, Trainer
 
     data = load_data(cfg)
     cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = build_batches(cfg, data, rank, world)["train"]
-    pm = parallelize(
+    pm = build_parallel_model(
         cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed, batch_size=cfg.batch_size
     )
     probe = GradProbe(pm)
@@ -117,9 +117,7 @@ def first_step_grad_norms(cfg: Any) -> dict[str, float]:
         sampler=NegativeSampler(cfg.loss.num_negatives, "shared", 1, data.num_items),
         data=batches,
         evaluate=lambda split: {},
-        cfg=TrainerConfig(
-            protocol="validated", temperature=cfg.loss.temperature, epochs=1, seed=cfg.seed, progress=False
-        ),
+        cfg=cfg,
         dist=DistInfo(rank, world, "cpu", all_reduce_sum),
     )
     trainer.train_step(next(iter(batches.epoch(0))))
@@ -199,8 +197,8 @@ def test_sharded_evaluation_scores_every_user_once_on_every_world_size() -> None
     without rows in the last global batch evaluates one padding row, marked invalid)."""
     import numpy as np
 
-    from pipeline.train.config import tiny
     from pipeline.train.evaluate import _eval_rows
+    from pipeline.train.presets import tiny
     from pipeline.train.run import build_batches, load_data
 
     cfg = tiny()

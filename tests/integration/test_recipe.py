@@ -20,7 +20,8 @@ from model.fuxi import MFFN
 from model.loss import NegativeSampler
 from pipeline.data.sequences import write_sequences
 from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
-from pipeline.train.config import apply_overrides, get_preset, validate
+from pipeline.train.config import apply_overrides, validate
+from pipeline.train.presets import get_preset
 from pipeline.train.recipe import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, DataShape, data_shape, generic
 from pipeline.train.run import run
 from pipeline.train.trainer import lr_multiplier
@@ -135,7 +136,15 @@ def test_generic_recipe_is_sized_by_the_data() -> None:
 def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> None:
     path = tmp_path / "seq.parquet"
     write_sequences(synthetic_sequences(SyntheticConfig(num_users=60, num_items=80, mean_length=12)), path)
-    args = ["train", "--data", str(path), "--no-tracking", "--output-dir", str(tmp_path / "runs")]
+    args = [
+        "train",
+        "--data",
+        str(path),
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        f"output_dir={tmp_path}/runs",
+    ]
     report_path = tmp_path / "report.json"
     assert main(args + ["--set", "epochs=1", "--report-json", str(report_path)]) == 0
     out = capsys.readouterr().out

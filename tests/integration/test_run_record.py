@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pipeline.train.checkpoint import Checkpointer
-from pipeline.train.config import tiny
+from pipeline.train.presets import tiny
 from pipeline.train.run import RUN_RECORD, load_data, make_logger
 
 

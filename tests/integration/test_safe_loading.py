@@ -40,7 +40,7 @@ class Payload:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A genuine training checkpoint (model + optimizer) of a one-epoch tiny run."""
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import run
 
     cfg = tiny()
@@ -88,7 +88,7 @@ def test_stock_dcp_runs_the_payload_ours_refuses_it(trained: Path, tmp_path: Pat
 def test_crafted_checkpoint_is_refused_by_eval_resume_and_warm_start(
     kind: str, trained: Path, tmp_path: Path
 ) -> None:
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import run
 
     marker = tmp_path / "ran"

@@ -37,7 +37,7 @@ UNKNOWN = 10_000  # an item row far beyond the tiny model's table (201 rows)
 def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     from pipeline.data.sequences import SequenceData, write_sequences
     from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import run
     from pipeline.train.tracking import mlflow_client
 

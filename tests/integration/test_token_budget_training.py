@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def test_training_with_a_token_budget_takes_the_planned_steps(tmp_path):
-    from pipeline.train.config import tiny
+    from pipeline.train.presets import tiny
     from pipeline.train.run import build_batches, load_data, run
 
     cfg = tiny()

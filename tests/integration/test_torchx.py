@@ -80,9 +80,8 @@ def test_kubernetes_dryrun_spec() -> None:
         assert "--nnodes 2 --nproc_per_node 8" in command
         assert "torchrun --max-restarts 3 " in command  # in-place restarts of failed workers
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in {e["name"] for e in container["env"]}
-        assert (
-            "-m jobs.cli train --preset ml-20m --run-dir /mnt/runs/nightly --resume --device cuda" in command
-        )
+        run_dir = "--set run_dir=/mnt/runs/nightly --set resume=true"
+        assert f"-m jobs.cli train --preset ml-20m {run_dir} --device cuda" in command
         assert "--set model.num_layers=4" in command
 
 
@@ -118,7 +117,7 @@ def test_slurm_dryrun_spec() -> None:
         assert "--nnodes 2 --nproc_per_node 4" in line and "-m jobs.cli train --preset tiny" in line
         # no run_dir given: the default names the job (stable across requeues and re-submissions), so a
         # retry finds its checkpoints; torchrun restarts failed workers in place as well
-        assert "--run-dir runs/fuxi-train --resume --device cuda" in line
+        assert "--set run_dir=runs/fuxi-train --set resume=true --device cuda" in line
         assert "torchrun --max-restarts 2 " in line
 
 

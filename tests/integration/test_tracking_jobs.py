@@ -18,7 +18,8 @@ import torch
 
 from jobs.report import build_report, parameter_count, plot, scaling_series
 from jobs.sweep import expand_grid, parse_grid, point_name, run_sweep
-from pipeline.train.config import apply_overrides, get_preset, to_flat_dict
+from pipeline.train.config import apply_overrides, to_flat_dict
+from pipeline.train.presets import get_preset
 from pipeline.train.tracking import mlflow_client
 from serving import registry
 

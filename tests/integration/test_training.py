@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from pipeline.data.synthetic import SyntheticConfig
-from pipeline.train.config import tiny
 from pipeline.train.evaluate import evaluate
+from pipeline.train.presets import tiny
 from pipeline.train.run import build_batches, load_data, run
 
 

@@ -241,8 +241,18 @@ def test_string_ids_build_train_and_return_raw_ids_in_top_k(tmp_path):
         write_day(logs, f"2024-01-0{d + 1}", rows, item_type=pa.string(), user_type=pa.string())
     seq, report = tmp_path / "seq", tmp_path / "report.json"
     assert main(["data", "build-sequences", "--logs", str(logs), "--out", str(seq), "--partitions", "2"]) == 0
-    args = ["train", "--preset", "tiny", "--data", str(seq), "--epochs", "1", "--no-tracking"]
-    assert main([*args, "--output-dir", str(tmp_path / "runs"), "--report-json", str(report)]) == 0
+    args = [
+        "train",
+        "--preset",
+        "tiny",
+        "--data",
+        str(seq),
+        "--set",
+        "epochs=1",
+        "--set",
+        "tracking.enabled=false",
+    ]
+    assert main([*args, "--set", f"output_dir={tmp_path / 'runs'}", "--report-json", str(report)]) == 0
     loaded = load_checkpoint_model(json.loads(report.read_text())["checkpoint"])
     assert loaded.vocab is not None and loaded.vocab.key_type == "string"
     ids, scores, ignored = loaded.top_k([["sku-0001", "sku-0004"], ["sku-0010", "no-such-item"]], k=5)

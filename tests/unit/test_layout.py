@@ -29,11 +29,13 @@ DISTRIBUTED = (
     "torch.distributed",
     "torchrec.distributed",
     "pipeline.train.parallelize",
+    "pipeline.train.builder",
     "pipeline.train.distributed",
 )
 # what jobs/ (other than the CLI) may import from the layers below (and all of serving/)
 JOBS_MAY_IMPORT = (
     "pipeline.train.config",
+    "pipeline.train.presets",
     "pipeline.train.tracking",
     "pipeline.data.schema",
 )
@@ -127,6 +129,13 @@ def test_importing_the_model_loads_no_data_path() -> None:
     )
     assert len(modules) >= 5
     assert out.stdout.strip().splitlines()[-1] == str(sorted(MODEL_MAY_IMPORT))
+
+
+def test_the_config_tree_imports_no_other_training_module() -> None:
+    """pipeline/train/config.py is the bottom of the training path: presets and recipes import it, never
+    the other way round (no import circle)."""
+    path = ROOT / "pipeline" / "train" / "config.py"
+    assert [n for _, n in imports(path) if under(n, "pipeline.train")] == []
 
 
 MAX_MODEL_FILE_LINES = 500  # a model file a reader can hold in mind; split by role beyond it

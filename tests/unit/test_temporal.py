@@ -15,8 +15,9 @@ import torch
 
 from pipeline.data.sequences import SequenceData
 from pipeline.data.temporal import TAG_NEW_ITEM, TAG_NEW_USER, resolve_cut, temporal_split
-from pipeline.train.config import apply_overrides, tiny
+from pipeline.train.config import apply_overrides
 from pipeline.train.evaluate import evaluate
+from pipeline.train.presets import tiny
 from pipeline.train.run import build_batches
 
 D = 86400
@@ -167,9 +168,9 @@ def test_leave_one_out_metrics_keep_their_keys():
 
 
 def test_evaluate_and_evaluate_sharded_agree():
+    from pipeline.train.builder import build_parallel_model
     from pipeline.train.distributed import init_distributed, teardown
     from pipeline.train.evaluate import evaluate_sharded
-    from pipeline.train.parallelize import parallelize
 
     cfg = tiny()
     apply_overrides(cfg, ["data.protocol=temporal", "data.cut=2024-01-05"])
@@ -178,7 +179,7 @@ def test_evaluate_and_evaluate_sharded_agree():
     valid.batch_size = 2
     ctx = init_distributed("cpu")
     try:
-        pm = parallelize(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
+        pm = build_parallel_model(cfg.model, cfg.parallel, cfg.optim, torch.device("cpu"), cfg.seed)
         plain = evaluate(pm.model, valid.epoch())
         sharded = evaluate_sharded(pm, valid)
     finally:
