@@ -5,7 +5,7 @@
         --seeds 0 1 --variants official single_stage zero_w2 hstu
 
 `norms` builds the model exactly as training does (the seeded dense template of
-pipeline/train/builder.init_dense, the table's truncated normal) and, on a fixed batch in eval mode,
+init_dense in pipeline/train/builder.py, the table's truncated normal) and, on a fixed batch in eval mode,
 prints per block the RMS of: the block input x, the AMS output h, the MFFN stage-1 branch Linear(h), the
 stage-1 sum o = x + Linear(h), the stage-2 branch SwiGLU(RMSNorm(o)) and the block output; and the
 gradient norm of each weight group. It does this at init and after each of --steps optimizer steps

@@ -344,8 +344,10 @@ def test_dropout_impl_not_the_kernel_picks_the_dropout(kernel):
     a = F.dropout(x, 0.3, True)
     torch.manual_seed(0)
     assert not torch.equal(a, fast_dropout(x, 0.3, True))  # the two streams differ: the test can tell them
+    with pytest.raises(ValueError, match="dropout_impl"):  # the typed config refuses it first
+        cfg_(kernel=kernel, dropout_impl="bernoulli")
     with pytest.raises(ValueError, match="dropout impl must be 'torch' or 'fast', got 'bernoulli'"):
-        build_model(cfg_(kernel=kernel, dropout_impl="bernoulli"))
+        Dropout(0.3, "bernoulli")
 
 
 @pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
