@@ -209,6 +209,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SchedulerType=sched/backfill
+# TorchX submits heterogeneous jobs (one component per node), which only the backfill scheduler starts
+SchedulerParameters=bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # a lost node is noticed in ~20 s and returns to service when its slurmd registers again; jobs submitted
