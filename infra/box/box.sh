@@ -100,7 +100,8 @@ start_host() {
     ip -n "$ns" link set lo up
   fi
   # the anchor: own hostname and mounts, then sleeps; its pid names the host's namespaces
-  nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- bash -c '
+  # (setsid: its own session, out of reach of a signal to the caller's process group)
+  setsid nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- bash -c '
     set -e
     hostname "$0"
     mount --bind "$1/hosts" /etc/hosts
@@ -166,7 +167,7 @@ start_mariadb() {
     mariadb-install-db --user=root --datadir="$d/data" --auth-root-authentication-method=socket \
       >"$LOG/mariadb-install.log" 2>&1 || die "mariadb (install-db) failed (log: $LOG/mariadb-install.log)"
   fi
-  on head bash -c "mariadbd --no-defaults --user=root --datadir='$d/data' --socket='$d/mysqld.sock' \
+  on head bash -c "setsid mariadbd --no-defaults --user=root --datadir='$d/data' --socket='$d/mysqld.sock' \
     --pid-file='$d/mysqld.pid' --bind-address=127.0.0.1 --port=$MYSQL_PORT --log-error='$LOG/mariadb.log' \
     --innodb-buffer-pool-size=64M --innodb-lock-wait-timeout=900 --performance-schema=OFF </dev/null >/dev/null 2>&1 &"
   wait_for mariadb 30 mariadb_ready
@@ -213,9 +214,9 @@ SchedulerType=sched/backfill
 SchedulerParameters=bf_interval=5
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
-# a lost node is noticed in ~20 s and returns to service when its slurmd registers again; jobs submitted
+# a lost node is DOWN after 10 s without an answer (a 20 s loss always downs it) and returns to service when its slurmd registers again; jobs submitted
 # with --requeue (TorchX always) go back to the queue
-SlurmdTimeout=20
+SlurmdTimeout=10
 ReturnToService=2
 JobRequeue=1
 KillWait=10
@@ -307,7 +308,8 @@ start_mlflow() {
   WAIT_PID=$(cat "$BOX_DIR/mlflow/server.pid") wait_for "mlflow server" 120 mlflow_ready
 }
 
-# Ray: the head takes no tasks (--num-cpus 0), each worker host one CPU; everything bound to the box address
+# Ray: the head takes no tasks (--num-cpus 0), each worker host one CPU; everything bound to the box address.
+# No dashboard (it needs ray[default]'s extra packages): ray.timeline() says which node ran which task.
 start_ray_head() {
   [ -s "$BOX_DIR/secrets/ray_token" ] || (umask 077 && mkdir -p "$BOX_DIR/secrets" \
     && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$BOX_DIR/secrets/ray_token")
