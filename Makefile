@@ -39,3 +39,7 @@ box-up: setup box-install
 
 box-down:
 	@infra/box/box.sh down
+
+# box up, 2-host training parity, the build on the Ray cluster, a lost-host drill, box down
+box-test: setup box-install
+	@infra/box/box_test.sh

@@ -313,11 +313,11 @@ start_mlflow() {
 start_ray_head() {
   [ -s "$BOX_DIR/secrets/ray_token" ] || (umask 077 && mkdir -p "$BOX_DIR/secrets" \
     && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$BOX_DIR/secrets/ray_token")
-  on head ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus=0 \
+  on head setsid ray start --head --node-ip-address="$HEAD_IP" --port="$RAY_PORT" --num-cpus=0 \
     --include-dashboard=false --disable-usage-stats >"$LOG/ray-head.log" 2>&1 || die "ray head failed to start (log: $LOG/ray-head.log)"
 }
 start_ray_worker() {
-  on "$1" ray start --address="$HEAD_IP:$RAY_PORT" --node-ip-address="$(host_ip "$1")" --num-cpus=1 \
+  on "$1" setsid ray start --address="$HEAD_IP:$RAY_PORT" --node-ip-address="$(host_ip "$1")" --num-cpus=1 \
     --disable-usage-stats >"$LOG/ray-$1.log" 2>&1 || die "ray worker on $1 failed to start (log: $LOG/ray-$1.log)"
 }
 

@@ -18,6 +18,7 @@ fail() { echo "box-test FAILED: $*" >&2; exit 1; }
 infra/box/install.sh
 "$BOX" up
 [ "${BOX_KEEP:-0}" = 1 ] || trap '"$BOX" down' EXIT
+on head scancel --full --user root  # jobs left queued by an earlier run (Slurm's state outlives box down)
 
 ID=bt$(date +%s)               # job and data names of this run: a rerun never resumes an earlier one
 EPOCHS=${BOX_TEST_EPOCHS:-12}  # tiny: 2 steps an epoch, a checkpoint at each epoch's end

@@ -62,7 +62,8 @@ def main() -> int:
         print(f"{step:>5}  {a[step]:>32.9f}  {b[step]:>32.9f}  {diff:.3g}")
     for step in sorted(a):
         if abs(a[step] - b[step]) > args.atol:
-            print(f"losses differ at step {step}: {a[step]!r} != {b[step]!r} (atol {args.atol})", file=sys.stderr)
+            msg = f"losses differ at step {step}: {a[step]!r} != {b[step]!r} (atol {args.atol})"
+            print(msg, file=sys.stderr)
             return 1
     print(f"{len(a)} steps equal (max |diff| {worst:.3g}, atol {args.atol})")
     return 0

@@ -22,7 +22,8 @@ def manifest(d: Path) -> dict:
 
 def table(path: Path):
     t = pq.read_table(path)
-    return t.sort_by([(name, "ascending") for name in t.column_names if not _is_list(t.schema.field(name).type)])
+    keys = [name for name in t.column_names if not _is_list(t.schema.field(name).type)]
+    return t.sort_by([(name, "ascending") for name in keys])
 
 
 def _is_list(t) -> bool:
