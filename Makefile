@@ -2,7 +2,7 @@
 VENV ?= .venv
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-unit test-integration loss-curves lint clean
+.PHONY: setup demo test test-unit test-integration loss-curves lint clean box-install box-up box-down box-test
 setup:
 	@scripts/install.sh
 
@@ -33,3 +33,18 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pyrefly check
+
+# Cluster in a box (infra/box/README.md): hosts as network namespaces on this machine, Slurm + slurmdbd,
+# Ray, the MLflow server on PostgreSQL. Root only.
+box-install:
+	@infra/box/install.sh
+
+box-up: setup box-install
+	@infra/box/box.sh up
+
+box-down:
+	@infra/box/box.sh down
+
+# box up, 2-host training parity, the build on the Ray cluster, a lost-host drill, box down
+box-test: setup box-install
+	@infra/box/box_test.sh

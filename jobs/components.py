@@ -25,6 +25,9 @@ import torchx.specs as specs
 from torchx.components.dist import ddp
 
 DEFAULT_IMAGE = "fuxi-pipeline:latest"  # built from infra/Dockerfile
+RDZV_PORT = 29500  # ddp()'s default
+# evaluated by the replica's shell (`$$` is TorchX's escape for `$`): 29500..30499 by Slurm job id
+SLURM_RDZV_PORT = f"$$(({RDZV_PORT} + $${{SLURM_JOB_ID:-0}} % 1000))"
 
 
 def train(
@@ -100,8 +103,12 @@ def train(
         env=job_env,
         max_retries=max_retries,
     )
-    if max_retries > 0:  # ddp() has no torchrun restart setting: add it to the torchrun command it built
-        for role in app.roles:
+    for role in app.roles:
+        # the rendezvous port: on Slurm, two jobs can share a node (1 CPU a rank), and with ddp()'s fixed
+        # 29500 the second job's rendezvous store fails to bind or joins the first one's; offset it by the
+        # job id there (29500 elsewhere: the shell default when SLURM_JOB_ID is unset)
+        role.args = [a.replace(f":{RDZV_PORT} ", f":{SLURM_RDZV_PORT} ") for a in role.args]
+        if max_retries > 0:  # ddp() has no torchrun restart setting: add it to the torchrun command it built
             restarts = f"torchrun --max-restarts {max_retries} "
             role.args = [a.replace("torchrun ", restarts, 1) for a in role.args]
     return app

@@ -119,6 +119,9 @@ def test_slurm_dryrun_spec() -> None:
         # retry finds its checkpoints; torchrun restarts failed workers in place as well
         assert "--set run_dir=runs/fuxi-train --set resume=true --device cuda" in line
         assert "torchrun --max-restarts 2 " in line
+        # rendezvous port by job id: two jobs sharing a node do not meet in one store
+        port = "$((29500 + ${SLURM_JOB_ID:-0} % 1000))"
+        assert f"--rdzv_endpoint ${{SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}}:{port} " in line
 
 
 @pytest.mark.slow

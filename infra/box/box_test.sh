@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# `make box-test`: the box up, then through the normal commands on it
+#   1. a 2-host TorchX Slurm job (one rank per worker host, gloo over the bridge, the item table row-wise
+#      across the hosts, FSDP2 over the blocks); `torchx status` / `torchx log` on it; its per-step losses
+#      equal the same job's with 2 ranks on one host (local_cwd);
+#   2. `fuxi data build-sequences` + `append-day` on the Ray cluster equal the same commands on a local Ray;
+#   3. a lost worker host mid-job (every process in its namespace, slurmd included; back 20 s later):
+#      Slurm requeues, the job resumes from its last complete checkpoint in the same MLflow run, and its
+#      losses equal the uninterrupted job's;
+# and the box down (also on failure). Each check fails with one line. Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+BOX=infra/box/box.sh
+on() { "$BOX" exec "$@"; }
+step() { echo "== box-test: $*" >&2; }
+fail() { echo "box-test FAILED: $*" >&2; exit 1; }
+
+infra/box/install.sh
+"$BOX" up
+[ "${BOX_KEEP:-0}" = 1 ] || trap '"$BOX" down' EXIT
+on head scancel --full --user root  # jobs left queued by an earlier run (Slurm's state outlives box down)
+
+ID=bt$(date +%s)               # job and data names of this run: a rerun never resumes an earlier one
+EPOCHS=${BOX_TEST_EPOCHS:-12}  # tiny: 2 steps an epoch, a checkpoint at each epoch's end
+JOB_ARGS=(--preset tiny --epochs "$EPOCHS" parallel.sharding_types=row_wise tracking.log_every_steps=1)
+OUT=runs/box-test/$ID
+mkdir -p "$OUT"
+
+# submit NAME ARGS...: a 2-host Slurm job; prints its app handle
+submit() {
+  local name=$1
+  shift
+  on head torchx run -s slurm jobs/components.py:train --nnodes 2 --nproc_per_node 1 --name "$name" \
+    --run_dir "runs/$name" "$@" "${JOB_ARGS[@]}" 2>&1 | tee "$OUT/$name.submit.log" | grep -o 'slurm://[^ ]*' | tail -1
+}
+
+# wait_done HANDLE SECONDS: poll `torchx status` until the job ends; fail unless it SUCCEEDED
+wait_done() {
+  local handle=$1 secs=$2 state=
+  for _ in $(seq 1 $((secs / 3))); do
+    state=$(on head torchx status "$handle" 2>/dev/null | awk '/State:/ && !s {s = $2} END {print s}' || true)
+    case "$state" in
+      SUCCEEDED) return 0 ;;
+      FAILED | CANCELLED) fail "$handle ended $state (torchx log $handle; logs in slurm-${handle##*/}-*.out)" ;;
+    esac
+    sleep 3
+  done
+  fail "$handle not done in ${secs}s (last state: ${state:-none})"
+}
+
+step "1. 2-host training on Slurm"
+H=$(submit "$ID-2host") || true
+[ -n "$H" ] || fail "torchx run -s slurm did not print an app handle ($OUT/$ID-2host.submit.log)"
+wait_done "$H" 300
+JOBID=${H##*/}
+nodes=$(on head sacct -n -X -j "$JOBID" -o NodeList%20 | tr -s ' \n' ' ')
+case "$nodes" in *w1*w2* | *w2*w1*) ;; *) fail "job $JOBID ran on '$nodes', not on w1 and w2" ;; esac
+on head torchx log --streams stdout "$H" > "$OUT/$ID-2host.log" 2>&1 || fail "torchx log $H failed"
+grep -q "mlflow run:" "$OUT/$ID-2host.log" || fail "torchx log $H has no training output"
+on head python - "runs/$ID-2host" <<'EOF' || fail "2-host job: not 2 ranks with the item table row-wise"
+import json, sys
+t = json.load(open(f"{sys.argv[1]}/checkpoints/final/train.json"))
+ranks = sorted(s["rank"] for s in t["sharding"]["shards"])
+assert t["world_size"] == 2 and t["sharding"]["sharding_type"] == "row_wise" and ranks == [0, 1], t["sharding"]
+print(f"2-host job: world size 2, item table row-wise: {t['sharding']['shards']}")
+EOF
+echo "job $JOBID on $nodes: $(on head torchx status "$H" | awk '/State:/ {print $2}')" >&2
+
+step "1b. the same job with 2 ranks on one host (local_cwd on w1)"
+on w1 torchx run -s local_cwd jobs/components.py:train --nproc_per_node 2 --name "$ID-1host" \
+  --run_dir "runs/$ID-1host" "${JOB_ARGS[@]}" > "$OUT/$ID-1host.log" 2>&1 || fail "local 2-rank job failed ($OUT/$ID-1host.log)"
+on head python infra/box/compare_losses.py "runs/$ID-2host" "runs/$ID-1host" | tail -1 \
+  || fail "2-host losses differ from 1-host 2-rank losses"
+
+step "2. sequence build on the Ray cluster vs a local Ray"
+D=runs/box-test/$ID/data
+on head fuxi data synth-logs --out "$D/logs" --users 300 --items 200 --days 3 --events 6000 >/dev/null 2>&1 \
+  || fail "fuxi data synth-logs failed"
+for where in ray local; do
+  unset_ray=()
+  [ "$where" = local ] && unset_ray=(env -u RAY_ADDRESS)   # no RAY_ADDRESS: a local Ray inside the head
+  on head "${unset_ray[@]}" fuxi data build-sequences --logs "$D/logs" --out "$D/seq-$where" --partitions 4 \
+    --dates 2024-01-01,2024-01-02 > "$OUT/build-$where.log" 2>&1 || fail "build-sequences ($where) failed ($OUT/build-$where.log)"
+  on head "${unset_ray[@]}" fuxi data append-day --logs "$D/logs" --date 2024-01-03 --sequences "$D/seq-$where" \
+    > "$OUT/append-$where.log" 2>&1 || fail "append-day ($where) failed ($OUT/append-$where.log)"
+done
+grep -q "Connecting to existing Ray cluster at address: 10.77.0.10" "$OUT/build-ray.log" \
+  || fail "build-sequences did not join the box's Ray cluster ($OUT/build-ray.log)"
+on head python infra/box/compare_sequences.py "$D/seq-ray" "$D/seq-local" || fail "Ray-cluster build differs from the local build"
+
+step "3. drill: lose worker host w2 mid-job"
+H=$(submit "$ID-drill" --max_retries 1) || true
+[ -n "$H" ] || fail "drill job not submitted ($OUT/$ID-drill.submit.log)"
+ckpt=runs/$ID-drill/checkpoints/latest
+for _ in $(seq 1 120); do  # wait for a complete checkpoint past the first epoch, then pull the plug
+  [ "$(cat "$ckpt" 2>/dev/null || true)" \> step-000002 ] && break
+  sleep 1
+done
+[ -e "$ckpt" ] || fail "drill job wrote no checkpoint in 120 s"
+run_before=$(python3 -c "import json; print(json.load(open('runs/$ID-drill/mlflow_run.json'))['run_id'])")
+echo "killing w2 at checkpoint $(cat "$ckpt")" >&2
+"$BOX" kill-host w2
+sleep 20
+"$BOX" start-host w2
+wait_done "$H" 420
+restarts=$(on head sacct -n -X -j "${H##*/}" -o Restarts | awk 'NR == 1 {print $1}')
+run_after=$(python3 -c "import json; print(json.load(open('runs/$ID-drill/mlflow_run.json'))['run_id'])")
+[ "$run_before" = "$run_after" ] || fail "drill: the retry opened a new MLflow run ($run_before -> $run_after)"
+on head python infra/box/compare_losses.py "runs/$ID-drill" "runs/$ID-2host" | tail -1 \
+  || fail "drill: losses differ from the uninterrupted job"
+echo "drill: Slurm restarts $restarts, one MLflow run $run_after" >&2
+
+step "passed"

@@ -1,0 +1,63 @@
+"""Check that two sequence shard directories (`fuxi data build-sequences` / `append-day`) hold the same data.
+
+    python infra/box/compare_sequences.py runs/box-data/seq-ray runs/box-data/seq-local
+
+Same partitions, same vocabulary, and per partition the same rows (compared sorted, since the row order
+inside a shard may follow task completion). Exits 1 with one line naming the first difference.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+
+def manifest(d: Path) -> dict:
+    try:
+        return json.loads((d / "manifest.json").read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"{d}/manifest.json: {e}") from None
+
+
+def table(path: Path):
+    t = pq.read_table(path)
+    keys = [name for name in t.column_names if not _is_list(t.schema.field(name).type)]
+    return t.sort_by([(name, "ascending") for name in keys])
+
+
+def _is_list(t) -> bool:
+    return str(t).startswith(("list", "large_list", "fixed_size_list"))
+
+
+def main() -> int:
+    if len(sys.argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    a, b = Path(sys.argv[1]), Path(sys.argv[2])
+    ma, mb = manifest(a), manifest(b)
+    for key in ("num_items", "num_partitions", "max_length", "generation"):
+        if ma.get(key) != mb.get(key):
+            print(f"manifest {key}: {ma.get(key)!r} in {a}, {mb.get(key)!r} in {b}", file=sys.stderr)
+            return 1
+    if sorted(ma["days"]) != sorted(mb["days"]):
+        print(f"days differ: {sorted(ma['days'])} vs {sorted(mb['days'])}", file=sys.stderr)
+        return 1
+    files = [(s["file"], s["file"]) for s in ma["shards"]]
+    if [s["file"] for s in ma["shards"]] != [s["file"] for s in mb["shards"]]:
+        print("shard files differ", file=sys.stderr)
+        return 1
+    files.append((ma["vocab"]["file"], mb["vocab"]["file"]))
+    rows = 0
+    for fa, fb in files:
+        ta, tb = table(a / fa), table(b / fb)
+        if not ta.equals(tb):
+            print(f"{fa}: contents differ ({ta.num_rows} vs {tb.num_rows} rows)", file=sys.stderr)
+            return 1
+        rows += ta.num_rows
+    print(f"equal: {len(files) - 1} shards + vocabulary, {rows} rows, days {', '.join(sorted(ma['days']))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
