@@ -28,7 +28,7 @@ clean:
 	rm -rf runs mlflow.db mlruns .pytest_cache
 
 # Lint gate (CI runs it before the tests): ruff lint + format check over the repo, pyrefly over the
-# model, the data path and the training path (scope: [tool.pyrefly] in pyproject.toml).
+# model, the data and training paths, serving and storage (scope: [tool.pyrefly] in pyproject.toml).
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -86,7 +86,8 @@ def workers(run_dir: Path) -> dict[int, psutil.Process]:
     for proc in psutil.process_iter(["cmdline"]):
         try:
             cmd = proc.info["cmdline"] or []
-            if str(run_dir) not in cmd or "jobs.cli" not in cmd:
+            # the run dir reaches the trainer as `--set run_dir=<dir>`
+            if f"run_dir={run_dir}" not in cmd or "jobs.cli" not in cmd:
                 continue
             rank = proc.environ().get("LOCAL_RANK")
             if rank is not None and "torchrun" not in " ".join(cmd[:2]):

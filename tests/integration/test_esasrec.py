@@ -298,7 +298,7 @@ def test_tiny_training_run_through_the_cli(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     report_path = tmp_path / "report.json"
-    argv = ["train", "--preset", "tiny", "--no-tracking", "--report-json", str(report_path)]
+    argv = ["train", "--preset", "tiny", "--set", "tracking.enabled=false", "--report-json", str(report_path)]
     argv += ["--set", "model.architecture=esasrec", "--set", "loss.negatives=per_position"]
     assert main(argv) == 0
     assert "esasrec" in capsys.readouterr().out

@@ -35,7 +35,17 @@ def test_fuxi_train_temporal_end_to_end(tmp_path, monkeypatch):
     path = write_sequences(data, tmp_path / "seq.parquet")
 
     keys = ("num_targets", "users/ndcg_at_10", "new_items/num_targets", "new_users/num_targets")
-    common = ["train", "--preset", "tiny", "--no-tracking", "--data", str(path), "--epochs", "1"]
+    common = [
+        "train",
+        "--preset",
+        "tiny",
+        "--set",
+        "tracking.enabled=false",
+        "--data",
+        str(path),
+        "--set",
+        "epochs=1",
+    ]
     out = tmp_path / "report.json"
     args = ["--set", "data.protocol=temporal", "--set", "data.cut=2024-01-05", "--report-json", str(out)]
     assert main(common + args) == 0
