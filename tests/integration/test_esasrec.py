@@ -22,6 +22,7 @@ from model.esasrec import ESASRecStack, LiGRBlock
 from model.loss import NegativeSampler, sampled_softmax_loss
 from model.recommender import build_model, count_parameters
 from tests.conftest import make_seq, padded_as_jagged, random_rows
+from tests.helpers.checkpoints import final_model_configs
 
 
 def cfg_(**kw) -> ModelConfig:
@@ -347,7 +348,5 @@ def test_compare_models_runs_esasrec_and_refuses_a_missing_preset_before_trainin
     assert done.returncode == 0, done.stderr[-2000:]
     (row,) = json.loads((tmp_path / "t.json").read_text())
     assert row["model"] == "esasrec" and math.isfinite(row["test_ndcg_at_10"])
-    trained = [
-        json.loads(f.read_text())["config"]["model"] for f in (tmp_path / "w").rglob("final*/train.json")
-    ]
+    trained = final_model_configs(tmp_path / "w")
     assert trained and all(m["architecture"] == "esasrec" for m in trained)

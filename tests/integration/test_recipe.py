@@ -25,6 +25,7 @@ from pipeline.train.presets import get_preset
 from pipeline.train.recipe import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, DataShape, data_shape, generic
 from pipeline.train.run import run
 from pipeline.train.trainer import lr_multiplier
+from tests.helpers.checkpoints import final_model_configs
 
 # the tiny preset at the official width (d = dqk = dv = 50, d_FFN = 50: where the official SwiGLU
 # init makes stage 2 ~3x the residual it is added to), 6 epochs of 4 steps
@@ -191,9 +192,7 @@ def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
     assert [r["model"] for r in rows] == ["fuxi", "fuxi no-ts"]
     assert all(r["data"] == "shape" and r["epochs_run"] == 1 for r in rows)
     assert rows[1]["overrides"] == ["epochs=1", "model.channels=pos,sem"]
-    trained = [
-        json.loads(f.read_text())["config"]["model"] for f in (tmp_path / "b").rglob("final*/train.json")
-    ]
+    trained = final_model_configs(tmp_path / "b")
     assert trained and all(m["channels"] == ["pos", "sem"] for m in trained)  # the variant is what trained
     compare(
         [
