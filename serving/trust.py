@@ -261,6 +261,20 @@ def _check_trainer(file: Path, state: Any) -> None:
         raise TrustError(f"{file}: trainer.data: expected an object")
 
 
+def _check_tree(file: Path, default: Any, data: Any, at: str) -> None:
+    """Every section of the config an object, with only the fields its dataclass has (from_dict would
+    otherwise skip what it does not know and take defaults for a section that is not an object)."""
+    if not isinstance(data, dict):
+        raise TrustError(f"{file}: {at}: expected an object")
+    fields = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)}
+    extra = sorted(str(k) for k in data if k not in fields)
+    if extra:
+        raise TrustError(f"{file}: {at}.{extra[0][:40]}: unknown field")
+    for name, value in fields.items():
+        if dataclasses.is_dataclass(value) and name in data:
+            _check_tree(file, value, data[name], f"{at}.{name}")
+
+
 def read_train_json(folder: Path) -> tuple[dict[str, Any], Any]:
     """(the whole train.json, its TrainConfig validated): no tensor is allocated here."""
     from pipeline.train.config import TrainConfig, from_dict, validate
@@ -272,10 +286,7 @@ def read_train_json(folder: Path) -> tuple[dict[str, Any], Any]:
     config = meta.get("config")
     if not isinstance(config, dict):
         raise TrustError(f"{file}: no training config (key 'config')")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    extra = sorted(str(k) for k in config if k not in known)
-    if extra:
-        raise TrustError(f"{file}: config.{extra[0]}: unknown field")
+    _check_tree(file, TrainConfig(), config, "config")
     try:
         cfg = validate(from_dict(TrainConfig, config))
     except Exception as exc:  # a wrong type anywhere in the tree surfaces as TypeError, ValueError, ...
@@ -350,7 +361,7 @@ def check_vocabulary(file: Path, num_items: int) -> Any:
     try:
         vocab = read_vocabulary(file)
     except (ValueError, TypeError) as exc:  # TypeError: an id column neither integers nor strings
-        message = " ".join(str(exc).split())[:200]
+        message = " ".join(str(exc).split())[:600]
         raise TrustError(message if message.startswith(str(file)) else f"{file}: {message}") from None
     except Exception as exc:  # pyarrow's casts raise their own types
         raise TrustError(f"{file}: not a vocabulary ({type(exc).__name__}: {str(exc)[:160]})") from None
