@@ -238,8 +238,9 @@ class ServingApp:
         if token is None:
             return
         given = _header(headers, b"authorization")
-        expected = f"Bearer {token}".encode()
-        if len(given) != 1 or not hmac.compare_digest(given[0].encode("latin-1"), expected):
+        scheme, _, value = given[0].partition(" ") if len(given) == 1 else ("", "", "")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(value.encode("latin-1"), token.encode())
+        if not ok:  # no header, two headers, another scheme or another token: all the same answer
             raise HTTPError(401, "UNAUTHENTICATED", "authorization: a valid bearer token is required")
 
     def _check_content_type(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -337,6 +338,7 @@ def serve(
         host=host,
         port=port,
         lifespan="off",
+        http="h11",  # a request head still incomplete past 16 KiB is refused (400)
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,
