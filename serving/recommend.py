@@ -59,18 +59,20 @@ def resolve_model(
             ckpt = registry.run_checkpoint(mlflow_client(tracking_uri), run_id)
             return ResolvedModel(check_checkpoint_folder(ckpt), ref)
         spec = ref[len("models:/") :]
+        alias: str | None = None
         if "@" in spec:
             name, alias = spec.split("@", 1)
-            check_name(name, f"{ref[:80]}: model name")
-            check_name(alias, f"{ref[:80]}: alias")
-            client = mlflow_client(tracking_uri)
-            version = str(client.get_model_version_by_alias(name, alias).version)
+            version = ""
         else:
             name, _, version = spec.partition("/")
-            check_name(name, f"{ref[:80]}: model name")
-            client = mlflow_client(tracking_uri)
-        if not version.isascii() or not version.isdigit() or len(version) > 12:
+        check_name(name, f"{ref[:80]}: model name")  # every part is checked before MLflow is asked
+        if alias is not None:
+            check_name(alias, f"{ref[:80]}: alias")
+        elif not version.isascii() or not version.isdigit() or len(version) > 12:
             raise ValueError(f"{ref[:80]}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
+        client = mlflow_client(tracking_uri)
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
         root = Path(cache or Path("runs") / "models") / name / f"v{version}"
         return ResolvedModel(registry.version_checkpoint(client, name, version, root), f"{name}/{version}")
     if "://" in ref or ref.startswith(("models:", "runs:")):

@@ -970,3 +970,161 @@ def test_nightly_accepts_a_strict_date() -> None:
     from jobs.nightly import NightlyConfig
 
     assert NightlyConfig(date="2024-01-03").day_dir.name == "2024-01-03"
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI values: refused in one line before a model is loaded or a file written
+
+
+PLAIN = "expected a plain name (letters, digits, . _ -)"
+SERVE = ["serve", "--model", "{model}"]
+RECOMMEND = [
+    "recommend",
+    "--model",
+    "{model}",
+    "--sequences",
+    "{tmp}/seq.parquet",
+    "--out",
+    "{tmp}/out.parquet",
+]
+CLI_CASES = [
+    ("max-k-zero", [*SERVE, "--max-k", "0"], "--max-k must be an integer in 1..2^31 (got 0)"),
+    (
+        "max-k-2^40",
+        [*SERVE, "--max-k", str(2**40)],
+        "--max-k must be an integer in 1..2^31 (got 1099511627776)",
+    ),
+    (
+        "max-history-negative",
+        [*SERVE, "--max-history", "-1"],
+        "--max-history must be an integer in 1..2^31 (got -1)",
+    ),
+    ("max-users-zero", [*SERVE, "--max-users", "0"], "--max-users must be an integer in 1..2^31 (got 0)"),
+    (
+        "max-body-tiny",
+        [*SERVE, "--max-body-bytes", "100"],
+        "--max-body-bytes must be an integer in 1024..2^31 (got 100)",
+    ),
+    (
+        "body-timeout-zero",
+        [*SERVE, "--body-timeout", "0"],
+        "--body-timeout must be a number of seconds in (0, 3600] (got 0.0)",
+    ),
+    (
+        "body-timeout-nan",
+        [*SERVE, "--body-timeout", "nan"],
+        "--body-timeout must be a number of seconds in (0, 3600] (got nan)",
+    ),
+    (
+        "body-timeout-inf",
+        [*SERVE, "--body-timeout", "inf"],
+        "--body-timeout must be a number of seconds in (0, 3600] (got inf)",
+    ),
+    (
+        "host-any-no-token",
+        [*SERVE, "--host", "0.0.0.0"],
+        "--host 0.0.0.0 is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token every "
+        "client must send) to serve beyond this machine",
+    ),
+    (
+        "host-ipv6-any-no-token",
+        [*SERVE, "--host", "::"],
+        "--host :: is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token every "
+        "client must send) to serve beyond this machine",
+    ),
+    (
+        "host-name-no-token",
+        [*SERVE, "--host", "example.com"],
+        "--host example.com is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
+        "every client must send) to serve beyond this machine",
+    ),
+    (
+        "short-token",
+        [*SERVE, "--host", "0.0.0.0", "--token-file", "{tmp}/short"],
+        "the bearer token must be at least 16 printable characters, no spaces",
+    ),
+    (
+        "token-file-missing",
+        [*SERVE, "--token-file", "{tmp}/none"],
+        "--token-file {tmp}/none: not a file of at most 4096 bytes",
+    ),
+    ("port-zero", [*SERVE, "--port", "0"], "--port must be in 1..65535 (got 0)"),
+    ("port-70000", [*SERVE, "--port", "70000"], "--port must be in 1..65535 (got 70000)"),
+    (
+        "model-name-dotdot",
+        ["serve", "--model", "models:/../etc@champion"],
+        f"models:/../etc@champion: model name '../etc': {PLAIN}",
+    ),
+    (
+        "alias-dotdot",
+        ["serve", "--model", "models:/fuxi@../../x"],
+        f"models:/fuxi@../../x: alias '../../x': {PLAIN}",
+    ),
+    ("alias-empty", ["index", "--model", "models:/fuxi@"], f"models:/fuxi@: alias '': {PLAIN}"),
+    (
+        "name-space",
+        ["export", "--model", "models:/a b@c", "--out", "{tmp}/x"],
+        f"models:/a b@c: model name 'a b': {PLAIN}",
+    ),
+    (
+        "version-dotdot",
+        ["serve", "--model", "models:/fuxi/../../1"],
+        "models:/fuxi/../../1: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
+    ),
+    (
+        "version-missing",
+        ["serve", "--model", "models:/fuxi"],
+        "models:/fuxi: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
+    ),
+    (
+        "version-unicode-digits",
+        ["serve", "--model", "models:/fuxi/١"],
+        "models:/fuxi/١: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
+    ),
+    (
+        "run-id-dotdot",
+        ["recommend", "--model", "runs:/../../etc", "--sequences", "x", "--out", "{tmp}/o"],
+        f"runs:/../../etc: run id '../../etc': {PLAIN}",
+    ),
+    (
+        "file-uri",
+        ["serve", "--model", "file:///etc"],
+        "file:///etc: expected models:/..., runs:/... or a local folder",
+    ),
+    (
+        "s3-uri",
+        ["serve", "--model", "s3://bucket/model"],
+        "s3://bucket/model: expected models:/..., runs:/... or a local folder",
+    ),
+    ("recommend-k-zero", [*RECOMMEND, "--k", "0"], "--k 0: expected 1..100000"),
+    ("recommend-k-huge", [*RECOMMEND, "--k", str(10**9)], "--k 1000000000: expected 1..100000"),
+    (
+        "recommend-workers-zero",
+        [*RECOMMEND, "--workers", "0"],
+        "--workers 0 / --batch-size 256: expected 1..1024 / 1..1000000",
+    ),
+]
+
+
+@pytest.mark.parametrize("argv, message", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_value_refused(
+    genuine: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+    argv: list[str],
+    message: str,
+) -> None:
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FUXI_SERVE_TOKEN", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never.db")
+    (tmp_path / "short").write_text("abc\n")
+    before = files_under(tmp_path)
+    fill = {"{model}": str(genuine["model"]), "{tmp}": str(tmp_path)}
+    args = [a.replace("{model}", fill["{model}"]).replace("{tmp}", fill["{tmp}"]) for a in argv]
+    assert main(args) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["fuxi: error: " + message.replace("{tmp}", str(tmp_path))]
+    assert files_under(tmp_path) == before  # no cache, database, output or state
