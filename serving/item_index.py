@@ -214,7 +214,7 @@ def read_index(
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         reason = reason.rsplit("Error: ", 1)[-1].replace(str(file), "").strip()
         raise TrustError(f"{file}: not a readable faiss index ({reason[:160]})") from None
-    _check_structure(file, index, kind, rows, dim)
+    _check_structure(file, index, kind, int(meta["rows"]), int(meta["dim"]))
     if items_VD is not None:
         stored = index.reconstruct_n(0, index.ntotal)
         table = np.asarray(items_VD, dtype=np.float32)
@@ -229,9 +229,9 @@ def _check_structure(file: Path, index: Any, kind: str, rows: int, dim: int) -> 
     (faiss follows them without bounds checks)."""
     import faiss
 
-    want = faiss.IndexHNSWFlat if kind == "hnsw" else faiss.IndexIVFFlat
-    if type(index) is not want:
-        raise _refused(file, f"holds a {type(index).__name__}, not a {want.__name__}")
+    want = "IndexHNSWFlat" if kind == "hnsw" else "IndexIVFFlat"
+    if type(index).__name__ != want or type(index).__module__ != faiss.IndexFlat.__module__:
+        raise _refused(file, f"holds a {type(index).__name__}, not a {want}")
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise _refused(file, "is not an inner-product index")
     if (index.ntotal, index.d) != (rows, dim):

@@ -229,7 +229,6 @@ def recommend(
             num_cpus=None if ray_address else workers + 1,
             include_dashboard=False,
             log_to_driver=False,
-            _node_ip_address=None if ray_address else "127.0.0.1",  # a local Ray listens on loopback only
         )
         started = True
     try:

@@ -202,9 +202,9 @@ MODEL_CASES = [
     ("no-pyfunc", _mlmodel(lambda d: d.update(flavors={})), MLMODEL + r"no python_function flavour"),
     ("loader-os", _pyfunc(loader_module="os"), MLMODEL + r"loader_module 'os', expected serving\.pyfunc"),
     (
-        "loader-old-name",
-        _pyfunc(loader_module="jobs.serving"),
-        MLMODEL + r"loader_module 'jobs\.serving', expected serving\.pyfunc",
+        "loader-mlflow-model",
+        _pyfunc(loader_module="mlflow.pyfunc.model"),
+        MLMODEL + r"loader_module 'mlflow\.pyfunc\.model', expected serving\.pyfunc",
     ),
     (
         "data-dotdot",
@@ -1023,8 +1023,8 @@ CLI_CASES = [
     (
         "host-any-no-token",
         [*SERVE, "--host", "0.0.0.0"],
-        "--host 0.0.0.0 is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token every "
-        "client must send) to serve beyond this machine",
+        "--host 0.0.0.0 is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
+        "every client must send) to serve beyond this machine",
     ),
     (
         "host-ipv6-any-no-token",
