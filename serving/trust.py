@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import re
 import shutil
 from pathlib import Path
@@ -35,7 +34,6 @@ from typing import Any
 LOADER_MODULE = "serving.pyfunc"
 MAX_MLMODEL_BYTES = 64 * 1024
 MAX_TRAIN_JSON_BYTES = 16 * 1024 * 1024
-MAX_HISTORY_ENTRIES = 100_000  # trainer history rows (one per epoch) in train.json
 # the model may claim this much more than its shards hold before it is refused unbuilt: a shard cut
 # short is then reported by the loader with torch's reason; a claim far beyond the files never allocates
 ALLOCATION_SLACK = 64 * 1024 * 1024
@@ -239,29 +237,13 @@ def read_json(file: Path, limit: int, allow_nan: bool = False) -> Any:
 
 
 def _check_trainer(file: Path, state: Any) -> None:
-    """The trainer state train.json carries (pipeline/train/trainer.py TrainState): types and ranges."""
-    if not isinstance(state, dict):
-        raise TrustError(f"{file}: trainer: expected an object")
+    """The trainer state train.json carries: the trainer's own check (types and ranges), naming the file."""
+    from pipeline.train.trainer import check_state
 
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    for key, low in (("step", 0), ("epoch", 0), ("batch_in_epoch", 0), ("best_epoch", -1)):
-        if key in state and not (is_int(state[key]) and low <= state[key] < 2**53):
-            raise TrustError(
-                f"{file}: trainer.{key}: expected an integer in {low}..2^53 (got {state[key]!r:.40})"
-            )
-    for key in ("epoch_loss_sum", "best_metric"):
-        value = state.get(key, 0.0)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise TrustError(f"{file}: trainer.{key}: expected a finite number (got {value!r:.40})")
-    history = state.get("history", [])
-    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
-        raise TrustError(f"{file}: trainer.history: expected a list of objects")
-    if len(history) > MAX_HISTORY_ENTRIES:
-        raise TrustError(f"{file}: trainer.history: {len(history)} entries, at most {MAX_HISTORY_ENTRIES}")
-    if "data" in state and not isinstance(state["data"], dict):
-        raise TrustError(f"{file}: trainer.data: expected an object")
+    try:
+        check_state(state)
+    except ValueError as exc:
+        raise TrustError(f"{file}: {exc}") from None
 
 
 def _check_tree(file: Path, default: Any, data: Any, at: str) -> None:
