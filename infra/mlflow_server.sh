@@ -15,6 +15,16 @@
 #   MLFLOW_HOST / MLFLOW_PORT / MLFLOW_WORKERS   bind address (default 127.0.0.1), port (5000), workers (2)
 #   MLFLOW_ALLOWED_HOSTS  Host headers to accept (the security middleware), e.g. "mlflow.recsys.svc,localhost:*"
 #   MLFLOW_SERVER_ARGS    anything else for `mlflow server`
+#   MLFLOW_AUTH           basic (default): MLflow's basic-auth app (`--app-name basic-auth`): every request
+#                         needs a user and password; none: no authentication, refused unless MLFLOW_HOST is
+#                         a loopback address (anyone who reaches an open server can register a version and
+#                         move @champion, i.e. choose what `fuxi serve` loads)
+#   MLFLOW_AUTH_ADMIN_PASSWORD  the admin's password, needed on the first start (MLflow 3.17 ships none and
+#                         refuses to start without one); later rotate it with the update-password API
+#   MLFLOW_AUTH_DB_URI    the users and permissions store (default sqlite:///$MLFLOW_HOME/basic_auth.db)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app; the same on every server behind one name
+#                         (default: one generated once into $MLFLOW_HOME/flask_secret_key, mode 600)
+# Clients then set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (jobs, `fuxi register`, `fuxi serve`).
 # Postgres needs psycopg2 (in the image); S3 needs boto3 and the usual AWS_* credentials / MLFLOW_S3_ENDPOINT_URL.
 set -euo pipefail
 BACKEND=${MLFLOW_BACKEND:-sqlite}
@@ -23,8 +33,46 @@ HOST=${MLFLOW_HOST:-127.0.0.1}
 PORT=${MLFLOW_PORT:-5000}
 WORKERS=${MLFLOW_WORKERS:-2}
 MLFLOW=${MLFLOW_BIN:-mlflow}
+AUTH=${MLFLOW_AUTH:-basic}
 mkdir -p "$HOME_DIR"
 HOME_DIR=$(cd "$HOME_DIR" && pwd)
+
+case "$AUTH" in
+  basic)
+    AUTH_DB=${MLFLOW_AUTH_DB_URI:-sqlite:///$HOME_DIR/basic_auth.db}
+    if [ -z "${MLFLOW_FLASK_SERVER_SECRET_KEY:-}" ]; then
+      KEY_FILE=$HOME_DIR/flask_secret_key
+      if [ ! -s "$KEY_FILE" ]; then
+        (umask 077 && od -An -tx1 -N32 /dev/urandom | tr -d ' \n' > "$KEY_FILE")
+      fi
+      MLFLOW_FLASK_SERVER_SECRET_KEY=$(cat "$KEY_FILE")
+      export MLFLOW_FLASK_SERVER_SECRET_KEY
+    fi
+    # MLflow reads its auth settings from an ini file: this server's own, beside its state
+    AUTH_INI=$HOME_DIR/basic_auth.ini
+    cat > "$AUTH_INI" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = $AUTH_DB
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME:-admin}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+EOF
+    export MLFLOW_AUTH_CONFIG_PATH=$AUTH_INI
+    ;;
+  none)
+    case "$HOST" in
+      127.*|localhost|::1) ;;
+      *)
+        echo "MLFLOW_AUTH=none with MLFLOW_HOST=$HOST: an open server off loopback lets anyone register and promote models; use MLFLOW_AUTH=basic" >&2
+        exit 2
+        ;;
+    esac
+    ;;
+  *)
+    echo "MLFLOW_AUTH must be basic or none, not '$AUTH'" >&2
+    exit 2
+    ;;
+esac
 
 case "$BACKEND" in
   sqlite)
@@ -49,9 +97,12 @@ esac
 
 args=(server --backend-store-uri "$DB_URI" --artifacts-destination "$ARTIFACTS" --serve-artifacts
       --host "$HOST" --port "$PORT" --workers "$WORKERS")
+if [ "$AUTH" = basic ]; then
+  args+=(--app-name basic-auth)
+fi
 if [ -n "${MLFLOW_ALLOWED_HOSTS:-}" ]; then
   args+=(--allowed-hosts "$MLFLOW_ALLOWED_HOSTS")
 fi
-echo "mlflow server: backend $BACKEND ($DB_URI), artifacts $ARTIFACTS, http://$HOST:$PORT" >&2
+echo "mlflow server: backend $BACKEND ($DB_URI), artifacts $ARTIFACTS, auth $AUTH, http://$HOST:$PORT" >&2
 # shellcheck disable=SC2086
 exec "$MLFLOW" "${args[@]}" ${MLFLOW_SERVER_ARGS:-}

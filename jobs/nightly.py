@@ -27,6 +27,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,22 @@ FAIL_ENV = "FUXI_NIGHTLY_FAIL_STEP"
 # the demo's log window (`fuxi data synth-logs` arguments): 7 days from 2024-01-01, sized for the tiny preset,
 # with new items every day (an open catalogue)
 DEMO_LOGS = {"users": 300, "items": 200, "days": 7, "events": 21000, "seed": 0, "new-items-per-day": 10}
+
+
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")  # ASCII digits only (\d also takes other scripts)
+
+
+def check_date(date: Any) -> str:
+    """`date` if it is a real calendar date written strictly YYYY-MM-DD, else a ValueError naming it. The
+    date names the state file, the lock and the run folder: Python 3.11's `fromisoformat` alone also takes
+    "20240103", "2024-W01-3" or "2024-01-03T00:00", which would name other files for the same day."""
+    if not isinstance(date, str) or not _DATE.fullmatch(date):
+        raise ValueError(f"--date {str(date)[:40]!r}: expected a date written YYYY-MM-DD")
+    try:
+        dt.date.fromisoformat(date)
+    except ValueError:
+        raise ValueError(f"--date {date!r}: not a calendar date") from None
+    return date
 
 
 @dataclass
@@ -60,7 +77,7 @@ class NightlyConfig:
     demo_logs: dict[str, Any] = field(default_factory=dict)  # overrides of DEMO_LOGS
 
     def __post_init__(self) -> None:
-        dt.date.fromisoformat(self.date)  # a malformed date fails before anything runs
+        self.date = check_date(self.date)  # a malformed date fails before anything runs
         self.workdir = Path(self.workdir).resolve()
         self.logs_dir = Path(self.logs_dir or self.workdir / "logs").resolve()
         self.sequences = Path(self.sequences or self.workdir / "sequences").resolve()

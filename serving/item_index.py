@@ -17,6 +17,7 @@ checkpoint folder, where the batch job and the served model find it (`--use-inde
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -143,6 +144,13 @@ def index_top_k(
     return out_s, out_i
 
 
+def valid_slots(scores_K: np.ndarray, rows_K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One user's top-k without its empty slots: a user who has seen nearly every item gets fewer than k
+    rows, never the padding row 0 or a non-finite (-inf: filtered) score."""
+    keep = np.isfinite(scores_K) & (rows_K > 0)
+    return scores_K[keep], rows_K[keep]
+
+
 def write_index(index: Any, folder: str | Path, meta: dict[str, Any]) -> Path:
     """item_index.faiss (faiss's binary format) + item_index.json into `folder`."""
     import faiss
@@ -155,15 +163,119 @@ def write_index(index: Any, folder: str | Path, meta: dict[str, Any]) -> Path:
     return folder / INDEX_FILE
 
 
-def read_index(folder: str | Path) -> tuple[Any, dict[str, Any]] | None:
-    """(index, meta) from a checkpoint folder, or None when it has none."""
+KINDS = {"hnsw": b"IHNf", "ivf": b"IwFl"}  # faiss's fourcc of IndexHNSWFlat and IndexIVFFlat files
+MAX_INDEX_META_BYTES = 64 * 1024
+VECTOR_TOLERANCE = 1e-5  # max |index vector - table row|: the index must hold the table's own rows
+
+
+def read_index(
+    folder: str | Path, items_VD: torch.Tensor | np.ndarray | None = None
+) -> tuple[Any, dict[str, Any]] | None:
+    """(index, meta) from a checkpoint folder, or None when it has none; checked before use, each failure
+    a TrustError naming the file: item_index.json (kind, rows, dim) is required, the file's header must
+    be that kind's (nothing else is handed to faiss's reader), faiss's read errors are one line, the
+    index must be inner product with `rows` vectors of `dim`, its graph or lists may only name those
+    rows, and with `items_VD` (the table) the rows and dimension must be the table's and the stored
+    vectors its rows."""
     import faiss
 
+    from serving.trust import TrustError, read_json
+
     folder = Path(folder)
-    if not (folder / INDEX_FILE).exists():
+    file, meta_file = folder / INDEX_FILE, folder / INDEX_META
+    if not file.exists() and not file.is_symlink():
         return None
-    meta = json.loads((folder / INDEX_META).read_text()) if (folder / INDEX_META).exists() else {}
-    return faiss.read_index(str(folder / INDEX_FILE)), meta
+    for f in (file, meta_file):
+        if f.is_symlink() or not f.is_file():
+            raise TrustError(
+                f"{f}: missing or not a plain file (an index needs {INDEX_FILE} and {INDEX_META})"
+            )
+    meta = read_json(meta_file, MAX_INDEX_META_BYTES)
+    if not isinstance(meta, dict):
+        raise TrustError(f"{meta_file}: expected a JSON object")
+    kind, rows, dim = meta.get("kind"), meta.get("rows"), meta.get("dim")
+    if kind not in KINDS:
+        raise TrustError(f"{meta_file}: kind {str(kind)[:40]!r}, expected one of {', '.join(KINDS)}")
+    for key, value in (("rows", rows), ("dim", dim)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value < 2**40:
+            raise TrustError(f"{meta_file}: {key} {str(value)[:40]!r}, expected a positive integer")
+    if items_VD is not None and (rows, dim) != tuple(items_VD.shape):
+        raise TrustError(
+            f"{meta_file}: an index of {rows} rows x {dim}, the item table is "
+            f"{items_VD.shape[0]} x {items_VD.shape[1]}"
+        )
+    with open(file, "rb") as f:
+        head = f.read(4)
+    if head != KINDS[kind]:
+        raise TrustError(f"{file}: header {head!r} is not a faiss {kind} index ({KINDS[kind]!r})")
+    try:
+        index = faiss.read_index(str(file))
+    except Exception as exc:  # faiss's C++ message: keep its last clause, the reason
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        reason = reason.rsplit("Error: ", 1)[-1].replace(str(file), "").strip()
+        raise TrustError(f"{file}: not a readable faiss index ({reason[:160]})") from None
+    _check_structure(file, index, kind, int(meta["rows"]), int(meta["dim"]))
+    if items_VD is not None:
+        stored = index.reconstruct_n(0, index.ntotal)
+        table = np.asarray(items_VD, dtype=np.float32)
+        diff = float(np.abs(stored - table).max()) if np.isfinite(stored).all() else math.inf
+        if diff > VECTOR_TOLERANCE:
+            raise TrustError(f"{file}: its vectors are not the item table's rows (max difference {diff:.3g})")
+    return index, meta
+
+
+def _check_structure(file: Path, index: Any, kind: str, rows: int, dim: int) -> None:
+    """The index is what item_index.json says, and every id its graph or lists hold is one of its rows
+    (faiss follows them without bounds checks)."""
+    import faiss
+
+    want = "IndexHNSWFlat" if kind == "hnsw" else "IndexIVFFlat"
+    if type(index).__name__ != want or type(index).__module__ != faiss.IndexFlat.__module__:
+        raise _refused(file, f"holds a {type(index).__name__}, not a {want}")
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise _refused(file, "is not an inner-product index")
+    if (index.ntotal, index.d) != (rows, dim):
+        raise _refused(file, f"holds {index.ntotal} rows x {index.d}, item_index.json says {rows} x {dim}")
+    if kind == "hnsw":
+        h = index.hnsw
+        neighbors = faiss.vector_to_array(h.neighbors)
+        offsets = faiss.vector_to_array(h.offsets)
+        levels = faiss.vector_to_array(h.levels)
+        cum = faiss.vector_to_array(h.cum_nneighbor_per_level)
+        ok = (
+            index.storage.ntotal == rows
+            and len(levels) == rows
+            and len(offsets) == rows + 1
+            and offsets[0] == 0
+            and offsets[-1] == len(neighbors)
+            and (len(neighbors) == 0 or (neighbors.min() >= -1 and neighbors.max() < rows))
+            and 0 <= h.entry_point < rows
+            and 0 <= h.max_level < len(cum) - 1
+            and levels.min() >= 1
+            and levels.max() == h.max_level + 1
+            and np.array_equal(np.diff(offsets), cum[levels])
+        )
+        if not ok:
+            raise _refused(file, "its HNSW graph is inconsistent (levels, offsets or neighbour ids)")
+    else:
+        lists = index.invlists
+        sizes = [lists.list_size(i) for i in range(index.nlist)]
+        ids = [faiss.rev_swig_ptr(lists.get_ids(i), n).copy() for i, n in enumerate(sizes) if n]
+        flat = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        if (
+            index.quantizer.ntotal != index.nlist
+            or index.quantizer.d != dim
+            or sum(sizes) != rows
+            or not np.array_equal(np.sort(flat), np.arange(rows))
+        ):
+            raise _refused(file, "its inverted lists do not hold each row exactly once")
+        index.make_direct_map()  # reconstruct_n: the vectors are checked against the table
+
+
+def _refused(file: Path, what: str) -> Exception:
+    from serving.trust import TrustError
+
+    return TrustError(f"{file}: {what}")
 
 
 def index_checkpoint(

@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.train.checkpoint import read_meta, resolve_checkpoint
-from pipeline.train.config import ModelConfig, TrainConfig, from_dict
+from pipeline.train.checkpoint import resolve_checkpoint
+from pipeline.train.config import ModelConfig, TrainConfig
 from pipeline.train.grow import warm_start
 
 __all__ = [
@@ -53,8 +53,9 @@ class LoadedModel:
         request_times: list[int] | None = None,
         k: int = 10,
         filter_seen: bool = True,
-    ) -> tuple[list[list[Any]], np.ndarray, list[int]]:
-        """Top-k in raw item ids: (item ids per user, scores [B, k], history items ignored per user).
+    ) -> tuple[list[list[Any]], list[np.ndarray], list[int]]:
+        """Top-k in raw item ids: (item ids per user, their scores per user, history items ignored per
+        user). A user who has seen nearly every item gets fewer than k (never row 0 or a -inf score).
 
         Histories are raw ids (ints or strings, as the data's vocabulary); ids the model does not know
         (not in its vocabulary, or rows beyond its table) are dropped from the history and counted.
@@ -62,8 +63,11 @@ class LoadedModel:
         rows, stamps, ignored = self.known_rows(histories, timestamps)
         if request_times is None and timestamps is not None:  # the request time of the raw history
             request_times = [int(t[-1]) if len(t) else 0 for t in timestamps]
+        from serving.item_index import valid_slots
+
         ids, scores = self.top_k_rows(rows, stamps, request_times, k, filter_seen)
-        return [self.raw_ids(r) for r in ids], scores, ignored
+        kept = [valid_slots(s, r) for s, r in zip(scores, ids)]
+        return [self.raw_ids(r) for _, r in kept], [s for s, _ in kept], ignored
 
     def known_rows(
         self, histories: list[list[Any]], timestamps: list[list[int]] | None = None
@@ -108,19 +112,18 @@ class LoadedModel:
         k: int = 10,
         filter_seen: bool = True,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(item rows [B, k], scores [B, k]), best first, for histories of table rows. `request_times` is
-        the time of the request (FuXi-alpha's temporal channel reads it); default: the last history
-        timestamp."""
-        import torch
+        """(item rows [B, k], scores [B, k]), best first, for histories of table rows (`exact_top_k`: slots
+        beyond the unseen items score -inf; `valid_slots` drops them). `request_times` is the time of the
+        request (FuXi-alpha's temporal channel reads it); default: the last history timestamp."""
+        from serving.item_index import exact_top_k
 
-        with torch.no_grad():
-            scores = self.user_vectors(histories, timestamps, request_times) @ self.item_vectors().T
-        scores[:, 0] = -torch.inf
-        if filter_seen:
-            for row, h in enumerate(histories):
-                scores[row, torch.as_tensor([int(i) for i in h])] = -torch.inf
-        top = torch.topk(scores, min(k, self.cfg.model.num_items - 1), dim=1)
-        return top.indices.numpy(), top.values.numpy()
+        scores, rows = exact_top_k(
+            self.user_vectors(histories, timestamps, request_times),
+            self.item_vectors(),
+            histories if filter_seen else None,
+            k,
+        )
+        return rows, scores
 
     def user_vectors(
         self,
@@ -167,30 +170,39 @@ class LoadedModel:
 
 
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
-    """The training config a checkpoint records (its train.json), without loading weights."""
-    path = resolve_checkpoint(checkpoint)
-    meta = read_meta(path)
-    if "config" not in meta:
-        raise FileNotFoundError(f"{path}: no train.json with the training config")
-    return from_dict(TrainConfig, meta["config"])
+    """The training config a checkpoint records (its train.json, checked), without loading weights."""
+    from serving.trust import read_train_json, resolve_served_checkpoint
+
+    return read_train_json(resolve_served_checkpoint(checkpoint))[1]
 
 
 def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int | None = None) -> LoadedModel:
-    """resolve the checkpoint -> its train.json config -> build the model -> DCP-load the weights.
+    """resolve and check the folder -> its train.json config, validated -> the model it describes built on
+    the meta device and compared with the checkpoint's shapes -> build it -> load the weights (restricted
+    DCP loader) -> check them finite and the vocabulary against the table (serving/trust.py). `path`: a
+    checkpoint folder, a run's checkpoint root, or a model folder as registered.
 
     num_items: rows of the item table (default: the checkpoint's). More rows than the checkpoint has grow
     the table (pipeline/train/grow.py): the old rows are the checkpoint's, the new ones the cold-start
     init of a training run under the checkpoint config's seed; the returned cfg.model.num_items is the
     grown size. Fewer rows is a ValueError."""
     from model.recommender import build_model
+    from pipeline.data.vocab import VOCAB_FILE
     from pipeline.train.builder import init_item_table
+    from serving.trust import (
+        check_finite,
+        check_shapes,
+        check_vocabulary,
+        read_train_json,
+        resolve_served_checkpoint,
+    )
 
-    resolved = resolve_checkpoint(path)
-    meta = read_meta(resolved)
-    if "config" not in meta:
-        raise FileNotFoundError(f"{resolved}: no train.json with the training config")
-    cfg: TrainConfig = from_dict(TrainConfig, meta["config"])
+    resolved = resolve_served_checkpoint(path)
+    meta, cfg = read_train_json(resolved)
+    check_shapes(resolved, cfg.model)  # before any tensor is allocated
     saved_rows = cfg.model.num_items
+    vocab_file = resolved / VOCAB_FILE
+    vocab = check_vocabulary(vocab_file, saved_rows) if vocab_file.exists() else None
     if num_items is not None and num_items != saved_rows:
         cfg.model = dataclasses.replace(cfg.model, num_items=num_items)
     model = build_model(cfg.model, device=device)
@@ -201,23 +213,17 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
         # one process without a process group is the point here, not a fallback worth a warning
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         warm_start(model, resolved)
-    return LoadedModel(model.eval(), cfg, resolved, meta, checkpoint_vocabulary(resolved))
+    check_finite(resolved, model)
+    return LoadedModel(model.eval(), cfg, str(resolved), meta, vocab)
 
 
-def checkpoint_vocabulary(path: str) -> Any:
-    """The vocabulary a checkpoint carries, or None (its item ids are rows); read from a local copy."""
-    import tempfile
+def checkpoint_vocabulary(path: str | Path) -> Any:
+    """The vocabulary a checkpoint folder carries, checked against its table, or None (ids are rows)."""
+    from pipeline.data.vocab import VOCAB_FILE
+    from serving.trust import check_vocabulary, read_train_json
 
-    import storage
-    from pipeline.data.vocab import VOCAB_FILE, read_vocabulary
-
-    uri = storage.join(path, VOCAB_FILE, field="checkpoint file")
-    if not storage.is_file(uri):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / VOCAB_FILE)
-        storage.copy_file(uri, local)
-        return read_vocabulary(local)
+    file = Path(path) / VOCAB_FILE
+    return check_vocabulary(file, read_train_json(Path(path))[1].model.num_items) if file.exists() else None
 
 
 def evaluate_checkpoint(

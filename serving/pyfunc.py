@@ -20,19 +20,17 @@ Request (the model signature documents it; JSON as MLflow's scoring server takes
                 use_index: the model's faiss index instead of the exact scan (400 if it has none)
 Response: {"predictions": [{"item_ids": [...], "scores": [...], "ignored": n}, ...]}, best first.
 
-A malformed request (wrong types, empty history, k <= 0, a history longer than MAX_HISTORY, more than
-MAX_USERS users, unknown fields) is an `MlflowException(INVALID_PARAMETER_VALUE)`: HTTP 400 whose
-message names the field, without a stack trace. Plain `mlflow models serve` drops unknown columns and
-params with a warning before the model sees them, and answers some type errors from its own schema
-enforcement; `fuxi serve` runs the same MLflow scoring app behind `StrictRequests`, which checks the raw
-JSON first (unknown fields included) with the same rules.
+A malformed request (wrong types, ids or times outside int64 / 0..2^40, empty history, k <= 0, a history
+longer than the limit, too many users, unknown fields) is an `MlflowException(INVALID_PARAMETER_VALUE)`:
+HTTP 400 whose message names the field, without a stack trace. Plain `mlflow models serve` drops unknown
+columns and params with a warning before the model sees them, and answers some type errors from its own
+schema enforcement; `fuxi serve` (serving/server.py) answers /invocations itself with the same rules on the
+raw JSON, and loads only what serving/trust.py allows.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +44,18 @@ DATA_KEYS = ("dataframe_records", "dataframe_split", "inputs", "instances")
 MAX_HISTORY = 1000  # items per history (the model reads the last max_sequence_length; all are filtered)
 MAX_USERS = 256  # users per request
 MAX_K = 1000
+MAX_ID_CHARS = 256  # a string item id
+INT64 = (-(2**63), 2**63 - 1)  # integer item ids: the vocabulary's key type
+TIMES = (0, 2**40)  # timestamps and request times, seconds (the temporal channel's range; ~36,800 years)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for (a server's settings: `fuxi serve --max-k ...`)."""
+
+    max_users: int = MAX_USERS
+    max_history: int = MAX_HISTORY
+    max_k: int = MAX_K
 
 
 class RequestError(ValueError):
@@ -61,7 +71,13 @@ def _is_int(x: Any) -> bool:
 
 
 def _is_item(x: Any, item_type: str) -> bool:
-    return isinstance(x, str) if item_type == "string" else _is_int(x)
+    if item_type == "string":
+        return isinstance(x, str) and 0 < len(x) <= MAX_ID_CHARS
+    return _is_int(x) and INT64[0] <= x <= INT64[1]
+
+
+def _is_time(x: Any) -> bool:
+    return _is_int(x) and TIMES[0] <= x < TIMES[1]
 
 
 @dataclass
@@ -74,57 +90,74 @@ class Request:
     use_index: bool
 
 
-def check_request(records: Any, params: Any, item_type: str = "long", where: str = "inputs") -> Request:
+def _names(obj: dict[Any, Any], at: str) -> list[str]:
+    """The keys of a JSON-ish object, which must all be strings (a DataFrame's columns may be anything)."""
+    bad = next((k for k in obj if not isinstance(k, str)), None)
+    if bad is not None:
+        raise RequestError(at, f"field name {str(bad)[:40]!r} is not a string")
+    return list(obj)
+
+
+def check_request(
+    records: Any,
+    params: Any,
+    item_type: str = "long",
+    where: str = "inputs",
+    limits: Limits = Limits(),
+) -> Request:
     """Validate users' records + params (the raw JSON shape: lists, dicts, scalars) into a Request.
-    Raises RequestError naming the first bad field. Shared by the pyfunc and `StrictRequests`."""
+    Raises RequestError naming the first bad field. Shared by the pyfunc and `fuxi serve`."""
     if not isinstance(records, list):
         raise RequestError(where, "expected a list of users")
     if not records:
         raise RequestError(where, "no users")
-    if len(records) > MAX_USERS:
-        raise RequestError(where, f"{len(records)} users, at most {MAX_USERS} per request")
+    if len(records) > limits.max_users:
+        raise RequestError(where, f"{len(records)} users, at most {limits.max_users} per request")
     histories, stamps, nows = [], [], []
     for u, rec in enumerate(records):
         at = f"{where}[{u}]"
         if not isinstance(rec, dict):
             raise RequestError(at, "expected an object with item_ids (and timestamps, request_time)")
-        unknown = sorted(set(rec) - set(FIELDS))
+        unknown = sorted(set(_names(rec, at)) - set(FIELDS))
         if unknown:
             raise RequestError(f"{at}.{unknown[0]}", f"unknown field (expected one of {', '.join(FIELDS)})")
         items = rec.get("item_ids")
         if items is None:
             raise RequestError(f"{at}.item_ids", "missing")
-        if not isinstance(items, list) or not all(_is_item(i, item_type) for i in items):
-            kind = "strings" if item_type == "string" else "integers"
-            raise RequestError(f"{at}.item_ids", f"expected a list of {kind}")
+        if not isinstance(items, list):
+            raise RequestError(f"{at}.item_ids", "expected a list")
         if not items:
             raise RequestError(f"{at}.item_ids", "empty history: at least one item id is needed")
-        if len(items) > MAX_HISTORY:
-            raise RequestError(f"{at}.item_ids", f"{len(items)} items, at most {MAX_HISTORY}")
+        if len(items) > limits.max_history:
+            raise RequestError(f"{at}.item_ids", f"{len(items)} items, at most {limits.max_history}")
+        if not all(_is_item(i, item_type) for i in items):
+            kind = f"strings of 1..{MAX_ID_CHARS} characters" if item_type == "string" else "64-bit integers"
+            raise RequestError(f"{at}.item_ids", f"expected a list of {kind}")
         times = rec.get("timestamps")
         if times is None:
             times = [0] * len(items)
-        elif not isinstance(times, list) or not all(_is_int(t) for t in times):
-            raise RequestError(f"{at}.timestamps", "expected a list of integers")
+        elif not isinstance(times, list) or not all(_is_time(t) for t in times):
+            raise RequestError(f"{at}.timestamps", "expected a list of integers in 0..2^40 (seconds)")
         elif len(times) != len(items):
             raise RequestError(f"{at}.timestamps", f"{len(times)} timestamps for {len(items)} item ids")
         now = rec.get("request_time")
-        if now is not None and not _is_int(now):
-            raise RequestError(f"{at}.request_time", "expected an integer")
+        if now is not None and not _is_time(now):
+            raise RequestError(f"{at}.request_time", "expected an integer in 0..2^40 (seconds)")
         histories.append(list(items))
         stamps.append([int(t) for t in times])
         nows.append(None if now is None else int(now))
     params = {} if params is None else params
     if not isinstance(params, dict):
         raise RequestError("params", "expected an object")
-    unknown = sorted(set(params) - set(PARAMS))
+    unknown = sorted(set(_names(params, "params")) - set(PARAMS))
     if unknown:
         raise RequestError(f"params.{unknown[0]}", f"unknown parameter (expected one of {', '.join(PARAMS)})")
     k = params.get("k", PARAMS["k"])
     if not _is_int(k):
         raise RequestError("params.k", "expected an integer")
-    if not 1 <= int(k) <= MAX_K:
-        raise RequestError("params.k", f"{k}: expected 1 <= k <= {MAX_K}")
+    if not 1 <= k <= limits.max_k:
+        shown = str(k) if abs(k) < 10**12 else f"{str(k)[:12]}..."
+        raise RequestError("params.k", f"{shown}: expected 1 <= k <= {limits.max_k}")
     flags = {}
     for name in ("filter_seen", "use_index"):
         value = params.get(name, PARAMS[name])
@@ -171,15 +204,18 @@ class TopKModel:
         from serving.item_index import read_index
         from serving.loading import load_checkpoint_model
 
-        self.loaded = load_checkpoint_model(checkpoint, device="cpu")
+        self.loaded = load_checkpoint_model(checkpoint, device="cpu")  # checked: serving/trust.py
         self.items_VD = self.loaded.item_vectors()
-        found = read_index(self.loaded.path)
+        found = read_index(self.loaded.path, self.items_VD)  # checked against the table it indexes
         self.index, self.index_meta = found if found is not None else (None, {})
         vocab = self.loaded.vocab
         self.item_type = "string" if vocab is not None and vocab.key_type == "string" else "long"
 
-    def recommend(self, req: Request) -> pd.DataFrame:
-        from serving.item_index import exact_top_k, index_top_k
+    def answer(self, req: Request) -> list[dict[str, Any]]:
+        """One {"item_ids", "scores", "ignored"} per user, plain Python: best first, never the padding
+        row, a seen item (with filter_seen) or a non-finite score, so fewer than k when the catalogue runs
+        out (a user with no known item gets empty lists)."""
+        from serving.item_index import exact_top_k, index_top_k, valid_slots
 
         if req.use_index and self.index is None:
             raise RequestError("params.use_index", "this model version has no item index")
@@ -190,8 +226,7 @@ class TopKModel:
             for now, raw in zip(req.request_times, req.timestamps)
         ]
         known = [u for u, r in enumerate(rows) if r]  # a user with no known item gets no recommendations
-        ids: list[list[Any]] = [[] for _ in rows]
-        out: list[np.ndarray] = [np.zeros(0) for _ in rows]
+        out = [{"item_ids": [], "scores": [], "ignored": int(n)} for n in ignored]
         if known:
             user_BD = self.loaded.user_vectors(
                 [rows[u] for u in known], [stamps[u] for u in known], [nows[u] for u in known]
@@ -202,12 +237,19 @@ class TopKModel:
             else:
                 scores, top = exact_top_k(user_BD, self.items_VD, seen, req.k)
             for j, u in enumerate(known):
-                ids[u], out[u] = self.loaded.raw_ids(top[j]), scores[j].astype(np.float64)
+                kept_s, kept_r = valid_slots(scores[j], top[j])
+                out[u]["item_ids"] = self.loaded.raw_ids(kept_r)
+                out[u]["scores"] = [float(x) for x in kept_s]
+        return out
+
+    def recommend(self, req: Request) -> pd.DataFrame:
+        """`answer` as the pyfunc's DataFrame (columns item_ids, scores, ignored)."""
+        rows = self.answer(req)
         return pd.DataFrame(
             {
-                "item_ids": ids,
-                "scores": out,
-                "ignored": ignored,
+                "item_ids": [r["item_ids"] for r in rows],
+                "scores": [np.asarray(r["scores"], dtype=np.float64) for r in rows],
+                "ignored": [r["ignored"] for r in rows],
             }
         )
 
@@ -256,111 +298,3 @@ def signature(item_type: str = "long") -> Any:
             ]
         ),
     )
-
-
-# ---------------------------------------------------------------------------------------------------
-# HTTP: MLflow's scoring app behind a strict check of the raw JSON
-
-
-def body_records(body: bytes) -> tuple[Any, Any, str]:
-    """(records, params, the data key) of a JSON /invocations body, in any layout MLflow's scoring server
-    takes (dataframe_records, dataframe_split, inputs as records; instances is refused)."""
-    try:
-        doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RequestError("body", f"not JSON ({exc})") from None
-    if not isinstance(doc, dict):
-        raise RequestError("body", "expected a JSON object")
-    unknown = sorted(set(doc) - set(DATA_KEYS) - {"params"})
-    if unknown:
-        raise RequestError(unknown[0], f"unknown field (expected one of {', '.join(DATA_KEYS)}, params)")
-    keys = [k for k in DATA_KEYS if k in doc]
-    if len(keys) != 1:
-        raise RequestError("body", f"expected exactly one of {', '.join(DATA_KEYS)}")
-    key, data = keys[0], doc[keys[0]]
-    if key == "instances":  # MLflow parses it as a tensor batch, which the column schema rejects
-        raise RequestError(key, "not supported by this model: send dataframe_records (or inputs)")
-    if key == "dataframe_split":
-        if not isinstance(data, dict) or not isinstance(data.get("columns"), list):
-            raise RequestError(key, "expected an object with columns and data")
-        bad = sorted(set(data) - {"columns", "data", "index"})
-        if bad:
-            raise RequestError(f"{key}.{bad[0]}", "unknown field (expected columns, data, index)")
-        rows = data.get("data")
-        if not isinstance(rows, list) or not all(
-            isinstance(r, list) and len(r) == len(data["columns"]) for r in rows
-        ):
-            raise RequestError(f"{key}.data", "expected a list of rows as long as columns")
-        data = [dict(zip(data["columns"], r)) for r in rows]
-    elif isinstance(data, dict):  # MLflow's column layout cannot carry ragged lists: records only
-        raise RequestError(key, 'expected a list of records ({"item_ids": [...], ...} per user)')
-    return data, doc.get("params"), key
-
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class StrictRequests:
-    """ASGI wrapper: JSON POSTs to /invocations are checked by `check_request` before MLflow's app sees
-    them; a bad one is answered 400 {"error_code": "INVALID_PARAMETER_VALUE", "message": "<field>: ..."}.
-    Everything else (other routes, CSV bodies) goes to MLflow's app unchanged."""
-
-    def __init__(self, app: Any, item_type: str = "long") -> None:
-        self.app = app
-        self.item_type = item_type
-
-    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/invocations" or scope["method"] != "POST":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if not headers.get(b"content-type", b"application/json").startswith(b"application/json"):
-            return await self.app(scope, receive, send)
-        body, more = b"", True
-        while more:
-            message = await receive()
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        try:
-            records, params, key = body_records(body)
-            check_request(records, params, self.item_type, key)
-        except RequestError as exc:
-            payload = json.dumps({"error_code": "INVALID_PARAMETER_VALUE", "message": str(exc)}).encode()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 400,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
-            return await send({"type": "http.response.body", "body": payload})
-        sent = False
-
-        async def replay() -> dict[str, Any]:  # the body, once, then whatever the server sends next
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-def model_item_type(model: Any) -> str:
-    """ "string" or "long": the item id type of a loaded pyfunc's signature."""
-    schema = model.metadata.get_input_schema()
-    spec = next((s for s in schema.inputs if s.name == "item_ids"), None) if schema else None
-    return "string" if spec is not None and str(spec.type.dtype.name) == "string" else "long"
-
-
-def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5000) -> None:
-    """Serve a registered model (models:/NAME@alias, models:/NAME/3, or a model folder) over HTTP:
-    MLflow's scoring app (/invocations, /ping, /health, /version) in this process, behind
-    StrictRequests, on uvicorn (imported from the environment: no PATH lookup)."""
-    import mlflow.pyfunc
-    import uvicorn
-    from mlflow.pyfunc import scoring_server
-
-    model = mlflow.pyfunc.load_model(model_uri)
-    app = StrictRequests(scoring_server.init(model), model_item_type(model))
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)

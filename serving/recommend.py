@@ -46,27 +46,38 @@ def resolve_model(
     ref: str, tracking_uri: str | None = None, cache: str | Path | None = None
 ) -> ResolvedModel:
     """models:/NAME@alias, models:/NAME/3 (downloaded once into `cache`), runs:/RUN_ID (the run's latest
-    checkpoint), or a checkpoint folder / root."""
-    from serving.loading import resolve_checkpoint
+    checkpoint), a model folder, or a checkpoint folder / root. Names, aliases and versions are plain
+    (they name the cache folder); what is found is checked before anything loads it (serving/trust.py)."""
+    from serving.trust import check_checkpoint_folder, check_name, resolve_served_checkpoint
 
     if ref.startswith("models:/") or ref.startswith("runs:/"):
         from pipeline.train.tracking import mlflow_client
         from serving import registry
 
-        client = mlflow_client(tracking_uri)
         if ref.startswith("runs:/"):
-            return ResolvedModel(registry.run_checkpoint(client, ref[len("runs:/") :].strip("/")), ref)
+            run_id = check_name(ref[len("runs:/") :].strip("/"), f"{ref[:80]}: run id")
+            ckpt = registry.run_checkpoint(mlflow_client(tracking_uri), run_id)
+            return ResolvedModel(check_checkpoint_folder(ckpt), ref)
         spec = ref[len("models:/") :]
+        alias: str | None = None
         if "@" in spec:
             name, alias = spec.split("@", 1)
-            version = str(client.get_model_version_by_alias(name, alias).version)
+            version = ""
         else:
             name, _, version = spec.partition("/")
-            if not version:
-                raise ValueError(f"{ref}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+        check_name(name, f"{ref[:80]}: model name")  # every part is checked before MLflow is asked
+        if alias is not None:
+            check_name(alias, f"{ref[:80]}: alias")
+        elif not version.isascii() or not version.isdigit() or len(version) > 12:
+            raise ValueError(f"{ref[:80]}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS")
+        client = mlflow_client(tracking_uri)
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
         root = Path(cache or Path("runs") / "models") / name / f"v{version}"
         return ResolvedModel(registry.version_checkpoint(client, name, version, root), f"{name}/{version}")
-    path = resolve_checkpoint(ref)
+    if "://" in ref or ref.startswith(("models:", "runs:")):
+        raise ValueError(f"{ref[:80]}: expected models:/..., runs:/... or a local folder")
+    path = resolve_served_checkpoint(ref)
     return ResolvedModel(path, str(path))
 
 
@@ -111,7 +122,7 @@ class Scorer:
         self.ef_search = ef_search
         self.index = None
         if use_index:
-            found = read_index(self.loaded.path)
+            found = read_index(self.loaded.path, self.items_VD)  # checked against the table
             if found is None:
                 raise FileNotFoundError(f"{checkpoint}: no item index; build it with `fuxi index`")
             self.index = found[0]
@@ -119,7 +130,7 @@ class Scorer:
         self.item_type = pa.string() if vocab is not None and vocab.key_type == "string" else pa.int64()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from serving.item_index import exact_top_k, index_top_k
+        from serving.item_index import exact_top_k, index_top_k, valid_slots
 
         num_items = self.loaded.cfg.model.num_items
         items = batch.column("item_ids").to_pylist()
@@ -143,8 +154,9 @@ class Scorer:
             else:
                 scores, top = exact_top_k(user_BD, self.items_VD, rows, self.k, self.chunk)
             for j, u in enumerate(keep):
-                out_ids[u] = self.loaded.raw_ids(top[j])
-                out_scores[u] = scores[j].astype(np.float32).tolist()
+                kept_s, kept_r = valid_slots(scores[j], top[j])  # no padding row, seen item or -inf
+                out_ids[u] = self.loaded.raw_ids(kept_r)
+                out_scores[u] = kept_s.astype(np.float32).tolist()
         return pa.table(
             {
                 "user_id": batch.column("user_id"),
@@ -205,8 +217,10 @@ def recommend(
     import ray
     import ray.data
 
-    if k < 1:
-        raise ValueError(f"k={k}: expected k >= 1")
+    if not 1 <= k <= 100_000:
+        raise ValueError(f"--k {k}: expected 1..100000")
+    if not 1 <= workers <= 1024 or not 1 <= batch_size <= 1_000_000:
+        raise ValueError(f"--workers {workers} / --batch-size {batch_size}: expected 1..1024 / 1..1000000")
     files, total = sequence_files(sequences)
     started = False
     if not ray.is_initialized():

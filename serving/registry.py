@@ -30,8 +30,6 @@ from typing import Any
 
 import numpy as np
 
-import storage
-
 MODEL_NAME = "fuxi-alpha"
 CHAMPION = "champion"
 SELECT_METRIC = "ndcg_at_10"  # the trainer's model-selection metric
@@ -62,8 +60,8 @@ class Recommender:
         request_times: list[int] | None = None,
         k: int = 10,
         filter_seen: bool = True,
-    ) -> tuple[list[list[Any]], np.ndarray, list[int]]:
-        """(raw item ids per user, scores [B, k], unknown history ids per user); see `LoadedModel.top_k`."""
+    ) -> tuple[list[list[Any]], list[np.ndarray], list[int]]:
+        """(raw item ids per user, their scores, unknown history ids per user); see `LoadedModel.top_k`."""
         return self.loaded.top_k(histories, timestamps, request_times, k, filter_seen)
 
 
@@ -73,7 +71,7 @@ def _signature(item_type: str = "long") -> Any:
     return signature(item_type)
 
 
-def _item_type(checkpoint: str) -> str:
+def _item_type(checkpoint: str | Path) -> str:
     """The MLflow type of the model's raw item ids: from the vocabulary it carries (ids are rows without)."""
     from serving.loading import checkpoint_vocabulary
 
@@ -94,9 +92,10 @@ def _requirements() -> list[str]:
 # register / evaluate / promote
 
 
-def run_checkpoint(client: Any, run_id: str) -> str:
-    """The latest complete checkpoint a training run wrote (its run_dir, else the default layout)."""
-    from serving.loading import resolve_checkpoint
+def run_checkpoint(client: Any, run_id: str) -> Path:
+    """The latest complete checkpoint a training run wrote (its run_dir, else the default layout),
+    checked (serving/trust.py)."""
+    from serving.trust import resolve_served_checkpoint as resolve_checkpoint
 
     params = client.get_run(run_id).data.params
     run_dir = params.get("run_dir")
@@ -118,14 +117,13 @@ def register(
     import mlflow
     import mlflow.pyfunc
 
-    from serving.loading import resolve_checkpoint
+    from serving.trust import copy_checkpoint, resolve_served_checkpoint
 
-    ckpt = resolve_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
+    ckpt = resolve_served_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
     run = client.get_run(run_id)
     mlflow.set_tracking_uri(client.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / storage.name_of(ckpt)
-        shutil.copytree(ckpt, staged)
+        staged = copy_checkpoint(ckpt, Path(tmp) / ckpt.name)  # the listed files; links refused
         if index:
             from serving.item_index import index_checkpoint
             from serving.loading import load_checkpoint_model
@@ -175,22 +173,28 @@ def champion(client: Any, name: str = MODEL_NAME) -> Any | None:
 
 
 def version_checkpoint(client: Any, name: str, version: str | int, dest: str | Path) -> Path:
-    """A local copy of a registered version's checkpoint (downloaded from the artifact store)."""
+    """A local copy of a registered version's checkpoint (downloaded from the artifact store), checked as
+    a model folder before anything reads it (serving/trust.py): the project's own files only."""
     import mlflow.artifacts
 
+    from serving.trust import check_model_folder, check_name
+
+    check_name(name, "model name")
+    check_name(str(version), "model version")
     dest = Path(dest)
     marker = dest / ".complete"
+    model = dest / "model"
     if not marker.exists():
         if dest.exists():
             shutil.rmtree(dest)
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(dest), tracking_uri=client.tracking_uri
+        model.mkdir(parents=True)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{name}/{version}", dst_path=str(model), tracking_uri=client.tracking_uri
         )
+        if Path(local).resolve() != model.resolve():
+            raise FileNotFoundError(f"models:/{name}/{version}: downloaded to {local}, expected {model}")
         marker.write_text(str(version))
-    found = [p.parent for p in dest.rglob(".metadata")]  # <model>/data/<checkpoint name>/.metadata
-    if len(found) != 1:
-        raise FileNotFoundError(f"no single DCP checkpoint under {dest}")
-    return found[0]
+    return check_model_folder(model)
 
 
 @dataclass

@@ -46,12 +46,23 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.pyfunc import serve
+    from serving.pyfunc import Limits
+    from serving.server import ServerSettings, check_bind, read_token, serve
 
+    # settings and bind first: a refused value costs no model load
+    def given(**values: object) -> dict:
+        return {k: v for k, v in values.items() if v is not None}
+
+    settings = ServerSettings(
+        Limits(**given(max_users=args.max_users, max_history=args.max_history, max_k=args.max_k)),
+        token=read_token(args.token_file),
+        **given(max_body_bytes=args.max_body_bytes, body_timeout_s=args.body_timeout),
+    )
+    check_bind(args.host, settings)
     quiet_mlflow()
     if args.tracking_uri:
         os.environ["MLFLOW_TRACKING_URI"] = args.tracking_uri
-    serve(args.model, args.host, args.port)
+    serve(args.model, args.host, args.port, settings, args.tracking_uri, args.cache)
     return 0
 
 
@@ -104,14 +115,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser(
-        "serve", help="serve a registered model over HTTP (MLflow's scoring app, strict checks)"
+        "serve", help="serve a registered model over HTTP (MLflow's request layout, strict checks)"
     )
-    p.add_argument(
-        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, or a model folder"
-    )
-    p.add_argument("--host", default="127.0.0.1")
+    model(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address; off loopback a token is required")
     p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--token-file", help="bearer token clients must send (default $FUXI_SERVE_TOKEN)")
+    p.add_argument("--max-k", type=int, help="largest k a request may ask for (default 1000)")
+    p.add_argument("--max-history", type=int, help="item ids per user (default 1000)")
+    p.add_argument("--max-users", type=int, help="users per request (default 256)")
+    p.add_argument("--max-body-bytes", type=int, help="request body size (default 16 MiB)")
+    p.add_argument("--body-timeout", type=float, help="seconds a request body may take (default 10)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="torch.export the user encoder (fixed batch and history length)")

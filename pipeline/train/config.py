@@ -264,6 +264,9 @@ def _bounds(info: Any) -> str:
 _TYPE_WORDS = {
     "int_type": "an integer",
     "int_from_float": "an integer",
+    "int_parsing": "an integer",
+    "float_parsing": "a number",
+    "bool_parsing": "true or false",
     "float_type": "a number",
     "bool_type": "true or false",
     "string_type": "a string",

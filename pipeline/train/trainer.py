@@ -63,6 +63,34 @@ def step_seed(seed: int, step: int, rank: int = 0, stream: int = DROPOUT_STREAM)
     return int(state[0] >> np.uint64(1))
 
 
+MAX_HISTORY = 100_000  # epochs a trainer state may record
+
+
+def check_state(state: Any) -> None:
+    """A saved trainer state (train.json's "trainer") has the types and ranges TrainState writes; raises
+    ValueError naming the field (the caller names the file)."""
+    if not isinstance(state, dict):
+        raise ValueError("trainer: expected an object")
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key, low in (("step", 0), ("epoch", 0), ("batch_in_epoch", 0), ("best_epoch", -1)):
+        if key in state and not (is_int(state[key]) and low <= state[key] < 2**53):
+            raise ValueError(f"trainer.{key}: expected an integer in {low}..2^53 (got {state[key]!r:.40})")
+    for key in ("epoch_loss_sum", "best_metric"):
+        value = state.get(key, 0.0)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"trainer.{key}: expected a finite number (got {value!r:.40})")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ValueError("trainer.history: expected a list of objects")
+    if len(history) > MAX_HISTORY:
+        raise ValueError(f"trainer.history: {len(history)} entries, at most {MAX_HISTORY}")
+    if "data" in state and not isinstance(state["data"], dict):
+        raise ValueError("trainer.data: expected an object")
+
+
 @dataclass
 class TrainState:
     """The loop's position and model-selection record; with the model, optimizer and data position it is
@@ -88,6 +116,7 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        check_state(state)
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state.get("batch_in_epoch", 0))
         self.epoch_loss_sum = float(state.get("epoch_loss_sum", 0.0))

@@ -304,8 +304,9 @@ def test_exact_and_index_top_k_find_the_planted_items(tmp_path: Path) -> None:
     np.testing.assert_allclose(scores, full.values.numpy(), rtol=1e-6)
     np.testing.assert_array_equal(rows, full.indices.numpy() + 1)
 
-    write_index(build_index(items, "hnsw", m=16), tmp_path, {"kind": "hnsw"})
-    index, meta = read_index(tmp_path)
+    meta = {"kind": "hnsw", "rows": items.shape[0], "dim": items.shape[1]}
+    write_index(build_index(items, "hnsw", m=16), tmp_path, meta)
+    index, meta = read_index(tmp_path, items)  # checked against the table it indexes
     assert meta["kind"] == "hnsw" and index.ntotal == len(items)
     _, approx = index_top_k(index, queries, None, k, ef_search=64)
     assert recall_at_k(approx, rows) == 1.0

@@ -1,0 +1,719 @@
+"""Red-team corpus, HTTP: crafted bodies, headers and slow clients against one real `fuxi serve` (uvicorn
+in a subprocess on a free loopback port), started once for the module with a bearer token and tight limits
+(k <= 50, 200 ids per history, 16 users, 64 KiB bodies arriving within 2 s).
+
+Requests are written byte for byte on raw sockets (duplicate headers, lying Content-Length, chunked bodies,
+stalls). One row = one request and its exact answer: status, error code and the whole one-line message.
+Every valid answer is parsed as strict JSON (NaN / Infinity refused) and holds no padding row, no seen item
+and only finite scores. After the slow clients, and at the end, a valid request is still answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.redteam import RAW_IDS, genuine_checkpoint, genuine_model_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "redteam-token-0123456789"
+LIMITS = ["--max-k", "50", "--max-history", "200", "--max-users", "16", "--max-body-bytes", "65536"]
+LIMITS += ["--body-timeout", "2"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("redteam-http")
+    return genuine_model_folder(genuine_checkpoint(base / "root"), base / "model")
+
+
+@pytest.fixture(scope="module")
+def port(model_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`fuxi serve` of the genuine model folder; stopped by its pid at the end of the module."""
+    work = tmp_path_factory.mktemp("serve")
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), FUXI_SERVE_TOKEN=TOKEN)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.cli",
+        "serve",
+        "--model",
+        str(model_folder),
+        "--port",
+        str(port),
+        *LIMITS,
+    ]
+    log = open(work / "serve.log", "w")
+    proc = subprocess.Popen(cmd, env=env, cwd=work, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                raise RuntimeError((work / "serve.log").read_text()[-3000:])
+            try:
+                if exchange(port, request(b"", method="GET", path="/ping"))[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise TimeoutError("fuxi serve did not answer /ping in 120 s")
+        yield port
+        assert proc.poll() is None, "the server died during the corpus"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# raw HTTP
+
+
+def request(
+    body: bytes | dict | str,
+    content_type: str | None = "application/json",
+    auth: str | None = f"Bearer {TOKEN}",
+    method: str = "POST",
+    path: str = "/invocations",
+    headers: list[tuple[str, str]] | None = None,
+    length: bool = True,
+) -> bytes:
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()
+    elif isinstance(body, str):
+        body = body.encode()
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close"]
+    if content_type is not None:
+        lines.append(f"Content-Type: {content_type}")
+    if auth is not None:
+        lines.append(f"Authorization: {auth}")
+    if length:
+        lines.append(f"Content-Length: {len(body)}")
+    lines += [f"{k}: {v}" for k, v in headers or []]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def _strict(text: str) -> object:
+    def refuse(name: str) -> object:
+        raise AssertionError(f"response holds {name}: not strict JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def read_response(sock: socket.socket) -> tuple[int, object]:
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    try:
+        return status, _strict(body.decode())
+    except (ValueError, UnicodeDecodeError):
+        return status, body.decode("latin-1")
+
+
+def exchange(port: int, raw: bytes, timeout: float = 30) -> tuple[int, object]:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        try:
+            sock.sendall(raw)
+        except (BrokenPipeError, ConnectionResetError):  # the server answered before reading it all
+            pass
+        return read_response(sock)
+
+
+def records(*users: dict, **params: object) -> dict:
+    return (
+        {"dataframe_records": list(users), "params": params} if params else {"dataframe_records": list(users)}
+    )
+
+
+U = {"item_ids": [1001, 1002, 1003], "timestamps": [1_700_000_000, 1_700_000_100, 1_700_000_200]}
+R0 = "dataframe_records[0]"
+BAD = "INVALID_PARAMETER_VALUE"
+
+
+def check_valid(reply: dict, histories: list[list[int]], k: int, filter_seen: bool = True) -> None:
+    """A valid answer: per user at most k raw ids of the catalogue, finite scores best first, none seen."""
+    assert set(reply) == {"predictions"} and len(reply["predictions"]) == len(histories)
+    for pred, seen in zip(reply["predictions"], histories):
+        ids, scores = pred["item_ids"], pred["scores"]
+        assert len(ids) == len(scores) <= k and set(ids) <= set(RAW_IDS), pred
+        assert all(isinstance(s, float) for s in scores) and scores == sorted(scores, reverse=True)
+        if filter_seen:
+            assert not set(ids) & set(seen), pred
+
+
+# ---------------------------------------------------------------------------------------------------
+# bodies: every malformed shape is a 400 whose one line names the field
+
+
+DIGITS = "9" * 5000
+TOP_FIELDS = "(expected one of dataframe_records, dataframe_split, inputs, instances, params)"
+BODY_CASES = [
+    # numbers and nesting that escape type checks
+    (
+        "k-5000-digits",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {"k": ' + DIGITS + "}}",
+        "body: a number too long (Exceeds the limit (4300 digits) for integer string conversion)",
+    ),
+    (
+        "id-5000-digits",
+        '{"dataframe_records": [{"item_ids": [' + DIGITS + "]}]}",
+        "body: a number too long (Exceeds the limit (4300 digits) for integer string conversion)",
+    ),
+    (
+        "k-4000-digits",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {"k": ' + "9" * 4000 + "}}",
+        "params.k: 999999999999...: expected 1 <= k <= 50",
+    ),
+    ("id-2^63", records({"item_ids": [2**63]}), f"{R0}.item_ids: expected a list of 64-bit integers"),
+    (
+        "id-below-int64",
+        records({"item_ids": [-(2**63) - 1]}),
+        f"{R0}.item_ids: expected a list of 64-bit integers",
+    ),
+    ("deep-nesting", "[" * 30_000 + "]" * 30_000, "body: nested too deeply"),
+    (
+        "deep-nesting-in-ids",
+        records({"item_ids": [[[[[1001]]]]]}),
+        f"{R0}.item_ids: expected a list of 64-bit integers",
+    ),
+    (
+        "nan-timestamp",
+        '{"dataframe_records": [{"item_ids": [1001], "timestamps": [NaN]}]}',
+        "body: NaN is not JSON",
+    ),
+    (
+        "infinity-k",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {"k": Infinity}}',
+        "body: Infinity is not JSON",
+    ),
+    ("minus-infinity", '{"dataframe_records": [{"item_ids": [-Infinity]}]}', "body: -Infinity is not JSON"),
+    (
+        "duplicate-params",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {}, "params": {"k": 3}}',
+        "body: duplicate key 'params'",
+    ),
+    (
+        "duplicate-item-ids",
+        '{"dataframe_records": [{"item_ids": [1001], "item_ids": [1002]}]}',
+        "body: duplicate key 'item_ids'",
+    ),
+    # column names
+    (
+        "split-mixed-columns",
+        {"dataframe_split": {"columns": [1, "item_ids"], "data": [[1, [1001]]]}},
+        "dataframe_split.columns: expected a list of column names (strings)",
+    ),
+    (
+        "split-unhashable-columns",
+        {"dataframe_split": {"columns": [["a"]], "data": [[[1001]]]}},
+        "dataframe_split.columns: expected a list of column names (strings)",
+    ),
+    (
+        "split-null-columns",
+        {"dataframe_split": {"columns": None, "data": []}},
+        "dataframe_split.columns: expected a list of column names (strings)",
+    ),
+    (
+        "split-duplicate-columns",
+        {"dataframe_split": {"columns": ["item_ids", "item_ids"], "data": [[[1], [2]]]}},
+        "dataframe_split.columns: a column name appears twice",
+    ),
+    (
+        "split-ragged-rows",
+        {"dataframe_split": {"columns": ["item_ids"], "data": [[[1001], 5]]}},
+        "dataframe_split.data: expected a list of rows as long as columns",
+    ),
+    (
+        "split-index-length",
+        {"dataframe_split": {"columns": ["item_ids"], "data": [[[1001]]], "index": [0, 1]}},
+        "dataframe_split.index: expected a list as long as data",
+    ),
+    (
+        "split-unknown-key",
+        {"dataframe_split": {"columns": ["item_ids"], "data": [], "dtypes": {}}},
+        "dataframe_split.dtypes: unknown field (expected columns, data, index)",
+    ),
+    (
+        "split-not-object",
+        {"dataframe_split": [1]},
+        "dataframe_split: expected an object with columns and data",
+    ),
+    # encodings and top-level shapes
+    ("not-utf8", b'{"dataframe_records": "\xff"}', "body: not UTF-8 (byte 23)"),
+    (
+        "utf8-bom",
+        b"\xef\xbb\xbf" + json.dumps(records(U)).encode(),
+        "body: not JSON (Unexpected UTF-8 BOM (decode using utf-8-sig) at line 1 column 1)",
+    ),
+    ("empty-body", b"", "body: not JSON (Expecting value at line 1 column 1)"),
+    ("truncated-json", b'{"dataframe_records": [', "body: not JSON (Expecting value at line 1 column 24)"),
+    ("null", "null", "body: expected a JSON object"),
+    ("list", "[]", "body: expected a JSON object"),
+    ("string", '"dataframe_records"', "body: expected a JSON object"),
+    (
+        "two-data-keys",
+        {"dataframe_records": [U], "inputs": [U]},
+        "body: expected exactly one of dataframe_records, dataframe_split, inputs, instances",
+    ),
+    (
+        "params-only",
+        {"params": {"k": 3}},
+        "body: expected exactly one of dataframe_records, dataframe_split, inputs, instances",
+    ),
+    (
+        "unknown-top-level",
+        {"dataframe_records": [U], "extra": 1},
+        "extra: unknown field " + TOP_FIELDS,
+    ),
+    (
+        "long-unknown-key",
+        {"dataframe_records": [U], "x" * 10_000: 1},
+        "x" * 80
+        + ": unknown field (expected one of dataframe_records, dataframe_split, inputs, instances, params)",
+    ),
+    (
+        "instances",
+        {"instances": [U]},
+        "instances: not supported by this model: send dataframe_records (or inputs)",
+    ),
+    (
+        "inputs-columns",
+        {"inputs": {"item_ids": [[1001]]}},
+        'inputs: expected a list of records ({"item_ids": [...], ...} per user)',
+    ),
+    ("records-string", {"dataframe_records": "1001,1002"}, "dataframe_records: expected a list of users"),
+    (
+        "record-list",
+        {"dataframe_records": [[1001, 1002]]},
+        f"{R0}: expected an object with item_ids (and timestamps, request_time)",
+    ),
+    ("no-users", {"dataframe_records": []}, "dataframe_records: no users"),
+    ("17-users", records(*[U] * 17), "dataframe_records: 17 users, at most 16 per request"),
+    # fields of a user
+    ("item-ids-missing", records({"timestamps": [1]}), f"{R0}.item_ids: missing"),
+    ("item-ids-object", records({"item_ids": {"a": 1}}), f"{R0}.item_ids: expected a list"),
+    (
+        "empty-history",
+        records({"item_ids": []}),
+        f"{R0}.item_ids: empty history: at least one item id is needed",
+    ),
+    ("201-items", records({"item_ids": [*RAW_IDS, 1001]}), f"{R0}.item_ids: 201 items, at most 200"),
+    ("string-ids", records({"item_ids": ["1001"]}), f"{R0}.item_ids: expected a list of 64-bit integers"),
+    ("bool-id", records({"item_ids": [True]}), f"{R0}.item_ids: expected a list of 64-bit integers"),
+    ("float-id", records({"item_ids": [1001.0]}), f"{R0}.item_ids: expected a list of 64-bit integers"),
+    ("null-id", records({"item_ids": [None]}), f"{R0}.item_ids: expected a list of 64-bit integers"),
+    (
+        "negative-timestamp",
+        records({"item_ids": [1001], "timestamps": [-1]}),
+        f"{R0}.timestamps: expected a list of integers in 0..2^40 (seconds)",
+    ),
+    (
+        "timestamp-2^40",
+        records({"item_ids": [1001], "timestamps": [2**40]}),
+        f"{R0}.timestamps: expected a list of integers in 0..2^40 (seconds)",
+    ),
+    (
+        "timestamps-count",
+        records({"item_ids": [1001, 1002], "timestamps": [1]}),
+        f"{R0}.timestamps: 1 timestamps for 2 item ids",
+    ),
+    (
+        "timestamps-string",
+        records({"item_ids": [1001], "timestamps": "1"}),
+        f"{R0}.timestamps: expected a list of integers in 0..2^40 (seconds)",
+    ),
+    (
+        "request-time-float",
+        records({"item_ids": [1001], "request_time": 1.5}),
+        f"{R0}.request_time: expected an integer in 0..2^40 (seconds)",
+    ),
+    (
+        "request-time-bool",
+        records({"item_ids": [1001], "request_time": True}),
+        f"{R0}.request_time: expected an integer in 0..2^40 (seconds)",
+    ),
+    (
+        "unknown-record-field",
+        records({"item_ids": [1001], "user": 3}),
+        f"{R0}.user: unknown field (expected one of item_ids, timestamps, request_time)",
+    ),
+    (
+        "many-unknown-fields",
+        records({"item_ids": [1001], **{f"f{i:05d}": i for i in range(2000)}}),
+        f"{R0}.f00000: unknown field (expected one of item_ids, timestamps, request_time)",
+    ),
+    # params
+    ("params-list", {"dataframe_records": [U], "params": [1]}, "params: expected an object"),
+    ("k-bool", records(U, k=True), "params.k: expected an integer"),
+    ("k-float", records(U, k=10.0), "params.k: expected an integer"),
+    ("k-string", records(U, k="10"), "params.k: expected an integer"),
+    ("k-zero", records(U, k=0), "params.k: 0: expected 1 <= k <= 50"),
+    ("k-above-server-max", records(U, k=51), "params.k: 51: expected 1 <= k <= 50"),
+    ("k-negative", records(U, k=-1), "params.k: -1: expected 1 <= k <= 50"),
+    ("filter-seen-null", records(U, filter_seen=None), "params.filter_seen: expected true or false"),
+    ("use-index-string", records(U, use_index="yes"), "params.use_index: expected true or false"),
+    (
+        "unknown-param",
+        records(U, top_k=3),
+        "params.top_k: unknown parameter (expected one of k, filter_seen, use_index)",
+    ),
+]
+
+
+@pytest.mark.parametrize("body, message", [c[1:] for c in BODY_CASES], ids=[c[0] for c in BODY_CASES])
+def test_malformed_body(port: int, body: object, message: str) -> None:
+    status, reply = exchange(port, request(body))
+    assert (status, reply) == (400, {"error_code": BAD, "message": message})
+
+
+# ---------------------------------------------------------------------------------------------------
+# headers, routes and the token
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+HEADER_CASES = [
+    (
+        "csv",
+        request(records(U), "text/csv"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'text/csv' (expected application/json, charset utf-8)",
+    ),
+    (
+        "parquet",
+        request(b"PAR1....", "application/x-parquet"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'application/x-parquet' (expected application/json, charset utf-8)",
+    ),
+    (
+        "no-content-type",
+        request(records(U), None),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: expected one application/json header, got 0",
+    ),
+    (
+        "two-content-types",
+        request(records(U), headers=[("Content-Type", "application/json")]),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: expected one application/json header, got 2",
+    ),
+    (
+        "json-then-parquet",
+        request(records(U), headers=[("Content-Type", "application/x-parquet")]),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: expected one application/json header, got 2",
+    ),
+    (
+        "latin1-charset",
+        request(records(U), "application/json; charset=latin-1"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'application/json; charset=latin-1' (expected application/json, charset utf-8)",
+    ),
+    (
+        "jsonx",
+        request(records(U), "application/jsonx"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'application/jsonx' (expected application/json, charset utf-8)",
+    ),
+    (
+        "multipart",
+        request(records(U), "multipart/form-data; boundary=x"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'multipart/form-data; boundary=x' (expected application/json, charset utf-8)",
+    ),
+    (
+        "no-token",
+        request(records(U), auth=None),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "wrong-token",
+        request(records(U), auth="Bearer " + "x" * 24),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "token-prefix",
+        request(records(U), auth=f"Bearer {TOKEN[:-1]}"),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "basic-auth",
+        request(records(U), auth="Basic dXNlcjpwYXNz"),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "two-auth-headers",
+        request(records(U), headers=[("Authorization", f"Bearer {TOKEN}")]),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "version-no-token",
+        request(b"", method="GET", path="/version", auth=None),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "get-invocations",
+        request(b"", method="GET"),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "/invocations: GET (expected POST)",
+    ),
+    (
+        "other-route",
+        request(records(U), path="/admin"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "/admin: no such route (POST /invocations)",
+    ),
+    (
+        "declared-1GB",
+        request(b"", headers=[("X", "y")])[:-4].replace(b"Content-Length: 0", b"Content-Length: 1000000000")
+        + b"\r\n\r\n",
+        413,
+        "REQUEST_LIMIT_EXCEEDED",
+        "body: 1000000000 bytes, at most 65536",
+    ),
+    ("body-70000", request(b" " * 70_000), 413, "REQUEST_LIMIT_EXCEEDED", "body: 70000 bytes, at most 65536"),
+    (
+        "chunked-over-limit",
+        request(b"", length=False, headers=[("Transfer-Encoding", "chunked")]) + chunked(*[b" " * 8192] * 9),
+        413,
+        "REQUEST_LIMIT_EXCEEDED",
+        "body: more than 65536 bytes",
+    ),
+    ("header-1MB", request(records(U), headers=[("X-Pad", "x" * 1_000_000)]), 400, None, None),
+    (
+        "content-length-text",
+        request(records(U), length=False, headers=[("Content-Length", "abc")]),
+        400,
+        None,
+        None,
+    ),
+    (  # h11 reads it as chunked; the JSON is no chunk size, so the body never completes
+        "length-and-chunked",
+        request(records(U), headers=[("Transfer-Encoding", "chunked")]),
+        408,
+        "REQUEST_TIMEOUT",
+        "body: not received within 2 s (0 bytes came)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "raw, status, code, message", [c[1:] for c in HEADER_CASES], ids=[c[0] for c in HEADER_CASES]
+)
+def test_header_and_route(port: int, raw: bytes, status: int, code: str | None, message: str | None) -> None:
+    got, reply = exchange(port, raw)
+    if code is None:  # refused by uvicorn's HTTP parser before the app: a 400, no body of ours
+        assert got == status and not isinstance(reply, dict), reply
+    else:
+        assert (got, reply) == (status, {"error_code": code, "message": message})
+
+
+# ---------------------------------------------------------------------------------------------------
+# valid requests: strict JSON, no row 0, no seen item, no non-finite score, k from the server's bound
+
+
+def test_valid_answers(port: int) -> None:
+    status, reply = exchange(port, request(records(U, k=5)))
+    assert status == 200
+    check_valid(reply, [U["item_ids"]], 5)
+    assert len(reply["predictions"][0]["item_ids"]) == 5
+    # 198 of the 200 items seen: exactly the two left, never row 0 or a -inf score (invalid JSON)
+    seen = [i for i in RAW_IDS if i not in (1150, 1200)]
+    for use_index in (False, True):
+        status, reply = exchange(port, request(records({"item_ids": seen}, k=50, use_index=use_index)))
+        assert status == 200
+        check_valid(reply, [seen], 50)
+        assert sorted(reply["predictions"][0]["item_ids"]) == [1150, 1200]
+    # every item seen: nothing left
+    status, reply = exchange(port, request(records({"item_ids": RAW_IDS}, k=5)))
+    assert (status, reply) == (200, {"predictions": [{"item_ids": [], "scores": [], "ignored": 0}]})
+    # filter_seen off, the index path, other layouts, case-insensitive media type and scheme
+    for body, ct, auth in [
+        (records(U, k=5, filter_seen=False), "application/json", f"Bearer {TOKEN}"),
+        (records(U, k=5, use_index=True), "APPLICATION/JSON; charset=UTF-8", f"bearer {TOKEN}"),
+        (
+            {"dataframe_split": {"columns": ["item_ids"], "data": [[[1001, 1002]]]}, "params": {"k": 5}},
+            "application/json",
+            f"Bearer {TOKEN}",
+        ),
+        ({"inputs": [U], "params": {"k": 5}}, "application/json", f"Bearer {TOKEN}"),
+    ]:
+        status, reply = exchange(port, request(body, ct, auth))
+        assert status == 200, reply
+        assert len(reply["predictions"][0]["item_ids"]) == 5
+    # ids the model never saw are counted, the user gets nothing
+    status, reply = exchange(port, request(records({"item_ids": [5, 7]})))
+    assert (status, reply) == (200, {"predictions": [{"item_ids": [], "scores": [], "ignored": 2}]})
+    status, reply = exchange(port, request(b"", method="GET", path="/ping", auth=None))
+    assert (status, reply) == (200, {"status": "ok"})
+    body = request(b"", length=False, headers=[("Transfer-Encoding", "chunked")])
+    status, reply = exchange(port, body + chunked(json.dumps(records(U, k=3)).encode()))
+    assert status == 200 and len(reply["predictions"][0]["item_ids"]) == 3
+
+
+# ---------------------------------------------------------------------------------------------------
+# slow and endless clients hold nothing; the server answers others meanwhile and afterwards
+
+
+def _open(port: int, raw: bytes) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    sock.sendall(raw)
+    return sock
+
+
+def _valid(port: int) -> None:
+    status, reply = exchange(port, request(records(U, k=5)), timeout=10)
+    assert status == 200
+    check_valid(reply, [U["item_ids"]], 5)
+
+
+def test_slow_body_times_out_and_others_are_served(port: int) -> None:
+    head = request(b"x" * 100)[:-100]  # headers for 100 bytes
+    stalled = _open(port, head + b'{"datafram')
+    start = time.monotonic()
+    _valid(port)  # while that body stalls
+    assert time.monotonic() - start < 2
+    status, reply = read_response(stalled)
+    stalled.close()
+    assert (status, reply) == (
+        408,
+        {"error_code": "REQUEST_TIMEOUT", "message": "body: not received within 2 s (10 bytes came)"},
+    )
+    assert time.monotonic() - start < 5
+
+
+def test_trickled_body_is_cut_at_the_deadline(port: int) -> None:
+    sock = _open(port, request(b"x" * 200)[:-200])
+    start = time.monotonic()
+    sent = 0
+    while time.monotonic() - start < 4:
+        try:
+            sock.sendall(b" ")
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += 1
+        time.sleep(0.25)
+    status, reply = read_response(sock)
+    sock.close()
+    assert status == 408 and reply["error_code"] == "REQUEST_TIMEOUT"
+    assert re.fullmatch(r"body: not received within 2 s \(\d bytes came\)", reply["message"]), reply
+    _valid(port)
+
+
+def test_endless_chunked_bodies(port: int) -> None:
+    # slow and endless: cut by the deadline
+    sock = _open(port, request(b"", length=False, headers=[("Transfer-Encoding", "chunked")]))
+    start = time.monotonic()
+    try:
+        while time.monotonic() - start < 5:
+            sock.sendall(b"10\r\n" + b" " * 16 + b"\r\n")
+            time.sleep(0.1)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, reply = read_response(sock)
+    sock.close()
+    assert status == 408 and reply["message"].startswith("body: not received within 2 s"), reply
+    # fast and endless: cut by the size limit
+    sock = _open(port, request(b"", length=False, headers=[("Transfer-Encoding", "chunked")]))
+    try:
+        for _ in range(1000):
+            sock.sendall(b"2000\r\n" + b" " * 8192 + b"\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    status, reply = read_response(sock)
+    sock.close()
+    assert (status, reply) == (
+        413,
+        {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "body: more than 65536 bytes"},
+    )
+    _valid(port)
+
+
+def test_slow_headers_idle_connections_and_hangups_hold_nothing(port: int) -> None:
+    partial = _open(port, b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")  # never finished
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(100)]
+    hangup = _open(port, request(b"x" * 1000)[:-900])
+    hangup.close()  # mid-body
+    try:
+        for _ in range(3):
+            _valid(port)
+    finally:
+        partial.close()
+        for s in idle:
+            s.close()
+    _valid(port)
+
+
+def test_server_still_answers_after_the_corpus(port: int) -> None:
+    _valid(port)
+
+
+# ---------------------------------------------------------------------------------------------------
+# `fuxi serve` itself: a crafted model folder is refused in one line before anything is loaded
+
+
+def test_serve_refuses_a_model_folder_with_code(model_folder: Path, tmp_path: Path) -> None:
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(model_folder, model)
+    marker = tmp_path / "marker"
+    (model / "code" / "serving").mkdir(parents=True)
+    (model / "code" / "serving" / "pyfunc.py").write_text(f"open({str(marker)!r}, 'w')\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(_free_port())],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"fuxi: error: {model}/code: unexpected folder in a model folder"]
+    assert not marker.exists()
