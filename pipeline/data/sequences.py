@@ -20,6 +20,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -29,6 +30,8 @@ import pyarrow.parquet as pq
 import storage
 from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
 from pipeline.data.vocab import find_vocabulary
+
+PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was given
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
@@ -88,16 +91,33 @@ def events_to_sequences(events: pa.Table) -> pa.Table:
     return pa.Table.from_arrays([pa.array(users[starts], user_type), items, times], schema=schema)
 
 
-def write_sequences(data: SequenceData, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_sequences(data: SequenceData, path: PathOrURI) -> PathOrURI:
+    """Write a sequence Parquet file to a path or URI; returns `path`."""
     meta = dict(data.meta, num_items=data.num_items, num_users=data.num_users)
     schema = sequence_schema(data.table.schema.field("user_id").type)
     table = data.table.cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    write_parquet(table, os.fspath(path), compression="zstd")
     return path
+
+
+def write_parquet(table: pa.Table, uri: str, **options: Any) -> None:
+    """`pq.write_table` to a path or URI, whole or not at all: on local disk a temporary file beside it
+    renamed over it; on an object store the object appears only when its upload completes."""
+    if "://" not in uri or storage.is_local(uri):
+        path = storage.parse(uri).path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        pq.write_table(table, tmp, **options)
+        os.replace(tmp, path)
+        return
+    with storage.open_output(uri) as out:
+        pq.write_table(table, out, **options)
+
+
+def open_parquet(uri: str) -> pq.ParquetFile:
+    """A Parquet file of a path or URI, opened through the storage layer (one footer read)."""
+    fs, path = storage.resolve(uri)
+    return pq.ParquetFile(path, filesystem=fs)
 
 
 def read_sequences(path: str | Path) -> SequenceData:

@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 import storage
 from pipeline.data.schema import SEQUENCE_SCHEMA
-from pipeline.data.sequences import read_shard_manifest, shard_uris
+from pipeline.data.sequences import open_parquet, read_shard_manifest, shard_uris
 
 if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray read workers
     from pipeline.data.collate import Batch
@@ -120,12 +120,6 @@ class Units:
     rows: np.ndarray  # [U] users in the row group
     eligible: np.ndarray  # [U] users with >= 2 + drop_last_items events
     generation: int | None  # the manifest generation (None for a plain file)
-
-
-def open_parquet(uri: str) -> pq.ParquetFile:
-    """A Parquet file of a path or URI, opened through the storage layer (one footer read)."""
-    fs, path = storage.resolve(uri)
-    return pq.ParquetFile(path, filesystem=fs)
 
 
 def load_units(path: str | Path, drop_last_items: int) -> Units:

@@ -29,7 +29,7 @@ import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -38,6 +38,8 @@ import pyarrow.parquet as pq
 
 import storage
 from pipeline.data.schema import SHARD_MANIFEST
+
+PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was given
 
 VOCAB_FILE = "vocab.parquet"
 META_KEY = b"fuxi.meta"  # the sequence file's metadata key (pipeline.data.sequences)
@@ -227,14 +229,13 @@ def read_vocabulary(path: str | Path, min_count: int | None = None) -> Vocabular
     return Vocabulary(table, min_count if min_count is not None else int(meta.get("min_count", 1)))
 
 
-def write_vocabulary(vocab: Vocabulary, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_vocabulary(vocab: Vocabulary, path: PathOrURI) -> PathOrURI:
+    """Write the vocabulary Parquet to a path or URI (whole or not at all); returns `path`."""
+    from pipeline.data.sequences import write_parquet  # sequences imports this module
+
     meta = {"min_count": vocab.min_count, "rows": vocab.num_rows, "key_type": vocab.key_type}
     table = vocab.table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    write_parquet(table, os.fspath(path), compression="zstd")
     return path
 
 

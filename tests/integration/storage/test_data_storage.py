@@ -1,6 +1,8 @@
 """The data path through the storage layer, on a real S3 endpoint (SeaweedFS, conftest.py): a sequence
 Parquet and a shard directory read from s3:// equal the same files on local disk, training on s3:// data
-gives the losses of the same file on disk, and a manifest naming a file outside its prefix is refused.
+gives the losses of the same file on disk, a manifest naming a file outside its prefix is refused, and
+`fuxi data build-sequences` / `append-day` on s3:// build what they build on disk, committed by a
+conditional manifest write.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import pytest
 import torch
 
 import storage
-from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.build import (
+    FORMAT,
+    BuildConfig,
+    _read_manifest,
+    _write_manifest,
+    append_day,
+    build_sequences,
+    read_manifest,
+)
 from pipeline.data.sequences import read_sequences, write_sequences
 from pipeline.data.stream import Backend, ShardBatches
 from pipeline.data.synth_logs import LogConfig, write_logs
@@ -131,3 +141,80 @@ def test_training_on_a_sequence_file_on_s3_matches_the_same_file_on_disk(s3_env:
     assert losses and [h["train_loss"] for h in on_s3["history"]] == losses
     assert on_s3["steps"] == on_disk["steps"] > 0
     assert not (REPO / "s3:").exists()  # the URI was never taken as a local path
+
+
+# ---------------------------------------------------------------------------------------------------
+# the build on an object store: `fuxi data build-sequences` and `append-day` with s3:// logs and output
+
+
+def fuxi_data(*args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "data", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_build_and_append_on_s3_equal_the_same_on_disk(ray_with_s3_env: Any, tmp_path: Path) -> None:
+    logs = LogConfig(
+        num_users=300,
+        num_items=800,
+        num_days=3,
+        num_events=6000,
+        seed=4,
+        num_themes=5,
+        rows_per_part=1000,
+        bad_fraction=0.01,
+    )
+    write_logs(logs, tmp_path / "logs", progress=False)
+    days = sorted(p.name[5:] for p in (tmp_path / "logs").glob("date=*"))
+    remote_logs = s3_prefix(ray_with_s3_env, "logs")
+    storage.copy_tree(str(tmp_path / "logs"), remote_logs)
+    remote = s3_prefix(ray_with_s3_env, "build")
+
+    cfg = BuildConfig(max_length=30, num_partitions=2, row_group_rows=32)
+    build_sequences(tmp_path / "logs", tmp_path / "seq", cfg, dates=days[:2], progress=False)
+    flags = ["--max-length", "30", "--partitions", "2", "--dates", ",".join(days[:2])]
+    out = fuxi_data("build-sequences", "--logs", remote_logs, "--out", remote, *flags)
+    assert "build" in out and not (REPO / "s3:").exists()  # the URIs were never taken as local paths
+
+    for name in ("users", "interactions", "num_items", "days"):
+        assert read_manifest(remote)[name] == read_manifest(tmp_path / "seq")[name]
+
+    append_day(tmp_path / "logs", days[2], tmp_path / "seq", progress=False)
+    report = append_day(remote_logs, days[2], remote, progress=False)  # the Ray workers read and write S3
+    assert report.days == [days[2]] and report.out == remote
+    here, there = read_manifest(tmp_path / "seq"), read_manifest(remote)
+    for name in ("users", "interactions", "num_items", "days", "generation"):
+        assert there[name] == here[name], name
+    assert read_sequences(remote).table.equals(read_sequences(tmp_path / "seq").table)
+    assert read_vocabulary(read_sequences(remote).vocab).table.equals(
+        read_vocabulary(read_sequences(tmp_path / "seq").vocab).table
+    )
+    # the commit published exactly what it names: this generation's shards, vocabulary and quarantine
+    quarantined = sorted(q for d in there["days"].values() for q in d["report"]["quarantine_files"])
+    assert quarantined and quarantined == sorted(
+        q for d in here["days"].values() for q in d["report"]["quarantine_files"]
+    )
+    named = sorted([s["file"] for s in there["shards"]] + [there["vocab"]["file"], "manifest.json"])
+    assert sorted(storage.walk(remote)) == sorted(named + quarantined)
+
+    again = append_day(remote_logs, days[2], remote, progress=False)
+    assert again.days == [] and again.skipped_days == [days[2]]
+
+
+def test_a_manifest_commit_over_a_version_it_did_not_read_is_refused(root_uri: str) -> None:
+    manifest = {"format": FORMAT, "generation": 1}
+    _write_manifest(root_uri, manifest, base=None)
+    _, version = _read_manifest(root_uri)
+    _write_manifest(root_uri, dict(manifest, generation=2), base=version)  # the writer that read it
+    for stale in (None, version):  # a second writer that read no manifest, or the one before
+        with pytest.raises(storage.CommitConflict, match="another writer committed first"):
+            _write_manifest(root_uri, dict(manifest, generation=3), base=stale)
+    assert read_manifest(root_uri)["generation"] == 2
