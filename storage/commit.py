@@ -84,6 +84,22 @@ def generation_age_s(name: str, now: float | None = None) -> float:
 # pointer objects: read with a version, write conditionally
 
 
+def read_versioned(uri: str | os.PathLike[str]) -> tuple[bytes, str] | None:
+    """(content, version) of one object that is replaced only by `write_conditional`, or None when there is
+    none: for a commit object with its own layout (the data build's manifest.json names its generation's
+    files itself). The version is the S3 ETag, or a digest of the content."""
+    return _read_raw(os.fspath(uri), limit=None)
+
+
+def write_conditional(
+    uri: str | os.PathLike[str], data: bytes, expect: str | None | _Current = CURRENT
+) -> str:
+    """Write the object last and conditionally, as `CommitRoot.commit` writes a pointer: only while its
+    version is still `expect` (None: while there is none); CommitConflict otherwise. Returns the new
+    version."""
+    return _write_pointer(os.fspath(uri), data, expect)
+
+
 @lru_cache(maxsize=8)
 def _s3_client(settings: fs.S3Settings, _credentials: str) -> Any:
     import botocore.session
@@ -109,8 +125,9 @@ def _error_code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
 
 
-def _read_raw(uri: str) -> tuple[bytes, str] | None:
-    """(content, version) of a pointer object, or None when there is none."""
+def _read_raw(uri: str, limit: int | None = _MAX_POINTER_BYTES) -> tuple[bytes, str] | None:
+    """(content, version) of a pointer object, or None when there is none; at most `limit` + 1 bytes are
+    read (a pointer longer than `limit` is refused by its reader)."""
     p = parse(uri)
     if p.scheme == "s3":
         client = _s3_client(fs.s3_settings(), fs._credentials_fingerprint())
@@ -122,7 +139,7 @@ def _read_raw(uri: str) -> tuple[bytes, str] | None:
                 if _error_code(e) in ("NoSuchKey", "404"):
                     return None
                 raise
-            return r["Body"].read(_MAX_POINTER_BYTES + 1), r["ETag"]
+            return r["Body"].read(None if limit is None else limit + 1), r["ETag"]
 
         return with_retries(display(uri), get)
     if not fs.is_file(uri):

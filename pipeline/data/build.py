@@ -10,17 +10,23 @@ Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: st
            last `max_length` events of each user with their timestamps, write the shard sorted by user.
            Memory: one partition (about rows_per_partition events).
 
-Output directory (a "sequence shard directory"; `read_sequences(dir)` and `pipeline.data.stream` read it):
+Output directory (a "sequence shard directory": a local folder or an object-store prefix such as
+`s3://bucket/seq`; `read_sequences(dir)` and `pipeline.data.stream` read it):
     manifest.json                          format, num_items, max_length, partitions, shards, days, totals
     part-PPPPP-gGGGGGG.parquet             SEQUENCE_SCHEMA; P partitions of generation G; row groups
                                            of `row_group_rows` users (the streaming unit of
                                            `pipeline.data.stream`)
     quarantine/date=YYYY-MM-DD/<part>.gGGGGGG.quarantine.parquet   bad rows (`pipeline.data.ingest`),
                                            published by the commit that names them
-The manifest is the commit point: shards of a new generation are written first, then the manifest is replaced
-atomically, then the previous generation is deleted. A job killed before the commit leaves the old manifest
-valid (and re-running redoes the work); a day recorded in the manifest is never applied twice: `append_day`
-of a recorded day with the same files (name, bytes, rows) is a no-op, with different files an error.
+The manifest is the commit point, the pointer of storage/commit.py's protocol with its own layout: every
+object of a new generation (shards, vocabulary, quarantine files, all named by generation and never changed)
+is written first, then the manifest, last, as one object, conditionally on the version this run read
+(`storage.commit.write_conditional`: If-Match / If-None-Match on S3, a lock + compare + rename on disk), so
+two builds of one directory cannot both commit (the second gets CommitConflict); then what the manifest no
+longer names is deleted, by listing. A job killed before the commit leaves the old manifest valid (and
+re-running redoes the work); a day recorded in the manifest is never applied twice: `append_day` of a
+recorded day with the same files (name, bytes, rows) is a no-op, with different files an error. The Ray
+tasks get URIs and read and write the store themselves (workers inherit the driver's AWS_* environment).
 
 Rules (the same for a full build and for appends, so appending day by day equals a full rebuild):
   order      time, ties broken by item id (as `pipeline.data.sequences.events_to_sequences`)
@@ -37,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -51,6 +57,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+import storage
 from pipeline.data.ingest import (
     IngestReport,
     IngestRules,
@@ -63,10 +70,13 @@ from pipeline.data.ingest import (
     read_logs_meta,
     report_of,
     scan_log_file,
+    source_name,
 )
 from pipeline.data.readers import write_quarantine
 from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
+from pipeline.data.sequences import open_parquet, read_parquet, shard_uris, write_parquet
 from pipeline.data.vocab import Vocabulary, read_vocabulary, write_vocabulary
+from storage.commit import read_versioned, write_conditional
 
 FORMAT = "fuxi.sequence-shards/1"
 MIN_LENGTHS = (
@@ -99,7 +109,7 @@ class BuildConfig:
 
 @dataclass
 class BuildReport:
-    out: Path
+    out: str  # the shard directory: a local path or a URI
     op: str  # build | append
     days: list[str]
     skipped_days: list[str]
@@ -220,12 +230,12 @@ def row_group_counts(lengths: np.ndarray, rows_per_group: int) -> list[list[int]
 def scatter_task(spec: dict) -> dict:
     """Validate one raw file, quarantine its bad rows, write its good events grouped by partition and (with
     a vocabulary) its item counts: raw id, events, first timestamp."""
-    path, num_parts = Path(spec["path"]), spec["partitions"]
+    path, num_parts = spec["path"], spec["partitions"]
     rules = IngestRules(**spec["rules"])
     schema = check_log_schema(path, rules)
     writer, rg, part_rgs = None, 0, [[] for _ in range(num_parts)]
     bads, counts, rows_read, kept, filtered, max_item = [], [], 0, 0, 0, 0
-    tmp = Path(spec["out"] + ".tmp")
+    stream = None  # the scattered file: a task-private name under the build's `_tmp-gG` folder or prefix
     for good, bad, n_filtered in scan_log_file(path, rules, spec["source"]):
         rows_read += good.num_rows + bad.num_rows + n_filtered
         kept += good.num_rows
@@ -243,22 +253,23 @@ def scatter_task(spec: dict) -> dict:
         sizes = np.bincount(part, minlength=num_parts)
         grouped = good.take(pa.array(order))
         if writer is None:
-            writer = pq.ParquetWriter(tmp, good.schema, compression="lz4")
+            stream = storage.open_output(spec["out"])
+            writer = pq.ParquetWriter(stream, good.schema, compression="lz4")
         offsets = np.r_[0, np.cumsum(sizes)]
         for p in np.flatnonzero(sizes):
             writer.write_table(grouped.slice(int(offsets[p]), int(sizes[p])), row_group_size=int(sizes[p]))
             part_rgs[p].append(rg)
             rg += 1
-    if writer is not None:
+    if writer is not None and stream is not None:
         writer.close()
-        tmp.replace(spec["out"])
+        stream.close()
     items_file = None
     if counts:
         items_file = spec["out"] + ".items.parquet"
-        pq.write_table(_item_counts(pa.concat_tables(counts), merge=True), items_file)
+        write_parquet(_item_counts(pa.concat_tables(counts), merge=True), items_file)
     bad_all = pa.concat_tables(bads) if bads else QUARANTINE_SCHEMA.empty_table()
-    qpath = write_quarantine(bad_all, Path(spec["quarantine"]))  # no bad rows: removes a stale file
-    report = report_of(rows_read, kept, bad_all, str(qpath) if qpath else None, filtered)
+    qpath = write_quarantine(bad_all, spec["quarantine"])  # no bad rows: removes a stale file
+    report = report_of(rows_read, kept, bad_all, spec["quarantine_name"] if qpath else None, filtered)
     return {
         "date": spec["date"],
         "source": spec["source"],
@@ -292,9 +303,9 @@ def gather_task(spec: dict) -> dict:
     """Build one partition's shard from its scattered row groups (+ the stored shard when appending); with a
     vocabulary, raw item ids become rows, and events of items not admitted by their day are left out."""
     tables, below = [], {}
-    pieces = [pq.ParquetFile(path).read_row_groups(rgs) for path, rgs, _ in spec["pieces"]]
+    pieces = [open_parquet(path).read_row_groups(rgs) for path, rgs, _ in spec["pieces"]]
     if pieces and spec.get("vocab"):  # one lookup for the whole partition
-        mapping = pq.read_table(spec["vocab"])  # raw_id, row, admitted (YYYYMMDD, 0 = pending)
+        mapping = read_parquet(spec["vocab"])  # raw_id, row, admitted (YYYYMMDD, 0 = pending)
         keys = mapping["raw_id"].combine_chunks()
         rows, admitted = mapping["row"].to_numpy(), mapping["admitted"].to_numpy()
         t = pa.concat_tables(pieces).combine_chunks()
@@ -319,20 +330,18 @@ def gather_task(spec: dict) -> dict:
         ]
     tables.extend(pieces)
     if spec.get("existing"):
-        tables.append(sequences_to_events(pq.read_table(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
+        tables.append(sequences_to_events(read_parquet(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
     user_type = pa.string() if spec.get("user_key") == "string" else pa.int64()
     events = (
         pa.concat_tables(tables).combine_chunks() if tables else event_schema(None, user_type).empty_table()
     )
     seq, counts = group_events(events, spec["max_length"])
     del events, tables
-    tmp = Path(spec["out"] + ".tmp")
-    pq.write_table(seq, tmp, row_group_size=spec["row_group_rows"], **_SHARD_WRITE)
-    tmp.replace(spec["out"])
+    write_parquet(seq, spec["out"], row_group_size=spec["row_group_rows"], **_SHARD_WRITE)
     lengths = pc.list_value_length(seq["item_ids"]).to_numpy(zero_copy_only=False)
     return {
         "partition": spec["partition"],
-        "file": Path(spec["out"]).name,
+        "file": storage.name_of(spec["out"]),
         "rows": seq.num_rows,
         "interactions": int(lengths.sum()),
         "row_groups": row_group_counts(lengths, spec["row_group_rows"]),
@@ -371,21 +380,35 @@ def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progres
 
 
 def read_manifest(seqdir: str | Path) -> dict:
-    path = Path(seqdir) / SHARD_MANIFEST
-    if not path.exists():
+    manifest, _ = _read_manifest(os.fspath(seqdir))
+    if manifest is None:
         raise FileNotFoundError(
-            f"{seqdir}: no {SHARD_MANIFEST}; build it first with `fuxi data build-sequences`"
+            f"{storage.display(os.fspath(seqdir))}: no {SHARD_MANIFEST}; build it first with "
+            "`fuxi data build-sequences`"
         )
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 
-def _write_manifest(seqdir: Path, manifest: dict) -> None:
-    tmp = seqdir / (SHARD_MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    tmp.replace(seqdir / SHARD_MANIFEST)
+def _read_manifest(out: str) -> tuple[dict | None, str | None]:
+    """(manifest, its version) of a shard directory, (None, None) when it has none. The version is what the
+    commit of the next generation expects to replace."""
+    uri = storage.join(out, SHARD_MANIFEST)
+    found = read_versioned(uri)
+    if found is None:
+        return None, None
+    manifest = json.loads(found[0])
+    if manifest.get("format") != FORMAT:
+        raise ValueError(
+            f"{storage.display(uri)}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}"
+        )
+    return manifest, found[1]
+
+
+def _write_manifest(out: str, manifest: dict, base: str | None) -> None:
+    """The commit: the manifest is written last, as one object, and only over the version this run read
+    (`base`, None: there was none), so two builds of one directory cannot both commit (CommitConflict)."""
+    data = json.dumps(manifest, indent=1).encode()
+    write_conditional(storage.join(out, SHARD_MANIFEST), data, expect=base)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -401,12 +424,14 @@ def build_sequences(
 ) -> BuildReport:
     """Full (re)build of `out` from the days of `logs` (all days, or `dates`)."""
     cfg = cfg or BuildConfig()
-    logs, out = Path(logs), Path(out)
+    logs, out = os.fspath(logs), os.fspath(out)
     days = log_days(logs)
     if dates is not None:
         unknown = [d for d in dates if d not in days]
         if unknown:
-            raise FileNotFoundError(f"{logs}: no partition for date(s) {unknown}; it has {sorted(days)}")
+            raise FileNotFoundError(
+                f"{storage.display(logs)}: no partition for date(s) {unknown}; it has {sorted(days)}"
+            )
         days = {d: days[d] for d in sorted(dates)}
     rules = cfg.rules
     if rules.identity_ids and rules.num_items is None and read_logs_meta(logs).get("num_items"):
@@ -414,9 +439,9 @@ def build_sequences(
     files = [(d, p) for d, ps in days.items() for p in ps]
     for _, p in files:  # schema errors name the file and column before any task runs
         check_log_schema(p, rules)
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for _, p in files)
+    rows = sum(open_parquet(p).metadata.num_rows for _, p in files)
     parts = cfg.num_partitions or max(2, math.ceil(rows / cfg.rows_per_partition))
-    previous = read_manifest(out) if (out / SHARD_MANIFEST).exists() else None
+    previous, base = _read_manifest(out)
     manifest = {
         "format": FORMAT,
         "generation": (previous["generation"] if previous else 0) + 1,
@@ -436,21 +461,23 @@ def build_sequences(
             "rows": 0,
             "pending": 0,
         }
-    report = _apply(logs, out, manifest, days, existing={}, progress=progress, op="build")
+    report = _apply(logs, out, manifest, base, days, existing={}, progress=progress, op="build")
     if previous:  # quarantine folders of days the rebuild no longer holds
         for d in set(previous["days"]) - set(manifest["days"]):
-            shutil.rmtree(out / "quarantine" / f"date={d}", ignore_errors=True)
+            storage.delete(storage.join(out, "quarantine", f"date={d}"), recursive=True)
         _remove_unreferenced(out, manifest)
     return report
 
 
 def append_day(logs: str | Path, date: str, sequences: str | Path, progress: bool = True) -> BuildReport:
     """Merge one more day of `logs` into the shard directory `sequences`; a no-op if the day is recorded."""
-    logs, out = Path(logs), Path(sequences)
-    manifest = read_manifest(out)
+    logs, out = os.fspath(logs), os.fspath(sequences)
+    manifest, base = _read_manifest(out)
+    if manifest is None:
+        manifest = read_manifest(out)  # the error naming the directory
     files = day_files(logs, date)
     if date in manifest["days"]:
-        prints = [fingerprint(p, logs) for p in files]
+        prints = [fingerprint(p) for p in files]
         if prints == manifest["days"][date]["files"]:
             return BuildReport(
                 out,
@@ -468,50 +495,53 @@ def append_day(logs: str | Path, date: str, sequences: str | Path, progress: boo
                 0.0,
             )
         raise ValueError(
-            f"{out}: day {date} was already applied from different files "
+            f"{storage.display(out)}: day {date} was already applied from different files "
             f"({manifest['days'][date]['files']}); now {prints}. A day cannot be re-applied incrementally: "
             "rebuild with `fuxi data build-sequences`"
         )
     for p in files:
         check_log_schema(p, IngestRules(**manifest["rules"]))
-    existing = {s["partition"]: str(out / s["file"]) for s in manifest["shards"]}
+    # names read from the manifest stay inside the directory (storage.join refuses `..` and absolute names)
+    existing = {s["partition"]: uri for s, uri in zip(manifest["shards"], shard_uris(out, manifest))}
     manifest = dict(manifest, generation=manifest["generation"] + 1)
-    report = _apply(logs, out, manifest, {date: files}, existing=existing, progress=progress, op="append")
+    report = _apply(
+        logs, out, manifest, base, {date: files}, existing=existing, progress=progress, op="append"
+    )
     _remove_unreferenced(out, manifest)
     return report
 
 
 def _apply(
-    logs: Path,
-    out: Path,
+    logs: str,
+    out: str,
     manifest: dict,
-    days: dict[str, list[Path]],
+    base: str | None,
+    days: dict[str, list[str]],
     existing: dict[int, str],
     progress: bool,
     op: str,
 ) -> BuildReport:
     t0 = time.perf_counter()
-    out.mkdir(parents=True, exist_ok=True)
     gen, parts = manifest["generation"], manifest["num_partitions"]
-    tmp = out / f"_tmp-g{gen:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    # every task gets URIs (or plain paths) and reads and writes them itself, on disk or an object store
+    tmp = storage.join(out, f"_tmp-g{gen:06d}")
+    storage.delete(tmp, recursive=True)
     scatter_specs = []
     for d, paths in days.items():
         for k, p in enumerate(paths):
+            # named by generation: the manifest commit publishes it (an uncommitted run's file is never
+            # mistaken for the committed one, and is removed by the next commit)
+            qname = f"quarantine/date={d}/{_stem(p)}.g{gen:06d}.quarantine.parquet"
             scatter_specs.append(
                 {
-                    "path": str(p),
-                    "source": p.relative_to(logs).as_posix(),
+                    "path": p,
+                    "source": source_name(p),
                     "date": d,
                     "partitions": parts,
                     "rules": manifest["rules"],
-                    "out": str(tmp / f"{d}-{k:05d}.parquet"),
-                    # named by generation: the manifest commit publishes it (an uncommitted run's file
-                    # is never mistaken for the committed one, and is removed by the next commit)
-                    "quarantine": str(
-                        out / "quarantine" / f"date={d}" / f"{p.stem}.g{gen:06d}.quarantine.parquet"
-                    ),
+                    "out": storage.join(tmp, f"{d}-{k:05d}.parquet"),
+                    "quarantine": storage.join(out, qname),
+                    "quarantine_name": qname,
                 }
             )
     scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
@@ -533,7 +563,7 @@ def _apply(
                 "user_key": manifest.get("user_key"),
                 "max_length": manifest["max_length"],
                 "row_group_rows": manifest["row_group_rows"],
-                "out": str(out / f"part-{p:05d}-g{gen:06d}.parquet"),
+                "out": storage.join(out, f"part-{p:05d}-g{gen:06d}.parquet"),
             }
         )
     shards = sorted(
@@ -544,7 +574,6 @@ def _apply(
     day_reports: dict[str, IngestReport] = {d: IngestReport() for d in days}
     for s in scattered:
         r = IngestReport.from_dict(s["report"])
-        r.quarantine_files = [Path(q).relative_to(out).as_posix() for q in r.quarantine_files]
         day_reports[s["date"]].add(r)
         ingest.add(r)
     for shard in shards:  # events of items not admitted (yet) were validated but are not stored
@@ -570,7 +599,7 @@ def _apply(
             manifest["days"],
             **{
                 d: {
-                    "files": [fingerprint(p, logs) for p in paths],
+                    "files": [fingerprint(p) for p in paths],
                     "generation": manifest["generation"],
                     "report": day_reports[d].to_dict(),
                 }
@@ -585,7 +614,7 @@ def _apply(
             "op": op,
             "generation": manifest["generation"],
             "days": sorted(days),
-            "logs": str(logs.resolve()),
+            "logs": str(Path(logs).resolve()) if "://" not in logs else storage.display(logs),
             "rows_read": ingest.rows_read,
             "quarantined": ingest.rows_quarantined,
             "filtered_event_type": ingest.filtered_event_type,
@@ -597,8 +626,8 @@ def _apply(
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     ]
-    _write_manifest(out, manifest)  # the commit point
-    shutil.rmtree(tmp, ignore_errors=True)
+    _write_manifest(out, manifest, base)  # the commit point
+    storage.delete(tmp, recursive=True)
     return BuildReport(
         out=out,
         op=op,
@@ -617,7 +646,7 @@ def _apply(
     )
 
 
-def _check_keys(out: Path, manifest: dict, scattered: list[dict]) -> None:
+def _check_keys(out: str, manifest: dict, scattered: list[dict]) -> None:
     """Raw id types are fixed by the first build: the vocabulary's item keys and the shards' user ids."""
     for s in scattered:
         if not s["file"]:
@@ -633,18 +662,20 @@ def _check_keys(out: Path, manifest: dict, scattered: list[dict]) -> None:
                 manifest[f"{what}_key"] = got
             elif have != got:
                 raise ValueError(
-                    f"{s['source']}: column '{what}_id' holds {got} ids, but {out} keys {what}s as {have} "
+                    f"{s['source']}: column '{what}_id' holds {got} ids, but {storage.display(out)} keys "
+                    f"{what}s as {have} "
                     "(fixed by its first build); convert the column or rebuild"
                 )
 
 
-def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: list[str]) -> tuple[int, Path]:
+def _extend_vocabulary(out: str, manifest: dict, scattered: list[dict], days: list[str]) -> tuple[int, str]:
     """Extend the vocabulary by each day's item counts, in date order; write this generation's file (before
     the manifest commit) and record it. Returns (rows added, the sorted mapping the gather tasks read)."""
     info = manifest["vocab"]
     key_type = info["key_type"] or "int64"
     if info["file"]:
-        vocab = read_vocabulary(out / info["file"], min_count=info["min_count"])
+        name = storage.join(out, info["file"], field=f"{SHARD_MANIFEST}: vocab.file")
+        vocab = read_vocabulary(name, min_count=info["min_count"])
     else:
         vocab = Vocabulary.empty(key_type, info["min_count"])
     added = 0
@@ -652,37 +683,48 @@ def _extend_vocabulary(out: Path, manifest: dict, scattered: list[dict], days: l
         files = [s["items"] for s in scattered if s["date"] == day and s["items"]]
         if not files:
             continue
-        counts = pa.concat_tables([pq.read_table(f) for f in files])
+        counts = pa.concat_tables([read_parquet(f) for f in files])
         counts = _item_counts(counts, merge=True) if len(files) > 1 else counts
         vocab, n = vocab.extend(
             day, counts["item_id"], counts["count"].to_numpy(), counts["first_timestamp"].to_numpy()
         )
         added += n
-    path = write_vocabulary(vocab, out / f"vocab-g{manifest['generation']:06d}.parquet")
+    path = write_vocabulary(vocab, storage.join(out, f"vocab-g{manifest['generation']:06d}.parquet"))
     # what the gather tasks map with: raw ids (sorted), their rows and admission days (a temporary file)
     keys, rows, admitted = vocab.admitted_days()
     order = pc.sort_indices(keys)
     mapping = pa.table(
         {"raw_id": keys.take(order), "row": rows[order.to_numpy()], "admitted": admitted[order.to_numpy()]}
     )
-    mapping_path = out / f"_tmp-g{manifest['generation']:06d}" / "vocab-map.parquet"
-    pq.write_table(mapping, mapping_path, compression="lz4")
+    mapping_path = storage.join(out, f"_tmp-g{manifest['generation']:06d}", "vocab-map.parquet")
+    write_parquet(mapping, mapping_path, compression="lz4")
     pending = len(vocab) - vocab.num_rows
     manifest["vocab"] = dict(
-        info, file=path.name, key_type=vocab.key_type, rows=vocab.num_rows, pending=pending
+        info, file=storage.name_of(path), key_type=vocab.key_type, rows=vocab.num_rows, pending=pending
     )
     return added, mapping_path
 
 
-def _remove_unreferenced(out: Path, manifest: dict) -> None:
-    """Delete shards of older generations and temporary folders (after the manifest commit)."""
+def _stem(uri: str) -> str:
+    name = storage.name_of(uri)
+    return name[: -len(".parquet")] if name.endswith(".parquet") else name
+
+
+def _remove_unreferenced(out: str, manifest: dict) -> None:
+    """Delete shards and vocabularies of older generations, quarantine files no commit names, and temporary
+    folders (after the manifest commit): by listing, so the same on disk and on an object store."""
     keep = {s["file"] for s in manifest["shards"]} | {(manifest.get("vocab") or {}).get("file")}
-    for p in [*out.glob("part-*-g*.parquet"), *out.glob("vocab-g*.parquet")]:
-        if p.name not in keep:
-            p.unlink()
+    for name in storage.listdir(out):
+        generated = name.endswith(".parquet") and name.startswith(("part-", "vocab-g"))
+        if generated and name not in keep:
+            storage.delete(storage.join(out, name))
+        elif name.startswith("_tmp-g"):
+            storage.delete(storage.join(out, name), recursive=True)
     quarantined = {q for day in manifest["days"].values() for q in day["report"].get("quarantine_files", [])}
-    for p in out.glob("quarantine/date=*/*.quarantine.parquet"):
-        if p.relative_to(out).as_posix() not in quarantined:
-            p.unlink()
-    for p in out.glob("_tmp-g*"):
-        shutil.rmtree(p, ignore_errors=True)
+    quarantine = storage.join(out, "quarantine")
+    for day in storage.listdir(quarantine):
+        if not day.startswith("date="):
+            continue
+        for name in storage.listdir(storage.join(quarantine, day)):
+            if name.endswith(".quarantine.parquet") and f"quarantine/{day}/{name}" not in quarantined:
+                storage.delete(storage.join(quarantine, day, name))

@@ -32,6 +32,7 @@ events of items not yet admitted by the vocabulary, counted by the build).
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,8 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.readers import reason_counts
 from pipeline.data.schema import DATE_RE, LOGS_META, MAX_TIMESTAMP, QUARANTINE_SCHEMA
+from pipeline.data.sequences import open_parquet
 
 EVENT_FIELDS = ("user_id", "item_id", "timestamp")
 OPTIONAL_FIELDS = ("event_type",)
@@ -150,43 +153,61 @@ class IngestReport:
 # layout
 
 
-def log_days(logs: str | Path) -> dict[str, list[Path]]:
-    """date -> its part files (sorted by name), for every `date=YYYY-MM-DD` folder under `logs`."""
-    root = Path(logs)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: log directory does not exist")
+def _parts(folder: str) -> list[str]:
+    """The `*.parquet` files directly in a day folder or prefix, sorted by name (URIs, or plain paths)."""
+    names = [n for n in storage.listdir(folder) if n.endswith(".parquet") and not n.startswith(".")]
+    uris = [storage.join(folder, n, field="log part file") for n in names]
+    return [u for u in uris if storage.is_file(u)]
+
+
+def log_days(logs: str | Path) -> dict[str, list[str]]:
+    """date -> its part files (sorted by name), for every `date=YYYY-MM-DD` folder or prefix under `logs`
+    (a local path or a URI such as `s3://bucket/logs`)."""
+    root = os.fspath(logs)
+    if storage.is_file(root) or not storage.exists(root):
+        raise FileNotFoundError(f"{storage.display(root)}: log directory does not exist")
     days = {}
-    for sub in sorted(root.iterdir()):
-        m = DATE_RE.match(sub.name)
-        if m and sub.is_dir():
-            days[m.group(1)] = sorted(p for p in sub.glob("*.parquet") if p.is_file())
+    for name in storage.listdir(root):
+        m = DATE_RE.match(name)
+        if m:
+            folder = storage.join(root, name, field="log day folder")
+            if not storage.is_file(folder):
+                days[m.group(1)] = _parts(folder)
     if not days:
-        raise ValueError(f"{root}: no date=YYYY-MM-DD partitions found")
+        raise ValueError(f"{storage.display(root)}: no date=YYYY-MM-DD partitions found")
     return days
 
 
-def day_files(logs: str | Path, date: str) -> list[Path]:
+def day_files(logs: str | Path, date: str) -> list[str]:
     if not re.match(r"^\d{4}-\d{2}-\d{2}$", date):
         raise ValueError(f"date must be YYYY-MM-DD, got {date!r}")
-    folder = Path(logs) / f"date={date}"
-    files = sorted(p for p in folder.glob("*.parquet") if p.is_file()) if folder.is_dir() else []
+    folder = storage.join(os.fspath(logs), f"date={date}", field="date")
+    files = _parts(folder)
     if not files:
-        raise FileNotFoundError(f"{folder}: no part files for {date}")
+        raise FileNotFoundError(f"{storage.display(folder)}: no part files for {date}")
     return files
 
 
-def fingerprint(path: Path, logs: Path) -> dict:
+def source_name(path: str | Path) -> str:
+    """A part file's name relative to its log root: `date=YYYY-MM-DD/part-00000.parquet`."""
+    uri = os.fspath(path)
+    return f"{storage.name_of(storage.parent(uri))}/{storage.name_of(uri)}"
+
+
+def fingerprint(path: str | Path) -> dict:
     """What identifies an input file in the manifest: relative name, bytes and row count."""
+    uri = os.fspath(path)
+    fs, where = storage.resolve(uri)
     return {
-        "name": path.relative_to(logs).as_posix(),
-        "bytes": path.stat().st_size,
-        "rows": pq.ParquetFile(path).metadata.num_rows,
+        "name": source_name(uri),
+        "bytes": fs.get_file_info(where).size,
+        "rows": open_parquet(uri).metadata.num_rows,
     }
 
 
 def read_logs_meta(logs: str | Path) -> dict:
-    path = Path(logs) / LOGS_META
-    return json.loads(path.read_text()) if path.exists() else {}
+    path = storage.join(os.fspath(logs), LOGS_META)
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else {}
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -203,8 +224,13 @@ def id_key_type(schema: pa.Schema, name: str) -> str:
 def check_log_schema(path: str | Path, rules: IngestRules | None = None) -> pa.Schema:
     """The file's Arrow schema, or ValueError naming the file and the offending column."""
     rules = rules or IngestRules()
+    uri = os.fspath(path)
+    path = storage.display(uri)  # what every message names
     try:
-        schema = pq.read_schema(path)
+        fs, where = storage.resolve(uri)
+        schema = pq.read_schema(where, filesystem=fs)
+    except storage.StorageError:
+        raise
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
     missing = [c for c in EVENT_FIELDS if c not in schema.names]
@@ -370,7 +396,7 @@ def event_schema(item_type: pa.DataType | None = None, user_type: pa.DataType | 
 
 
 def scan_log_file(
-    path: Path, rules: IngestRules, source: str, batch_rows: int = SCAN_ROWS
+    path: str | Path, rules: IngestRules, source: str, batch_rows: int = SCAN_ROWS
 ) -> Iterator[tuple[pa.Table, pa.Table, int]]:
     """Validated (good, bad, filtered count) per batch of at most `batch_rows` rows; memory bounded by one
     batch."""
@@ -378,11 +404,11 @@ def scan_log_file(
     columns = list(EVENT_FIELDS) + [c for c in OPTIONAL_FIELDS if c in schema.names]
     offset = 0
     try:
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in open_parquet(os.fspath(path)).iter_batches(batch_size=batch_rows, columns=columns):
             yield validate_events(batch, rules, offset, source)
             offset += batch.num_rows
     except (OSError, pa.ArrowException) as exc:
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise ValueError(f"{storage.display(os.fspath(path))}: not a readable Parquet file ({exc})") from exc
 
 
 def report_of(

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,8 +53,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.schema import MAX_TIMESTAMP, MIN_TIMESTAMP, QUARANTINE_SCHEMA
-from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
+from pipeline.data.sequences import (
+    PathOrURI,
+    SequenceData,
+    events_to_sequences,
+    write_parquet,
+    write_sequences,
+)
 from pipeline.data.vocab import Vocabulary, day_of, key_type_of, write_vocabulary
 
 log = logging.getLogger(__name__)
@@ -588,20 +596,19 @@ def reason_counts(bad: pa.Table) -> dict[str, int]:
     return {d["values"]: int(d["counts"]) for d in vc.to_pylist()}
 
 
-def write_quarantine(bad: pa.Table, qpath: Path) -> Path | None:
-    """Write bad rows (QUARANTINE_SCHEMA) to qpath; with none, remove a stale file there and return None."""
+def write_quarantine(bad: pa.Table, qpath: PathOrURI) -> PathOrURI | None:
+    """Write bad rows (QUARANTINE_SCHEMA) to qpath (a path or URI, whole or not at all); with none, remove a
+    stale file there and return None."""
+    uri = os.fspath(qpath)
     if bad.num_rows == 0:
-        if qpath.exists():
-            qpath.unlink()
+        storage.delete(uri)  # nothing there is fine
         return None
     try:
-        qpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = qpath.with_name(qpath.name + ".tmp")
-        pq.write_table(bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA), tmp, compression="zstd")
-        tmp.replace(qpath)
+        write_parquet(bad.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA), uri, compression="zstd")
     except OSError as exc:
         raise OSError(
-            f"cannot write quarantine file {qpath} ({exc}); pass quarantine_dir= a writable folder"
+            f"cannot write quarantine file {storage.display(uri)} ({exc}); pass quarantine_dir= a "
+            "writable folder"
         ) from exc
     return qpath
 

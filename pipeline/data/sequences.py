@@ -17,16 +17,21 @@ Splits (leave-one-out by position):
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
 from pipeline.data.vocab import find_vocabulary
+
+PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was given
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
@@ -45,7 +50,9 @@ class SequenceData:
     table: pa.Table  # SEQUENCE_SCHEMA
     num_items: int
     meta: dict = field(default_factory=dict)
-    vocab: Path | None = None  # the item vocabulary (pipeline.data.vocab); None: item ids are rows
+    # the item vocabulary (pipeline.data.vocab): a Path on local disk, a URI on an object store; None: item
+    # ids are rows
+    vocab: Path | str | None = None
 
     @property
     def num_users(self) -> int:
@@ -84,58 +91,106 @@ def events_to_sequences(events: pa.Table) -> pa.Table:
     return pa.Table.from_arrays([pa.array(users[starts], user_type), items, times], schema=schema)
 
 
-def write_sequences(data: SequenceData, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_sequences(data: SequenceData, path: PathOrURI) -> PathOrURI:
+    """Write a sequence Parquet file to a path or URI; returns `path`."""
     meta = dict(data.meta, num_items=data.num_items, num_users=data.num_users)
     schema = sequence_schema(data.table.schema.field("user_id").type)
     table = data.table.cast(schema).replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    write_parquet(table, os.fspath(path), compression="zstd")
     return path
 
 
+def write_parquet(table: pa.Table, uri: str, **options: Any) -> None:
+    """`pq.write_table` to a path or URI, whole or not at all: on local disk a temporary file beside it
+    renamed over it; on an object store the object appears only when its upload completes."""
+    if "://" not in uri or storage.is_local(uri):
+        path = storage.parse(uri).path
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp"
+        pq.write_table(table, tmp, **options)
+        os.replace(tmp, path)
+        return
+    with storage.open_output(uri) as out:
+        pq.write_table(table, out, **options)
+
+
+def open_parquet(uri: str) -> pq.ParquetFile:
+    """A Parquet file of a path or URI, opened through the storage layer (one footer read)."""
+    fs, path = storage.resolve(uri)
+    return pq.ParquetFile(path, filesystem=fs)
+
+
 def read_sequences(path: str | Path) -> SequenceData:
-    """A sequence Parquet file, or a shard directory written by `fuxi data build-sequences`."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"sequence file {path} does not exist")
-    if path.is_dir():
-        return _read_shard_dir(path)
+    """A sequence Parquet file, or a shard directory written by `fuxi data build-sequences`; a local path
+    or a URI (`s3://bucket/seq.parquet`), read through the storage layer."""
+    uri = os.fspath(path)
+    if storage.is_file(uri):
+        return _read_file(uri)
+    if storage.exists(uri):
+        return _read_shard_dir(uri)
+    raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet file of a path or URI, through the storage layer's filesystem."""
+    fs, path = storage.resolve(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _read_file(uri: str) -> SequenceData:
+    shown = storage.display(uri)
     try:
-        table = pq.read_table(path)
+        table = read_parquet(uri)
+    except storage.StorageError:
+        raise
     except Exception as exc:  # pyarrow raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
+        raise ValueError(f"{shown}: not a readable Parquet file ({exc})") from exc
     missing = [f.name for f in SEQUENCE_SCHEMA if f.name not in table.column_names]
     if missing:
-        raise ValueError(f"{path}: not a sequence file, missing column(s) {missing}")
+        raise ValueError(f"{shown}: not a sequence file, missing column(s) {missing}")
     raw = (table.schema.metadata or {}).get(META_KEY)
     meta = json.loads(raw) if raw else {}
     table = table.select([f.name for f in SEQUENCE_SCHEMA])
     table = table.cast(sequence_schema(table.schema.field("user_id").type))
     num_items = int(meta.get("num_items") or _max_item(table) + 1)
-    return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(path))
+    return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(uri))
 
 
-def _read_shard_dir(path: Path) -> SequenceData:
+def read_shard_manifest(uri: str) -> dict:
+    """The manifest of a shard directory (a folder or a prefix)."""
+    manifest_uri = storage.join(uri, SHARD_MANIFEST)
+    if not storage.is_file(manifest_uri):
+        raise ValueError(
+            f"{storage.display(uri)}: a directory without {SHARD_MANIFEST}, not a sequence shard directory"
+        )
+    return json.loads(storage.read_bytes(manifest_uri))
+
+
+def shard_uris(uri: str, manifest: dict) -> list[str]:
+    """The shard files a manifest names, each confined to the shard directory (a name read from the
+    manifest is refused in one line when it is absolute or climbs out)."""
+    return [
+        storage.join(uri, s["file"], field=f"{SHARD_MANIFEST}: shards[{k}].file")
+        for k, s in enumerate(manifest["shards"])
+    ]
+
+
+def _read_shard_dir(uri: str) -> SequenceData:
     """All shards of a directory in manifest order; num_items comes from the manifest."""
-    manifest_path = path / SHARD_MANIFEST
-    if not manifest_path.exists():
-        raise ValueError(f"{path}: a directory without {SHARD_MANIFEST}, not a sequence shard directory")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_shard_manifest(uri)
     names = [f.name for f in SEQUENCE_SCHEMA]
     schema = sequence_schema(pa.string() if manifest.get("user_key") == "string" else None)
-    tables = [pq.read_table(path / s["file"], columns=names).cast(schema) for s in manifest["shards"]]
+    tables = [read_parquet(shard, columns=names).cast(schema) for shard in shard_uris(uri, manifest)]
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     meta = {
         k: manifest[k]
         for k in ("format", "generation", "max_length", "num_partitions", "users")
         if k in manifest
     }
-    meta.update(source=str(path.resolve()), days=sorted(manifest.get("days", {})))
+    source = str(Path(uri).resolve()) if "://" not in uri else storage.display(uri)
+    meta.update(source=source, days=sorted(manifest.get("days", {})))
     return SequenceData(
-        table=table, num_items=int(manifest["num_items"]), meta=meta, vocab=find_vocabulary(path)
+        table=table, num_items=int(manifest["num_items"]), meta=meta, vocab=find_vocabulary(uri)
     )
 
 

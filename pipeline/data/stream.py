@@ -25,13 +25,14 @@ plus one batch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
 import math
 import os
 import signal
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -42,7 +43,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.data.schema import SEQUENCE_SCHEMA, SHARD_MANIFEST
+import storage
+from pipeline.data.schema import SEQUENCE_SCHEMA
+from pipeline.data.sequences import open_parquet, read_shard_manifest, shard_uris
 
 if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray read workers
     from pipeline.data.collate import Batch
@@ -120,56 +123,56 @@ class Units:
 
 
 def load_units(path: str | Path, drop_last_items: int) -> Units:
-    """From the manifest of a shard directory (no data read); a plain sequence file is counted once."""
-    path = Path(path)
+    """From the manifest of a shard directory (no data read); a plain sequence file is counted once. A
+    local path or a URI (`s3://bucket/shards`)."""
+    uri = os.fspath(path)
     need = 2 + drop_last_items
-    if path.is_dir():
-        manifest_path = path / SHARD_MANIFEST
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{path}: no {SHARD_MANIFEST}; build it with `fuxi data build-sequences`")
-        manifest = json.loads(manifest_path.read_text())
-        files, file, rg, rows, elig = [], [], [], [], []
-        for k, shard in enumerate(manifest["shards"]):
-            files.append(str(path / shard["file"]))
-            for j, counts in enumerate(shard["row_groups"]):
-                file.append(k)
-                rg.append(j)
-                rows.append(counts[0])
-                elig.append(
-                    counts[1 + MANIFEST_MIN_LENGTHS.index(need)] if need in MANIFEST_MIN_LENGTHS else -1
-                )
-        elig_arr = np.asarray(elig, dtype=np.int64)
-        if (elig_arr < 0).any():  # drop_last beyond what the manifest counts: count once
-            elig_arr = _count_eligible(files, file, rg, need)
+    if storage.is_file(uri):
+        meta = open_parquet(uri).metadata
+        rg = list(range(meta.num_row_groups))
+        file = [0] * len(rg)
+        rows = [meta.row_group(j).num_rows for j in rg]
         return Units(
-            tuple(files),
+            (uri,),
             np.asarray(file, np.int64),
             np.asarray(rg, np.int64),
             np.asarray(rows, np.int64),
-            elig_arr,
-            int(manifest["generation"]),
+            _count_eligible([uri], file, rg, need),
+            None,
         )
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such sequence file or shard directory")
-    n_rg = pq.ParquetFile(path).metadata.num_row_groups
-    file, rg = [0] * n_rg, list(range(n_rg))
-    rows = [pq.ParquetFile(path).metadata.row_group(j).num_rows for j in rg]
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"{storage.display(uri)}: no such sequence file or shard directory")
+    try:
+        manifest = read_shard_manifest(uri)
+    except ValueError as e:
+        raise FileNotFoundError(f"{e}; build it with `fuxi data build-sequences`") from None
+    files = shard_uris(uri, manifest)
+    file, rg, rows, elig = [], [], [], []
+    for k, shard in enumerate(manifest["shards"]):
+        for j, counts in enumerate(shard["row_groups"]):
+            file.append(k)
+            rg.append(j)
+            rows.append(counts[0])
+            elig.append(counts[1 + MANIFEST_MIN_LENGTHS.index(need)] if need in MANIFEST_MIN_LENGTHS else -1)
+    elig_arr = np.asarray(elig, dtype=np.int64)
+    if (elig_arr < 0).any():  # drop_last beyond what the manifest counts: count once
+        elig_arr = _count_eligible(files, file, rg, need)
     return Units(
-        (str(path),),
+        tuple(files),
         np.asarray(file, np.int64),
         np.asarray(rg, np.int64),
         np.asarray(rows, np.int64),
-        _count_eligible([str(path)], file, rg, need),
-        None,
+        elig_arr,
+        int(manifest["generation"]),
     )
 
 
 def _count_eligible(files, file, rg, need: int) -> np.ndarray:
-    out = []
+    out, opened = [], {}
     for f, g in zip(file, rg):
-        lengths = pc.list_value_length(
-            pq.ParquetFile(files[f]).read_row_group(g, columns=["item_ids"])["item_ids"]
-        )
+        if f not in opened:
+            opened[f] = open_parquet(files[f])
+        lengths = pc.list_value_length(opened[f].read_row_group(g, columns=["item_ids"])["item_ids"])
         out.append(int(pc.sum(pc.greater_equal(lengths, need)).as_py() or 0))
     return np.asarray(out, dtype=np.int64)
 
@@ -222,8 +225,14 @@ def segments(plan: EpochPlan, lo: int, hi: int) -> list[tuple[int, int, int]]:
 
 
 def read_segment(spec: dict) -> pa.Table:
-    """The rows [start, stop) of one window in epoch order (the function both backends run)."""
-    tables = [pq.ParquetFile(f).read_row_group(g, columns=COLUMNS) for f, g in spec["units"]]
+    """The rows [start, stop) of one window in epoch order (the function both backends run). Shards are
+    paths or URIs: a Ray worker reads an object store directly (its AWS_* environment is the driver's)."""
+    opened: dict[str, pq.ParquetFile] = {}
+    tables = []
+    for f, g in spec["units"]:
+        if f not in opened:
+            opened[f] = open_parquet(f)
+        tables.append(opened[f].read_row_group(g, columns=COLUMNS))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(lengths >= spec["min_length"])
@@ -280,7 +289,7 @@ class ShardBatches:
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.path = Path(path)
+        self.path = os.fspath(path)  # a local path or a URI
         self.batch_size = batch_size
         self.max_sequence_length = max_sequence_length
         self.drop_last_items = drop_last_items
@@ -368,7 +377,7 @@ class ShardBatches:
         if start_batch is None:
             start_batch = self._batch if self._epoch == epoch else 0
         specs, sizes = self.segment_specs(epoch, start_batch)
-        tables = self._read_ray(specs) if self.backend is Backend.RAY else (read_segment(s) for s in specs)
+        tables = self._read_ray(specs) if self.backend is Backend.RAY else prefetched(read_segment, specs)
         for k, rows in enumerate(cut_batches(tables, sizes), start=start_batch + 1):
             self._epoch, self._batch = (epoch + 1, 0) if k == self._steps else (epoch, k)
             yield collate_arrow(rows, self.max_sequence_length, self.drop_last_items)
@@ -389,6 +398,21 @@ class ShardBatches:
         # batch_format="pyarrow": every batch is a pa.Table (Ray types it as any DataBatch)
         batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
         return cast("Iterable[pa.Table]", batches)
+
+
+def prefetched(read: Callable[[dict], pa.Table], specs: list[dict]) -> Iterator[pa.Table]:
+    """`read(spec)` for each spec in order, the next one read in a background thread while the caller uses
+    the current one: a step waits on storage only when reading a segment is slower than training on it.
+    At most two segments are held (the one yielded and the one being read)."""
+    if not specs:
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
+        ahead = pool.submit(read, specs[0])
+        for spec in specs[1:]:
+            table = ahead.result()
+            ahead = pool.submit(read, spec)
+            yield table
+        yield ahead.result()
 
 
 def _read_batch(spec_rows: pa.Table) -> pa.Table:

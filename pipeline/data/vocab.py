@@ -27,15 +27,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.schema import SHARD_MANIFEST
+
+PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was given
 
 VOCAB_FILE = "vocab.parquet"
 META_KEY = b"fuxi.meta"  # the sequence file's metadata key (pipeline.data.sequences)
@@ -203,9 +207,13 @@ def day_of(ts: np.ndarray) -> list[str]:
 
 
 def read_vocabulary(path: str | Path, min_count: int | None = None) -> Vocabulary:
-    path = Path(path)
+    """A vocabulary Parquet file: a local path or a URI (read through the storage layer)."""
+    path = os.fspath(path)
     try:
-        table = pq.read_table(path)
+        fs, where = storage.resolve(path)
+        table = pq.read_table(where, filesystem=fs)
+    except storage.StorageError:
+        raise
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: vocabulary file does not exist") from None
     except Exception as exc:  # pyarrow raises several types for corrupt files
@@ -221,32 +229,37 @@ def read_vocabulary(path: str | Path, min_count: int | None = None) -> Vocabular
     return Vocabulary(table, min_count if min_count is not None else int(meta.get("min_count", 1)))
 
 
-def write_vocabulary(vocab: Vocabulary, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_vocabulary(vocab: Vocabulary, path: PathOrURI) -> PathOrURI:
+    """Write the vocabulary Parquet to a path or URI (whole or not at all); returns `path`."""
+    from pipeline.data.sequences import write_parquet  # sequences imports this module
+
     meta = {"min_count": vocab.min_count, "rows": vocab.num_rows, "key_type": vocab.key_type}
     table = vocab.table.replace_schema_metadata({META_KEY: json.dumps(meta).encode()})
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp, compression="zstd")
-    tmp.replace(path)
+    write_parquet(table, os.fspath(path), compression="zstd")
     return path
 
 
-def find_vocabulary(source: str | Path) -> Path | None:
+def find_vocabulary(source: str | Path) -> Path | str | None:
     """The vocabulary of a sequence shard directory (its manifest names it) or of a sequence file (its
-    metadata names a sidecar file next to it); None when the data's item ids are rows."""
-    source = Path(source)
-    if source.is_dir():
-        manifest = source / SHARD_MANIFEST
-        if not manifest.exists():
+    metadata names a sidecar file next to it); None when the data's item ids are rows. A local source
+    gives a Path, a URI source a URI; the name read from the manifest or metadata is confined to the
+    source's folder or prefix."""
+    uri = os.fspath(source)
+    if storage.is_file(uri):
+        try:
+            fs, where = storage.resolve(uri)
+            raw = (pq.read_schema(where, filesystem=fs).metadata or {}).get(META_KEY)
+        except Exception:  # not Parquet: no vocabulary
             return None
-        vocab = json.loads(manifest.read_text()).get("vocab")
-        return source / vocab["file"] if vocab else None
-    if not source.exists():
+        name = json.loads(raw).get("vocab") if raw else None
+        found = storage.join(storage.parent(uri), name, field="fuxi.meta: vocab") if name else None
+    else:
+        manifest = storage.join(uri, SHARD_MANIFEST)
+        if not storage.is_file(manifest):
+            return None
+        vocab = json.loads(storage.read_bytes(manifest)).get("vocab")
+        name = vocab["file"] if vocab else None
+        found = storage.join(uri, name, field=f"{SHARD_MANIFEST}: vocab.file") if name else None
+    if found is None:
         return None
-    try:
-        raw = (pq.read_schema(source).metadata or {}).get(META_KEY)
-    except Exception:  # not Parquet: no vocabulary
-        return None
-    name = json.loads(raw).get("vocab") if raw else None
-    return source.with_name(name) if name else None
+    return Path(found) if "://" not in found else found

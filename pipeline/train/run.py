@@ -165,7 +165,7 @@ def build_batches(
             raise ValueError(
                 "data.batch_tokens is not supported with data.stream (the stream batches by users)"
             )
-        if not Path(cfg.data.source).is_dir():
+        if storage.is_file(cfg.data.source) or not storage.exists(cfg.data.source):
             raise ValueError(
                 f"data.stream needs a shard directory (fuxi data build-sequences), got {cfg.data.source}"
             )
