@@ -121,19 +121,22 @@ for _ in $(seq 1 60); do  # wait for a complete checkpoint past the first epoch 
 done
 [ "$at" -gt 2 ] || fail "drill job wrote no checkpoint past step 2 in 120 s"
 run_before=$(python3 -c "import json; print(json.load(open('runs/$ID-drill/mlflow_run.json'))['run_id'])")
-echo "killing w2 at checkpoint step $at ($(($(date +%s) - t0)) s after submit)" >&2
+echo "killing w2 at $(date +%T), checkpoint step $at ($(($(date +%s) - t0)) s after submit)" >&2
 "$BOX" kill-host w2
 sleep 20
 "$BOX" start-host w2
 wait_done "$H" 480
-restarts=$(on head sacct -n -X -j "${H##*/}" -o Restarts | awk 'NR == 1 {print $1}')
+on head sacct -D -X -j "${H##*/}" -o JobID%12,State,Start,End,NodeList > "$OUT/$ID-drill.sacct" || true
+# every attempt is a record of its own in the accounting (-D): the requeued ones end REQUEUED
+requeues=$(on head sacct -n -D -X -j "${H##*/}" -o JobID%20,State | awk '$1 ~ /\+0$/ && $2 == "REQUEUED"' | wc -l)
+[ "$requeues" -ge 1 ] || fail "drill: job ${H##*/} finished without a requeue (was w2 lost?)"
 run_after=$(python3 -c "import json; print(json.load(open('runs/$ID-drill/mlflow_run.json'))['run_id'])")
 [ "$run_before" = "$run_after" ] || fail "drill: the retry opened a new MLflow run ($run_before -> $run_after)"
 resumed=$(on head python -c "import sys; from mlflow.tracking import MlflowClient
 print(MlflowClient().get_run(sys.argv[1]).data.tags.get('resumed_from', 'nothing'))" "$run_after")
 on head python infra/box/compare_losses.py "runs/$ID-drill" "runs/$ID-2host" | tail -1 \
   || fail "drill: losses differ from the uninterrupted job"
-echo "drill: job ${H##*/}: killed at step $at, Slurm restarts $restarts, resumed from $resumed," \
+echo "drill: job ${H##*/}: killed at step $at, Slurm requeues $requeues, resumed from $resumed," \
   "one MLflow run $run_after, $(($(date +%s) - t0)) s from submit to SUCCEEDED" >&2
 fi
 
