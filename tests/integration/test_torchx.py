@@ -128,6 +128,28 @@ def test_slurm_dryrun_spec() -> None:
         assert f"--rdzv_endpoint ${{SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}}:{port} " in line
 
 
+def test_launcher_applies_torchxconfig_component_defaults(tmp_path: Path, monkeypatch) -> None:
+    # sweeps and the nightly job submit through jobs.launch (the runner API, not `torchx run`): the
+    # `[component:...]` section of $TORCHXCONFIG (the box's: 1 GB a rank, a 60 s rendezvous wait) holds for
+    # them too; a section for another component does not
+    from jobs.launch import COMPONENT as LAUNCHED
+    from jobs.launch import Launcher, component_args
+
+    config = tmp_path / ".torchxconfig"
+    config.write_text(
+        "[component:jobs/components.py:train]\nmemMB = 1024\ncpu = 1\njoin_timeout = 60\n\n"
+        "[component:jobs/components.py:other]\nmemMB = 7\n"
+    )
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TORCHXCONFIG", str(config))
+    args = component_args("tiny", [], run_dir="runs/x", tracking_uri="http://head:5000", parent_run_id=None)
+    with Launcher("slurm") as launcher:
+        script = str(launcher.runner.dryrun_component(LAUNCHED, args, "slurm", cfg={}).request)
+    # defaults fill what the launcher leaves out; its own arguments (--cpu 2) win
+    assert "--cpus-per-task=2 --mem=1024\n" in script, script
+    assert "torchrun --rdzv_conf join_timeout=60 " in script
+
+
 @pytest.mark.slow
 def test_local_cwd_two_processes_log_one_mlflow_run(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
