@@ -14,6 +14,9 @@ Retries, `max_retries` = N:
   - torchrun `--max-restarts N`: when a worker dies, torchrun stops the others and starts them all again
     (honoured by every scheduler, `local_cwd` included, which has no retries of its own);
   - the scheduler's own retry (Volcano `maxRetry`, Slurm requeue): a lost node or a failed torchrun.
+A whole node lost: torchrun on the others restarts in place and waits `join_timeout` for the lost node's
+agent to rejoin; when it does not, torchrun fails and the scheduler's retry starts the job on every node
+again (on Slurm once the node is back in service).
 """
 
 # No `from __future__ import annotations` here: TorchX reads the annotations at runtime to parse the
@@ -45,6 +48,7 @@ def train(
     tracking_uri: Optional[str] = None,
     parent_run_id: Optional[str] = None,
     max_retries: int = 0,
+    join_timeout: int = 600,
     env: Optional[Dict[str, str]] = None,
     name: str = "fuxi-train",
 ) -> specs.AppDef:
@@ -66,6 +70,9 @@ def train(
         parent_run_id: MLflow parent run (sweeps)
         max_retries: restarts after a failure (torchrun's and the scheduler's); each resumes from the last
             complete checkpoint
+        join_timeout: seconds torchrun waits for every node to join a rendezvous, the first one and the
+            one after an in-place restart: a node lost for good fails the job this long after the loss,
+            and the scheduler's retry takes over
         env: extra environment variables
         name: job name
     """
@@ -108,7 +115,9 @@ def train(
         # 29500 the second job's rendezvous store fails to bind or joins the first one's; offset it by the
         # job id there (29500 elsewhere: the shell default when SLURM_JOB_ID is unset)
         role.args = [a.replace(f":{RDZV_PORT} ", f":{SLURM_RDZV_PORT} ") for a in role.args]
-        if max_retries > 0:  # ddp() has no torchrun restart setting: add it to the torchrun command it built
-            restarts = f"torchrun --max-restarts {max_retries} "
-            role.args = [a.replace("torchrun ", restarts, 1) for a in role.args]
+        # ddp() has no torchrun setting for restarts or the rendezvous wait: add them to the command it built
+        torchrun = f"torchrun --rdzv_conf join_timeout={join_timeout} "
+        if max_retries > 0:
+            torchrun += f"--max-restarts {max_retries} "
+        role.args = [a.replace("torchrun ", torchrun, 1) for a in role.args]
     return app

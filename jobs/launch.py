@@ -78,11 +78,25 @@ def parse_scheduler_args(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _component_defaults(load_sections: Callable[..., dict[str, dict[str, str]]]) -> dict[str, str]:
+    """The `[component:<file>:train]` defaults of .torchxconfig ($TORCHXCONFIG, else ./.torchxconfig) for
+    COMPONENT, as `torchx run` applies them, so a cluster's resource and tracking settings hold for sweeps
+    and the nightly job too. The section names the file as `torchx run` is given it (relative to the
+    working directory); COMPONENT is absolute."""
+    path, _, fn = COMPONENT.rpartition(":")
+    for name, values in load_sections(prefix="component").items():
+        file, _, section_fn = name.rpartition(":")
+        if section_fn == fn and Path(file).resolve() == Path(path).resolve():
+            return values
+    return {}
+
+
 class Launcher:
     """One TorchX runner on one scheduler. Use as a context manager (the runner is closed on exit)."""
 
     def __init__(self, scheduler: str = "local_cwd", cfg: dict[str, Any] | None = None) -> None:
         from torchx.runner import get_runner
+        from torchx.runner.config import load_sections
 
         if scheduler.startswith("local"):
             # local schedulers run `torchrun` from PATH: make it this environment's
@@ -91,7 +105,7 @@ class Launcher:
                 os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
         self.scheduler = scheduler
         self.cfg = dict(cfg or {})
-        self.runner = get_runner()
+        self.runner = get_runner(component_defaults={COMPONENT: _component_defaults(load_sections)})
 
     def __enter__(self) -> Launcher:
         return self

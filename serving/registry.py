@@ -150,7 +150,11 @@ def register(
         client.get_registered_model(name)
     except MlflowException:  # RESOURCE_DOES_NOT_EXIST
         client.create_registered_model(name)
-    mv = client.create_model_version(name, info.model_uri, run_id=run_id, tags=version_tags)
+    # model_id: a tracking server checks that a `models:/m-...` source names the logged model given here
+    # (a local store accepts the source alone)
+    mv = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=version_tags, model_id=info.model_id
+    )
     return mv
 
 

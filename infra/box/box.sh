@@ -219,6 +219,8 @@ SelectTypeParameters=CR_Core
 SlurmdTimeout=10
 ReturnToService=2
 JobRequeue=1
+# a requeued job is held for the step credential's lifetime before it starts again (120 s by default)
+AuthInfo=cred_expire=30
 KillWait=10
 MinJobAge=600
 JobAcctGatherType=jobacct_gather/none

@@ -78,7 +78,8 @@ def test_kubernetes_dryrun_spec() -> None:
         assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
         command = " ".join(container["command"])
         assert "--nnodes 2 --nproc_per_node 8" in command
-        assert "torchrun --max-restarts 3 " in command  # in-place restarts of failed workers
+        # in-place restarts of failed workers, each waiting at most join_timeout (default) for every node
+        assert "torchrun --rdzv_conf join_timeout=600 --max-restarts 3 " in command
         assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" in {e["name"] for e in container["env"]}
         run_dir = "--set run_dir=/mnt/runs/nightly --set resume=true"
         assert f"-m jobs.cli train --preset ml-20m {run_dir} --device cuda" in command
@@ -104,6 +105,8 @@ def test_slurm_dryrun_spec() -> None:
         "4",
         "--max_retries",
         "2",
+        "--join_timeout",
+        "90",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     script = scheduler_request(proc.stdout)
@@ -116,12 +119,35 @@ def test_slurm_dryrun_spec() -> None:
     for line in srun:
         assert "--nnodes 2 --nproc_per_node 4" in line and "-m jobs.cli train --preset tiny" in line
         # no run_dir given: the default names the job (stable across requeues and re-submissions), so a
-        # retry finds its checkpoints; torchrun restarts failed workers in place as well
+        # retry finds its checkpoints; torchrun restarts failed workers in place as well, and fails when a
+        # lost node's agent has not rejoined in join_timeout (then Slurm's requeue takes over)
         assert "--set run_dir=runs/fuxi-train --set resume=true --device cuda" in line
-        assert "torchrun --max-restarts 2 " in line
+        assert "torchrun --rdzv_conf join_timeout=90 --max-restarts 2 " in line
         # rendezvous port by job id: two jobs sharing a node do not meet in one store
         port = "$((29500 + ${SLURM_JOB_ID:-0} % 1000))"
         assert f"--rdzv_endpoint ${{SLURM_JOB_NODELIST_HET_GROUP_0:=localhost}}:{port} " in line
+
+
+def test_launcher_applies_torchxconfig_component_defaults(tmp_path: Path, monkeypatch) -> None:
+    # sweeps and the nightly job submit through jobs.launch (the runner API, not `torchx run`): the
+    # `[component:...]` section of $TORCHXCONFIG (the box's: 1 GB a rank, a 60 s rendezvous wait) holds for
+    # them too; a section for another component does not
+    from jobs.launch import COMPONENT as LAUNCHED
+    from jobs.launch import Launcher, component_args
+
+    config = tmp_path / ".torchxconfig"
+    config.write_text(
+        "[component:jobs/components.py:train]\nmemMB = 1024\ncpu = 1\njoin_timeout = 60\n\n"
+        "[component:jobs/components.py:other]\nmemMB = 7\n"
+    )
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("TORCHXCONFIG", str(config))
+    args = component_args("tiny", [], run_dir="runs/x", tracking_uri="http://head:5000", parent_run_id=None)
+    with Launcher("slurm") as launcher:
+        script = str(launcher.runner.dryrun_component(LAUNCHED, args, "slurm", cfg={}).request)
+    # defaults fill what the launcher leaves out; its own arguments (--cpu 2) win
+    assert "--cpus-per-task=2 --mem=1024\n" in script, script
+    assert "torchrun --rdzv_conf join_timeout=60 " in script
 
 
 @pytest.mark.slow
