@@ -239,7 +239,7 @@ def test_registered_model_reloads_with_same_topk(store: dict, sweep) -> None:
     champ = registry.champion(client, MODEL)
     assert champ is not None, "test_promotion_only_on_improvement registers the champion"
     ckpt = registry.run_checkpoint(client, champ.run_id)
-    assert champ.tags["checkpoint"] == ckpt
+    assert champ.tags["checkpoint"] == str(ckpt)
 
     # the in-process model, as evaluation uses it: test rows = history + target, scored at the target time
     cfg: TrainConfig = from_dict(TrainConfig, read_meta(ckpt)["config"])
