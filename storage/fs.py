@@ -164,14 +164,19 @@ def open_output(uri: str) -> Any:
     return _call(uri, lambda: fs.open_output_stream(path))
 
 
-def read_bytes(uri: str) -> bytes:
+def read_bytes(uri: str, limit: int | None = None) -> bytes:
+    """The whole object. With `limit`: at most that many bytes are read, and a larger object is refused in
+    one line (a small record file, e.g. train.json, that must not be allowed to fill memory)."""
     fs, path = resolve(uri)
 
     def read() -> bytes:
         with fs.open_input_stream(path) as f:
-            return f.read()
+            return f.read() if limit is None else f.read(limit + 1)
 
-    return _call(uri, read)
+    data = _call(uri, read)
+    if limit is not None and len(data) > limit:
+        raise StorageError(display(uri), f"larger than {limit:,} bytes; refused unread")
+    return data
 
 
 def write_bytes(uri: str, data: bytes) -> None:

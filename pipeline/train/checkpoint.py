@@ -408,10 +408,16 @@ class Checkpointer:
                 storage.delete(self._child(entry), recursive=True)
 
 
+# a train.json holds a config and the trainer's record (its history: a few hundred bytes an epoch)
+MAX_TRAIN_JSON_BYTES = 16 * 1024 * 1024
+
+
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """A checkpoint's train.json ({} when it has none)."""
+    """A checkpoint's train.json ({} when it has none); one over MAX_TRAIN_JSON_BYTES is refused unread."""
     uri = storage.join(os.fspath(path), TRAIN_JSON, field="checkpoint")
-    return json.loads(storage.read_bytes(uri)) if storage.is_file(uri) else {}
+    if not storage.is_file(uri):
+        return {}
+    return json.loads(storage.read_bytes(uri, limit=MAX_TRAIN_JSON_BYTES))
 
 
 def resolve_checkpoint(path: str | os.PathLike[str]) -> str:
