@@ -37,7 +37,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         f"{len(result.jobs)} jobs succeeded in {result.seconds:.0f}s"
     )
     if not args.no_report:
-        out = args.report_dir or f"{args.sweep_dir}/{args.name or result.parent_run_id}"
+        import storage
+
+        out = args.report_dir or storage.join(
+            args.sweep_dir, args.name or result.parent_run_id, field="--name"
+        )
         report = build_report(
             mlflow_client(args.tracking_uri), result.parent_run_id, out, args.metric, name=args.report_name
         )
@@ -51,13 +55,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from jobs.tune import load_space, run_tune, write_study_report
 
     quiet_mlflow()
-    storage = args.storage or f"sqlite:///{Path(args.tune_dir) / args.study}.db"
+    import storage
+
+    # the study name becomes a file name: confined to --tune-dir (no '..', no absolute path)
+    study_db = storage.join(args.tune_dir, f"{args.study}.db", field="--study")
+    study_storage = args.storage or f"sqlite:///{study_db}"
     Path(args.tune_dir).mkdir(parents=True, exist_ok=True)
     result = run_tune(
         args.preset,
         load_space(args.space),
         study_name=args.study,
-        storage=storage,
+        storage=study_storage,
         n_trials=args.trials,
         overrides=args.set or [],
         seeds=args.seeds,
@@ -75,12 +83,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     print(
         f"study {result.study_name}: {result.new_trials} new trials ({result.trials} in all) in "
-        f"{result.seconds:.0f}s; parent run {result.parent_run_id}; storage {storage}"
+        f"{result.seconds:.0f}s; parent run {result.parent_run_id}; storage {study_storage}"
     )
     markdown, paths = write_study_report(
-        storage,
+        study_storage,
         args.study,
-        args.report_dir or Path(args.tune_dir) / args.study,
+        args.report_dir or storage.join(args.tune_dir, args.study, field="--study"),
         tracking_uri=args.tracking_uri,
     )
     print(markdown)
