@@ -32,6 +32,8 @@ import logging
 import math
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -85,6 +87,10 @@ def ray_session() -> Iterator[None]:
     import ray
 
     def stop(signum: int, frame: Any) -> None:
+        # SystemExit unwinds to the `finally` below. A main thread blocked in Ray's C++ code (or an
+        # executor that swallows the exception) may never get there: after a grace period the watchdog
+        # kills the Ray processes this driver started and exits, so a stop always ends in bounded time.
+        threading.Thread(target=force_exit, args=(128 + signum,), daemon=True).start()
         raise SystemExit(128 + signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -95,6 +101,22 @@ def ray_session() -> Iterator[None]:
             signal.signal(sig, handler)
         if ray.is_initialized():
             ray.shutdown()
+
+
+STOP_GRACE_S = 20.0
+
+
+def force_exit(code: int, grace_s: float = STOP_GRACE_S) -> None:
+    """Kill this process's Ray children (raylet, GCS, workers) and exit, unless it exits first."""
+    import psutil
+
+    time.sleep(grace_s)
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(children, timeout=5)
+    os._exit(code)
 
 
 def quiet_context(ctx: Any) -> Any:
