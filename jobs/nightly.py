@@ -5,7 +5,7 @@
     fuxi nightly --date 2024-01-03 --step train         # one step (what each Airflow task runs)
 
 Idempotent per date: `<workdir>/state/<date>.json` records each finished step and its outputs (and
-`<date>.events.jsonl` every invocation: done / skipped / failed); a finished
+`<date>.events/` every invocation: done / skipped / failed, one small object per event); a finished
 step is skipped on a re-run, so re-running a date changes nothing (no new run, version or alias). A failed
 step records its error and stops; the next run of that date retries from that step. Only the last step
 sets the `champion` alias, after both models were measured on the same validation split, so any failure
@@ -16,6 +16,15 @@ Data: the ingest / update steps go through `ingest_logs` and `update_sequences` 
 `<logs>/date=YYYY-MM-DD/` is checked, then folded into the sequence shards with `fuxi data append-day`
 (the first day builds them with `fuxi data build-sequences`). On an empty log root the demo writes a
 synthetic week of logs (`fuxi data synth-logs`, 2024-01-01..07) so the job runs on embedded data.
+
+Storage: the workdir, the log root and the sequences are paths or URIs (`--workdir s3://bucket/nightly`);
+every read and write goes through the storage layer. The state file is rewritten whole with a conditional
+write over the version this run read (storage.commit.write_conditional: If-Match on S3, a compare under a
+lock on disk), so two runs of one date cannot both advance it: the second fails with CommitConflict. An
+object store has no append: each audit event is its own small object under `<date>.events/`, named by time
+(`read_events` lists them in order). On local disk a date lock (flock) also makes a second run fail fast.
+The scheduler's logs stay local (TorchX writes files): `--scheduler-args log_dir=...`, by default
+`<workdir>/runs/<date>/torchx_logs` on disk and a temporary folder when the workdir is on a store.
 """
 
 from __future__ import annotations
@@ -30,12 +39,15 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
+
+import storage
+from storage.commit import read_versioned, write_conditional
 
 STEPS = ("ingest", "update_sequences", "train", "evaluate", "register_promote")
 FAIL_ENV = "FUXI_NIGHTLY_FAIL_STEP"
@@ -60,10 +72,16 @@ def check_date(date: Any) -> str:
     return date
 
 
+def _location(uri: str | os.PathLike[str]) -> str:
+    """A path or URI as the job records it: a local one absolute (a plain path), a store's as given."""
+    uri = os.fspath(uri)
+    return storage.parse(uri).path if storage.is_local(uri) else uri
+
+
 @dataclass
 class NightlyConfig:
     date: str  # YYYY-MM-DD
-    workdir: Path = Path("runs/nightly")
+    workdir: str | os.PathLike[str] = "runs/nightly"  # a path or a URI
     preset: str = "tiny"
     overrides: list[str] = field(default_factory=list)
     model_name: str = "fuxi-alpha"
@@ -71,20 +89,24 @@ class NightlyConfig:
     tracking_uri: str | None = None
     scheduler: str = "local_cwd"  # TorchX scheduler of the train step
     scheduler_cfg: dict[str, Any] = field(default_factory=dict)
-    logs_dir: Path | None = None  # default <workdir>/logs
-    sequences: Path | None = None  # default <workdir>/sequences
+    logs_dir: str | os.PathLike[str] | None = None  # default <workdir>/logs
+    sequences: str | os.PathLike[str] | None = None  # default <workdir>/sequences
     demo_data: bool = True  # an empty log root gets synthetic logs (`fuxi data synth-logs`)
     demo_logs: dict[str, Any] = field(default_factory=dict)  # overrides of DEMO_LOGS
 
     def __post_init__(self) -> None:
         self.date = check_date(self.date)  # a malformed date fails before anything runs
-        self.workdir = Path(self.workdir).resolve()
-        self.logs_dir = Path(self.logs_dir or self.workdir / "logs").resolve()
-        self.sequences = Path(self.sequences or self.workdir / "sequences").resolve()
+        self.workdir = _location(self.workdir)
+        self.logs_dir = _location(self.logs_dir or storage.join(self.workdir, "logs"))
+        self.sequences = _location(self.sequences or storage.join(self.workdir, "sequences"))
 
     @property
-    def day_dir(self) -> Path:
-        return self.workdir / "runs" / self.date
+    def day_dir(self) -> str:
+        return storage.join(self.workdir, "runs", self.date)
+
+    @property
+    def state_dir(self) -> str:
+        return storage.join(self.workdir, "state")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -92,11 +114,23 @@ class NightlyConfig:
 
 
 class State:
-    """`<workdir>/state/<date>.json`, rewritten atomically after every change."""
+    """`<workdir>/state/<date>.json`, rewritten whole after every change, conditionally: only over the
+    version this process read or wrote last (storage.commit.write_conditional), so a second run of the
+    date that raced this one fails with CommitConflict instead of overwriting it. Events: one object
+    each under `<date>.events/` (module docstring)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"steps": {}}
+    MAX_BYTES = 16 << 20
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        found = read_versioned(uri)
+        self.version: str | None = None
+        self.data: dict[str, Any] = {"steps": {}}
+        if found is not None:
+            data, self.version = found
+            if len(data) > self.MAX_BYTES:
+                raise ValueError(f"{storage.display(uri)}: larger than {self.MAX_BYTES:,} bytes; refused")
+            self.data = json.loads(data)
 
     def step(self, name: str) -> dict[str, Any]:
         return self.data["steps"].setdefault(name, {"status": "pending"})
@@ -110,25 +144,43 @@ class State:
         return self.data["steps"][name]["outputs"]
 
     def event(self, step: str, event: str, **extra: Any) -> None:
-        """Append-only audit trail next to the state file: one JSON line per step and invocation."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_suffix(".events.jsonl"), "a") as fh:
-            fh.write(
-                json.dumps({"time": round(time.time(), 3), "step": step, "event": event, **extra}) + "\n"
-            )
+        """Append-only audit trail beside the state file: one object per step and invocation, named by
+        time and process (an object store cannot append to an object; a new one per event needs no
+        read-modify-write and no lock)."""
+        now = time.time_ns()
+        name = f"{now:020d}-{os.getpid()}-{step}-{event}.json"
+        record = {"time": round(now / 1e9, 3), "step": step, "event": event, **extra}
+        storage.write_bytes(
+            storage.join(events_root(self.uri), name, field="event"), json.dumps(record).encode()
+        )
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str))
-        tmp.replace(self.path)
+        data = json.dumps(self.data, indent=1, default=str).encode()
+        self.version = write_conditional(self.uri, data, expect=self.version)
+
+
+def events_root(state_uri: str) -> str:
+    """`<workdir>/state/<date>.events` for `<workdir>/state/<date>.json`."""
+    name = storage.name_of(state_uri)
+    return storage.join(storage.parent(state_uri), name.removesuffix(".json") + ".events", field="events")
+
+
+def read_events(cfg: NightlyConfig) -> list[dict[str, Any]]:
+    """Every audit event of `cfg.date`, oldest first."""
+    root = events_root(storage.join(cfg.state_dir, f"{cfg.date}.json"))
+    names = [n for n in storage.listdir(root) if n.endswith(".json")]
+    return [json.loads(storage.read_bytes(storage.join(root, n, field="event"))) for n in sorted(names)]
 
 
 @contextlib.contextmanager
 def date_lock(cfg: NightlyConfig) -> Iterator[None]:
-    """One nightly process per date at a time (a second one fails fast instead of racing)."""
-    path = cfg.workdir / "state" / f"{cfg.date}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """One nightly process per date at a time on local disk (a second one fails fast instead of racing).
+    On an object store there is no lock to take: the conditional state write refuses the second run."""
+    if not storage.is_local(cfg.workdir):
+        yield
+        return
+    path = storage.parse(storage.join(cfg.state_dir, f"{cfg.date}.lock")).path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -152,43 +204,42 @@ def _fuxi(*args: str) -> None:
     subprocess.run(cmd, check=True)
 
 
-def _digest(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for p in paths:
-        digest.update(p.name.encode())
-        digest.update(hashlib.sha256(p.read_bytes()).digest())
-    return digest.hexdigest()
+def _digest(uris: list[str]) -> tuple[str, int]:
+    """(sha256 over the files' names and contents, their total size)."""
+    digest, size = hashlib.sha256(), 0
+    for uri in uris:
+        data = storage.read_bytes(uri)
+        digest.update(storage.name_of(uri).encode())
+        digest.update(hashlib.sha256(data).digest())
+        size += len(data)
+    return digest.hexdigest(), size
 
 
 def ingest_logs(cfg: NightlyConfig) -> dict[str, Any]:
     """The day's log partition `<logs>/date=YYYY-MM-DD/` (landed by the upstream export). With `demo_data`
     and an empty log root, `fuxi data synth-logs` writes a synthetic window first (from 2024-01-01)."""
-    part = cfg.logs_dir / f"date={cfg.date}"
-    if not part.exists() and cfg.demo_data and not (cfg.logs_dir / "_logs.json").exists():
+    logs = str(cfg.logs_dir)  # a URI after NightlyConfig.__post_init__
+    part = storage.join(logs, f"date={cfg.date}")
+    if not storage.exists(part) and cfg.demo_data and not storage.exists(storage.join(logs, "_logs.json")):
         demo = {**DEMO_LOGS, **cfg.demo_logs}
         _fuxi(
             "data",
             "synth-logs",
             "--out",
-            str(cfg.logs_dir),
+            logs,
             *[a for k, v in demo.items() for a in (f"--{k}", str(v))],
         )
-    if not part.exists():
-        have = sorted(p.name for p in cfg.logs_dir.glob("date=*")) if cfg.logs_dir.exists() else []
+    if not storage.exists(part):
+        have = [n for n in storage.listdir(logs) if n.startswith("date=")]
         raise FileNotFoundError(
-            f"no logs for {cfg.date}: {part} does not exist (log root has {have[:1]}..{have[-1:]})"
+            f"no logs for {cfg.date}: {storage.display(part)} does not exist "
+            f"(log root has {have[:1]}..{have[-1:]})"
         )
-    files = sorted(part.glob("*.parquet"))
+    files = [storage.join(part, n, field="log file") for n in storage.listdir(part) if n.endswith(".parquet")]
     if not files:
-        raise FileNotFoundError(f"{part} holds no Parquet files")
-    return {
-        "logs": {
-            "path": str(part),
-            "files": len(files),
-            "bytes": sum(p.stat().st_size for p in files),
-            "sha256": _digest(files),
-        }
-    }
+        raise FileNotFoundError(f"{storage.display(part)} holds no Parquet files")
+    sha256, size = _digest(files)
+    return {"logs": {"path": storage.display(part), "files": len(files), "bytes": size, "sha256": sha256}}
 
 
 def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
@@ -198,37 +249,38 @@ def update_sequences(cfg: NightlyConfig) -> dict[str, Any]:
     never move, new items get new rows)."""
     from pipeline.data.schema import DATE_RE, SHARD_MANIFEST
 
-    manifest_path = cfg.sequences / SHARD_MANIFEST
-    found = (DATE_RE.match(p.name) for p in cfg.logs_dir.iterdir() if p.is_dir())
+    logs, sequences = str(cfg.logs_dir), str(cfg.sequences)  # URIs after NightlyConfig.__post_init__
+    manifest_path = storage.join(sequences, SHARD_MANIFEST)
+    found = (DATE_RE.match(name) for name in storage.listdir(logs))
     days = sorted(m.group(1) for m in found if m and m.group(1) <= cfg.date)
-    if manifest_path.exists():
-        applied = set(json.loads(manifest_path.read_text()).get("days", {}))
+    if storage.is_file(manifest_path):
+        applied = set(json.loads(storage.read_bytes(manifest_path)).get("days", {}))
         for day in [d for d in days if d not in applied] or [cfg.date]:
             _fuxi(
                 "data",
                 "append-day",
                 "--logs",
-                str(cfg.logs_dir),
+                logs,
                 "--date",
                 day,
                 "--sequences",
-                str(cfg.sequences),
+                sequences,
             )
     else:
         _fuxi(
             "data",
             "build-sequences",
             "--logs",
-            str(cfg.logs_dir),
+            logs,
             "--out",
-            str(cfg.sequences),
+            sequences,
             "--dates",
             ",".join(days),
         )
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(storage.read_bytes(manifest_path))
     summary = {k: manifest.get(k) for k in ("generation", "users", "interactions", "num_items")}
-    summary.update(days=sorted(manifest.get("days", {})), sha256=_digest([manifest_path]))
-    return {"sequences": str(cfg.sequences), "manifest": summary}
+    summary.update(days=sorted(manifest.get("days", {})), sha256=_digest([manifest_path])[0])
+    return {"sequences": sequences, "manifest": summary}
 
 
 def window_overrides(cfg: NightlyConfig, days: list[str]) -> list[str]:
@@ -273,9 +325,9 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     champ = registry.champion(client, cfg.model_name)
     init, arch, cold_reason = None, [], "no champion"
     if champ is not None:
-        init = str(
+        init = os.fspath(
             registry.version_checkpoint(
-                client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"
+                client, cfg.model_name, champ.version, storage.join(cfg.day_dir, f"v{champ.version}")
             )
         )
         arch, cold_reason = warm_start_overrides(
@@ -288,9 +340,8 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     state.step("train")["attempts"] = attempt
     state.save()
     run_name = f"nightly-{cfg.date}-a{attempt}"
-    run_dir = (
-        cfg.day_dir / f"train-a{attempt}"
-    )  # one MLflow run and one run dir per attempt (TorchX retries share it)
+    # one MLflow run and one run dir per attempt (TorchX retries share it)
+    run_dir = storage.join(cfg.day_dir, f"train-a{attempt}")
     overrides = (
         arch
         + list(cfg.overrides)
@@ -304,15 +355,20 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     args = component_args(
         cfg.preset,
         overrides,
-        run_dir=str(run_dir),
+        run_dir=run_dir,
         tracking_uri=absolute_tracking_uri(cfg.tracking_uri),
         parent_run_id=None,
         data=data,
         name="fuxi-nightly",
     )
     scheduler_cfg = dict(cfg.scheduler_cfg)
-    if cfg.scheduler == "local_cwd":
-        scheduler_cfg.setdefault("log_dir", str(cfg.day_dir / "torchx_logs"))
+    if cfg.scheduler == "local_cwd" and "log_dir" not in scheduler_cfg:  # TorchX writes local files
+        local = storage.is_local(cfg.day_dir)
+        scheduler_cfg["log_dir"] = (
+            storage.join(cfg.day_dir, "torchx_logs")
+            if local
+            else tempfile.mkdtemp(prefix=f"fuxi-nightly-{cfg.date}-torchx-")
+        )
     (job,) = run_jobs(
         [Job(run_name, {}, args)], cfg.scheduler, scheduler_cfg, log=lambda m: print(m, flush=True)
     )
@@ -331,7 +387,7 @@ def step_train(cfg: NightlyConfig, state: State) -> dict[str, Any]:
         raise RuntimeError(f"no finished MLflow run named {run_name}")
     return {
         "run_id": runs[0].info.run_id,
-        "checkpoint": str(resolve_checkpoint(run_dir / "checkpoints")),
+        "checkpoint": resolve_checkpoint(storage.join(run_dir, "checkpoints")),
         "init_version": None if init is None else str(champ.version),
         "init_checkpoint": init,
         "cold_start_reason": cold_reason,
@@ -396,7 +452,7 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     trained = state.outputs("train")
     client = _client(cfg)
 
-    def measure(checkpoint: str | Path) -> dict[str, float]:
+    def measure(checkpoint: str) -> dict[str, float]:
         rows = checkpoint_config(checkpoint).model.num_items  # an older table grows by fresh rows
         loaded = load_checkpoint_model(checkpoint, num_items=max(num_items, rows))
         metrics = evaluate_checkpoint(loaded, data, "valid", data_overrides=window)
@@ -409,9 +465,9 @@ def step_evaluate(cfg: NightlyConfig, state: State) -> dict[str, Any]:
     champion_metrics = None
     if champ is not None:
         ckpt = registry.version_checkpoint(
-            client, cfg.model_name, champ.version, cfg.day_dir / f"v{champ.version}"
+            client, cfg.model_name, champ.version, storage.join(cfg.day_dir, f"v{champ.version}")
         )
-        champion_metrics = measure(ckpt)
+        champion_metrics = measure(os.fspath(ckpt))
     key = registry.SELECT_METRIC
     client.set_tag(trained["run_id"], "data.manifest", json.dumps(sequences["manifest"]))
     client.set_tag(trained["run_id"], "nightly.date", cfg.date)
@@ -522,7 +578,7 @@ def run_nightly(cfg: NightlyConfig, steps: list[str] | None = None, force: bool 
     if unknown:
         raise ValueError(f"unknown step(s) {sorted(unknown)}; steps are {list(STEPS)}")
     with date_lock(cfg):
-        state = State(cfg.workdir / "state" / f"{cfg.date}.json")
+        state = State(storage.join(cfg.state_dir, f"{cfg.date}.json"))
         state.data.update(date=cfg.date, config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
         for name in steps:
             if state.done(name) and not force:

@@ -40,8 +40,9 @@ def snapshot(db: Path, workdir: Path) -> dict:
 
 
 def events(workdir: Path, date: str) -> list[str]:
-    path = workdir / "state" / f"{date}.events.jsonl"
-    return [json.loads(line)["event"] for line in path.read_text().splitlines()] if path.exists() else []
+    from jobs.nightly import NightlyConfig, read_events
+
+    return [e["event"] for e in read_events(NightlyConfig(date=date, workdir=workdir))]
 
 
 def main() -> int:

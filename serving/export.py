@@ -15,6 +15,9 @@ What a serving stack needs beside encoder.pt2 (all in the output folder):
                             item; row 0 is padding (never recommend it), filter the history's rows
   vocab.parquet             raw item id <-> row (when the model has a vocabulary; else ids are rows)
   manifest.json             shapes, dtypes, L, the tolerance measured, the checkpoint it came from
+`--out` is a path or a URI (`s3://...`): torch.export and safetensors write a local temporary folder, whose
+files are then copied by the storage layer, manifest.json last (a reader that finds the manifest finds
+the rest).
 Limitation: exactly L items per history (the model's absolute positions and causal attention make left
 padding change the result). Take the last L items (the model reads at most max_sequence_length), or
 export one program per length you serve (`--length`).
@@ -23,6 +26,8 @@ export one program per length you serve (`--length`).
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,16 +112,20 @@ def export_encoder(
     diff = max_difference(program, loaded, min(3, top) if dynamic else batch, length)
     if diff > TOLERANCE:
         raise RuntimeError(f"exported encoder differs from eager by {diff:.2e} > {TOLERANCE:.0e}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.export.save(program, out / "encoder.pt2")
-    save_file({"items": loaded.item_vectors().contiguous()}, out / "item_vectors.safetensors")
+    out = os.fspath(out)
     vocab = storage.join(loaded.path, "vocab.parquet", field="checkpoint file")
     has_vocab = storage.is_file(vocab)
+    with tempfile.TemporaryDirectory(prefix="fuxi-export-") as staging:
+        torch.export.save(program, os.path.join(staging, "encoder.pt2"))
+        save_file(
+            {"items": loaded.item_vectors().contiguous()}, os.path.join(staging, "item_vectors.safetensors")
+        )
+        for name in ("encoder.pt2", "item_vectors.safetensors"):
+            storage.copy_file(os.path.join(staging, name), storage.join(out, name, field="export file"))
     if has_vocab:
-        storage.copy_file(vocab, str(out / "vocab.parquet"))
+        storage.copy_file(vocab, storage.join(out, "vocab.parquet", field="export file"))
     manifest = {
-        "checkpoint": str(loaded.path),
+        "checkpoint": storage.display(loaded.source or loaded.path),
         "architecture": loaded.cfg.model.architecture,
         "inputs": {
             "items": f"int64 [B, {length}]: item rows, oldest first",
@@ -134,5 +143,7 @@ def export_encoder(
         "export_seconds": round(seconds, 2),
         "torch": torch.__version__,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    storage.write_bytes(
+        storage.join(out, "manifest.json", field="export file"), json.dumps(manifest, indent=1).encode()
+    )
     return manifest

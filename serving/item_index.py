@@ -12,12 +12,16 @@ history items are filtered ("seen").
 
 `fuxi index` writes `item_index.faiss` (+ `item_index.json`: kind, parameters, rows, build time) into a
 checkpoint folder, where the batch job and the served model find it (`--use-index`, param `use_index`).
+The folder may be a URI (`s3://...`): faiss reads and writes local files only, so the index is staged
+through a temporary file and copied by the storage layer; it is checked (`read_index`) on the local copy.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +29,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+import storage
 
 INDEX_FILE = "item_index.faiss"
 INDEX_META = "item_index.json"
@@ -151,16 +157,26 @@ def valid_slots(scores_K: np.ndarray, rows_K: np.ndarray) -> tuple[np.ndarray, n
     return scores_K[keep], rows_K[keep]
 
 
-def write_index(index: Any, folder: str | Path, meta: dict[str, Any]) -> Path:
-    """item_index.faiss (faiss's binary format) + item_index.json into `folder`."""
+def write_index(index: Any, folder: str | Path, meta: dict[str, Any]) -> str:
+    """item_index.faiss (faiss's binary format) + item_index.json into `folder` (a path or a URI); returns
+    the index file's URI. faiss writes a local temporary file, which the storage layer moves or uploads
+    whole (a rename on disk, one upload on an object store)."""
     import faiss
 
-    folder = Path(folder)
-    tmp = folder / (INDEX_FILE + ".tmp")
-    faiss.write_index(index, str(tmp))
-    tmp.replace(folder / INDEX_FILE)
-    (folder / INDEX_META).write_text(json.dumps(meta, indent=1))
-    return folder / INDEX_FILE
+    target = storage.join(os.fspath(folder), INDEX_FILE, field="index file")
+    if storage.is_local(target):
+        tmp = storage.join(os.fspath(folder), f".{INDEX_FILE}.tmp", field="index file")
+        faiss.write_index(index, tmp)
+        os.replace(tmp, target)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fuxi-index-") as staging:
+            local = os.path.join(staging, INDEX_FILE)
+            faiss.write_index(index, local)
+            storage.copy_file(local, target)
+    storage.write_bytes(
+        storage.join(os.fspath(folder), INDEX_META, field="index file"), json.dumps(meta, indent=1).encode()
+    )
+    return target
 
 
 KINDS = {"hnsw": b"IHNf", "ivf": b"IwFl"}  # faiss's fourcc of IndexHNSWFlat and IndexIVFFlat files
@@ -176,12 +192,34 @@ def read_index(
     be that kind's (nothing else is handed to faiss's reader), faiss's read errors are one line, the
     index must be inner product with `rows` vectors of `dim`, its graph or lists may only name those
     rows, and with `items_VD` (the table) the rows and dimension must be the table's and the stored
-    vectors its rows."""
+    vectors its rows. A folder on an object store: its two files are copied to a temporary folder and
+    checked there (errors name the URI)."""
+    from serving.trust import TrustError
+
+    uri = os.fspath(folder)
+    if storage.is_local(uri):
+        return _read_local_index(Path(uri), items_VD)
+    if not storage.is_file(storage.join(uri, INDEX_FILE, field="index file")):
+        return None
+    with tempfile.TemporaryDirectory(prefix="fuxi-index-") as staging:
+        for name in (INDEX_FILE, INDEX_META):
+            remote = storage.join(uri, name, field="index file")
+            if storage.is_file(remote):
+                storage.copy_file(remote, os.path.join(staging, name))
+        try:
+            return _read_local_index(Path(staging), items_VD)
+        except TrustError as exc:
+            raise TrustError(str(exc).replace(staging, storage.display(uri))) from None
+
+
+def _read_local_index(
+    folder: Path, items_VD: torch.Tensor | np.ndarray | None = None
+) -> tuple[Any, dict[str, Any]] | None:
+    """read_index on a local folder."""
     import faiss
 
     from serving.trust import TrustError, read_json
 
-    folder = Path(folder)
     file, meta_file = folder / INDEX_FILE, folder / INDEX_META
     if not file.exists() and not file.is_symlink():
         return None
@@ -280,8 +318,9 @@ def _refused(file: Path, what: str) -> Exception:
 
 def index_checkpoint(
     loaded: Any, kind: str = "hnsw", m: int = 32, ef_construction: int = 200, nlist: int = 1024
-) -> tuple[Path, dict[str, Any]]:
-    """Build the index of a loaded checkpoint's item vectors and store it in the checkpoint folder."""
+) -> tuple[str, dict[str, Any]]:
+    """Build the index of a loaded checkpoint's item vectors and store it in the checkpoint folder (the
+    checkpoint's own URI when it was loaded from an object store, and its local staged copy)."""
     start = time.perf_counter()
     items = loaded.item_vectors().numpy()
     index = build_index(items, kind, m, ef_construction, nlist)
@@ -295,7 +334,11 @@ def index_checkpoint(
         "metric": "inner_product on L2-normalised item rows",
         "build_seconds": round(time.perf_counter() - start, 3),
     }
-    return write_index(index, loaded.path, meta), meta
+    written = write_index(index, loaded.path, meta)
+    source = getattr(loaded, "source", None)
+    if source:
+        written = write_index(index, source, meta)
+    return written, meta
 
 
 def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:

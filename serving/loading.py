@@ -9,13 +9,23 @@ of a run on any world size into the plain (unsharded) model.
 
 A checkpoint folder carries the item vocabulary of its training data (`vocab.parquet`, rows <-> raw ids;
 pipeline/data/vocab.py) when the data had one; without it item ids are table rows.
+
+A checkpoint on an object store (`s3://.../checkpoints`, a pointer, or a generation) is resolved to its
+generation and copied file by file into a local staging folder first (`local_checkpoint`; links never
+followed, names confined): serving's checks (serving/trust.py) read local files, and a generation never
+changes, so one copy per process serves every load of it. `LoadedModel.source` keeps the URI.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
 import dataclasses
 import datetime as dt
+import os
+import shutil
+import tempfile
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+import storage
 from pipeline.train.checkpoint import resolve_checkpoint
 from pipeline.train.config import ModelConfig, TrainConfig
 from pipeline.train.grow import warm_start
@@ -32,6 +43,7 @@ __all__ = [
     "checkpoint_config",
     "evaluate_checkpoint",
     "load_checkpoint_model",
+    "local_checkpoint",
     "parameter_count",
     "recent_item_topk",
     "resolve_checkpoint",
@@ -45,6 +57,7 @@ class LoadedModel:
     path: str  # the resolved checkpoint: a folder, or a URI (pipeline/train/checkpoint.py)
     meta: dict[str, Any]  # the whole train.json
     vocab: Any = None  # pipeline.data.vocab.Vocabulary (rows <-> raw item ids), None: ids are rows
+    source: str | None = None  # the checkpoint's URI when `path` is a local staged copy of it
 
     def top_k(
         self,
@@ -169,11 +182,40 @@ class LoadedModel:
             return self.model.normalized_item_embeddings().detach()
 
 
+_staged: dict[str, str] = {}  # generation URI -> its local copy (this process)
+_staging_lock = threading.Lock()
+_staging_root: str | None = None
+
+
+def _staging_dir() -> str:
+    global _staging_root
+    if _staging_root is None:
+        _staging_root = tempfile.mkdtemp(prefix="fuxi-checkpoints-")
+        atexit.register(shutil.rmtree, _staging_root, True)
+    return _staging_root
+
+
+def local_checkpoint(checkpoint: str | Path) -> str | Path:
+    """A local folder to load `checkpoint` from: itself on local disk; on an object store its generation
+    (a root's final / latest, or what a pointer names) copied into this process's staging folder, once.
+    The copy goes through storage.copy_tree: a name that would leave the folder is refused."""
+    uri = os.fspath(checkpoint)
+    if storage.is_local(uri):
+        return checkpoint
+    generation = resolve_checkpoint(uri)
+    with _staging_lock:
+        if generation not in _staged:
+            dest = os.path.join(tempfile.mkdtemp(dir=_staging_dir()), storage.name_of(generation))
+            storage.copy_tree(generation, dest)
+            _staged[generation] = dest
+        return _staged[generation]
+
+
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
     """The training config a checkpoint records (its train.json, checked), without loading weights."""
     from serving.trust import read_train_json, resolve_served_checkpoint
 
-    return read_train_json(resolve_served_checkpoint(checkpoint))[1]
+    return read_train_json(resolve_served_checkpoint(local_checkpoint(checkpoint)))[1]
 
 
 def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int | None = None) -> LoadedModel:
@@ -197,7 +239,8 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
         resolve_served_checkpoint,
     )
 
-    resolved = resolve_served_checkpoint(path)
+    source = None if storage.is_local(os.fspath(path)) else resolve_checkpoint(path)
+    resolved = resolve_served_checkpoint(local_checkpoint(path))
     meta, cfg = read_train_json(resolved)
     check_shapes(resolved, cfg.model)  # before any tensor is allocated
     saved_rows = cfg.model.num_items
@@ -214,7 +257,7 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         warm_start(model, resolved)
     check_finite(resolved, model)
-    return LoadedModel(model.eval(), cfg, str(resolved), meta, vocab)
+    return LoadedModel(model.eval(), cfg, str(resolved), meta, vocab, source)
 
 
 def checkpoint_vocabulary(path: str | Path) -> Any:
@@ -222,8 +265,9 @@ def checkpoint_vocabulary(path: str | Path) -> Any:
     from pipeline.data.vocab import VOCAB_FILE
     from serving.trust import check_vocabulary, read_train_json
 
-    file = Path(path) / VOCAB_FILE
-    return check_vocabulary(file, read_train_json(Path(path))[1].model.num_items) if file.exists() else None
+    folder = Path(local_checkpoint(path))
+    file = folder / VOCAB_FILE
+    return check_vocabulary(file, read_train_json(folder)[1].model.num_items) if file.exists() else None
 
 
 def evaluate_checkpoint(
@@ -254,7 +298,7 @@ def evaluate_checkpoint(
         cfg = apply_overrides(cfg, list(data_overrides))
     seqs = load_data(cfg)
     if seqs.num_items > cfg.model.num_items:
-        loaded = load_checkpoint_model(loaded.path, device, num_items=seqs.num_items)
+        loaded = load_checkpoint_model(loaded.source or loaded.path, device, num_items=seqs.num_items)
         cfg.model = loaded.cfg.model
     batches = build_batches(cfg, seqs)
     if split not in batches:

@@ -12,6 +12,11 @@ faiss index (`use_index`). The driver writes the results to one Parquet file as 
 
     user_id | item_ids (list of raw ids, best first) | scores (list<float32>) | ignored | model_version
 
+Every location may be a URI (`s3://...`): the sequences are read by the Ray workers through the storage
+layer's filesystem, a checkpoint on a store is staged by each actor (serving.loading.local_checkpoint), and
+the results are written to a local temporary file that is renamed (local disk) or uploaded whole (object
+store) at the end, so `--out` is never seen half-written.
+
 Item ids in the sequences are rows of the data's vocabulary; the vocabulary is append-only, so they are
 the model's rows where the model has them: rows beyond the model's table (items it never saw) are
 dropped from the history and counted in `ignored`. A user left with no known item gets empty lists.
@@ -19,9 +24,9 @@ dropped from the history and counted in `ignored`. A user left with no known ite
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +36,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.schema import SHARD_MANIFEST
 
 COLUMNS = ["user_id", "item_ids", "timestamps"]
+STORES = ("s3", "gs", "hdfs")  # `--model` URIs of a checkpoint on an object store
 
 
 @dataclass
@@ -73,28 +80,39 @@ def resolve_model(
         client = mlflow_client(tracking_uri)
         if alias is not None:
             version = str(client.get_model_version_by_alias(name, alias).version)
-        root = Path(cache or Path("runs") / "models") / name / f"v{version}"
+        root = storage.join(os.fspath(cache or os.path.join("runs", "models")), name, f"v{version}")
         return ResolvedModel(registry.version_checkpoint(client, name, version, root), f"{name}/{version}")
-    if "://" in ref or ref.startswith(("models:", "runs:")):
-        raise ValueError(f"{ref[:80]}: expected models:/..., runs:/... or a local folder")
+    on_store = ref.partition("://")[0].lower() in STORES
+    if ref.startswith(("models:", "runs:")) or ("://" in ref and not on_store):
+        raise ValueError(
+            f"{ref[:80]}: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder"
+        )
+    if on_store:  # a checkpoint root, pointer or generation on an object store
+        from pipeline.train.checkpoint import resolve_checkpoint
+
+        generation = resolve_checkpoint(ref)  # checked where each actor stages it
+        return ResolvedModel(generation, storage.display(generation))
     path = resolve_served_checkpoint(ref)
     return ResolvedModel(path, str(path))
 
 
 def sequence_files(path: str | Path) -> tuple[list[str], int | None]:
-    """(Parquet files, users if known) of a shard directory (its manifest) or one sequence file."""
-    path = Path(path)
-    if path.is_dir():
-        manifest_path = path / SHARD_MANIFEST
-        if not manifest_path.exists():
-            raise FileNotFoundError(f"{path}: no {SHARD_MANIFEST}; build it with `fuxi data build-sequences`")
-        manifest = json.loads(manifest_path.read_text())
-        files = [str(path / s["file"]) for s in manifest["shards"]]
-        users = sum(sum(rg[0] for rg in s["row_groups"]) for s in manifest["shards"])
-        return files, users
-    if not path.exists():
-        raise FileNotFoundError(f"sequence file {path} does not exist")
-    return [str(path)], pq.ParquetFile(path).metadata.num_rows
+    """(Parquet files as URIs, users if known) of a shard directory (its manifest; every shard name
+    confined to it) or one sequence file; a path or a URI."""
+    from pipeline.data.sequences import open_parquet, read_shard_manifest, shard_uris
+
+    uri = os.fspath(path)
+    if storage.is_file(uri):
+        return [uri], open_parquet(uri).metadata.num_rows
+    if not storage.exists(uri):
+        raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
+    if not storage.is_file(storage.join(uri, SHARD_MANIFEST)):
+        raise FileNotFoundError(
+            f"{storage.display(uri)}: no {SHARD_MANIFEST}; build it with `fuxi data build-sequences`"
+        )
+    manifest = read_shard_manifest(uri)
+    users = sum(sum(rg[0] for rg in s["row_groups"]) for s in manifest["shards"])
+    return shard_uris(uri, manifest), users
 
 
 class Scorer:
@@ -170,7 +188,7 @@ class Scorer:
 
 @dataclass
 class RecommendReport:
-    out: Path
+    out: str  # a path or a URI
     users: int
     seconds: float
     workers: int
@@ -189,7 +207,7 @@ class RecommendReport:
 
     def summary(self) -> str:
         return (
-            f"wrote {self.out}: {self.users:,} users in {self.seconds:.1f}s "
+            f"wrote {storage.display(self.out)}: {self.users:,} users in {self.seconds:.1f}s "
             f"({self.users_per_second:,.0f} users/s, {self.workers} workers), model {self.model_version}"
         )
 
@@ -236,7 +254,9 @@ def recommend(
         ctx.enable_progress_bars = False  # the driver prints its own progress
         ctx.print_on_execution_start = False
         ctx.enable_auto_log_stats = False
-        ds = ray.data.read_parquet(files, columns=COLUMNS).map_batches(
+        fs, _ = storage.resolve(files[0])  # one data set: every shard on the same store
+        paths = [storage.resolve(f)[1] for f in files]
+        ds = ray.data.read_parquet(paths, columns=COLUMNS, filesystem=fs).map_batches(
             Scorer,
             fn_constructor_kwargs={
                 "checkpoint": str(checkpoint),
@@ -251,9 +271,15 @@ def recommend(
             concurrency=workers,  # an actor pool of this size
             num_cpus=1,
         )
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
+        out = os.fspath(out)
+        local = storage.is_local(out)
+        target = storage.parse(out).path
+        staging = tempfile.TemporaryDirectory(prefix="fuxi-recommend-")
+        if local:  # a temporary file beside it, renamed over it
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            tmp = storage.join(storage.parent(target), f".{storage.name_of(target)}.tmp", field="--out")
+        else:  # a local temporary file, uploaded whole at the end
+            tmp = os.path.join(staging.name, "recommendations.parquet")
         start = last = time.perf_counter()
         done, first, first_n = 0, float("nan"), 0
         writer = None
@@ -275,8 +301,12 @@ def recommend(
             if writer is not None:
                 writer.close()
         if writer is None:
-            raise ValueError(f"{sequences}: no users")
-        tmp.replace(out)
+            raise ValueError(f"{storage.display(os.fspath(sequences))}: no users")
+        if local:
+            os.replace(tmp, target)
+        else:
+            storage.copy_file(tmp, out)  # one upload: the object appears whole when it completes
+        staging.cleanup()
         seconds = time.perf_counter() - start
     finally:
         if started:

@@ -14,6 +14,13 @@ no cluster and no process group: DCP reshards the model to one CPU process.
 Item ids are raw ids (integers or strings, as in the logs) when the training data had a vocabulary (the
 checkpoint folder carries it); otherwise table rows.
 
+Checkpoints and caches may live on an object store: `register` takes a checkpoint URI (`s3://.../checkpoints`,
+a pointer or a generation) and stages its generation locally (serving.loading.local_checkpoint: a copy by
+the storage layer, links never followed) before the folder checks and MLflow's upload. A registered
+version's copy (`version_checkpoint`) is a commit root at `dest` on any store: the downloaded model folder,
+checked, is copied into a fresh generation and the pointer `complete` is written last, so a copy cut short
+is never used and two processes fetching one version agree on one generation.
+
 Promotion: a version becomes `champion` only if its validation metric beats the champion's, both measured
 on the same validation split (`promote_if_better`). Anything that fails before the alias is set leaves
 the champion as it was.
@@ -22,13 +29,15 @@ the champion as it was.
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+import storage
 
 MODEL_NAME = "fuxi-alpha"
 CHAMPION = "champion"
@@ -92,16 +101,25 @@ def _requirements() -> list[str]:
 # register / evaluate / promote
 
 
-def run_checkpoint(client: Any, run_id: str) -> Path:
-    """The latest complete checkpoint a training run wrote (its run_dir, else the default layout),
-    checked (serving/trust.py)."""
-    from serving.trust import resolve_served_checkpoint as resolve_checkpoint
+def run_checkpoint(client: Any, run_id: str) -> str | Path:
+    """The latest complete checkpoint a training run wrote (its run_dir, else the default layout): on
+    local disk the folder, checked (serving/trust.py); on an object store the generation's URI (checked
+    when it is staged for loading)."""
+    from pipeline.train.checkpoint import resolve_checkpoint
+    from serving.trust import check_name, resolve_served_checkpoint
 
     params = client.get_run(run_id).data.params
     run_dir = params.get("run_dir")
     if not run_dir or run_dir == "None":
-        run_dir = str(Path(params.get("output_dir", "runs")) / params.get("name", "") / run_id)
-    return resolve_checkpoint(Path(run_dir) / "checkpoints")
+        name = params.get("name", "")
+        run_dir = storage.join(
+            params.get("output_dir", "runs"),
+            *([check_name(name, "run name")] if name else []),
+            run_id,
+            field="run directory",
+        )
+    root = storage.join(run_dir, "checkpoints", field="run directory")
+    return resolve_served_checkpoint(root) if storage.is_local(root) else resolve_checkpoint(root)
 
 
 def register(
@@ -117,9 +135,11 @@ def register(
     import mlflow
     import mlflow.pyfunc
 
+    from serving.loading import local_checkpoint
     from serving.trust import copy_checkpoint, resolve_served_checkpoint
 
-    ckpt = resolve_served_checkpoint(checkpoint) if checkpoint else run_checkpoint(client, run_id)
+    source = checkpoint if checkpoint else run_checkpoint(client, run_id)
+    ckpt = resolve_served_checkpoint(local_checkpoint(source))  # a store's generation: a local copy
     run = client.get_run(run_id)
     mlflow.set_tracking_uri(client.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,7 +158,9 @@ def register(
                 pip_requirements=_requirements(),
             )
     version_tags = {
-        "checkpoint": str(ckpt),
+        "checkpoint": storage.display(os.fspath(source))
+        if not storage.is_local(os.fspath(source))
+        else str(ckpt),
         "git_commit": run.data.tags.get("git_commit", "unknown"),
         "data.meta": run.data.tags.get("data.meta", ""),
         "data.source": run.data.params.get("data.source", ""),
@@ -176,29 +198,52 @@ def champion(client: Any, name: str = MODEL_NAME) -> Any | None:
         return None
 
 
-def version_checkpoint(client: Any, name: str, version: str | int, dest: str | Path) -> Path:
-    """A local copy of a registered version's checkpoint (downloaded from the artifact store), checked as
-    a model folder before anything reads it (serving/trust.py): the project's own files only."""
+VERSION_POINTER = "complete"  # the pointer of a version's copy (a commit root at `dest`)
+
+
+def version_checkpoint(client: Any, name: str, version: str | int, dest: str | Path) -> str | Path:
+    """A copy of a registered version's checkpoint at `dest` (a path or a URI), downloaded from the
+    artifact store once and checked as a model folder before anything reads it (serving/trust.py): the
+    project's own files only. `dest` is a commit root (storage/commit.py): the checked model folder is
+    copied into a generation, then the pointer `complete` names it. Returns the checkpoint folder: a
+    checked local folder, or on an object store its URI (checked again where it is staged to load)."""
     import mlflow.artifacts
 
     from serving.trust import check_model_folder, check_name
 
     check_name(name, "model name")
     check_name(str(version), "model version")
-    dest = Path(dest)
-    marker = dest / ".complete"
-    model = dest / "model"
-    if not marker.exists():
-        if dest.exists():
-            shutil.rmtree(dest)
-        model.mkdir(parents=True)
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=f"models:/{name}/{version}", dst_path=str(model), tracking_uri=client.tracking_uri
+    root = storage.CommitRoot(dest)
+    pointer = root.read(VERSION_POINTER)
+    if pointer is None:
+        with tempfile.TemporaryDirectory(prefix="fuxi-version-") as tmp:
+            model = os.path.join(tmp, "model")
+            os.mkdir(model)
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{name}/{version}", dst_path=model, tracking_uri=client.tracking_uri
+            )
+            if os.path.realpath(local) != os.path.realpath(model):
+                raise FileNotFoundError(f"models:/{name}/{version}: downloaded to {local}, expected {model}")
+            check_model_folder(model)  # before anything is copied on
+            generation = root.new_generation()
+            storage.copy_tree(model, storage.join(generation, "model"))  # links refused, names confined
+        try:
+            pointer = root.commit(
+                VERSION_POINTER, generation, expect=None, meta={"model": f"{name}/{version}"}
+            )
+        except storage.CommitConflict:  # another process committed its copy first: use that one
+            storage.delete(generation, recursive=True)
+            pointer = root.read(VERSION_POINTER)
+            assert pointer is not None
+    model_uri = storage.join(pointer.uri, "model")
+    if storage.is_local(model_uri):
+        return check_model_folder(model_uri)
+    data = [n for n in storage.listdir(storage.join(model_uri, "data")) if not n.startswith(".")]
+    if len(data) != 1:
+        raise FileNotFoundError(
+            f"{storage.display(model_uri)}: expected one checkpoint under data/, found {data[:3]}"
         )
-        if Path(local).resolve() != model.resolve():
-            raise FileNotFoundError(f"models:/{name}/{version}: downloaded to {local}, expected {model}")
-        marker.write_text(str(version))
-    return check_model_folder(model)
+    return storage.join(model_uri, "data", data[0], field="model data folder")
 
 
 @dataclass
@@ -237,12 +282,14 @@ def promote_if_better(
     if current is not None and str(current.version) == version:
         return Decision(False, version, metric, float("nan"), version, None, "already champion")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(workdir or tmp)
+        root = os.fspath(workdir or tmp)
         if candidate_metric is None:
-            cand_ckpt = version_checkpoint(client, name, version, root / f"v{version}")
+            cand_ckpt = version_checkpoint(client, name, version, storage.join(root, f"v{version}"))
             candidate_metric = evaluate_checkpoint(cand_ckpt, data)[metric]
         if current is not None and champion_metric is None:
-            champ_ckpt = version_checkpoint(client, name, current.version, root / f"v{current.version}")
+            champ_ckpt = version_checkpoint(
+                client, name, current.version, storage.join(root, f"v{current.version}")
+            )
             candidate_data = data or client.get_model_version(name, version).tags.get("data.source") or None
             champion_metric = evaluate_checkpoint(champ_ckpt, candidate_data)[metric]
     client.set_model_version_tag(name, version, f"valid_{metric}", f"{candidate_metric:.6f}")

@@ -22,6 +22,8 @@ nonzero 64-bit signed id per item or user, as real hashed ids: negatives and mag
 Output: OUT/date=YYYY-MM-DD/part-NNNNN.parquet (columns user_id, item_id: int64 or string by id style;
 timestamp int64 unix seconds, event_type int8: 0 view, 1 click, 2 purchase) plus OUT/_logs.json (the config,
 the total catalogue size `num_items` over all days, per-day `new_items`, the id styles, rows per day).
+OUT is a path or a URI (`s3://bucket/logs`): every part file is written through the storage layer (one upload
+per part on an object store), `_logs.json` last, so a log root with `_logs.json` is complete.
 Each day is cut into time slices of at most `rows_per_part` events; slice k of a day becomes part k,
 sorted by time, so the whole day is in time order and users are interleaved.
 
@@ -44,7 +46,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-import shutil
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+import storage
 from pipeline.data.schema import DATE_RE, LOGS_META
 
 SECONDS_PER_DAY = 86_400
@@ -335,18 +338,18 @@ def _plant_bad_rows(cfg: LogConfig, rng: np.random.Generator, users, items, time
 
 
 def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write the logs under `out`; returns the `_logs.json` summary."""
-    out = Path(out)
-    existing = (
-        [p for p in out.iterdir() if DATE_RE.match(p.name) or p.name == LOGS_META] if out.exists() else []
-    )
+    """Write the logs under `out` (a path or a URI); returns the `_logs.json` summary."""
+    out = os.fspath(out)
+    existing = [n for n in storage.listdir(out) if DATE_RE.match(n) or n == LOGS_META]
     if existing and not overwrite:
         raise ValueError(
-            f"{out} already holds logs ({existing[0].name}, ...); pass overwrite=True / --overwrite"
+            f"{storage.display(out)} already holds logs ({existing[0]}, ...); "
+            "pass overwrite=True / --overwrite"
         )
-    for p in existing:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    for name in existing:
+        storage.delete(storage.join(out, name), recursive=True)
+    if storage.is_local(out):
+        os.makedirs(storage.parse(out).path, exist_ok=True)
     st = _static(cfg)
     days = plan_days(cfg)
     summary = {
@@ -361,21 +364,21 @@ def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progres
     }
     bar = tqdm(total=cfg.num_events, unit="ev", unit_scale=True, desc="synth-logs", disable=not progress)
     for d, (date, t_day, parts) in enumerate(days):
-        folder = out / f"date={date}"
-        folder.mkdir()
+        folder = storage.join(out, f"date={date}")
         width = SECONDS_PER_DAY / len(parts)
         catalogue = _day_table(cfg, st, d)
         for k, n in enumerate(parts):
             t0, t1 = t_day + int(k * width), t_day + int((k + 1) * width)
             table = generate_slice(cfg, st, d, k, t0, t1, int(n), catalogue)
-            pq.write_table(
-                table,
-                folder / f"part-{k:05d}.parquet",
-                compression="zstd",
-                row_group_size=1 << 20,
-                use_dictionary=["event_type"],
-                column_encoding={"timestamp": "DELTA_BINARY_PACKED"},
-            )
+            with storage.open_output(storage.join(folder, f"part-{k:05d}.parquet")) as sink:
+                pq.write_table(
+                    table,
+                    sink,
+                    compression="zstd",
+                    row_group_size=1 << 20,
+                    use_dictionary=["event_type"],
+                    column_encoding={"timestamp": "DELTA_BINARY_PACKED"},
+                )
             bar.update(int(n))
         summary["days"][date] = {
             "rows": int(parts.sum()),
@@ -384,5 +387,5 @@ def write_logs(cfg: LogConfig, out: str | Path, overwrite: bool = False, progres
         }
     bar.close()
     summary["num_events"] = cfg.num_events
-    (out / LOGS_META).write_text(json.dumps(summary, indent=1))
+    storage.write_bytes(storage.join(out, LOGS_META), json.dumps(summary, indent=1).encode())
     return summary

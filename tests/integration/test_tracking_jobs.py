@@ -292,7 +292,7 @@ def test_nightly_idempotent_and_failure_keeps_champion(store: dict, sweep, tmp_p
             run_nightly(cfg)
     finally:
         os.environ.pop(FAIL_ENV)
-    state = json.loads((cfg.workdir / "state" / "2024-01-02.json").read_text())
+    state = json.loads((Path(cfg.workdir) / "state" / "2024-01-02.json").read_text())
     assert [state["steps"][s]["status"] for s in ("ingest", "update_sequences", "train", "evaluate")] == [
         "done"
     ] * 4
@@ -311,9 +311,9 @@ def test_nightly_idempotent_and_failure_keeps_champion(store: dict, sweep, tmp_p
     champion_after = registry.champion(client, MODEL).version
 
     runs = len(client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id]))
-    snapshot = (cfg.workdir / "state" / "2024-01-02.json").read_bytes()
+    snapshot = (Path(cfg.workdir) / "state" / "2024-01-02.json").read_bytes()
     run_nightly(cfg)  # re-running the date changes nothing
-    assert (cfg.workdir / "state" / "2024-01-02.json").read_bytes() == snapshot
+    assert (Path(cfg.workdir) / "state" / "2024-01-02.json").read_bytes() == snapshot
     assert len(client.search_runs([client.get_experiment_by_name(cfg.experiment).experiment_id])) == runs
     assert len(client.search_model_versions(f"name = '{MODEL}'")) == versions
     assert registry.champion(client, MODEL).version == champion_after

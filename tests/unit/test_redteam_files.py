@@ -970,9 +970,10 @@ def test_nightly_date_refused(tmp_path: Path, capsys: pytest.CaptureFixture, dat
 
 
 def test_nightly_accepts_a_strict_date() -> None:
+    import storage
     from jobs.nightly import NightlyConfig
 
-    assert NightlyConfig(date="2024-01-03").day_dir.name == "2024-01-03"
+    assert storage.name_of(NightlyConfig(date="2024-01-03").day_dir) == "2024-01-03"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1092,12 +1093,12 @@ CLI_CASES = [
     (
         "file-uri",
         ["serve", "--model", "file:///etc"],
-        "file:///etc: expected models:/..., runs:/... or a local folder",
+        "file:///etc: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder",
     ),
     (
-        "s3-uri",
-        ["serve", "--model", "s3://bucket/model"],
-        "s3://bucket/model: expected models:/..., runs:/... or a local folder",
+        "http-uri",
+        ["serve", "--model", "http://host/model"],
+        "http://host/model: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder",
     ),
     ("recommend-k-zero", [*RECOMMEND, "--k", "0"], "--k 0: expected 1..100000"),
     ("recommend-k-huge", [*RECOMMEND, "--k", str(10**9)], "--k 1000000000: expected 1..100000"),
