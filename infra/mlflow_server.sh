@@ -7,6 +7,15 @@
 #   MLFLOW_BACKEND=postgres MLFLOW_DB_URI=postgresql://mlflow:$PW@db:5432/mlflow \
 #   MLFLOW_ARTIFACTS=s3://recsys-mlflow/artifacts infra/mlflow_server.sh
 #
+# Artifacts on S3 (AWS, or any S3 endpoint: SeaweedFS, MinIO): `--artifacts-destination s3://...` with
+# `--serve-artifacts`, so clients log and read artifacts through this server (mlflow-artifacts:/ URIs) and
+# need no storage credentials; the server's boto3 (pinned) takes them from its own environment only:
+#   export AWS_ACCESS_KEY_ID=... AWS_SECRET_ACCESS_KEY=... AWS_REGION=us-east-1
+#   export AWS_ENDPOINT_URL=http://127.0.0.1:8333     # a store other than AWS (or MLFLOW_S3_ENDPOINT_URL)
+#   MLFLOW_ARTIFACTS=s3://bucket/mlflow infra/mlflow_server.sh
+# Never put keys in MLFLOW_ARTIFACTS (s3://key:secret@bucket is refused): arguments are logged and visible
+# in the process list. Tests: tests/integration/storage/test_mlflow_s3.py (against SeaweedFS).
+#
 # Env:
 #   MLFLOW_BACKEND        sqlite (default) | postgres
 #   MLFLOW_HOME           state folder for the SQLite file and local artifacts (default ./runs/mlflow-server)
@@ -25,7 +34,7 @@
 #   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF key of the auth app; the same on every server behind one name
 #                         (default: one generated once into $MLFLOW_HOME/flask_secret_key, mode 600)
 # Clients then set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD (jobs, `fuxi register`, `fuxi serve`).
-# Postgres needs psycopg2 (in the image); S3 needs boto3 and the usual AWS_* credentials / MLFLOW_S3_ENDPOINT_URL.
+# Postgres needs psycopg2 (in the image); S3 needs boto3 (pinned) and the AWS_* variables above.
 set -euo pipefail
 BACKEND=${MLFLOW_BACKEND:-sqlite}
 HOME_DIR=${MLFLOW_HOME:-$PWD/runs/mlflow-server}
@@ -34,6 +43,10 @@ PORT=${MLFLOW_PORT:-5000}
 WORKERS=${MLFLOW_WORKERS:-2}
 MLFLOW=${MLFLOW_BIN:-mlflow}
 AUTH=${MLFLOW_AUTH:-basic}
+if [[ "${MLFLOW_ARTIFACTS:-}" =~ ^[A-Za-z][A-Za-z0-9+.-]*://[^/]*@ ]]; then
+  echo "MLFLOW_ARTIFACTS carries credentials (user info in the URI); they would be logged: give them as AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the server's environment" >&2
+  exit 2
+fi
 mkdir -p "$HOME_DIR"
 HOME_DIR=$(cd "$HOME_DIR" && pwd)
 

