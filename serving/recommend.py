@@ -235,6 +235,8 @@ def recommend(
     import ray
     import ray.data
 
+    from pipeline.data.stream import init_ray
+
     if not 1 <= k <= 100_000:
         raise ValueError(f"--k {k}: expected 1..100000")
     if not 1 <= workers <= 1024 or not 1 <= batch_size <= 1_000_000:
@@ -242,12 +244,7 @@ def recommend(
     files, total = sequence_files(sequences)
     started = False
     if not ray.is_initialized():
-        ray.init(
-            address=ray_address or "local",
-            num_cpus=None if ray_address else workers + 1,
-            include_dashboard=False,
-            log_to_driver=False,
-        )
+        init_ray(ray_address, num_cpus=None if ray_address else workers + 1, log_to_driver=False)
         started = True
     try:
         ctx = ray.data.DataContext.get_current()

@@ -341,31 +341,12 @@ def check_finite(folder: Path, model: Any) -> None:
 
 
 def check_vocabulary(file: Path, num_items: int) -> Any:
-    """The checkpoint's vocabulary, checked: raw ids non-null and unique, admitted rows exactly 1..N in
-    order, N + 1 = the item table's rows."""
-    from pipeline.data.vocab import read_vocabulary
+    """The checkpoint's vocabulary, checked against the model's table by the data path's own check
+    (pipeline/data/vocab.py: raw ids non-null and unique, rows exactly 1..N in order, N + 1 = the table's
+    rows), its refusal as a TrustError."""
+    from pipeline.data import vocab
 
-    if file.is_symlink() or not file.is_file():
-        raise TrustError(f"{file}: not a plain file")
     try:
-        vocab = read_vocabulary(file)
-    except (ValueError, TypeError) as exc:  # TypeError: an id column neither integers nor strings
-        message = " ".join(str(exc).split())[:600]
-        raise TrustError(message if message.startswith(str(file)) else f"{file}: {message}") from None
-    except Exception as exc:  # pyarrow's casts raise their own types
-        raise TrustError(f"{file}: not a vocabulary ({type(exc).__name__}: {str(exc)[:160]})") from None
-    keys = vocab.table["raw_id"]
-    if keys.null_count:
-        raise TrustError(f"{file}: raw_id holds {keys.null_count} nulls")
-    if len(keys.unique()) != len(keys):
-        seen: set[Any] = set()
-        dup = next(k for k in keys.to_pylist() if k in seen or seen.add(k))
-        raise TrustError(f"{file}: raw id {dup!r} appears more than once")
-    rows = vocab.table["row"].combine_chunks()
-    if rows.null_count != len(rows) - vocab.num_rows:  # pending ids (null rows) come after admitted ones
-        raise TrustError(f"{file}: rows must be 1..N in table order, admitted ids first")
-    if vocab.num_rows + 1 != num_items:
-        raise TrustError(
-            f"{file}: {vocab.num_rows} item rows, the model's table has {num_items - 1} (plus padding row 0)"
-        )
-    return vocab
+        return vocab.check_vocabulary(file, num_items, table="the model's table")
+    except ValueError as exc:
+        raise TrustError(str(exc)) from None

@@ -35,6 +35,7 @@ PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was give
 
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest lists shards and days: far below this
 
 # number of trailing items held out of training, and of the evaluation sequence, per protocol
 PROTOCOLS = {
@@ -149,10 +150,17 @@ def _read_file(uri: str) -> SequenceData:
     if missing:
         raise ValueError(f"{shown}: not a sequence file, missing column(s) {missing}")
     raw = (table.schema.metadata or {}).get(META_KEY)
-    meta = json.loads(raw) if raw else {}
-    table = table.select([f.name for f in SEQUENCE_SCHEMA])
-    table = table.cast(sequence_schema(table.schema.field("user_id").type))
-    num_items = int(meta.get("num_items") or _max_item(table) + 1)
+    try:  # bytes someone else wrote: any failure is one line naming the file
+        meta = json.loads(raw) if raw else {}
+        if not isinstance(meta, dict):
+            raise ValueError(f"{META_KEY.decode()} is not a JSON object")
+        table = table.select([f.name for f in SEQUENCE_SCHEMA])
+        table = table.cast(sequence_schema(table.schema.field("user_id").type))
+        num_items = meta.get("num_items") or _max_item(table) + 1
+    except (ValueError, TypeError, RecursionError, pa.ArrowException) as exc:
+        raise ValueError(f"{shown}: not a sequence file ({' '.join(str(exc).split())[:200]})") from None
+    if type(num_items) is not int:
+        raise ValueError(f"{shown}: {META_KEY.decode()} num_items {str(num_items)[:40]!r} is not an integer")
     return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(uri))
 
 
@@ -163,7 +171,14 @@ def read_shard_manifest(uri: str) -> dict:
         raise ValueError(
             f"{storage.display(uri)}: a directory without {SHARD_MANIFEST}, not a sequence shard directory"
         )
-    return json.loads(storage.read_bytes(manifest_uri))
+    try:
+        manifest = json.loads(storage.read_bytes(manifest_uri, limit=MAX_MANIFEST_BYTES))
+    except (ValueError, RecursionError) as exc:
+        shown = storage.display(manifest_uri)
+        raise ValueError(f"{shown}: not valid JSON ({' '.join(str(exc).split())[:160]})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{storage.display(manifest_uri)}: expected a JSON object")
+    return manifest
 
 
 def shard_uris(uri: str, manifest: dict) -> list[str]:
@@ -178,9 +193,22 @@ def shard_uris(uri: str, manifest: dict) -> list[str]:
 def _read_shard_dir(uri: str) -> SequenceData:
     """All shards of a directory in manifest order; num_items comes from the manifest."""
     manifest = read_shard_manifest(uri)
+    where = storage.display(storage.join(uri, SHARD_MANIFEST))
+    if not isinstance(manifest.get("shards"), list) or type(manifest.get("num_items")) is not int:
+        raise ValueError(f"{where}: expected an object with a list 'shards' and an integer 'num_items'")
+    if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in manifest["shards"]):
+        raise ValueError(f"{where}: every shard must be an object with a string 'file'")
     names = [f.name for f in SEQUENCE_SCHEMA]
     schema = sequence_schema(pa.string() if manifest.get("user_key") == "string" else None)
-    tables = [read_parquet(shard, columns=names).cast(schema) for shard in shard_uris(uri, manifest)]
+    tables = []
+    for shard in shard_uris(uri, manifest):
+        try:
+            tables.append(read_parquet(shard, columns=names).cast(schema))
+        except storage.StorageError:
+            raise
+        except Exception as exc:  # pyarrow's errors for a corrupt file or a wrong column type
+            shown = storage.display(shard)
+            raise ValueError(f"{shown}: not a sequence shard ({' '.join(str(exc).split())[:200]})") from None
     table = pa.concat_tables(tables) if tables else schema.empty_table()
     meta = {
         k: manifest[k]

@@ -71,18 +71,49 @@ class Backend(str, Enum):
 # Ray runtime helpers
 
 
+# Ray's switch for single-machine mode (its default on macOS and Windows): the node's address is loopback
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """`ray.init`: joins `address` (a cluster) when given, else starts a local Ray that listens on loopback
+    only, with no dashboard.
+
+    Ray's GCS, raylet, object manager and worker gRPC servers listen on every interface unless the node's
+    address is loopback, and `ray.init(_node_ip_address="127.0.0.1")` is rewritten to the machine's
+    address (`services.resolve_ip_for_localhost`). Ray's single-machine mode keeps loopback as the node's
+    address; its switch is read when Ray is imported, so it is set for the processes Ray starts (the
+    environment) and for this driver (the imported constant), then put back so a later `ray.init` of a
+    cluster in this process is unaffected (the processes started keep what they were started with).
+    """
+    import ray
+
+    if address and address != "local":
+        ray.init(address=address, include_dashboard=False, **kwargs)
+        return
+    from ray._private import ray_constants
+
+    saved = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(address="local", include_dashboard=False, **kwargs)
+    finally:
+        if saved[0] is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved[0]
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+
+
 def ensure_ray(num_cpus: int | None = None, object_store_memory: int | None = None) -> None:
-    """Start a local Ray instance unless one is running (RAY_ADDRESS, when set, names a cluster to join)."""
+    """Start a local Ray instance (loopback only, `init_ray`) unless one is running (RAY_ADDRESS, when set,
+    names a cluster to join)."""
     import ray
 
     if ray.is_initialized():
         return
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS", "local"),
-        num_cpus=num_cpus,
-        object_store_memory=object_store_memory,
-        include_dashboard=False,
-    )
+    init_ray(os.environ.get("RAY_ADDRESS"), num_cpus=num_cpus, object_store_memory=object_store_memory)
 
 
 @contextlib.contextmanager

@@ -223,10 +223,59 @@ def read_vocabulary(path: str | Path, min_count: int | None = None) -> Vocabular
     ]
     if missing:
         raise ValueError(f"{path}: not a vocabulary file, missing column(s) {missing}")
-    meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+    try:
+        meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
+        stored = meta.get("min_count", 1) if isinstance(meta, dict) else None
+    except (ValueError, RecursionError):
+        stored = None
+    if min_count is None and (type(stored) is not int or not 1 <= stored <= 2**31):
+        raise ValueError(f"{path}: {META_KEY.decode()} is not a JSON object with an integer min_count >= 1")
     key_type = key_type_of(table.schema.field("raw_id").type)
     table = table.select(list(vocab_schema(key_type).names)).cast(vocab_schema(key_type))
-    return Vocabulary(table, min_count if min_count is not None else int(meta.get("min_count", 1)))
+    try:
+        return Vocabulary(table, min_count if min_count is not None else int(stored))  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def check_vocabulary(path: str | Path, num_items: int, table: str = "the item table") -> Vocabulary:
+    """The vocabulary file at `path`, read and checked against an item table of `num_items` rows (padding
+    row 0 + N items): raw ids non-null and unique, admitted rows exactly 1..N in table order (pending ids
+    after them), N = num_items - 1, counts >= 1. Any failure is a ValueError of one line naming the file;
+    `table` names what num_items came from (the model's table, the data's manifest).
+
+    Every reader of a vocabulary that others wrote calls this first: training before it copies the data's
+    vocabulary into each checkpoint, serving before it answers with raw ids."""
+    path = os.fspath(path)
+    if "://" not in path and (Path(path).is_symlink() or not Path(path).is_file()):
+        raise ValueError(f"{path}: not a plain file")
+    try:
+        vocab = read_vocabulary(path)
+    except storage.StorageError:
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:  # Type: ids neither ints nor strings; fuxi.meta
+        message = " ".join(str(exc).split())[:600]
+        raise ValueError(message if message.startswith(path) else f"{path}: {message}") from None
+    except Exception as exc:  # pyarrow's casts raise their own types
+        raise ValueError(f"{path}: not a vocabulary ({type(exc).__name__}: {str(exc)[:160]})") from None
+    keys = vocab.table["raw_id"]
+    if keys.null_count:
+        raise ValueError(f"{path}: raw_id holds {keys.null_count} nulls")
+    if len(pc.unique(keys)) != len(keys):
+        seen: set[Any] = set()
+        dup = next(k for k in keys.to_pylist() if k in seen or seen.add(k))
+        raise ValueError(f"{path}: raw id {dup!r} appears more than once")
+    rows = vocab.table["row"].combine_chunks()
+    if rows.null_count != len(rows) - vocab.num_rows:  # pending ids (null rows) come after admitted ones
+        raise ValueError(f"{path}: rows must be 1..N in table order, admitted ids first")
+    counts = vocab.table["count"]
+    if counts.null_count or (len(counts) and pc.min(counts).as_py() < 1):
+        raise ValueError(f"{path}: count must be >= 1 for every id (an id is listed once it is seen)")
+    if vocab.num_rows + 1 != num_items:
+        raise ValueError(
+            f"{path}: {vocab.num_rows} item rows, {table} has {num_items - 1} (plus padding row 0)"
+        )
+    return vocab
 
 
 def write_vocabulary(vocab: Vocabulary, path: PathOrURI) -> PathOrURI:
@@ -251,15 +300,26 @@ def find_vocabulary(source: str | Path) -> Path | str | None:
             raw = (pq.read_schema(where, filesystem=fs).metadata or {}).get(META_KEY)
         except Exception:  # not Parquet: no vocabulary
             return None
-        name = json.loads(raw).get("vocab") if raw else None
+        name = _named(json.loads(raw) if raw else {}, "vocab", uri, "fuxi.meta")
         found = storage.join(storage.parent(uri), name, field="fuxi.meta: vocab") if name else None
     else:
         manifest = storage.join(uri, SHARD_MANIFEST)
         if not storage.is_file(manifest):
             return None
-        vocab = json.loads(storage.read_bytes(manifest)).get("vocab")
-        name = vocab["file"] if vocab else None
+        vocab = _named(json.loads(storage.read_bytes(manifest)), "vocab", manifest, "", dict)
+        name = _named(vocab, "file", manifest, "vocab") if vocab else None
         found = storage.join(uri, name, field=f"{SHARD_MANIFEST}: vocab.file") if name else None
     if found is None:
         return None
     return Path(found) if "://" not in found else found
+
+
+def _named(doc: Any, key: str, where: str, at: str, kind: type = str) -> Any:
+    """doc[key] when doc is an object and the value (if any) a `kind`; else one line naming the file."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"{storage.display(where)}: {at or 'the document'} is not a JSON object")
+    value = doc.get(key)
+    if value is not None and not isinstance(value, kind):
+        field = f"{at}.{key}" if at else key
+        raise ValueError(f"{storage.display(where)}: {field} is not a {kind.__name__} ({str(value)[:40]!r})")
+    return value

@@ -21,9 +21,10 @@ import torch
 import storage
 from model.loss import NegativeSampler
 from pipeline.data.batches import SequenceBatches, temporal_batches
+from pipeline.data.checks import check_sequences
 from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
-from pipeline.data.vocab import VOCAB_FILE
+from pipeline.data.vocab import VOCAB_FILE, check_vocabulary
 from pipeline.train.builder import ParallelModel, build_parallel_model
 from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
 from pipeline.train.config import TrainConfig, to_dict, to_flat_dict, validate
@@ -44,9 +45,15 @@ if TYPE_CHECKING:
 
 
 def load_data(cfg: TrainConfig) -> SequenceData:
+    """The training data, checked before a model is sized from it: the item table's size and every item
+    id (check_sequences), and the vocabulary it names against that table, since every checkpoint ships a
+    copy of it."""
     if cfg.data.source == "synthetic":
         return synthetic_sequences(cfg.data.synthetic)
-    return read_sequences(cfg.data.source)
+    data = check_sequences(read_sequences(cfg.data.source), cfg.data.source)
+    if data.vocab:
+        check_vocabulary(data.vocab, data.num_items, table="the data's item table (num_items)")
+    return data
 
 
 def git_commit() -> str:
