@@ -75,9 +75,7 @@ def load_space(path: str | Path) -> list[Dist]:
     """Read and check a search-space file: JSON (`.json`) or YAML (data only: no tags or aliases,
     no duplicate keys), at most MAX_SPACE_BYTES. Every refusal is one line naming the file."""
     file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{path}: not a file")
-    size = file.stat().st_size
+    size = file.stat().st_size  # a missing file or a folder: the OSError names it
     if size > MAX_SPACE_BYTES:
         raise ValueError(f"{path}: {size} bytes, a search space is at most {MAX_SPACE_BYTES}")
     try:
