@@ -73,7 +73,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder, model or al
 
 
 class TrustError(ValueError):
-    """A file or folder serving refuses to load; the message is one line naming it."""
+    """A file or folder serving refuses to load; the message is one line naming it (a crafted name's
+    newlines, terminal escapes or NUL are written escaped, so the line stays one and shows what is there)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 def check_name(value: str, what: str) -> str:

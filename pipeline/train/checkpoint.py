@@ -67,7 +67,8 @@ LATEST = "latest"
 FINAL = "final"
 BEST = "best"
 TRAIN_JSON = "train.json"
-_STEP = re.compile(r"^step-(\d+)$")
+_STEP = re.compile(r"^step-([0-9]+)$")  # ASCII digits only (\d also matches other scripts' digits)
+MAX_POINTER_BYTES = 64 * 1024  # `latest` / `best` / `final`: a step name or a pointer object
 
 
 def _rank() -> int:
@@ -379,11 +380,13 @@ class Checkpointer:
         uri = self._child(LATEST)
         if not storage.is_file(uri):
             return None
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, limit=MAX_POINTER_BYTES)  # a name, or a small pointer object
         if data.lstrip().startswith(b"{"):
             return None
         name = data.decode(errors="replace").strip()
-        if not _STEP.match(name):  # a plain step-N name beside `latest`: no paths, absolute or relative
+        if (
+            not _STEP.match(name) or len(name) > 64
+        ):  # a plain step-N name beside `latest`: no paths, absolute or relative
             raise UnsafeCheckpointError(
                 f"{display(uri)}: names {name[:200]!r}; `latest` may only name a step-N checkpoint in "
                 "its root"
