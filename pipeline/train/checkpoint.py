@@ -68,6 +68,7 @@ FINAL = "final"
 BEST = "best"
 TRAIN_JSON = "train.json"
 _STEP = re.compile(r"^step-([0-9]+)$")  # ASCII digits only (\d also matches other scripts' digits)
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # DCP `.metadata`: a few KB per tensor and shard, read into memory
 MAX_POINTER_BYTES = 64 * 1024  # `latest` / `best` / `final`: a step name or a pointer object
 
 
@@ -150,7 +151,7 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> Metadata:
     uri = storage.join(os.fspath(path), ".metadata", field="checkpoint")
     source = display(uri)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, limit=MAX_METADATA_BYTES)
     except StorageError as e:
         if e.cause == NOT_FOUND:
             raise FileNotFoundError(f"{source}: no DCP metadata (not a complete checkpoint)") from None
