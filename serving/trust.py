@@ -176,7 +176,9 @@ def check_model_folder(folder: str | Path) -> Path:
     if [p.name for p in inside] != [parts[1]]:
         names = [p.name for p in inside][:3]
         raise TrustError(f"{folder / 'data'}: expected only {parts[1]}/, found {names}")
-    return check_checkpoint_folder(folder / "data" / parts[1])
+    if inside[0].is_symlink():  # a checkpoint that lives elsewhere is not this model's
+        raise TrustError(f"{inside[0]}: a link; a model folder holds only plain files")
+    return check_checkpoint_folder(inside[0])
 
 
 def copy_checkpoint(src: str | Path, dest: str | Path) -> Path:

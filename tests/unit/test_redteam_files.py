@@ -159,6 +159,13 @@ def _fifo(name: str) -> Callable[[Path, Path], None]:
     return mutate
 
 
+def _ckpt_elsewhere(model: Path, marker: Path) -> None:
+    """data/<checkpoint> a link to a (genuine) checkpoint folder outside the model folder."""
+    (ckpt,) = (model / "data").iterdir()
+    shutil.move(ckpt, model.parent / "elsewhere")
+    ckpt.symlink_to(model.parent / "elsewhere")
+
+
 def _second_data(model: Path, marker: Path) -> None:
     (ckpt,) = (model / "data").iterdir()
     shutil.copytree(ckpt, model / "data" / "other")
@@ -249,6 +256,11 @@ MODEL_CASES = [
         _link("requirements.txt", "/etc/hostname"),
         r"{model}/requirements\.txt: a link; a model "
         r"folder holds only plain files",
+    ),
+    (
+        "checkpoint-link-outside",
+        _ckpt_elsewhere,
+        r"{model}/data/gen-[0-9TZ]+-[0-9a-f]+: a link; a model folder holds only plain files",
     ),
     ("second-data", _second_data, r"{model}/data: expected only gen-[0-9TZ]+-[0-9a-f]+/, found \[.*\]"),
     (
