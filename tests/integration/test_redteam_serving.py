@@ -974,6 +974,49 @@ def test_slow_headers_idle_connections_and_hangups_hold_nothing(port: int) -> No
     _valid(port)
 
 
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes `sock` (it sends nothing: no request head came)."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+def test_heads_that_never_finish_are_closed(port: int) -> None:
+    """Slowloris: a connection that sends no head, half a head, a head one byte at a time, or nothing
+    after its first response, is closed by the server at the 2 s head deadline; 300 of them (more than
+    the server's 256 connections) refuse nobody once they are closed."""
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half = _open(port, b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+    assert _closed_within(idle, 10) < 4 and _closed_within(half, 10) < 4
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    start, closed = time.monotonic(), False
+    for byte in b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n":
+        try:
+            trickle.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        time.sleep(0.25)
+    assert closed and time.monotonic() - start < 4  # cut at the deadline, bytes coming or not
+    trickle.close()
+    keep = _open(port, request(records(U)).replace(b"Connection: close", b"Connection: keep-alive"))
+    head, _, _ = keep.recv(65536).partition(b"\r\n")
+    assert head == b"HTTP/1.1 200 OK"
+    keep.sendall(b"POST /invocations HTTP/1.1\r\n")  # the next head, never finished
+    assert _closed_within(keep, 10) < 4
+    crowd = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+    try:
+        time.sleep(3)
+        _valid(port)
+    finally:
+        for sock in crowd:
+            sock.close()
+
+
 def test_server_still_answers_after_the_corpus(port: int) -> None:
     _valid(port)
 
