@@ -1052,10 +1052,22 @@ NIGHTLY_DATES = [
     ("2024-1-3", r"--date '2024-1-3': expected a date written YYYY-MM-DD"),
     ("", r"--date '': expected a date written YYYY-MM-DD"),
     ("+2024-01-03", r"--date '\+2024-01-03': expected a date written YYYY-MM-DD"),
+    ("2024-01-03\n", r"--date '2024-01-03\\n': expected a date written YYYY-MM-DD"),
+    ("2024-01-03\x00", r"--date '2024-01-03\\x00': expected a date written YYYY-MM-DD"),
+    (
+        "\u0662\u0660\u0662\u0664-01-03",
+        r"--date '\u0662\u0660\u0662\u0664-01-03': expected a date written YYYY-MM-DD",
+    ),
+    ("2024\u201001\u201003", r"--date '2024\u201001\u201003': expected a date written YYYY-MM-DD"),
+    (" 2024-01-03", r"--date ' 2024-01-03': expected a date written YYYY-MM-DD"),
+    ("2024-01-03/", r"--date '2024-01-03/': expected a date written YYYY-MM-DD"),
+    ("2024-00-10", r"--date '2024-00-10': not a calendar date"),
+    ("2024-01-00", r"--date '2024-01-00': not a calendar date"),
+    ("2023-02-29", r"--date '2023-02-29': not a calendar date"),
 ]
 
 
-@pytest.mark.parametrize("date, pattern", NIGHTLY_DATES, ids=[d[0] or "empty" for d in NIGHTLY_DATES])
+@pytest.mark.parametrize("date, pattern", NIGHTLY_DATES, ids=[ascii(d[0]) for d in NIGHTLY_DATES])
 def test_nightly_date_refused(tmp_path: Path, capsys: pytest.CaptureFixture, date: str, pattern: str) -> None:
     from jobs.cli import main
 
