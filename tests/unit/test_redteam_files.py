@@ -1150,6 +1150,21 @@ CLI_CASES = [
         "--host example.com is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
         "every client must send) to serve beyond this machine",
     ),
+    *[
+        (
+            f"host-{name}-no-token",
+            [*SERVE, "--host", host],
+            f"--host {host} is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
+            "every client must send) to serve beyond this machine",
+        )
+        for name, host in [
+            ("zero", "0"),  # 0.0.0.0 to the resolver
+            ("bracketed-any", "[::]"),
+            ("mapped-any", "::ffff:0.0.0.0"),
+            ("decimal", "2130706433"),
+            ("trailing-dot", "localhost."),
+        ]
+    ],
     (
         "short-token",
         [*SERVE, "--host", "0.0.0.0", "--token-file", "{tmp}/short"],
