@@ -29,10 +29,13 @@ another tuner runs; with one tuner per study the next invocation knows at once.)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import re
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,50 +65,178 @@ class Dist:
     choices: tuple[Any, ...] = ()
 
 
+MAX_SPACE_BYTES = 1 << 20  # a search space is a few lines
+MAX_CHOICES = 1000
+MAX_CHOICE_CHARS = 200
+_FIELD = re.compile(r"[a-z_][a-z0-9_]{0,63}(\.[a-z_][a-z0-9_]{0,63}){0,3}")
+
+
 def load_space(path: str | Path) -> list[Dist]:
-    """Read and check a search-space file: JSON (`.json`) or YAML."""
+    """Read and check a search-space file: JSON (`.json`) or YAML (data only: no tags or aliases,
+    no duplicate keys), at most MAX_SPACE_BYTES. Every refusal is one line naming the file."""
+    file = Path(path)
+    size = file.stat().st_size  # a missing file or a folder: the OSError names it
+    if size > MAX_SPACE_BYTES:
+        raise ValueError(f"{path}: {size} bytes, a search space is at most {MAX_SPACE_BYTES}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        # JSON through json: YAML 1.1 reads a JSON number such as 1e-12 (no dot) as a string
+        raw = _read_json(text) if file.name.endswith(".json") else _read_yaml(text)
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
+    try:
+        return [parse_dist(k, v) for k, v in raw.items()]
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _read_json(text: str) -> Any:
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in items]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+        return dict(items)
+
+    def constant(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=constant)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # duplicates, NaN, 5,000 digits, deep nesting
+        raise ValueError(f"not valid JSON: {' '.join(str(exc).split())[:160]}") from None
+
+
+def _read_yaml(text: str) -> Any:
+    """YAML as plain data: safe_load's types only (a `!!python/...` tag is an error, never constructed),
+    and no aliases (a few aliased lines can stand for billions of values), no duplicate keys."""
     import yaml
 
-    text = Path(path).read_text()
-    # JSON through json: YAML 1.1 reads a JSON number such as 1e-12 (no dot) as a string
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ValueError(f"not plain YAML: an alias (line {event.start_mark.line + 1})")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            keys = [k.value for k, _ in node.value if isinstance(k, yaml.ScalarNode)]
+            dup = next((k for k in keys if keys.count(k) > 1), None)
+            if dup is not None:
+                raise ValueError(f"duplicate key {dup!r} (line {node.start_mark.line + 1})")
+            return super().construct_mapping(node, deep=deep)
+
     try:
-        raw = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (Loader is a SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ValueError(f"{path}: not valid YAML: {exc.problem}{where}") from None
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"{path}: the search space must be a non-empty mapping field -> distribution")
-    return [parse_dist(k, v) for k, v in raw.items()]
+        problem = " ".join(str(exc.problem).split())[:160]
+        raise ValueError(f"not valid YAML: {problem}{where}") from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise ValueError(f"not valid YAML: {type(exc).__name__}") from None
+
+
+def _tunable(field: str) -> None:
+    """A config field whose values are hyperparameters: numbers, booleans, a fixed set of choices (or
+    tuples of them). Names, paths and URIs (name, output_dir, data.source, tracking.uri, ...) are not."""
+    import typing
+
+    from pipeline.train.config import TrainConfig
+
+    if not isinstance(field, str) or not _FIELD.fullmatch(field):
+        raise ValueError(f"search space {str(field)[:80]!r}: not a config field name (section.field)")
+    target: Any = TrainConfig
+    *sections, leaf = field.split(".")
+    for part in sections:
+        info = getattr(target, "__pydantic_fields__", {}).get(part)
+        if info is None or not dataclasses.is_dataclass(info.annotation):
+            raise ValueError(f"search space {field!r}: unknown config section {part!r}")
+        target = info.annotation
+    info = getattr(target, "__pydantic_fields__", {}).get(leaf)
+    if info is None or dataclasses.is_dataclass(info.annotation):
+        raise ValueError(f"search space {field!r}: unknown config field")
+
+    def plain(hint: Any) -> bool:
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is typing.Annotated:
+            return plain(args[0])
+        if origin is typing.Literal:
+            return True
+        if origin in (typing.Union, types.UnionType):
+            return all(plain(a) for a in args if a is not type(None))
+        if origin is tuple:
+            return all(plain(a) for a in args if a is not Ellipsis)
+        return hint in (int, float, bool)
+
+    if not plain(info.annotation):
+        raise ValueError(
+            f"search space {field!r}: not a hyperparameter (a name, path or URI); tune numbers, flags "
+            "and fixed choices"
+        )
+
+
+def _number(field: str, key: str, value: Any, integer: bool) -> Any:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"search space {field!r}: {key} must be a finite number (got {str(value)[:40]!r})")
+    if integer and value != int(value):
+        raise ValueError(f"search space {field!r}: {key} must be an integer for type int (got {value!r})")
+    return int(value) if integer else float(value)
 
 
 def parse_dist(field: str, spec: Any) -> Dist:
+    _tunable(field)
     if not isinstance(spec, dict) or spec.get("type") not in DIST_TYPES:
-        raise ValueError(f"search space {field!r}: needs type one of {DIST_TYPES}, got {spec!r}")
+        raise ValueError(f"search space {field!r}: needs type one of {DIST_TYPES}, got {str(spec)[:80]}")
     unknown = set(spec) - {"type", "low", "high", "log", "step", "choices"}
     if unknown:
-        raise ValueError(f"search space {field!r}: unknown keys {sorted(unknown)}")
+        raise ValueError(f"search space {field!r}: unknown keys {sorted(map(str, unknown))[:5]}")
     kind = spec["type"]
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
             raise ValueError(f"search space {field!r}: categorical needs a non-empty list of choices")
+        if len(choices) > MAX_CHOICES or set(spec) - {"type", "choices"}:
+            raise ValueError(
+                f"search space {field!r}: categorical takes only choices (at most {MAX_CHOICES})"
+            )
+        for c in choices:
+            parts = c if isinstance(c, list) else [c]
+            if not all(_scalar(p) for p in parts) or len(str(c)) > MAX_CHOICE_CHARS:
+                raise ValueError(
+                    f"search space {field!r}: choice {str(c)[:40]!r} is not a finite number, a flag, a "
+                    f"string of <= {MAX_CHOICE_CHARS} characters, null, or a list of them"
+                )
         # Optuna stores None/bool/int/float/str; a list choice (a tuple field) is written as "a,b"
         flat = tuple(",".join(map(str, c)) if isinstance(c, (list, tuple)) else c for c in choices)
         return Dist(field, kind, choices=flat)
     if "low" not in spec or "high" not in spec:
         raise ValueError(f"search space {field!r}: {kind} needs low and high")
-    low, high = spec["low"], spec["high"]
+    low = _number(field, "low", spec["low"], kind == "int")
+    high = _number(field, "high", spec["high"], kind == "int")
     if not low <= high:
         raise ValueError(f"search space {field!r}: low {low} > high {high}")
-    log, step = bool(spec.get("log", False)), spec.get("step")
+    log, step = spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise ValueError(f"search space {field!r}: log must be true or false (got {str(log)[:40]!r})")
+    if step is not None:
+        step = _number(field, "step", step, kind == "int")
+        if not step > 0 or (high > low and step > high - low):
+            raise ValueError(f"search space {field!r}: step {step} must be > 0 and <= high - low")
     if log and (low <= 0 or step is not None):
         raise ValueError(f"search space {field!r}: log needs low > 0 and no step")
-    if kind == "int":
-        return Dist(field, kind, int(low), int(high), log, int(step) if step is not None else None)
-    return Dist(field, kind, float(low), float(high), log, float(step) if step is not None else None)
+    return Dist(field, kind, low, high, log, step)
+
+
+def _scalar(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, bool | int) or (isinstance(value, str) and value.isprintable())
 
 
 def suggest(trial: Any, dist: Dist) -> Any:
@@ -200,7 +331,11 @@ def run_tune(
         )
     for dist in space:  # typos and out-of-range values fail here, not in trial 7
         for value in corner_values(dist):
-            validate_point(preset, overrides + [as_override(dist.field, value)], data)
+            try:
+                validate_point(preset, overrides + [as_override(dist.field, value)], data)
+            except ValueError as exc:
+                raise ValueError(f"search space {dist.field!r} = {value!r}: {exc}") from None
+    Path(tune_dir).mkdir(parents=True, exist_ok=True)  # the study's storage and run folders
     experiment = experiment or base.tracking.experiment
     uri = absolute_tracking_uri(tracking_uri)
     client = mlflow_client(uri)

@@ -9,11 +9,12 @@ itself, with MLflow's request and response layout (serving/pyfunc.py documents t
 
   POST /invocations  exactly one Content-Type, application/json (charset utf-8 if given), else 415; a
                      body of at most `max_body_bytes` (413, checked against Content-Length before
-                     reading and while reading) that arrives within `body_timeout_s` (408: a slow or endless
-                     body holds nothing); strict JSON (no NaN, no duplicate keys, 400 for deep nesting
-                     or a 5,000-digit number); `check_request` with the server's limits (k, history,
-                     users); the answer strict JSON, never row 0, a seen item (filter_seen) or a
-                     non-finite score
+                     reading and while reading) that arrives within `body_timeout_s` (408: a slow or
+                     endless body holds nothing; a request head must arrive within the same time of the
+                     connection opening or the last response, else the connection is closed); strict
+                     JSON (no NaN, no duplicate keys, 400 for deep nesting or a 5,000-digit number);
+                     `check_request` with the server's limits (k, history, users); the answer strict
+                     JSON, never row 0, a seen item (filter_seen) or a non-finite score
   GET /ping, /health 200 (no token: what a load balancer probes)
   GET /version       the model version served
 With a token every route but /ping and /health needs `Authorization: Bearer <token>` (401 otherwise).
@@ -338,10 +339,49 @@ def serve(
         host=host,
         port=port,
         lifespan="off",
-        http="h11",  # a request head still incomplete past 16 KiB is refused (400)
+        http=head_timeout_protocol(settings.body_timeout_s),  # h11; a head past 16 KiB is refused (400)
         log_level="warning",
         access_log=False,
         timeout_keep_alive=5,
         h11_max_incomplete_event_size=16 * 1024,  # request line + headers
         limit_concurrency=256,
     )
+
+
+def head_timeout_protocol(seconds: float) -> type:
+    """uvicorn's h11 protocol with a deadline for every request head: a connection that sends nothing, or
+    sends its head slowly (slowloris), is closed `seconds` after it opened or after its last response.
+    uvicorn arms its keep-alive timer only after a response and cancels it on any byte received, so
+    without this such connections are held forever, and `limit_concurrency` of them refuse everyone."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        head_deadline: asyncio.TimerHandle | None = None
+
+        def _arm(self) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            self.head_deadline = self.loop.call_later(seconds, self._head_expired)
+
+        def _head_expired(self) -> None:
+            # IDLE: no complete request head yet (a body in progress is the app's to time out, a request
+            # in progress re-arms this when its response completes)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.head_deadline is not None:
+                self.head_deadline.cancel()
+            super().connection_lost(exc)
+
+    return HeadTimeoutProtocol

@@ -73,7 +73,11 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # a folder, model or al
 
 
 class TrustError(ValueError):
-    """A file or folder serving refuses to load; the message is one line naming it."""
+    """A file or folder serving refuses to load; the message is one line naming it (a crafted name's
+    newlines, terminal escapes or NUL are written escaped, so the line stays one and shows what is there)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else ascii(c)[1:-1] for c in message))
 
 
 def check_name(value: str, what: str) -> str:
@@ -172,7 +176,9 @@ def check_model_folder(folder: str | Path) -> Path:
     if [p.name for p in inside] != [parts[1]]:
         names = [p.name for p in inside][:3]
         raise TrustError(f"{folder / 'data'}: expected only {parts[1]}/, found {names}")
-    return check_checkpoint_folder(folder / "data" / parts[1])
+    if inside[0].is_symlink():  # a checkpoint that lives elsewhere is not this model's
+        raise TrustError(f"{inside[0]}: a link; a model folder holds only plain files")
+    return check_checkpoint_folder(inside[0])
 
 
 def copy_checkpoint(src: str | Path, dest: str | Path) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from jobs.cli.common import quiet_mlflow
 
@@ -60,10 +59,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
     # the study name becomes a file name: confined to --tune-dir (no '..', no absolute path)
     study_db = storage.join(args.tune_dir, f"{args.study}.db", field="--study")
     study_storage = args.storage or f"sqlite:///{study_db}"
-    Path(args.tune_dir).mkdir(parents=True, exist_ok=True)
+    space = load_space(args.space)  # checked before anything is written
     result = run_tune(
         args.preset,
-        load_space(args.space),
+        space,
         study_name=args.study,
         storage=study_storage,
         n_trials=args.trials,

@@ -67,7 +67,9 @@ LATEST = "latest"
 FINAL = "final"
 BEST = "best"
 TRAIN_JSON = "train.json"
-_STEP = re.compile(r"^step-(\d+)$")
+_STEP = re.compile(r"^step-([0-9]+)$")  # ASCII digits only (\d also matches other scripts' digits)
+MAX_METADATA_BYTES = 256 * 1024 * 1024  # DCP `.metadata`: a few KB per tensor and shard, read into memory
+MAX_POINTER_BYTES = 64 * 1024  # `latest` / `best` / `final`: a step name or a pointer object
 
 
 def _rank() -> int:
@@ -149,7 +151,7 @@ def read_dcp_metadata(path: str | os.PathLike[str]) -> Metadata:
     uri = storage.join(os.fspath(path), ".metadata", field="checkpoint")
     source = display(uri)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, limit=MAX_METADATA_BYTES)
     except StorageError as e:
         if e.cause == NOT_FOUND:
             raise FileNotFoundError(f"{source}: no DCP metadata (not a complete checkpoint)") from None
@@ -379,11 +381,13 @@ class Checkpointer:
         uri = self._child(LATEST)
         if not storage.is_file(uri):
             return None
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, limit=MAX_POINTER_BYTES)  # a name, or a small pointer object
         if data.lstrip().startswith(b"{"):
             return None
         name = data.decode(errors="replace").strip()
-        if not _STEP.match(name):  # a plain step-N name beside `latest`: no paths, absolute or relative
+        if (
+            not _STEP.match(name) or len(name) > 64
+        ):  # a plain step-N name beside `latest`: no paths, absolute or relative
             raise UnsafeCheckpointError(
                 f"{display(uri)}: names {name[:200]!r}; `latest` may only name a step-N checkpoint in "
                 "its root"

@@ -77,7 +77,7 @@ def test_a_multi_line_message_becomes_one_line() -> None:
         error_line(ValueError("data.csv: row 3:\n  user_id is empty\n"))
         == "data.csv: row 3: user_id is empty"
     )
-    assert error_line(KeyError("model.num_layerz")) == "'model.num_layerz'"
+    assert error_line(KeyError("model.num_layerz")) == "model.num_layerz"  # the key's text, not its repr
     assert error_line(RuntimeError()) == "RuntimeError"
     assert error_line(AttributeError("'NoneType' object has no attribute 'x'")) == (
         "AttributeError: 'NoneType' object has no attribute 'x'"

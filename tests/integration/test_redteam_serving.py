@@ -379,6 +379,78 @@ BODY_CASES = [
         records(U, top_k=3),
         "params.top_k: unknown parameter (expected one of k, filter_seen, use_index)",
     ),
+    # numbers JSON reads as floats, odd keys, and bodies that are more than one document
+    (
+        "k-1e400",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {"k": 1e400}}',
+        "params.k: expected an integer",
+    ),
+    (
+        "id-1e400",
+        '{"dataframe_records": [{"item_ids": [1e400]}]}',
+        f"{R0}.item_ids: expected a list of 64-bit integers",
+    ),
+    (
+        "timestamp-minus-1e400",
+        '{"dataframe_records": [{"item_ids": [1001], "timestamps": [-1e400]}]}',
+        f"{R0}.timestamps: expected a list of integers in 0..2^40 (seconds)",
+    ),
+    (
+        "k-minus-zero",
+        '{"dataframe_records": [{"item_ids": [1001]}], "params": {"k": -0}}',
+        "params.k: 0: expected 1 <= k <= 50",
+    ),
+    ("k-object", records(U, k={"a": 1}), "params.k: expected an integer"),
+    (
+        "lone-surrogate-key",
+        '{"dataframe_records": [{"item_ids": [1001]}], "\\ud800": 1}',
+        "\ud800: unknown field " + TOP_FIELDS,
+    ),
+    (
+        "nul-in-record-key",
+        '{"dataframe_records": [{"item_ids": [1001], "item_ids\\u0000": 1}]}',
+        f"{R0}.item_ids\x00: unknown field (expected one of item_ids, timestamps, request_time)",
+    ),
+    (
+        "lookalike-key",
+        '{"dataframe_records": [{"\u00eftem_ids": [1001]}]}',
+        f"{R0}.\u00eftem_ids: unknown field (expected one of item_ids, timestamps, request_time)",
+    ),
+    (
+        "split-data-objects",
+        {"dataframe_split": {"columns": ["item_ids"], "data": [{"item_ids": [1001]}]}},
+        "dataframe_split.data: expected a list of rows as long as columns",
+    ),
+    (
+        "split-column-nul",
+        {"dataframe_split": {"columns": ["item_ids\x00"], "data": [[[1001]]]}},
+        "dataframe_split[0].item_ids\x00: unknown field (expected one of item_ids, timestamps, request_time)",
+    ),
+    ("30k-zeros", "[" + ",".join(["0"] * 30_000) + "]", "body: expected a JSON object"),
+    (
+        "records-object",
+        {"dataframe_records": {"0": U}},
+        'dataframe_records: expected a list of records ({"item_ids": [...], ...} per user)',
+    ),
+    (
+        "inputs-nested",
+        {"inputs": [[U]]},
+        "inputs[0]: expected an object with item_ids (and timestamps, request_time)",
+    ),
+    ("ids-60k-string", records({"item_ids": "x" * 60_000}), f"{R0}.item_ids: expected a list"),
+    ("whitespace-only", b" \n\t ", "body: not JSON (Expecting value at line 2 column 3)"),
+    ("two-documents", json.dumps(records(U)) * 2, "body: not JSON (Extra data at line 1 column 110)"),
+    ("trailing-garbage", json.dumps(records(U)) + " x", "body: not JSON (Extra data at line 1 column 111)"),
+    (
+        "comment",
+        b'{"dataframe_records": [{"item_ids": [1001]}] /* c */}',
+        "body: not JSON (Expecting ',' delimiter at line 1 column 46)",
+    ),
+    (
+        "gzip-body",
+        __import__("gzip").compress(json.dumps(records(U)).encode(), mtime=0),
+        "body: not UTF-8 (byte 1)",
+    ),
 ]
 
 
@@ -394,6 +466,11 @@ def test_malformed_body(port: int, body: object, message: str) -> None:
 
 def chunked(*parts: bytes) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def _with(*headers: tuple[str, str]) -> bytes:
+    """A valid request whose framing headers are `headers` (no Content-Length of ours)."""
+    return request(records(U), length=False, headers=list(headers))
 
 
 HEADER_CASES = [
@@ -540,6 +617,111 @@ HEADER_CASES = [
         "REQUEST_TIMEOUT",
         "body: not received within 2 s (0 bytes came)",
     ),
+    # methods and routes
+    ("head", request(b"", method="HEAD"), 405, None, None),  # HEAD: the status, never a body
+    (
+        "options",
+        request(b"", method="OPTIONS"),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "/invocations: OPTIONS (expected POST)",
+    ),
+    (
+        "options-star",
+        request(b"", method="OPTIONS", path="*"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "*: no such route (POST /invocations)",
+    ),
+    (
+        "put",
+        request(records(U), method="PUT"),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "/invocations: PUT (expected POST)",
+    ),
+    (
+        "delete",
+        request(b"", method="DELETE"),
+        405,
+        "METHOD_NOT_ALLOWED",
+        "/invocations: DELETE (expected POST)",
+    ),
+    ("trace", request(b"", method="TRACE"), 405, "METHOD_NOT_ALLOWED", "/invocations: TRACE (expected POST)"),
+    (
+        "trailing-slash",
+        request(records(U), path="/invocations/"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "/invocations/: no such route (POST /invocations)",
+    ),
+    (
+        "double-slash",
+        request(records(U), path="//invocations"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "//invocations: no such route (POST /invocations)",
+    ),
+    (
+        "dotdot-path",
+        request(records(U), path="/../invocations"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "/../invocations: no such route (POST /invocations)",
+    ),
+    (
+        "upper-path",
+        request(records(U), path="/Invocations"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "/Invocations: no such route (POST /invocations)",
+    ),
+    (
+        "pct-nul-path",
+        request(records(U), path="/invocations%00"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "/invocations\x00: no such route (POST /invocations)",
+    ),
+    (
+        "absolute-form",
+        request(records(U), path="http://evil.example/invocations"),
+        404,
+        "ENDPOINT_NOT_FOUND",
+        "http://evil.example/invocations: no such route (POST /invocations)",
+    ),
+    ("http-0.9", b"GET /ping\r\n\r\n", 400, None, None),
+    # framing: lengths and transfer codings the parser must refuse (no smuggling, no guessing)
+    ("length-negative", _with(("Content-Length", "-1")), 400, None, None),
+    ("length-plus", _with(("Content-Length", "+110")), 400, None, None),
+    ("length-exponent", _with(("Content-Length", "1e3")), 400, None, None),
+    ("two-lengths-differ", _with(("Content-Length", "110"), ("Content-Length", "5")), 400, None, None),
+    ("te-gzip", _with(("Transfer-Encoding", "gzip")), 400, None, None),
+    ("te-chunked-twice", _with(("Transfer-Encoding", "chunked, chunked")), 400, None, None),
+    (
+        "chunk-size-overflow",
+        request(b"", length=False, headers=[("Transfer-Encoding", "chunked")])
+        + b"ffffffffffffffffff\r\nabc\r\n",
+        408,
+        "REQUEST_TIMEOUT",
+        "body: not received within 2 s (5 bytes came)",
+    ),
+    ("header-nul", request(records(U), headers=[("X-A", "a\x00b")]), 400, None, None),
+    ("header-name-space", request(records(U), headers=[("X A", "b")]), 400, None, None),
+    (
+        "token-non-ascii",
+        request(records(U), auth="Bearer " + "\u00e9" * 20),
+        401,
+        "UNAUTHENTICATED",
+        "authorization: a valid bearer token is required",
+    ),
+    (
+        "utf16-charset",
+        request(json.dumps(records(U)).encode("utf-16"), "application/json; charset=utf-16"),
+        415,
+        "UNSUPPORTED_MEDIA_TYPE",
+        "content-type: 'application/json; charset=utf-16' (expected application/json, charset utf-8)",
+    ),
 ]
 
 
@@ -595,6 +777,108 @@ def test_valid_answers(port: int) -> None:
     body = request(b"", length=False, headers=[("Transfer-Encoding", "chunked")])
     status, reply = exchange(port, body + chunked(json.dumps(records(U, k=3)).encode()))
     assert status == 200 and len(reply["predictions"][0]["item_ids"]) == 3
+
+
+def _framed(*lines: str, body: bytes) -> bytes:
+    head = ["POST /invocations HTTP/1.1", "Host: 127.0.0.1", "Connection: close", *lines]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+VALID = json.dumps(records(U, k=4)).encode()
+CT, AUTH, LEN = (
+    "Content-Type: application/json",
+    f"Authorization: Bearer {TOKEN}",
+    f"Content-Length: {len(VALID)}",
+)
+# requests an HTTP/1.1 parser must accept as the same valid request (each answered with 4 recommendations)
+VALID_FRAMINGS = [
+    ("query-string", request(VALID, path="/invocations?k=50&filter_seen=false")),  # the query is ignored
+    ("http-1.0", b"POST /invocations HTTP/1.0\r\n" + f"{CT}\r\n{AUTH}\r\n{LEN}\r\n\r\n".encode() + VALID),
+    ("two-equal-lengths", _framed(CT, AUTH, LEN, LEN, body=VALID)),
+    ("te-upper-case", _framed(CT, AUTH, "Transfer-Encoding: CHUNKED", body=chunked(VALID))),
+    (
+        "chunk-extension",
+        _framed(
+            CT, AUTH, "Transfer-Encoding: chunked", body=b"%x;ext=1\r\n%s\r\n0\r\n\r\n" % (len(VALID), VALID)
+        ),
+    ),
+    (
+        "chunk-trailer",
+        _framed(CT, AUTH, "Transfer-Encoding: chunked", body=chunked(VALID)[:-2] + b"X-T: 1\r\n\r\n"),
+    ),
+    (
+        "one-byte-chunks",
+        _framed(CT, AUTH, "Transfer-Encoding: chunked", body=chunked(*[bytes([b]) for b in VALID])),
+    ),
+    ("folded-header", _framed(CT, AUTH, "X-A: a", " b", LEN, body=VALID)),
+    ("5000-headers", _framed(CT, AUTH, *[f"X-{i}: {i}" for i in range(5000)], LEN, body=VALID)),
+    ("escaped-key", request(VALID.replace(b"dataframe_records", b"dataframe_record\\u0073"))),
+]
+
+
+@pytest.mark.parametrize("raw", [c[1] for c in VALID_FRAMINGS], ids=[c[0] for c in VALID_FRAMINGS])
+def test_valid_framings_are_answered(port: int, raw: bytes) -> None:
+    status, reply = exchange(port, raw)
+    assert status == 200, reply
+    check_valid(reply, [U["item_ids"]], 4)
+    assert len(reply["predictions"][0]["item_ids"]) == 4
+
+
+def _responses(data: bytes) -> list[tuple[int, object]]:
+    """The responses in a byte stream of several (each with a Content-Length)."""
+    out = []
+    while data:
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status = int(head.split(b" ", 2)[1])
+        length = next(
+            (
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            ),
+            0,
+        )
+        if status == 100:  # an interim answer to Expect: 100-continue, no body
+            out.append((status, None))
+            data = rest
+            continue
+        out.append((status, _strict(rest[:length].decode())))
+        data = rest[length:]
+    return out
+
+
+def _stream(port: int, raw: bytes) -> list[tuple[int, object]]:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(raw)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return _responses(data)
+
+
+def test_pipelined_requests_are_answered_in_order(port: int) -> None:
+    """Three requests in one write on one connection: each answered, in order, the bad one with its 400."""
+    keep = request(VALID).replace(b"Connection: close", b"Connection: keep-alive")
+    bad = request(records({"item_ids": []})).replace(b"Connection: close", b"Connection: keep-alive")
+    got = _stream(port, keep + bad + request(VALID))
+    assert [status for status, _ in got] == [200, 400, 200]
+    check_valid(got[0][1], [U["item_ids"]], 4)  # type: ignore[arg-type]
+    assert got[1][1] == {
+        "error_code": BAD,
+        "message": f"{R0}.item_ids: empty history: at least one item id is needed",
+    }
+    assert got[2][1] == got[0][1]
+
+
+def test_expect_continue(port: int) -> None:
+    """Expect: 100-continue: an interim 100, then the answer; over the limit: 413 without the 100."""
+    got = _stream(port, _framed(CT, AUTH, "Expect: 100-continue", LEN, body=VALID))
+    assert [status for status, _ in got] == [100, 200]
+    check_valid(got[1][1], [U["item_ids"]], 4)  # type: ignore[arg-type]
+    got = _stream(port, _framed(CT, AUTH, "Expect: 100-continue", "Content-Length: 1000000", body=b""))
+    assert got == [
+        (413, {"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "body: 1000000 bytes, at most 65536"})
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -688,6 +972,49 @@ def test_slow_headers_idle_connections_and_hangups_hold_nothing(port: int) -> No
         for s in idle:
             s.close()
     _valid(port)
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes `sock` (it sends nothing: no request head came)."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        assert sock.recv(100) == b""
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+def test_heads_that_never_finish_are_closed(port: int) -> None:
+    """Slowloris: a connection that sends no head, half a head, a head one byte at a time, or nothing
+    after its first response, is closed by the server at the 2 s head deadline; 300 of them (more than
+    the server's 256 connections) refuse nobody once they are closed."""
+    idle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    half = _open(port, b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+    assert _closed_within(idle, 10) < 4 and _closed_within(half, 10) < 4
+    trickle = socket.create_connection(("127.0.0.1", port), timeout=10)
+    start, closed = time.monotonic(), False
+    for byte in b"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\n":
+        try:
+            trickle.sendall(bytes([byte]))
+        except (BrokenPipeError, ConnectionResetError):
+            closed = True
+            break
+        time.sleep(0.25)
+    assert closed and time.monotonic() - start < 4  # cut at the deadline, bytes coming or not
+    trickle.close()
+    keep = _open(port, request(records(U)).replace(b"Connection: close", b"Connection: keep-alive"))
+    head, _, _ = keep.recv(65536).partition(b"\r\n")
+    assert head == b"HTTP/1.1 200 OK"
+    keep.sendall(b"POST /invocations HTTP/1.1\r\n")  # the next head, never finished
+    assert _closed_within(keep, 10) < 4
+    crowd = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+    try:
+        time.sleep(3)
+        _valid(port)
+    finally:
+        for sock in crowd:
+            sock.close()
 
 
 def test_server_still_answers_after_the_corpus(port: int) -> None:

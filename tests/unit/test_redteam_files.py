@@ -10,6 +10,7 @@ once per module and copied per case; the genuine rows at the end show the checks
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -21,7 +22,7 @@ import yaml
 
 from pipeline.train.checkpoint import UnsafeCheckpointError
 from serving.trust import TrustError
-from storage.errors import ConfinementError
+from storage.errors import ConfinementError, StorageError
 from tests.helpers.redteam import (
     NUM_ITEMS,
     RAW_IDS,
@@ -149,6 +150,22 @@ def _ckpt_link(name: str) -> Callable[[Path, Path], None]:
     return mutate
 
 
+def _fifo(name: str) -> Callable[[Path, Path], None]:
+    def mutate(model: Path, marker: Path) -> None:
+        (ckpt,) = (model / "data").iterdir()
+        (ckpt / name).unlink()
+        os.mkfifo(ckpt / name)  # reading it would block: it is refused unread
+
+    return mutate
+
+
+def _ckpt_elsewhere(model: Path, marker: Path) -> None:
+    """data/<checkpoint> a link to a (genuine) checkpoint folder outside the model folder."""
+    (ckpt,) = (model / "data").iterdir()
+    shutil.move(ckpt, model.parent / "elsewhere")
+    ckpt.symlink_to(model.parent / "elsewhere")
+
+
 def _second_data(model: Path, marker: Path) -> None:
     (ckpt,) = (model / "data").iterdir()
     shutil.copytree(ckpt, model / "data" / "other")
@@ -240,6 +257,11 @@ MODEL_CASES = [
         r"{model}/requirements\.txt: a link; a model "
         r"folder holds only plain files",
     ),
+    (
+        "checkpoint-link-outside",
+        _ckpt_elsewhere,
+        r"{model}/data/gen-[0-9TZ]+-[0-9a-f]+: a link; a model folder holds only plain files",
+    ),
     ("second-data", _second_data, r"{model}/data: expected only gen-[0-9TZ]+-[0-9a-f]+/, found \[.*\]"),
     (
         "ckpt-python-file",
@@ -271,6 +293,22 @@ MODEL_CASES = [
         _ckpt_link("train.json"),
         r"{model}/data/gen-[0-9TZ]+-[0-9a-f]+/train\.json: a link; a "
         r"checkpoint folder holds only plain files",
+    ),
+    (  # a crafted name's newline and terminal escapes are written escaped: the message stays one line
+        "file-name-newline",
+        _write("evil\nfuxi: ok", "x"),
+        r"{model}/evil\\nfuxi: ok: unexpected file in a model folder",
+    ),
+    ("file-name-escape", _write("a\x1b[2Jb", "x"), r"{model}/a\\x1b\[2Jb: unexpected file in a model folder"),
+    (
+        "ckpt-file-name-newline",
+        _in_ckpt("x\ny", "x"),
+        r"{model}/data/gen-[0-9TZ]+-[0-9a-f]+/x\\ny: unexpected file in a checkpoint folder \(.*\)",
+    ),
+    (
+        "ckpt-fifo",
+        _fifo("item_index.json"),
+        r"{model}/data/gen-[0-9TZ]+-[0-9a-f]+/item_index\.json: not a plain file",
     ),
     (
         "ckpt-vocab-link",
@@ -409,6 +447,49 @@ POINTER_CASES = [
         r"names must stay inside it",
     ),
     ("no-shard", _no_shard, TrustError, r"{ckpt}: no \*\.distcp shard; not a complete checkpoint"),
+    (
+        "latest-nul",
+        _latest("step-000004\x00"),
+        ValueError,
+        r"{root}/latest: names 'step-000004\\x00'; `latest` may only name a step-N checkpoint in its root",
+    ),
+    (
+        "latest-newline-dotdot",
+        _latest("step-000004\n../x"),
+        ValueError,
+        r"{root}/latest: names 'step-000004\\n\.\./x'; `latest` may only name a step-N checkpoint in its "
+        r"root",
+    ),
+    (
+        "latest-2M-digits",
+        _latest("step-" + "0" * 2_000_000 + "4"),
+        StorageError,
+        r"{root}/latest: larger than 65,536 bytes; refused unread",
+    ),
+    (
+        "latest-arabic-digit",
+        _latest("step-\u0664"),
+        ValueError,
+        r"{root}/latest: names 'step-\u0664'; `latest` may only name a step-N checkpoint in its root",
+    ),
+    (
+        "latest-fifo",
+        lambda root, ckpt: ((root / "final").unlink(), os.mkfifo(root / "latest")),
+        FileNotFoundError,
+        r"{root} is neither a checkpoint nor a folder with a complete checkpoint",
+    ),
+    (
+        "final-link-loop",
+        lambda root, ckpt: ((root / "final").unlink(), (root / "final").symlink_to("final")),
+        FileNotFoundError,
+        r"{root} is neither a checkpoint nor a folder with a complete checkpoint",
+    ),
+    (
+        "final-not-a-pointer",
+        lambda root, ckpt: ((root / "final").unlink(), (root / "final").write_text(ckpt.name)),
+        ValueError,
+        r"{root}/final: not a pointer object \(Expecting value: line 1 column 1 \(char 0\)\)",
+    ),
 ]
 
 
@@ -563,6 +644,22 @@ INDEX_CASES = [
         lambda c, x: (c / "item_index.json").write_text('{"kind": "hnsw", "rows": NaN}'),
         META + r"not valid JSON \(ValueError: NaN is not JSON\)",
     ),
+    (
+        "meta-20MiB",
+        lambda c, x: (c / "item_index.json").write_text(
+            '{"kind": "hnsw", "pad": "' + "x" * (20 << 20) + '"}'
+        ),
+        META + r"209715\d\d bytes, at most 65536",
+    ),
+    (
+        "meta-duplicate-key",
+        lambda c, x: (c / "item_index.json").write_text('{"kind": "hnsw", "rows": 201, "dim": 16, "dim": 8}'),
+        META + r"not valid JSON \(ValueError: duplicate key 'dim'\)",
+    ),
+    ("rows-2^40", _set_meta(rows=2**40), META + r"rows '1099511627776', expected a positive integer"),
+    ("dim-negative", _set_meta(dim=-16), META + r"dim '-16', expected a positive integer"),
+    ("kind-nul", _set_meta(kind="hnsw\x00"), META + r"kind 'hnsw\\x00', expected one of hnsw, ivf"),
+    ("meta-list", lambda c, x: (c / "item_index.json").write_text("[1]"), META + r"expected a JSON object"),
     (
         "index-link",
         _index_link,
@@ -955,10 +1052,22 @@ NIGHTLY_DATES = [
     ("2024-1-3", r"--date '2024-1-3': expected a date written YYYY-MM-DD"),
     ("", r"--date '': expected a date written YYYY-MM-DD"),
     ("+2024-01-03", r"--date '\+2024-01-03': expected a date written YYYY-MM-DD"),
+    ("2024-01-03\n", r"--date '2024-01-03\\n': expected a date written YYYY-MM-DD"),
+    ("2024-01-03\x00", r"--date '2024-01-03\\x00': expected a date written YYYY-MM-DD"),
+    (
+        "\u0662\u0660\u0662\u0664-01-03",
+        r"--date '\u0662\u0660\u0662\u0664-01-03': expected a date written YYYY-MM-DD",
+    ),
+    ("2024\u201001\u201003", r"--date '2024\u201001\u201003': expected a date written YYYY-MM-DD"),
+    (" 2024-01-03", r"--date ' 2024-01-03': expected a date written YYYY-MM-DD"),
+    ("2024-01-03/", r"--date '2024-01-03/': expected a date written YYYY-MM-DD"),
+    ("2024-00-10", r"--date '2024-00-10': not a calendar date"),
+    ("2024-01-00", r"--date '2024-01-00': not a calendar date"),
+    ("2023-02-29", r"--date '2023-02-29': not a calendar date"),
 ]
 
 
-@pytest.mark.parametrize("date, pattern", NIGHTLY_DATES, ids=[d[0] or "empty" for d in NIGHTLY_DATES])
+@pytest.mark.parametrize("date, pattern", NIGHTLY_DATES, ids=[ascii(d[0]) for d in NIGHTLY_DATES])
 def test_nightly_date_refused(tmp_path: Path, capsys: pytest.CaptureFixture, date: str, pattern: str) -> None:
     from jobs.cli import main
 
@@ -1042,6 +1151,21 @@ CLI_CASES = [
         "--host example.com is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
         "every client must send) to serve beyond this machine",
     ),
+    *[
+        (
+            f"host-{name}-no-token",
+            [*SERVE, "--host", host],
+            f"--host {host} is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
+            "every client must send) to serve beyond this machine",
+        )
+        for name, host in [
+            ("zero", "0"),  # 0.0.0.0 to the resolver
+            ("bracketed-any", "[::]"),
+            ("mapped-any", "::ffff:0.0.0.0"),
+            ("decimal", "2130706433"),
+            ("trailing-dot", "localhost."),
+        ]
+    ],
     (
         "short-token",
         [*SERVE, "--host", "0.0.0.0", "--token-file", "{tmp}/short"],
