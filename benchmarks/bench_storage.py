@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,7 +40,9 @@ import numpy as np
 import torch
 
 import storage
-from infra.seaweedfs import start as start_seaweedfs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # infra/ is a folder of the repo, not installed
+from infra.seaweedfs import start as start_seaweedfs  # noqa: E402
 from model.loss import NegativeSampler
 from model.recommender import build_model
 from pipeline.data.build import BuildConfig, build_sequences
