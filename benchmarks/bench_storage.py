@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -39,12 +40,14 @@ import numpy as np
 import torch
 
 import storage
-from infra.seaweedfs import start as start_seaweedfs
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # infra/ is a folder of the repo, not installed
+from infra.seaweedfs import start as start_seaweedfs  # noqa: E402
 from model.loss import NegativeSampler
 from model.recommender import build_model
 from pipeline.data.build import BuildConfig, build_sequences
 from pipeline.data.schema import ITEM_FEATURE
-from pipeline.data.stream import Backend, ShardBatches, ensure_ray, read_segment
+from pipeline.data.stream import Backend, ShardBatches, ensure_ray, ray_session, read_segment
 from pipeline.data.synth_logs import LogConfig, write_logs
 from pipeline.train.presets import get_preset
 from pipeline.train.trainer import Trainer
@@ -169,6 +172,10 @@ def step_stats(timed: TimedStream, warmup: int) -> dict:
             tokens[steady][inner].sum() / (waits[steady][inner].sum() + steps[steady][inner].sum())
         ),
         "step_seconds": float(steps.sum()),
+        # robust to the shared machine's preemptions: every step at this side's median step time
+        "tokens_per_s_median_steps": float(
+            tokens[steady].sum() / (len(steps[steady]) * np.median(steps[steady]) + waits[steady].sum())
+        ),
         "wait_share": float(waits[steady].sum() / busy),
         "wait_ms_p50": float(np.percentile(waits[steady], 50) * 1e3),
         "wait_ms_p99": float(np.percentile(waits[steady], 99) * 1e3),
@@ -190,7 +197,7 @@ def main() -> None:
     ap.add_argument(
         "--streams",
         default="pyarrow:0,pyarrow:1,pyarrow:2,ray",
-        help="ShardBatches settings to run: pyarrow:N (N segments read ahead) and/or ray",
+        help="ShardBatches settings to run: pyarrow:N (N segments read ahead) and/or ray; '' for none",
     )
     ap.add_argument("--window-units", type=int, default=4)
     ap.add_argument("--epochs", type=int, default=2)
@@ -198,7 +205,7 @@ def main() -> None:
     ap.add_argument("--num-cpus", type=int, default=2, help="local Ray's CPUs")
     ap.add_argument("--out", default="benchmarks/results/bench_storage")
     args = ap.parse_args()
-    streams = args.streams.split(",")
+    streams = [s for s in args.streams.split(",") if s]  # "": the build only
     for name in streams:
         parse_stream(name)  # a bad name fails before anything starts
     out = Path(args.out)
@@ -207,7 +214,8 @@ def main() -> None:
     started = time.perf_counter()
     res: dict = {"config": vars(args), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
-    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp:
+    # ray_session: SIGTERM / SIGHUP end the run through `finally` too, so Ray and weed never outlive it
+    with tempfile.TemporaryDirectory(prefix="bench-storage-") as tmp, ray_session():
         server = start_seaweedfs(Path(tmp) / "seaweedfs")
         try:
             os.environ.update(server.env())  # before Ray starts: its workers inherit the AWS_* variables
@@ -215,9 +223,6 @@ def main() -> None:
             ensure_ray(num_cpus=args.num_cpus)
             run(args, streams, Path(tmp), f"s3://{server.bucket}", res)
         finally:
-            import ray
-
-            ray.shutdown()
             server.stop()
     res["total_seconds"] = time.perf_counter() - started
     (out / "bench_storage.json").write_text(json.dumps(res, indent=1))
@@ -326,6 +331,9 @@ def summary(args: argparse.Namespace, res: dict, out: Path) -> None:
         name = "  same step times, own waits"
         a, c = loc["tokens_per_s_same_steps"], s3["tokens_per_s_same_steps"]
         print(f"{name:42s} {a:12,.0f} {c:12,.0f} {c / a:9.3f}")
+        name = "  median step times, own waits"
+        a, c = loc["tokens_per_s_median_steps"], s3["tokens_per_s_median_steps"]
+        print(f"{name:42s} {a:12,.0f} {c:12,.0f} {c / a:9.3f}")
         name = "  within epochs (no epoch-start read)"
         a, c = loc["tokens_per_s_within_epochs"], s3["tokens_per_s_within_epochs"]
         print(f"{name:42s} {a:12,.0f} {c:12,.0f} {c / a:9.3f}")
@@ -333,8 +341,11 @@ def summary(args: argparse.Namespace, res: dict, out: Path) -> None:
             f"{'  share of the loop waiting on data':42s} {loc['wait_share']:12.1%} {s3['wait_share']:12.1%}"
         )
         print(f"{'  wait p99 (ms)':42s} {loc['wait_ms_p99']:12.2f} {s3['wait_ms_p99']:12.2f}")
-        starts = lambda r: ", ".join(f"{x:.0f}" for x in r["epoch_start_wait_ms"])  # noqa: E731
-        print(f"{'  epoch-start waits (ms)':42s} {starts(loc):>12s} {starts(s3):>12s}")
+        starts = [", ".join(f"{x:.0f}" for x in r["epoch_start_wait_ms"]) for r in (loc, s3)]
+        print(f"{'  epoch-start waits (ms)':42s} {starts[0]:>12s} {starts[1]:>12s}")
+    if not res["stream"]:
+        print(f"results: {out / 'bench_storage.json'}, {out / 'bench_storage.png'}")
+        return
     first = res["stream"][next(iter(res["stream"]))]
     train_ms = first["step_ms_p50"] * res["read"]["s3"]["users_per_segment"] / get_preset("tiny").batch_size
     read_ms = res["read"]["s3"]["ms_per_segment"]
@@ -349,31 +360,47 @@ def summary(args: argparse.Namespace, res: dict, out: Path) -> None:
 
 
 def plot(res: dict, path: Path) -> None:
+    """Left: S3 / local per stage (streams measured, and with the same step times). Right: each run's
+    per-step waits, largest first (how many steps waited longer than a given time)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1, 2]})
-    names = ["build"] + [f"stream\n{k.split('/')[1]}" for k in res["stream"] if k.startswith("local/")]
-    ratios = [res["build"]["s3"]["events_per_s"] / res["build"]["local"]["events_per_s"]] + [
-        res["stream"][f"s3/{k.split('/')[1]}"]["tokens_per_s"] / res["stream"][k]["tokens_per_s"]
-        for k in res["stream"]
-        if k.startswith("local/")
-    ]
-    ax0.bar(names, ratios, color=["#888"] + ["#4a7"] * (len(names) - 1))
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.4), gridspec_kw={"width_ratios": [1.2, 2]})
+    keys = [k.split("/", 1)[1] for k in res["stream"] if k.startswith("local/")]
+
+    def ratio(key: str, field: str) -> float:
+        return res["stream"][f"s3/{key}"][field] / res["stream"][f"local/{key}"][field]
+
+    x = np.arange(len(keys) + 1)
+    build = res["build"]["s3"]["events_per_s"] / res["build"]["local"]["events_per_s"]
+    ax0.bar([0], [build], 0.6, color="#888", label="build events/s")
+    ax0.bar(x[1:] - 0.17, [ratio(k, "tokens_per_s") for k in keys], 0.34, color="#4a7", label="tokens/s")
+    ax0.bar(
+        x[1:] + 0.17,
+        [ratio(k, "tokens_per_s_same_steps") for k in keys],
+        0.34,
+        color="#9cd",
+        label="tokens/s, same step times",
+    )
+    ax0.set_xticks(x, ["build"] + [f"stream\n{k}" for k in keys], fontsize=8)
     ax0.axhline(1.0, color="k", lw=0.8)
     ax0.axhline(0.9, color="r", lw=0.8, ls="--", label="target 0.9x (stream)")
     ax0.set_ylabel("S3 / local disk")
-    ax0.set_title("rate on S3 (SeaweedFS) / local, same run")
-    ax0.legend(loc="lower right", fontsize=8)
+    ax0.set_title("S3 (SeaweedFS, 127.0.0.1) / local disk, same run")
+    ax0.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), fontsize=7, ncol=2)
     for key, r in res["stream"].items():
-        ax1.plot(np.maximum(r["waits_ms"], 1e-3), lw=0.8, label=key)
+        waits = np.sort(np.maximum(r["waits_ms"], 1e-3))[::-1]
+        ax1.plot(
+            np.arange(1, len(waits) + 1), waits, lw=1, label=key, ls="-" if key.startswith("s3") else ":"
+        )
+    ax1.set_xscale("log")
     ax1.set_yscale("log")
-    ax1.set_xlabel("training step")
+    ax1.set_xlabel("steps (largest wait first)")
     ax1.set_ylabel("wait for the next batch (ms)")
-    ax1.set_title("per-step wait on the input stream")
-    ax1.legend(fontsize=8)
+    ax1.set_title("per-step waits of the training loop on its input")
+    ax1.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
