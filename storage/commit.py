@@ -144,7 +144,13 @@ def _read_raw(uri: str, limit: int | None = _MAX_POINTER_BYTES) -> tuple[bytes, 
         return with_retries(display(uri), get)
     if not fs.is_file(uri):
         return None
-    data = fs.read_bytes(uri)
+    filesystem, path = fs.resolve(uri)
+
+    def head() -> bytes:
+        with filesystem.open_input_stream(path) as f:
+            return f.read() if limit is None else f.read(limit + 1)
+
+    data = fs._call(uri, head)
     return data, _digest(data)
 
 

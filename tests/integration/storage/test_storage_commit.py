@@ -173,6 +173,19 @@ def test_pointer_may_only_name_a_generation_of_its_root(root_uri: str, value: st
         root.collect(grace_s=0)
 
 
+def test_an_oversized_pointer_is_refused_after_reading_only_its_limit(root_uri: str) -> None:
+    root = CommitRoot(root_uri)
+    gen = _write_generation(root, {"x": b"1"})
+    padding = "x" * (1 << 20)  # a 1 MiB "pointer": read no further than 64 KiB + 1 byte, then refused
+    storage.write_bytes(
+        storage.join(root_uri, "latest"),
+        json.dumps({"generation": storage.name_of(gen), "pad": padding}).encode(),
+    )
+    with pytest.raises(StorageError) as e:
+        root.resolve("latest")
+    assert "larger than 65536 bytes" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_commit_refuses_a_generation_of_another_root(root_uri: str) -> None:
     root = CommitRoot(root_uri)
     elsewhere = CommitRoot(storage.join(root_uri, "elsewhere"))
