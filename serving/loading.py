@@ -289,6 +289,7 @@ def evaluate_checkpoint(
 
     loaded = checkpoint if isinstance(checkpoint, LoadedModel) else load_checkpoint_model(checkpoint, device)
     cfg = copy.deepcopy(loaded.cfg)
+    cfg.data.stream = False  # evaluation reads the data in memory (load_data): a run's streaming is moot
     if data:
         cfg.data.source = data
     if data_overrides:

@@ -139,6 +139,10 @@ def register(
     from serving.trust import copy_checkpoint, resolve_served_checkpoint
 
     source = checkpoint if checkpoint else run_checkpoint(client, run_id)
+    if not storage.is_local(os.fspath(source)):  # a root or a pointer: the generation it names
+        from pipeline.train.checkpoint import resolve_checkpoint
+
+        source = resolve_checkpoint(source)
     ckpt = resolve_served_checkpoint(local_checkpoint(source))  # a store's generation: a local copy
     run = client.get_run(run_id)
     mlflow.set_tracking_uri(client.tracking_uri)
