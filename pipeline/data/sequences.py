@@ -145,6 +145,24 @@ def read_sequences(path: str | Path) -> SequenceData:
     raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
 
 
+def item_rows(path: str | Path) -> int:
+    """`num_items` of a sequence file or shard directory without reading its sequences: the file's
+    metadata (or its largest item + 1, reading that column only), or the shard manifest's."""
+    uri = os.fspath(path)
+    if storage.is_file(uri):
+        try:
+            meta = (open_parquet(uri).schema_arrow.metadata or {}).get(META_KEY)
+        except storage.StorageError:
+            raise
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise ValueError(f"{storage.display(uri)}: not a readable Parquet file ({exc})") from exc
+        num_items = json.loads(meta).get("num_items") if meta else None
+        return int(num_items or _max_item(read_parquet(uri, columns=["item_ids"])) + 1)
+    if storage.exists(uri):
+        return int(read_shard_manifest(uri)["num_items"])
+    raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
+
+
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
     """One Parquet file of a path or URI, through the storage layer's filesystem."""
     fs, path = storage.resolve(uri)
