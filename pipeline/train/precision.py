@@ -7,7 +7,8 @@
         forward/backward steps of a throwaway copy of the model (the run's model config, its first
         training batch, its negatives and loss) in fp32 and in bf16, interleaved after one warm-up step of
         each, the fastest of each kept; bf16 is chosen when fp32 takes at least `MIN_SPEEDUP` times as
-        long. Without native bf16 the CPU emulates it (slower than fp32), so there is no probe.
+        long. Without native bf16 the CPU emulates it (slower than fp32), so there is no probe; nor for an
+        item table over `PROBE_MAX_TABLE_BYTES` (a copy of it would not fit beside the run's): fp32.
 `amp=none` / `amp=bf16` are taken as given. The choice, why, and the probe's timings go into the run's
 MLflow params (`amp.*`) and train.json (`amp`). The probe leaves the run untouched: its own model, its
 own generators (the global RNG state is restored) and the data position put back.
@@ -30,6 +31,9 @@ import torch
 PROBE_STEPS = 3  # timed forward/backward steps per precision
 MIN_SPEEDUP = 1.05  # bf16 must be at least this much faster than fp32 (the probe's noise is a few %)
 NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # /proc/cpuinfo flags of native bf16 units
+# the probe builds a whole copy of the model in one process: above this table size it is not run (the
+# run then stays fp32 unless `amp=bf16` is set)
+PROBE_MAX_TABLE_BYTES = 1 << 30
 
 
 Probe = Callable[[], tuple[float, float]]  # -> (fp32, bf16) seconds per step
@@ -90,7 +94,8 @@ def choose_amp(
     if not native():
         return AmpChoice(requested, "none", "CPU without native bf16 (AVX512-BF16 / AMX)", native_bf16=False)
     if probe is None:
-        return AmpChoice(requested, "none", "CPU with native bf16, no probe run", native_bf16=True)
+        reason = "CPU with native bf16, no probe (item table too large to copy): set amp=bf16 to use it"
+        return AmpChoice(requested, "none", reason, native_bf16=True)
     fp32, bf16 = probe()
     faster = fp32 >= MIN_SPEEDUP * bf16
     reason = f"CPU with native bf16; probe: bf16 {fp32 / bf16:.2f}x fp32's speed (needs >= {MIN_SPEEDUP})"
@@ -121,9 +126,11 @@ def probe_step_times(step: Step, steps: int = PROBE_STEPS) -> tuple[float, float
     return best[None], best[torch.bfloat16]
 
 
-def model_probe(cfg: Any, data: Any, num_rows: int, device: torch.device) -> Probe:
+def model_probe(cfg: Any, data: Any, num_rows: int, device: torch.device) -> Probe | None:
     """A probe of the run's model: `cfg` the TrainConfig, `data` its training batches (position restored
-    afterwards), `num_rows` the item rows negatives come from."""
+    afterwards), `num_rows` the item rows negatives come from. None: the table is too large to copy."""
+    if cfg.model.num_items * cfg.model.embedding_dim * 4 > PROBE_MAX_TABLE_BYTES:
+        return None
     from model.loss import NegativeSampler, sampled_softmax_loss
     from model.recommender import build_model
 

@@ -78,3 +78,15 @@ def test_probe_keeps_each_precisions_fastest_step() -> None:
     fp32, bf16 = probe_step_times(step, steps=2)
     assert calls == [None, torch.bfloat16] * 3  # a warm-up of each, then interleaved
     assert 0.02 <= fp32 < 0.2 and 0.005 <= bf16 < 0.02
+
+
+def test_no_probe_of_a_table_too_large_to_copy() -> None:
+    from types import SimpleNamespace
+
+    from pipeline.train.precision import PROBE_MAX_TABLE_BYTES, model_probe
+
+    rows = PROBE_MAX_TABLE_BYTES // (4 * 64) + 1
+    cfg = SimpleNamespace(model=SimpleNamespace(num_items=rows, embedding_dim=64))
+    assert model_probe(cfg, data=None, num_rows=rows, device=torch.device("cpu")) is None
+    choice = choose_amp("auto", "cpu", native=lambda: True, probe=None)
+    assert choice.resolved == "none" and "amp=bf16" in choice.reason
