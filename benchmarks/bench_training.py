@@ -6,12 +6,13 @@ recipe using every core its own way, and reports training samples/s (users per e
 per epoch; evaluation excluded, as `seconds_per_epoch` in the run report):
 
   anchor        the official recipe: reference core, torch dropout, every batch padded to 211, negatives
-                looked up as sampled; one process, torch's default intra-op threads (all cores), as the
-                official code
+                looked up as sampled, fp32; one process, torch's default intra-op threads (all cores), as
+                the official code
   reference     the reference core and torch dropout on one group per batch (padded to the batch's
                 longest row), fp32
-  defaults      `fuxi train --preset ml-100k` with no overrides (fast core, 4 length groups, fp32)
-  fast          the same settings spelled out as overrides (model.kernel=fast, model.length_buckets=4)
+  defaults      `fuxi train --preset ml-100k` with no overrides (fast core, 4 length groups, amp=auto:
+                the precision its start-up probe chose is printed beside it)
+  fast          the fast settings spelled out as overrides (model.kernel=fast, model.length_buckets=4), fp32
   ours          model.kernel=fast, 4 length groups, de-duplicated negatives + fused loss, amp=bf16;
                 one process, all cores
   ours-ranks    the same on --nproc data-parallel ranks of one thread each (torchrun, gloo, FSDP2 blocks,
@@ -54,14 +55,15 @@ ANCHOR = [
     "model.length_buckets=1",
     "model.padding=fixed",
     "loss.dedup_negatives=false",
+    "amp=none",
 ]
 OURS = ["model.kernel=fast", "model.length_buckets=4", "amp=bf16"]
 
 
-DEFAULTS: list[str] = []  # `fuxi train --preset ml-100k` as shipped: fast core, 4 length groups, fp32
+DEFAULTS: list[str] = []  # `fuxi train --preset ml-100k` as shipped: fast core, 4 length groups, amp=auto
 # reference core and dropout, one group (fp32)
-REFERENCE = ["model.kernel=reference", "model.dropout_impl=torch", "model.length_buckets=1"]
-FAST = ["model.kernel=fast", "model.length_buckets=4"]  # the fast recipe spelled out: must equal defaults
+REFERENCE = ["model.kernel=reference", "model.dropout_impl=torch", "model.length_buckets=1", "amp=none"]
+FAST = ["model.kernel=fast", "model.length_buckets=4", "amp=none"]  # the fast recipe in fp32
 
 
 def recipes(nproc: int) -> dict[str, tuple[int, list[str]]]:
@@ -123,6 +125,7 @@ def train_once(seq: Path, ranks: int, overrides: list[str], epochs: int, seed: i
         "users": r["users"]["train"],
         "wall_seconds": time.perf_counter() - t0,
         "test_ndcg_at_10": r["test"]["ndcg_at_10"],
+        "amp": r.get("amp", {}),
     }
 
 
@@ -169,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"\nMovieLens-100K, validated protocol, B={BATCH}, {args.epochs} epochs a run, {args.rounds} rounds, "
         f"{cores} cores; s/epoch excludes evaluation"
     )
-    print(f"{'recipe':16s} {'ranks':>5s} {'s/epoch':>8s} {'samples/s':>10s} {'x anchor':>9s}")
+    print(f"{'recipe':16s} {'ranks':>5s} {'s/epoch':>8s} {'samples/s':>10s} {'x anchor':>9s}  amp chosen")
     summary = {}
     for name, runs in per_run.items():
         spe = statistics.median(r["seconds_per_epoch"] for r in runs)
@@ -182,10 +185,17 @@ def main(argv: list[str] | None = None) -> dict:
     for name, s in summary.items():
         ratio = summary["anchor"]["seconds_per_epoch"] / s["seconds_per_epoch"]
         s["x_anchor"] = ratio
+        chosen = ", ".join(dict.fromkeys(r["amp"].get("resolved", "?") for r in s["runs"]))
         print(
             f"{name:16s} {s['ranks']:5d} {s['seconds_per_epoch']:8.2f} "
-            f"{s['samples_per_s']:10.1f} {ratio:9.2f}"
+            f"{s['samples_per_s']:10.1f} {ratio:9.2f}  {chosen}"
         )
+        for r in s["runs"]:
+            if r["amp"].get("probe_fp32_ms") is not None:
+                print(
+                    f"{'':16s} probe: {r['amp']['reason']} ({r['amp']['probe_fp32_ms']:.1f} ms fp32, "
+                    f"{r['amp']['probe_bf16_ms']:.1f} ms bf16 a step)"
+                )
     report = {
         "epochs": args.epochs,
         "rounds": args.rounds,

@@ -1,7 +1,8 @@
 """FuXi-alpha, HSTU, SASRec and eSASRec (or any architecture) on one or more data sets, several seeds: a
 table and a plot of test NDCG@10 at the validation-selected epoch, mean ± std over seeds.
 
-    # the generic recipe (what `fuxi train --data X` uses with no preset), the same for every model
+    # each model's generic recipe (what `fuxi train --data X --set model.architecture=M` uses with no
+    # preset), sized by each sequence Parquet file
     python benchmarks/compare_models.py --data a.parquet b.parquet --preset auto --seeds 0 1 2 \
         --out runs/compare/generic
     # each model's tuned preset ({model} is replaced by the architecture)
@@ -12,7 +13,8 @@ table and a plot of test NDCG@10 at the validation-selected epoch, mean ± std o
     # one table and plot from runs written earlier (OUT.json files)
     python benchmarks/compare_models.py --combine a.json b.json --out runs/compare/all
 
-With a plain preset name every model gets that preset and `model.architecture=<model>`. `--users N`
+With `auto` every model gets its own generic recipe (pipeline/train/recipe.py `RECIPES`); with a plain preset
+name every model gets that preset and `model.architecture=<model>`. `--users N`
 trains on a seeded subsample of N users of each file (benchmarks/diagnose_fuxi.py). Every run is a
 `fuxi train`-equivalent in this process (pipeline.train.run), validated protocol, tracking off; the
 wall time to the selected epoch is its epochs times the run's mean seconds per epoch.
@@ -43,16 +45,18 @@ DEFAULT_MODELS = ("fuxi", "hstu", "sasrec", "esasrec")
 
 def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
     from pipeline.train.config import apply_overrides, validate
-    from pipeline.train.presets import get_preset
+    from pipeline.train.presets import AUTO, get_preset
 
     named = preset.format(model=model)
-    cfg = get_preset(named, data)
+    cfg = get_preset(named, data, model if named == AUTO else None)  # auto: the model's own recipe
     cfg.data.protocol = "validated"
     cfg.seed = seed
     cfg.tracking.enabled = False
     cfg.progress = False
     cfg.checkpoint_every_epochs = 0
-    cfg.output_dir = str(work / "runs")
+    # one folder per model and seed: run folders are named by the second they start, and two short runs of
+    # one preset (auto: every model's) could otherwise share one
+    cfg.output_dir = str(work / "runs" / f"{model}-seed{seed}")
     arch = [] if "{model}" in preset else [f"model.architecture={model}"]
     return validate(apply_overrides(cfg, arch + overrides))
 

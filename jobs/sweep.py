@@ -51,10 +51,10 @@ def point_name(point: dict[str, str]) -> str:
 
 def validate_point(preset: str, overrides: list[str], data: str | None = None) -> None:
     """Fail before launching anything if a field or value is wrong."""
-    from pipeline.train.config import apply_overrides, validate
-    from pipeline.train.presets import get_preset
+    from pipeline.train.config import validate
+    from pipeline.train.presets import resolve_config
 
-    validate(apply_overrides(get_preset(preset, data), overrides))
+    validate(resolve_config(preset, data, overrides))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -318,12 +318,11 @@ def run_tune(
     import optuna
     from optuna.trial import TrialState
 
-    from pipeline.train.config import apply_overrides
-    from pipeline.train.presets import get_preset
+    from pipeline.train.presets import resolve_config
 
     overrides = list(overrides or [])
     seeds = list(seeds if seeds is not None else [0])
-    base = apply_overrides(get_preset(preset, data), overrides)
+    base = resolve_config(preset, data, overrides)
     if base.data.protocol not in ("validated", "temporal"):
         raise ValueError(
             f"fuxi tune optimises the validation metric; protocol {base.data.protocol!r} has no validation "

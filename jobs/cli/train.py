@@ -19,20 +19,21 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pipeline.train.config import apply_overrides, validate
-    from pipeline.train.presets import AUTO, get_preset
+    from pipeline.train.config import validate
+    from pipeline.train.presets import AUTO, resolve_config
     from pipeline.train.run import run
 
-    # no preset named: the generic recipe sized by the data given, else the embedded demo
+    # no preset named: the generic recipe of the architecture (`--set model.architecture=A`, default
+    # FuXi-alpha) sized by the data given, else the embedded demo
     preset = args.preset or (AUTO if args.data else "cpu-demo")
-    cfg = get_preset(preset, args.data)
+    cfg = validate(resolve_config(preset, args.data, args.set or []))
     if preset == AUTO and int(os.environ.get("RANK", "0")) == 0:
         print(
-            f"fuxi: no preset named, the generic recipe for {args.data}: {cfg.epochs} epochs "
-            f"(patience {cfg.patience}), history {cfg.model.max_sequence_length}, negatives "
+            f"fuxi: no preset named, the generic {cfg.model.architecture} recipe for {args.data}: "
+            f"{cfg.epochs} epochs (patience {cfg.patience}), {cfg.model.num_layers} blocks, dropout "
+            f"{cfg.model.linear_dropout:g}, history {cfg.model.max_sequence_length}, negatives "
             f"{cfg.loss.negatives}, lr {cfg.optim.lr:g} {cfg.optim.schedule} (docs/QUALITY.md)"
         )
-    validate(apply_overrides(cfg, args.set or []))
     report = run(cfg, device=args.device)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank returns the same report
         return 0
@@ -62,11 +63,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from pipeline.train.config import apply_overrides, to_flat_dict
-    from pipeline.train.presets import AUTO, PRESETS, get_preset
+    from pipeline.train.config import to_flat_dict
+    from pipeline.train.presets import AUTO, PRESETS, resolve_config
 
     if args.show:
-        cfg = apply_overrides(get_preset(args.show, args.data), args.set or [])
+        cfg = resolve_config(args.show, args.data, args.set or [])
         for key, value in to_flat_dict(cfg).items():
             print(f"{key} = {value!r}")
         return 0

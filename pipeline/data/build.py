@@ -6,7 +6,8 @@ Two stages, each a Ray Data `from_items(specs).map(task)` (no global groupby: st
            id into P partitions and write the good events of each partition as their own row groups of one
            temporary file. Memory: one 1M-row batch.
   gather   one task per partition: read its row groups from every scattered file (+ the existing shard when
-           appending), sort by (user, time, item), drop exact duplicate (user, item, time) events, keep the
+           appending), sort by (user, time) keeping the read order within a tie, drop exact duplicate
+           (user, item, time) events, keep the
            last `max_length` events of each user with their timestamps, write the shard sorted by user.
            Memory: one partition (about rows_per_partition events).
 
@@ -29,8 +30,12 @@ recorded day with the same files (name, bytes, rows) is a no-op, with different 
 tasks get URIs and read and write the store themselves (workers inherit the driver's AWS_* environment).
 
 Rules (the same for a full build and for appends, so appending day by day equals a full rebuild):
-  order      time, ties broken by item id (as `pipeline.data.sequences.events_to_sequences`)
-  dedup      exact duplicates of (user_id, item_id, timestamp) are kept once (event_type is not kept)
+  order      time; events of one user sharing a timestamp keep the logs' order (as
+             `pipeline.data.sequences.events_to_sequences`): day, then part file (by name), then row. The
+             scatter keeps row order within a partition and the gather stacks the stored shard first, then
+             the days in date order, so appending days in date order equals a rebuild here too.
+  dedup      exact duplicates of (user_id, item_id, timestamp) are kept once, the first in that order
+             (event_type is not kept)
   truncate   the last `max_length` events per user. Appending keeps only the stored last max_length events
              of a user and merges the new ones: the same result as a rebuild, since anything truncated
              away is older than every kept event.
@@ -74,7 +79,7 @@ from pipeline.data.ingest import (
 )
 from pipeline.data.readers import write_quarantine
 from pipeline.data.schema import QUARANTINE_SCHEMA, SEQUENCE_SCHEMA, SHARD_MANIFEST, sequence_schema
-from pipeline.data.sequences import open_parquet, read_parquet, shard_uris, write_parquet
+from pipeline.data.sequences import open_parquet, read_parquet, shard_uris, time_order, write_parquet
 from pipeline.data.vocab import Vocabulary, read_vocabulary, write_vocabulary
 from storage.commit import read_versioned, write_conditional
 
@@ -169,13 +174,11 @@ def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str,
     schema = sequence_schema(events.schema.field("user_id").type)
     if n_in == 0:
         return schema.empty_table(), {"events": 0, "duplicates": 0, "truncated": 0}
-    order = pc.sort_indices(
-        events, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")]
-    )
+    order = time_order(events)  # ties: row order, i.e. (stored shard, day, file, row) as gather_task stacks
     u, i, t = (
         events[c].take(order).to_numpy(zero_copy_only=False) for c in ("user_id", "item_id", "timestamp")
     )
-    keep = np.r_[True, (u[1:] != u[:-1]) | (t[1:] != t[:-1]) | (i[1:] != i[:-1])]
+    keep = first_copies(u, i, t)
     n_dup = int(n_in - keep.sum())
     if n_dup:
         u, i, t = u[keep], i[keep], t[keep]
@@ -200,6 +203,24 @@ def group_events(events: pa.Table, max_length: int) -> tuple[pa.Table, dict[str,
         schema=schema,
     )
     return table, {"events": n_in, "duplicates": n_dup, "truncated": n_trunc}
+
+
+def first_copies(u: np.ndarray, i: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """Keep-mask over events in time order: False for a repeat of an earlier (user, item, timestamp).
+
+    Copies share (user, timestamp), so only rows inside a tie can repeat one; those few rows are sorted once
+    more by item (then position, so the earliest copy is the one kept) to find the repeats."""
+    same = (u[1:] == u[:-1]) & (t[1:] == t[:-1])  # row k+1 shares row k's (user, timestamp)
+    keep = np.ones(len(u), dtype=bool)
+    tied = np.flatnonzero(np.r_[same, False] | np.r_[False, same])
+    if len(tied) == 0:
+        return keep
+    group = np.cumsum(np.r_[True, ~same])[tied]  # one id per (user, timestamp)
+    by_item = np.lexsort((tied, i[tied], group))  # np.lexsort: the last key is the primary one
+    g, it = group[by_item], i[tied][by_item]
+    repeat = np.r_[False, (g[1:] == g[:-1]) & (it[1:] == it[:-1])]
+    keep[tied[by_item][repeat]] = False
+    return keep
 
 
 def sequences_to_events(seq: pa.Table) -> pa.Table:
@@ -328,9 +349,9 @@ def gather_task(spec: dict) -> dict:
                 schema=event_schema(None, t.schema.field("user_id").type),
             )
         ]
-    tables.extend(pieces)
-    if spec.get("existing"):
+    if spec.get("existing"):  # first: its events are of earlier days, and ties keep the logs' order
         tables.append(sequences_to_events(read_parquet(spec["existing"], columns=SEQUENCE_SCHEMA.names)))
+    tables.extend(pieces)  # in (day, file, row) order: the order of the scatter specs
     user_type = pa.string() if spec.get("user_key") == "string" else pa.int64()
     events = (
         pa.concat_tables(tables).combine_chunks() if tables else event_schema(None, user_type).empty_table()
@@ -527,7 +548,7 @@ def _apply(
     tmp = storage.join(out, f"_tmp-g{gen:06d}")
     storage.delete(tmp, recursive=True)
     scatter_specs = []
-    for d, paths in days.items():
+    for d, paths in sorted(days.items()):  # date order, then file name order: the tie order of the events
         for k, p in enumerate(paths):
             # named by generation: the manifest commit publishes it (an uncommitted run's file is never
             # mistaken for the committed one, and is removed by the next commit)
@@ -545,6 +566,7 @@ def _apply(
                 }
             )
     scattered = _run_tasks(scatter_task, scatter_specs, f"{op}: validate + partition", progress)
+    scattered.sort(key=lambda s: (s["date"], s["source"]))  # Ray returns in any order; ties need the logs'
     _check_keys(out, manifest, scattered)
     new_items, vocab_file = 0, None
     if "vocab" in manifest:

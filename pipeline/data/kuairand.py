@@ -14,8 +14,9 @@ Choices:
   * Random-exposure logs (file name containing "random") are left out unless include_random=True: their videos
     were shown at random, not by the production recommender, so they are a different distribution (KuaiRand
     ships them for debiasing/evaluation). Left-out files are named in the report's notes and the metadata.
-  * timestamp = time_ms // 1000 (unix seconds, like MovieLens). Sequences are ordered by that second, ties by
-    (remapped) item id, the rule of `pipeline.data.sequences`; sub-second order within one second is not kept.
+  * timestamp = time_ms // 1000 (unix seconds, like MovieLens). Sequences are ordered by time_ms (so the
+    order within one second is kept), events at the same millisecond in file order (files in the order
+    given): the tie rule of `pipeline.data.sequences`.
   * video_id is remapped to contiguous item ids 1..n (0 stays the padding id) in order of first appearance
     over time among the kept interactions: sorted by (time_ms, user_id, video_id), the first video seen
     gets 1. The mapping (item_id, video_id, first_time_ms) is written next to the output as
@@ -56,7 +57,7 @@ from pipeline.data.readers import (
     write_quarantine,
 )
 from pipeline.data.schema import QUARANTINE_SCHEMA
-from pipeline.data.sequences import SequenceData, events_to_sequences, write_sequences
+from pipeline.data.sequences import SequenceData, events_to_sequences, time_order, write_sequences
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,9 @@ def preprocess_kuairand(
             "first_time_ms": pa.array(times[first[by_time]], pa.int64()),
         }
     )
+    # millisecond order first (ties: file order): grouping by seconds below keeps the order within a second
+    by_ms = events.select(["user_id", "time_ms"]).rename_columns(["user_id", "timestamp"])
+    events = events.take(time_order(by_ms))
     position = pc.index_in(events["video_id"], value_set=item_map["video_id"].combine_chunks())
     item_ids = pc.add(pc.cast(position, pa.int64()), 1)
     seconds = np.floor_divide(events["time_ms"].to_numpy(), 1000)

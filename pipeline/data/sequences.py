@@ -2,7 +2,9 @@
 
 One row per user: `user_id` (the raw user id: int64, or string), `item_ids` list<int64> (rows of the
 item table; the item vocabulary, pipeline/data/vocab.py, maps them to raw ids), `timestamps` list<int64>,
-in time order (ties broken by item id: a stable rule, so the same input always gives the same split). The
+in time order. Ties keep the input's order: events of one user that share a timestamp stay in the order they
+have in the file (a stable sort by (user, timestamp); `time_order`), never re-sorted by item id, which would
+reorder what the user did within one second and so change which item a split holds out. The
 file's key-value metadata records `fuxi.num_items` (rows of the item table: vocabulary rows + 1, or max
 item id + 1 for identity ids; row 0 is padding), its vocabulary file (a sidecar) and where the data came
 from.
@@ -71,8 +73,20 @@ class SequenceData:
         return _max_item(self.table)
 
 
+def time_order(events: pa.Table) -> pa.Array:
+    """Row indices of `events` sorted by (user_id, timestamp), events of one user at one timestamp in the
+    order of their rows: the row position is the last sort key, so the order does not rest on the sort
+    being stable."""
+    keys = events.select(["user_id", "timestamp"]).append_column(
+        "_row", pa.array(np.arange(events.num_rows, dtype=np.int64))
+    )
+    return pc.sort_indices(
+        keys, sort_keys=[("user_id", "ascending"), ("timestamp", "ascending"), ("_row", "ascending")]
+    )
+
+
 def events_to_sequences(events: pa.Table) -> pa.Table:
-    """Group (user_id, item_id, timestamp) events into one time-ordered row per user."""
+    """Group (user_id, item_id, timestamp) events into one time-ordered row per user (ties: row order)."""
     missing = [c for c in EVENT_COLUMNS if c not in events.column_names]
     if missing:
         raise ValueError(f"events table lacks column(s) {missing}; has {events.column_names}")
@@ -80,7 +94,7 @@ def events_to_sequences(events: pa.Table) -> pa.Table:
     events = events.select(list(EVENT_COLUMNS)).cast(
         pa.schema([("user_id", user_type), ("item_id", pa.int64()), ("timestamp", pa.int64())])
     )
-    events = events.sort_by([("user_id", "ascending"), ("timestamp", "ascending"), ("item_id", "ascending")])
+    events = events.take(time_order(events))
     users = events["user_id"].to_numpy(zero_copy_only=False)
     schema = sequence_schema(user_type)
     if len(users) == 0:
@@ -129,6 +143,24 @@ def read_sequences(path: str | Path) -> SequenceData:
         return _read_file(uri)
     if storage.exists(uri):
         return _read_shard_dir(uri)
+    raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
+
+
+def item_rows(path: str | Path) -> int:
+    """`num_items` of a sequence file or shard directory without reading its sequences: the file's
+    metadata (or its largest item + 1, reading that column only), or the shard manifest's."""
+    uri = os.fspath(path)
+    if storage.is_file(uri):
+        try:
+            meta = (open_parquet(uri).schema_arrow.metadata or {}).get(META_KEY)
+        except storage.StorageError:
+            raise
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise ValueError(f"{storage.display(uri)}: not a readable Parquet file ({exc})") from exc
+        num_items = json.loads(meta).get("num_items") if meta else None
+        return int(num_items or _max_item(read_parquet(uri, columns=["item_ids"])) + 1)
+    if storage.exists(uri):
+        return int(read_shard_manifest(uri)["num_items"])
     raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
 
 

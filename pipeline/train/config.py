@@ -203,8 +203,10 @@ class TrainConfig:
     # "bf16": forward and loss under torch.autocast(bfloat16) (matmuls in bf16, weights, optimizer and
     # evaluation in fp32). On CPUs with AVX512-BF16 the encoder's d=50 GEMMs run ~4x faster
     # (benchmarks/bench_kernels.py); on GPUs it is the usual setting (the official code scores its loss
-    # under bf16 autocast). "none": fp32.
-    amp: Literal["none", "bf16"] = "none"
+    # under bf16 autocast). "none": fp32. "auto": chosen at start-up (pipeline/train/precision.py): bf16
+    # on CUDA when supported, on a CPU with native bf16 when a probe of the model shows it faster; the
+    # choice is recorded in the run's params (amp.*) and train.json
+    amp: Literal["auto", "none", "bf16"] = "auto"
     # early stopping (protocols that select on validation): stop after this many evaluations in a row
     # without a better valid NDCG@10; 0: off (official: always the full epochs)
     patience: AtLeast0 = 0

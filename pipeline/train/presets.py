@@ -1,7 +1,17 @@
 """Named presets: functions returning a full `TrainConfig` (`fuxi presets` lists them).
 
 The official gin files (section 4.3 of the reference), the tuned ML-100K recipes, the CPU demo and the
-test preset; "auto" is the generic recipe sized by the data (pipeline/train/recipe.py).
+test preset; "auto" is the generic recipe sized by the data (pipeline/train/recipe.py), one per
+architecture (`--set model.architecture=A` picks A's, `resolve_config`):
+  fuxi     FuXi-alpha's `fuxi tune` study on ML-100K (3 blocks, dropout ~0.47, lr 1.77e-3, exact softmax)
+  hstu     HSTU's own study on ML-100K, whose best trial is the same point as FuXi-alpha's
+  sasrec   no tuned levers beat its untuned ones on validation: the official ML-1M gin levers of the
+           HSTU / FuXi-alpha code's SASRec (2 blocks, dropout 0.2, lr 1e-3, 128 sampled negatives)
+  llama    not tuned: the same official ML-1M levers (the FuXi-alpha paper trains its LLaMa baseline so)
+  esasrec  not tuned: the eSASRec paper's ML-1M settings (d 64, 2 blocks, dropout 0.1, lr 1e-3, 256
+           sampled negatives)
+A named preset given `--data` reads the item count of that data (`model.num_items`, what a run sizes its
+table by); its other values are its recipe's.
 """
 
 from __future__ import annotations
@@ -10,9 +20,10 @@ import dataclasses
 from collections.abc import Callable
 
 from model.config import ModelConfig
+from pipeline.data.sequences import item_rows
 from pipeline.data.synthetic import SyntheticConfig
-from pipeline.train.config import DataConfig, LossConfig, TrainConfig
-from pipeline.train.recipe import TUNED_ML_100K, auto_config
+from pipeline.train.config import DataConfig, LossConfig, TrainConfig, apply_overrides
+from pipeline.train.recipe import RECIPES, auto_config
 
 AUTO = "auto"  # the generic recipe, sized by the data (pipeline/train/recipe.py)
 
@@ -82,9 +93,11 @@ def _ml_100k_tuned(architecture: str) -> TrainConfig:
     # the studies' 50 epochs ended with validation still rising on every seed; 100 epochs with patience
     # 20 (10 stopped an HSTU seed in the plateau near epochs 15-25) won on validation (docs/QUALITY.md)
     cfg.epochs, cfg.patience = 100, 20
-    cfg.model = dataclasses.replace(cfg.model, architecture=architecture)
-    levers = TUNED_ML_100K[architecture]
-    return levers.apply(cfg) if levers is not None else cfg
+    recipe = RECIPES[architecture]  # the architecture's own levers (recipe.py says where each comes from)
+    cfg.model = dataclasses.replace(cfg.model, architecture=architecture, **recipe.width)
+    cfg = recipe.levers.apply(cfg)
+    cfg.loss = dataclasses.replace(cfg.loss, num_negatives=recipe.num_negatives)
+    return cfg
 
 
 def ml_100k_fuxi() -> TrainConfig:
@@ -105,21 +118,7 @@ def ml_100k_sasrec() -> TrainConfig:
 def ml_100k_esasrec() -> TrainConfig:
     """eSASRec with its paper's ML-1M settings on ML-100K (arXiv 2508.06450; model/esasrec.py): not in the
     studies, untuned here; validated protocol, the same epochs and patience as the tuned presets."""
-    cfg = _ml_100k_tuned("esasrec")
-    cfg.model = dataclasses.replace(
-        cfg.model,
-        embedding_dim=64,
-        num_layers=2,
-        num_heads=1,
-        dqk=64,
-        dv=64,
-        ffn_multiply=4.0,
-        input_dropout=0.1,
-        linear_dropout=0.1,
-    )
-    cfg.optim = dataclasses.replace(cfg.optim, lr=0.001)
-    cfg.loss = dataclasses.replace(cfg.loss, negatives="per_position", num_negatives=256)
-    return cfg
+    return _ml_100k_tuned("esasrec")
 
 
 def cpu_demo() -> TrainConfig:
@@ -147,6 +146,9 @@ def tiny() -> TrainConfig:
     cfg.batch_size = 64
     cfg.epochs = 2
     cfg.progress = False
+    # tests compare runs number for number (resumed against uninterrupted, 1 rank against 2): one fixed
+    # precision, not a choice timed on a shared machine (amp=auto is tested on its own)
+    cfg.amp = "none"
     return cfg
 
 
@@ -167,14 +169,38 @@ PRESETS: dict[str, Callable[[], TrainConfig]] = {
 }
 
 
-def get_preset(name: str, data: str | None = None) -> TrainConfig:
-    """A named preset reading `data` when given; "auto" is the generic recipe sized by the sequence file
-    `data` (and reads it)."""
+def get_preset(name: str, data: str | None = None, architecture: str | None = None) -> TrainConfig:
+    """A named preset reading `data` when given (its `model.num_items` then that data's); "auto" is
+    `architecture`'s generic recipe (default FuXi-alpha's) sized by the sequence file `data` (and reads it).
+    `architecture` only chooses the auto recipe: a named preset's is set by overriding it."""
     if name == AUTO:
-        return auto_config(data)
+        return auto_config(data, architecture or "fuxi")
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose from {sorted(PRESETS) + [AUTO]}")
     cfg = PRESETS[name]()
-    if data:
+    if data and data != "synthetic":
+        cfg.data.source = data
+        cfg.model = dataclasses.replace(cfg.model, num_items=item_rows(data))
+    elif data:
         cfg.data.source = data
     return cfg
+
+
+def overridden_architecture(overrides: list[str]) -> str | None:
+    """The value of the last `model.architecture=...` override, if any."""
+    found = None
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and key.strip() == "model.architecture":
+            found = value.strip()
+    return found
+
+
+def resolve_config(name: str, data: str | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """`get_preset` + the overrides, as `fuxi train` / `presets --show` / tune / sweep resolve them: with
+    "auto", an overridden `model.architecture` picks that architecture's own generic recipe."""
+    overrides = list(overrides or [])
+    architecture = overridden_architecture(overrides) if name == AUTO else None
+    if architecture not in RECIPES:  # not an architecture: the override below fails, naming the field
+        architecture = None
+    return apply_overrides(get_preset(name, data, architecture), overrides)

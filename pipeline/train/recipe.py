@@ -1,13 +1,15 @@
 """The generic recipe: a full config for a data set no preset was written for, sized by its users,
-items and history lengths (no per-data-set tuning).
+items and history lengths (no per-data-set tuning), one per architecture.
 
-`fuxi train --data X` without `--preset` uses it (also `--preset auto`). Depth, dropout and the
-optimiser are FuXi-alpha's tuned ML-100K recipe (`TUNED_ML_100K["fuxi"]`, docs/QUALITY.md: 3
-blocks, dropout ~0.47, AdamW lr 1.77e-3 with 20 warm-up steps and weight decay 0.01); what depends on the
-data is sized from its shape:
+`fuxi train --data X` without `--preset` uses it (also `--preset auto`); `--set model.architecture=A`
+picks A's own recipe (`RECIPES[A]`, resolved by `pipeline.train.presets.resolve_config`), never another
+model's tuned levers: depth, dropout, optimiser and width are the architecture's (its `fuxi tune` study on
+ML-100K where that beat its untuned levers, else its published ML-1M settings; each entry says which); what
+depends on the data is sized from its shape, the same rules for every architecture:
 - history kept: the 95th percentile of the lengths, rounded up to 10, in [20, 200] (200: official);
-- negatives: every item (the exact softmax) while the catalogue is small enough that its logits cost
-  no more than 128 sampled negatives per position (`FULL_SOFTMAX_MAX_ITEMS`), else 128 per position;
+- negatives (recipes whose levers chose the exact softmax): every item while the catalogue is small enough
+  that its logits cost no more than 128 sampled negatives per position (`FULL_SOFTMAX_MAX_ITEMS`), else
+  128 per position; recipes with sampled negatives keep their count;
 - training length: a step budget, not an epoch count: enough epochs for `TARGET_STEPS` optimizer
   steps (at least `MIN_EPOCHS`, at most `MAX_EPOCHS`), with early stopping on validation.
 Every value can still be overridden with `--set`.
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 
-from model.config import ModelConfig
+from model.config import Architecture, ModelConfig
 from pipeline.train.config import DataConfig, LossConfig, TrainConfig
 
 BATCH_SIZE = 128
@@ -66,7 +68,7 @@ class TunedLevers:
 # validation NDCG@10 of its untuned ml-100k levers and the best trial of its `fuxi tune` study (one search
 # space for all three, benchmarks/tune_space_recipe.yaml, 6 trials each; docs/QUALITY.md). Test numbers
 # were read once, after choosing. None: the untuned levers.
-FUXI_ML_100K = TunedLevers(  # FuXi-alpha's best trial, also HSTU's
+FUXI_ML_100K = TunedLevers(  # FuXi-alpha's best trial; HSTU's own study chose the same trial
     lr=0.0017692,
     warmup_steps=20,
     weight_decay=0.01,
@@ -83,6 +85,55 @@ TUNED_ML_100K: dict[str, TunedLevers | None] = {
     "sasrec": None,
     "esasrec": None,  # not in the studies: its preset takes the eSASRec paper's settings (presets.py)
 }
+
+# The official ML-1M gin files' levers (the HSTU / FuXi-alpha code's `*-sampled-softmax-n128-final.gin`,
+# the same for its SASRec, HSTU and FuXi-alpha runs): 2 blocks, dropout 0.2, AdamW lr 1e-3 with no
+# warm-up or decay, 128 sampled negatives per position. The `ml-1m` / `ml-100k` presets train with them.
+OFFICIAL_ML_1M = TunedLevers(
+    lr=1e-3,
+    warmup_steps=0,
+    weight_decay=0.0,
+    num_layers=2,
+    input_dropout=0.2,
+    linear_dropout=0.2,
+    negatives="per_position",
+)
+# eSASRec's ML-1M settings (arXiv 2508.06450 and its RecTools code): 2 LiGR blocks, dropout 0.1, Adam lr
+# 1e-3, sampled softmax over 256 uniform negatives, at d = 64 with one head and a 4x FFN
+ESASREC_ML_1M = TunedLevers(
+    lr=1e-3,
+    warmup_steps=0,
+    weight_decay=0.0,
+    num_layers=2,
+    input_dropout=0.1,
+    linear_dropout=0.1,
+    negatives="per_position",
+)
+ESASREC_WIDTH = {"embedding_dim": 64, "num_heads": 1, "dqk": 64, "dv": 64, "ffn_multiply": 4.0}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One architecture's generic recipe: its levers, its width (ModelConfig fields; empty: the defaults,
+    d = 50 as the official ML-1M configs) and its sampled-negative count, and where they come from."""
+
+    levers: TunedLevers
+    source: str
+    width: dict[str, Any] = field(default_factory=dict)
+    num_negatives: int = 128
+
+
+RECIPES: dict[str, Recipe] = {
+    "fuxi": Recipe(FUXI_ML_100K, "FuXi-alpha's fuxi tune study on ML-100K (docs/QUALITY.md)"),
+    "hstu": Recipe(FUXI_ML_100K, "HSTU's own fuxi tune study on ML-100K (it chose FuXi-alpha's trial 0)"),
+    "sasrec": Recipe(
+        OFFICIAL_ML_1M,
+        "SASRec's official ML-1M levers (its ML-100K study found nothing better on validation)",
+    ),
+    "llama": Recipe(OFFICIAL_ML_1M, "the official ML-1M levers (the FuXi-alpha paper's LLaMa baseline)"),
+    "esasrec": Recipe(ESASREC_ML_1M, "eSASRec's paper ML-1M settings", ESASREC_WIDTH, num_negatives=256),
+}
+assert set(RECIPES) == set(get_args(Architecture)), "every architecture needs its own generic recipe"
 
 
 @dataclass(frozen=True)
@@ -114,20 +165,23 @@ def data_shape(source: str) -> DataShape:
     )
 
 
-def generic(shape: DataShape, source: str) -> TrainConfig:
-    """The generic FuXi-alpha recipe for a data set of this shape, reading `source`."""
+def generic(shape: DataShape, source: str, architecture: str = "fuxi") -> TrainConfig:
+    """The generic recipe of `architecture` for a data set of this shape, reading `source`."""
+    if architecture not in RECIPES:
+        raise ValueError(f"model.architecture: no recipe for {architecture!r}; choose from {sorted(RECIPES)}")
+    recipe = RECIPES[architecture]
     max_len = int(min(200, max(20, math.ceil(shape.p95_length / 10) * 10)))
     steps_per_epoch = max(1, math.ceil(shape.users / BATCH_SIZE))
     epochs = int(min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(TARGET_STEPS / steps_per_epoch))))
-    full = shape.items <= FULL_SOFTMAX_MAX_ITEMS
-    # depth, dropout, optimiser: FuXi-alpha's tuned recipe; the negatives are sized from the data
-    cfg = FUXI_ML_100K.apply(
+    cfg = recipe.levers.apply(
         TrainConfig(
             name="auto",
             model=ModelConfig(
+                architecture=cast(Architecture, architecture),  # checked above
                 num_items=shape.items,
                 max_sequence_length=max_len,
                 padded_length=max_len + 11,  # the official N = length + 10 output slots + 1
+                **recipe.width,
             ),
             data=DataConfig(source=source, protocol="validated"),
             batch_size=BATCH_SIZE,
@@ -135,12 +189,15 @@ def generic(shape: DataShape, source: str) -> TrainConfig:
             patience=PATIENCE,
         )
     )
-    cfg.loss = LossConfig(num_negatives=128, negatives="full" if full else "per_position")
+    negatives = recipe.levers.negatives
+    if negatives == "full" and shape.items > FULL_SOFTMAX_MAX_ITEMS:  # too many logits: sample instead
+        negatives = "per_position"
+    cfg.loss = LossConfig(num_negatives=recipe.num_negatives, negatives=negatives)
     return cfg
 
 
-def auto_config(source: str | None) -> TrainConfig:
-    """`--preset auto`: the generic recipe sized by the data file at `source`."""
+def auto_config(source: str | None, architecture: str = "fuxi") -> TrainConfig:
+    """`--preset auto`: `architecture`'s generic recipe sized by the data file at `source`."""
     if not source or source == "synthetic":
         raise ValueError("preset 'auto' sizes the recipe from the data: name a sequence file with --data")
-    return generic(data_shape(source), source)
+    return generic(data_shape(source), source, architecture)

@@ -26,7 +26,7 @@ from pipeline.data.sequences import PROTOCOLS, SequenceData, read_sequences
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import VOCAB_FILE, check_vocabulary
 from pipeline.train.builder import ParallelModel, build_parallel_model
-from pipeline.train.checkpoint import Checkpointer, RunCheckpoints
+from pipeline.train.checkpoint import Checkpointer, RunCheckpoints, read_meta
 from pipeline.train.config import TrainConfig, to_dict, to_flat_dict, validate
 from pipeline.train.distributed import (
     DistContext,
@@ -37,6 +37,7 @@ from pipeline.train.distributed import (
 )
 from pipeline.train.evaluate import evaluate_sharded
 from pipeline.train.grow import warm_start
+from pipeline.train.precision import AmpChoice, choose_amp, model_probe
 from pipeline.train.tracking import MetricLogger, MLflowLogger, NullLogger
 from pipeline.train.trainer import DistInfo, Trainer
 
@@ -70,10 +71,14 @@ RUN_RECORD = "mlflow_run.json"  # in the run directory: the MLflow run every att
 CHECKPOINTS = "checkpoints"  # in the run directory: the Checkpointer's root
 
 
-def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: str | None = None) -> MetricLogger:
+def make_logger(
+    cfg: TrainConfig, data: SequenceData, run_dir: str | None = None, amp: AmpChoice | None = None
+) -> MetricLogger:
     """Rank 0's MLflow run. With a run directory, one run per job: a resumed attempt that finds a
     checkpoint continues the run its record names (the curve goes on where the checkpoint left it); an
-    attempt that finds none marks the earlier run KILLED and starts a new one."""
+    attempt that finds none marks the earlier run KILLED and starts a new one. `amp`: the precision the
+    run chose (params `amp.*` of a new run; a continued run's attempt records its own as tags, since
+    MLflow params never change)."""
     if not cfg.tracking.enabled:
         return NullLogger()
     record = storage.join(run_dir, RUN_RECORD) if run_dir is not None else None
@@ -95,14 +100,17 @@ def make_logger(cfg: TrainConfig, data: SequenceData, run_dir: str | None = None
         parent_run_id=cfg.tracking.parent_run_id,
         run_id=continued,
     )
+    amp_params = amp.to_params() if amp is not None else {}
     if continued is None:
-        logger.log_params(to_flat_dict(cfg))
+        logger.log_params({**to_flat_dict(cfg), **amp_params})
         logger.set_tags({"git_commit": git_commit(), "data.meta": json.dumps(data.meta, default=str)[:5000]})
     attempt = (previous or {}).get("attempt", 0) + 1 if continued else 1
     # attempts that reached this point; torchrun restarts of the job (some may have died before it)
     logger.set_tags(
         {"fuxi.attempt": str(attempt), "fuxi.restarts": os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")}
     )
+    if continued is not None and amp_params:
+        logger.set_tags({f"fuxi.attempt{attempt}.{k}": v for k, v in amp_params.items()})
     if record is not None:  # one PUT, or a temporary file renamed over it: never a torn record
         storage.write_bytes(record, json.dumps({"run_id": logger.run_id, "attempt": attempt}).encode())
     return logger
@@ -208,18 +216,40 @@ def _run(cfg: TrainConfig, ctx: DistContext, logger: MetricLogger | None) -> dic
     if cfg.model.num_items != data.num_items:
         cfg.model = dataclasses.replace(cfg.model, num_items=data.num_items)
     splits = build_batches(cfg, data, ctx.rank, ctx.world_size)
+    # amp=auto: decided on rank 0 (a probe of this model when the CPU has native bf16), the same on all ranks
+    amp = None
+    if ctx.is_main:
+        amp = _resumed_amp(cfg)  # a resumed run keeps the precision it trained in
+        if amp is None:
+            probe = model_probe(cfg, splits["train"], negative_rows(cfg, data, splits["train"]), ctx.device)
+            amp = choose_amp(cfg.amp, ctx.device.type, probe=probe)
+    amp = broadcast_object(amp)
+    assert isinstance(amp, AmpChoice)
     pm = build_parallel_model(
         cfg.model, cfg.parallel, cfg.optim, ctx.device, cfg.seed, batch_size=cfg.batch_size
     )
     if logger is None:
-        logger = make_logger(cfg, data, cfg.run_dir or None) if ctx.is_main else NullLogger()
+        logger = make_logger(cfg, data, cfg.run_dir or None, amp) if ctx.is_main else NullLogger()
+    else:  # a caller's logger: a new run, the amp choice among its params
+        logger.log_params(amp.to_params())
     status = "FAILED"
     try:
-        report = _train(cfg, ctx, data, splits, pm, logger)
+        report = _train(cfg, ctx, data, splits, pm, logger, amp)
         status = "FINISHED"
         return report
     finally:
         logger.close(status)
+
+
+def _resumed_amp(cfg: TrainConfig) -> AmpChoice | None:
+    """amp=auto on a resumed job: the choice its latest checkpoint recorded (None: nothing to resume)."""
+    if cfg.amp != "auto" or not (cfg.resume and cfg.run_dir):
+        return None
+    latest = Checkpointer(storage.join(cfg.run_dir, CHECKPOINTS)).latest()
+    recorded = read_meta(latest).get("amp") if latest else None
+    if not recorded:
+        return None
+    return dataclasses.replace(AmpChoice(**recorded), reason=f"resumed: {recorded['reason']}")
 
 
 def _train(
@@ -229,6 +259,7 @@ def _train(
     splits: dict[str, Any],
     pm: ParallelModel,
     logger: MetricLogger,
+    amp: AmpChoice,
 ) -> dict[str, Any]:
     run_dir = cfg.run_dir or storage.join(
         cfg.output_dir, cfg.name, logger.run_id or time.strftime("%Y%m%d-%H%M%S"), field="run directory"
@@ -244,6 +275,7 @@ def _train(
             "world_size": ctx.world_size,
             "sharding": pm.table_sharding(),
             "mlflow_run_id": logger.run_id,
+            "amp": amp.to_dict(),
         },
         # the rows -> raw item ids map travels with every checkpoint (top-k, serving speak raw ids)
         files={VOCAB_FILE: data.vocab} if data.vocab else None,
@@ -265,6 +297,7 @@ def _train(
         dist=DistInfo(ctx.rank, ctx.world_size, ctx.device, all_reduce_sum),
         logger=logger,
         checkpointer=ckpt,
+        amp=amp.resolved,
     )
     resumed = trainer.resume() if cfg.resume else None
     if resumed is not None:
@@ -278,6 +311,7 @@ def _train(
         )
         logger.set_tags({"init_checkpoint": str(init), "init_optimizer": str(cfg.init_optimizer)})
     report = trainer.fit()
+    report["amp"] = amp.to_dict()
     final = ckpt.save_final(trainer.state_dict(), report)
     if ctx.is_main:  # MLflow logs local files: the train.json of the final checkpoint, through a copy
         with tempfile.TemporaryDirectory() as tmp:

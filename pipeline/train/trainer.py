@@ -124,7 +124,7 @@ class TrainState:
         self.history = list(state.get("history", []))
 
 
-AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16}
+AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "auto": None}
 
 
 def lr_multiplier(step: int, total_steps: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -188,6 +188,9 @@ class Trainer:
         dist: DistInfo = DistInfo(),
         logger: MetricLogger | None = None,
         checkpointer: Checkpoints | None = None,  # None: MemoryCheckpoints(model, optimizer)
+        # the precision resolved at start-up (pipeline/train/precision.py: none | bf16); None: cfg.amp,
+        # where "auto" without a probe means fp32
+        amp: str | None = None,
     ) -> None:
         self.model = model
         self.optimizer = optimizer
@@ -199,7 +202,7 @@ class Trainer:
         self.device = torch.device(dist.device)
         self.logger = logger or NullLogger()
         self.checkpointer = checkpointer or MemoryCheckpoints(model, optimizer)
-        self.amp_dtype = AMP_DTYPES[cfg.amp]
+        self.amp_dtype = AMP_DTYPES[amp or cfg.amp]
         self.progress = cfg.progress and dist.rank == 0  # one progress bar, on rank 0
         self.generator = torch.Generator(device=self.device)  # negatives; reseeded every step
         self.state = TrainState()

@@ -24,6 +24,7 @@ from pipeline.data.build import (
     read_manifest,
 )
 from pipeline.data.ingest import IngestRules, check_log_schema
+from pipeline.data.readers import prepare_sequences
 from pipeline.data.sequences import read_sequences
 from pipeline.data.synth_logs import LogConfig, write_logs
 
@@ -63,10 +64,10 @@ def shard_table(seqdir: Path) -> pa.Table:
 DAY1 = [  # not grouped by user, not sorted
     (1, 10, T + 100),
     (2, 3, T + 10),
-    (1, 5, T + 100),  # user 1: tie at T+100 -> item 5 before 10
-    (1, 7, T + 50),
-    (1, 7, T + 50),  # exact duplicate: kept once
-    (1, 8, T + 50),  # same time, other item: kept (after 7)
+    (1, 5, T + 100),  # user 1: tie at T+100 -> file order, 10 before 5 (not sorted by item)
+    (1, 8, T + 50),
+    (1, 7, T + 50),  # same time, other item: kept, after 8 (file order)
+    (1, 8, T + 50),  # exact duplicate, not adjacent to its first copy: kept once
     (3, 31, T + 1),
     (3, 32, T + 2),
     (3, 33, T + 3),
@@ -78,13 +79,13 @@ DAY1 = [  # not grouped by user, not sorted
 DAY2 = [
     (1, 9, T + DAY + 5),
     (2, 2, T + 15),  # arrives late (day-1 time in the day-2 file): ordered by time
-    (1, 7, T + 50),  # a duplicate of a day-1 event: still kept once
+    (1, 7, T + 50),  # a duplicate of a day-1 event: still kept once (the day-1 copy)
     (3, 37, T + DAY + 1),
     (4, 40, T + DAY + 9),
 ]
 MAX_LEN = 4
 EXPECTED = [  # (user, items, timestamps) after both days with max_length 4
-    (1, [8, 5, 10, 9], [T + 50, T + 100, T + 100, T + DAY + 5]),  # 7 is the oldest of 5: truncated away
+    (1, [7, 10, 5, 9], [T + 50, T + 100, T + 100, T + DAY + 5]),  # 8 is the oldest of 5: truncated away
     (2, [3, 2, 4], [T + 10, T + 15, T + 20]),
     (3, [34, 35, 36, 37], [T + 4, T + 5, T + 6, T + DAY + 1]),
     (4, [40], [T + DAY + 9]),
@@ -95,9 +96,53 @@ def test_group_events_order_ties_dedup_truncation():
     events = pa.table({c: list(v) for c, v in zip(("user_id", "item_id", "timestamp"), zip(*(DAY1 + DAY2)))})
     seq, counts = group_events(events, MAX_LEN)
     assert [(r["user_id"], r["item_ids"], r["timestamps"]) for r in seq.to_pylist()] == EXPECTED
-    assert counts == {"events": 18, "duplicates": 2, "truncated": 4}  # user 1's 7; user 3's 31, 32, 33
+    assert counts == {"events": 18, "duplicates": 2, "truncated": 4}  # user 1's 8; user 3's 31, 32, 33
     untruncated, _ = group_events(events, 100)
-    assert untruncated.to_pylist()[0]["item_ids"] == [7, 8, 5, 10, 9]
+    assert untruncated.to_pylist()[0]["item_ids"] == [8, 7, 10, 5, 9]
+
+
+# ties in time: a user's events at one timestamp keep the logs' order, (day, part file, row), in both the
+# Ray build and the single-file readers; a sort by item would give user 1 [10, 15, 20, 25, 30]
+TIE_FILES = {  # (date, part) -> rows
+    ("2024-01-01", 0): [(1, 30, T + 5), (2, 9, T + 7), (1, 20, T + 5), (1, 10, T + 5)],
+    ("2024-01-01", 1): [(1, 25, T + 5), (2, 3, T + 7), (1, 20, T + 5)],  # 20 repeats part 0's: kept once
+    ("2024-01-02", 0): [(1, 15, T + 5), (2, 1, T + 7)],  # late events with a day-1 time: after day 1's
+}
+TIE_EXPECTED = [(1, [30, 20, 10, 25, 15]), (2, [9, 3, 1])]
+
+
+def test_ties_in_time_keep_the_file_order_in_the_build_and_the_readers(tmp_path):
+    logs = tmp_path / "logs"
+    for (date, part), rows in TIE_FILES.items():
+        write_day(logs, date, rows, part=part)
+    cfg = BuildConfig(max_length=10, num_partitions=2, rules=IngestRules(identity_ids=True))
+    build_sequences(logs, tmp_path / "full", cfg, progress=False)
+    built = shard_table(tmp_path / "full")
+    assert [(r["user_id"], r["item_ids"]) for r in built.to_pylist()] == TIE_EXPECTED
+    build_sequences(logs, tmp_path / "inc", cfg, dates=["2024-01-01"], progress=False)
+    append_day(logs, "2024-01-02", tmp_path / "inc", progress=False)
+    assert shard_table(tmp_path / "inc").equals(built)
+
+    # the same rows as one file, in (day, part, row) order, through the readers: the same sequences
+    rows = [r for key in sorted(TIE_FILES) for r in TIE_FILES[key]]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    u, i, t = zip(*rows)
+    pq.write_table(pa.table({"user_id": u, "item_id": i, "timestamp": t}), flat / "events.parquet")
+    (flat / "u.data").write_text("".join(f"{a}\t{b}\t5\t{c}\n" for a, b, c in rows))
+    for name in ("events.parquet", "u.data"):
+        for identity in (True, False):  # with a vocabulary the rows of items 1..N are the ids themselves
+            data, report = prepare_sequences(
+                flat / name, tmp_path / f"{name}.{identity}.seq.parquet", min_length=1, identity_ids=identity
+            )
+            assert report.reasons["duplicate_event"] == 1
+            table = data.table.sort_by("user_id").select(built.column_names)
+            if identity:
+                assert table.equals(built.cast(table.schema)), name
+            else:  # vocabulary rows in ascending raw-id order: map them back
+                raw = {row: raw for row, raw in enumerate([0, 1, 3, 9, 10, 15, 20, 25, 30])}
+                got = [(r["user_id"], [raw[x] for x in r["item_ids"]]) for r in table.to_pylist()]
+                assert got == TIE_EXPECTED, name
 
 
 def test_full_build_and_append_give_the_exact_sequences(tmp_path):

@@ -21,8 +21,15 @@ from model.loss import NegativeSampler
 from pipeline.data.sequences import write_sequences
 from pipeline.data.synthetic import SyntheticConfig, synthetic_sequences
 from pipeline.train.config import apply_overrides, validate
-from pipeline.train.presets import get_preset
-from pipeline.train.recipe import MAX_EPOCHS, MIN_EPOCHS, TARGET_STEPS, DataShape, data_shape, generic
+from pipeline.train.presets import PRESETS, get_preset, resolve_config
+from pipeline.train.recipe import (
+    MAX_EPOCHS,
+    MIN_EPOCHS,
+    TARGET_STEPS,
+    DataShape,
+    data_shape,
+    generic,
+)
 from pipeline.train.run import run
 from pipeline.train.trainer import lr_multiplier
 from tests.helpers.checkpoints import final_model_configs
@@ -134,6 +141,80 @@ def test_generic_recipe_is_sized_by_the_data() -> None:
         get_preset("auto")
 
 
+# (layers, dropout, lr, warm-up, weight decay, width, negatives at 1,683 items, negatives per position):
+# each architecture's own levers, written out here rather than read from recipe.py
+RECIPE_LEVERS = {
+    "fuxi": (3, 0.4567, 0.0017692, 20, 0.01, 50, "full", 128),  # its ML-100K study
+    "hstu": (3, 0.4567, 0.0017692, 20, 0.01, 50, "full", 128),  # its own study chose the same point
+    "sasrec": (2, 0.2, 1e-3, 0, 0.0, 50, "per_position", 128),  # the official ML-1M levers
+    "llama": (2, 0.2, 1e-3, 0, 0.0, 50, "per_position", 128),
+    "esasrec": (2, 0.1, 1e-3, 0, 0.0, 64, "per_position", 256),  # the eSASRec paper's ML-1M settings
+}
+
+
+def levers(cfg) -> tuple:
+    m, o = cfg.model, cfg.optim
+    return (
+        m.num_layers,
+        m.linear_dropout,
+        o.lr,
+        o.warmup_steps,
+        o.weight_decay,
+        m.embedding_dim,
+        cfg.loss.negatives,
+        cfg.loss.num_negatives,
+    )
+
+
+@pytest.mark.parametrize("architecture", sorted(RECIPE_LEVERS))
+def test_each_architecture_gets_its_own_generic_recipe(tmp_path, architecture: str) -> None:
+    shape = DataShape(users=300, items=1683, mean_length=100.0, p95_length=420)
+    cfg = validate(generic(shape, "a.parquet", architecture))
+    assert cfg.model.architecture == architecture and levers(cfg) == RECIPE_LEVERS[architecture]
+    assert (cfg.model.num_items, cfg.model.max_sequence_length, cfg.epochs) == (1683, 200, MAX_EPOCHS)
+    # what `fuxi train --data X --set model.architecture=A` resolves: A's recipe, sized by X
+    path = tmp_path / "seq.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=60, num_items=80, mean_length=12)), path)
+    resolved = resolve_config("auto", str(path), [f"model.architecture={architecture}", "seed=3"])
+    assert levers(resolved)[:6] == RECIPE_LEVERS[architecture][:6] and resolved.seed == 3
+    assert resolved.model.num_items == data_shape(str(path)).items and resolved.data.source == str(path)
+    # the tuned ML-100K preset of a model and its generic recipe share the levers
+    if f"ml-100k-{architecture}" in PRESETS:
+        preset = get_preset(f"ml-100k-{architecture}")
+        assert levers(preset)[:6] == RECIPE_LEVERS[architecture][:6]
+
+
+def test_a_catalogue_too_large_for_the_exact_softmax_samples_instead() -> None:
+    big = DataShape(users=100_000, items=50_001, mean_length=9.0, p95_length=23)
+    assert generic(big, "b.parquet", "fuxi").loss.negatives == "per_position"
+    assert generic(big, "b.parquet", "esasrec").loss.num_negatives == 256
+
+
+def test_every_preset_given_data_shows_that_datas_sizes(tmp_path, capsys) -> None:
+    path = tmp_path / "other.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=30, num_items=77, mean_length=8)), path)
+    rows = data_shape(str(path)).items
+    assert rows not in (1683, 3953)  # unlike any preset's own catalogue
+    with pytest.raises(ValueError, match="model.architecture"):  # a typo names the field, not a recipe
+        resolve_config("auto", str(path), ["model.architecture=sasrecc"])
+    for name in PRESETS:
+        cfg = get_preset(name, str(path))
+        assert (cfg.model.num_items, cfg.data.source) == (rows, str(path)), name
+        validate(cfg)
+    assert main(["presets", "--show", "ml-100k-sasrec", "--data", str(path)]) == 0
+    shown = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    assert shown["model.num_items"] == str(rows) and shown["model.architecture"] == "'sasrec'"
+    assert (
+        main(["presets", "--show", "auto", "--data", str(path), "--set", "model.architecture=esasrec"]) == 0
+    )
+    shown = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
+    assert (shown["model.num_items"], shown["model.embedding_dim"], shown["loss.num_negatives"]) == (
+        str(rows),
+        "64",
+        "256",
+    )
+
+
 def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> None:
     path = tmp_path / "seq.parquet"
     write_sequences(synthetic_sequences(SyntheticConfig(num_users=60, num_items=80, mean_length=12)), path)
@@ -149,7 +230,7 @@ def test_train_without_a_preset_uses_the_generic_recipe(tmp_path, capsys) -> Non
     report_path = tmp_path / "report.json"
     assert main(args + ["--set", "epochs=1", "--report-json", str(report_path)]) == 0
     out = capsys.readouterr().out
-    assert f"no preset named, the generic recipe for {path}" in out
+    assert f"no preset named, the generic fuxi recipe for {path}" in out
     expected = generic(data_shape(str(path)), str(path))
     report = json.loads(report_path.read_text())
     config = json.loads((Path(report["checkpoint"]) / "train.json").read_text())["config"]
@@ -209,3 +290,30 @@ def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
         [r["model"], f"{r['test_ndcg_at_10']:.4f}", f"{r['test_ndcg_at_10']:.4f} ± 0.0000"] for r in rows
     ]
     assert (tmp_path / "all.png").stat().st_size > 0
+
+
+def test_compare_models_auto_trains_each_model_on_its_own_recipe(tmp_path) -> None:
+    """`compare_models.py --preset auto` on a sequence Parquet file: each model's generic recipe (not
+    FuXi-alpha's levers for all), and the table printed."""
+    path = tmp_path / "held_out.parquet"
+    write_sequences(synthetic_sequences(SyntheticConfig(num_users=40, num_items=60, mean_length=10)), path)
+    script = [sys.executable, "benchmarks/compare_models.py", "--data", str(path), "--preset", "auto"]
+    args = [
+        "--models",
+        "sasrec",
+        "esasrec",
+        "--seeds",
+        "0",
+        "--set",
+        "epochs=1",
+        "--work",
+        str(tmp_path / "w"),
+    ]
+    proc = subprocess.run(
+        script + args + ["--out", str(tmp_path / "t")], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "| held_out | sasrec |" in proc.stdout and "| held_out | esasrec |" in proc.stdout
+    trained = {m["architecture"]: m for m in final_model_configs(tmp_path / "w")}
+    assert (trained["sasrec"]["num_layers"], trained["sasrec"]["linear_dropout"]) == (2, 0.2)
+    assert (trained["esasrec"]["embedding_dim"], trained["esasrec"]["linear_dropout"]) == (64, 0.1)

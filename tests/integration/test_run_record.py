@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 
 from pipeline.train.checkpoint import Checkpointer
+from pipeline.train.precision import native_bf16
 from pipeline.train.presets import tiny
-from pipeline.train.run import RUN_RECORD, load_data, make_logger
+from pipeline.train.run import RUN_RECORD, load_data, make_logger, run
 
 
 def test_resumed_attempt_continues_the_run_one_without_checkpoint_marks_it_killed(tmp_path: Path) -> None:
@@ -76,3 +77,47 @@ def test_named_checkpoints_swap_atomically_and_step_checkpoints_are_pruned(tmp_p
     store.save_named("final", {"w": torch.ones(2)})
     assert (tmp_path / "final").is_file() and store.named("final") is not None
     assert not any((p / "old").exists() for p in tmp_path.glob("final*"))
+
+
+def test_a_run_records_the_choice_in_its_params_and_train_json(tmp_path: Path) -> None:
+    """amp=auto's choice (pipeline/train/precision.py) and an explicit amp=none, as recorded."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for amp in ("auto", "none"):
+        cfg = tiny()
+        cfg.tracking.uri, cfg.epochs, cfg.amp = uri, 1, amp
+        cfg.output_dir = str(tmp_path / amp)
+        report = run(cfg)
+        recorded = json.loads((Path(report["checkpoint"]) / "train.json").read_text())
+        params = MlflowClient(uri).get_run(report["run_id"]).data.params
+        assert recorded["report"]["amp"] == report["amp"] and params["amp"] == amp
+        assert params["amp.resolved"] == report["amp"]["resolved"] and "amp.reason" in params
+        if amp == "none":
+            assert report["amp"] == {
+                "requested": "none",
+                "resolved": "none",
+                "reason": "set in the config",
+                "native_bf16": None,
+                "probe_fp32_ms": None,
+                "probe_bf16_ms": None,
+            }
+        elif native_bf16():  # this machine's CPU: the probe ran and its timings are recorded
+            assert float(params["amp.probe_fp32_ms"]) > 0 and float(params["amp.probe_bf16_ms"]) > 0
+        else:
+            assert report["amp"]["resolved"] == "none" and "amp.probe_fp32_ms" not in params
+
+
+def test_a_resumed_run_keeps_the_precision_it_chose(tmp_path: Path) -> None:
+    """amp=auto is decided once per job: a resumed attempt takes its checkpoint's choice, not a new probe."""
+
+    def job(epochs: int, resume: bool) -> dict:
+        cfg = tiny()
+        cfg.amp, cfg.epochs, cfg.resume = "auto", epochs, resume
+        cfg.tracking.enabled, cfg.run_dir = False, str(tmp_path / "job")
+        return run(cfg)
+
+    first = job(1, resume=False)
+    second = job(2, resume=True)
+    assert second["resumed_from"] and second["epochs"] == 2
+    assert second["amp"] == {**first["amp"], "reason": f"resumed: {first['amp']['reason']}"}

@@ -15,7 +15,7 @@ from pipeline.data.sequences import read_sequences
 from pipeline.data.vocab import read_vocabulary
 
 # (user, item, rating, timestamp); user 1 has a timestamp tie (items 10 and 5 at t=100),
-# user 2 too (30, 20 at 300)
+# user 2 too (30, 20 at 300): ties keep the file's order, not the item order
 ROWS = [
     (2, 30, 4, 300),
     (1, 10, 5, 100),
@@ -26,8 +26,8 @@ ROWS = [
 ]
 EXPECTED_EVENTS = [{"user_id": u, "item_id": i, "timestamp": t, "rating": float(r)} for u, i, r, t in ROWS]
 EXPECTED_SEQUENCES = [
-    {"user_id": 1, "item_ids": [7, 5, 10], "timestamps": [50, 100, 100]},
-    {"user_id": 2, "item_ids": [1, 20, 30], "timestamps": [200, 300, 300]},
+    {"user_id": 1, "item_ids": [7, 10, 5], "timestamps": [50, 100, 100]},
+    {"user_id": 2, "item_ids": [1, 30, 20], "timestamps": [200, 300, 300]},
 ]
 
 
@@ -305,8 +305,8 @@ def write_kuairand(folder: Path) -> list[Path]:
         "\n".join(
             [
                 KR_HEADER,
-                kr_row(0, 500, 1_000_000, 1),  # line 2
-                kr_row(0, 300, 1_000_500, 1),  # same second as the row above
+                kr_row(0, 300, 1_000_500, 1),  # line 2
+                kr_row(0, 500, 1_000_000, 1),  # same second, 0.5 s earlier: first in the sequence
                 kr_row(1, 300, 999_000, 1),  # earliest click: video 300 gets item id 1
                 kr_row(1, 700, 1_001_000, 0),  # not clicked
                 kr_row(0, 800, 1_002_000, 1),
@@ -339,7 +339,8 @@ def test_kuairand_sequences_and_mapping(tmp_path):
     out = tmp_path / "out" / "kr.parquet"
     data, report = preprocess_kuairand([a, b, r], out, min_length=3)
     assert data.table.to_pylist() == [
-        {"user_id": 0, "item_ids": [1, 2, 3, 1], "timestamps": [1000, 1000, 1002, 2500]},
+        # video 500 (item 2) 0.5 s before video 300 (item 1) in the same second: millisecond order kept
+        {"user_id": 0, "item_ids": [2, 1, 3, 1], "timestamps": [1000, 1000, 1002, 2500]},
         {"user_id": 1, "item_ids": [1, 2, 3], "timestamps": [999, 2000, 2000]},
     ]
     assert data.num_items == 4
@@ -383,7 +384,7 @@ def test_kuairand_sequences_and_mapping(tmp_path):
     data, report = preprocess_kuairand(tmp_path / "logs", out, include_random=True, min_length=3)  # a folder
     assert data.table.to_pylist()[0] == {
         "user_id": 0,
-        "item_ids": [1, 2, 3, 1, 4],
+        "item_ids": [2, 1, 3, 1, 4],
         "timestamps": [1000, 1000, 1002, 2500, 3000],
     }
     assert pq.read_table(item_map).column("video_id").to_pylist() == [300, 500, 800, 999]

@@ -20,11 +20,16 @@ EVENTS = pa.table(
 )
 
 
-def test_events_to_sequences_orders_by_time_then_item():
+def test_events_to_sequences_orders_by_time_ties_in_row_order():
     seq = events_to_sequences(EVENTS)
     assert seq["user_id"].to_pylist() == [1, 2]
     assert seq["item_ids"].to_pylist() == [[3, 4, 5, 7], [8, 9, 6]]
     assert seq["timestamps"].to_pylist() == [[10, 10, 20, 30], [40, 50, 60]]
+    # the tie at t=10 in the other row order: the sequence follows the rows, not the item ids
+    swapped = EVENTS.take([0, 1, 4, 3, 2, 5, 6])
+    assert events_to_sequences(swapped)["item_ids"].to_pylist() == [[4, 3, 5, 7], [8, 9, 6]]
+    strings = swapped.set_column(0, "user_id", pa.array(["b", "a", "a", "b", "a", "a", "b"]))
+    assert events_to_sequences(strings)["item_ids"].to_pylist() == [[4, 3, 5, 7], [8, 9, 6]]
 
 
 def test_write_read_roundtrip_keeps_num_items(tmp_path):
