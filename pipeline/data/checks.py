@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import pyarrow.compute as pc
 
-from pipeline.data.sequences import SequenceData
-
-# rows of an item table: TorchRec's and faiss's row ids are fine far beyond this; a table this large
-# (2^31 rows x 64 dims fp32 = 512 GiB) is already beyond any one host
-MAX_NUM_ITEMS = 2**31
+from pipeline.data.sequences import SequenceData, check_num_items
 
 
 def check_sequences(data: SequenceData, source: str) -> SequenceData:
     """`data` if its item table size is sane and every row's item ids lie in 1..num_items-1 with one
     timestamp each; else ValueError, one line naming `source` (and the row)."""
-    n = data.num_items
-    if type(n) is not int or not 2 <= n <= MAX_NUM_ITEMS:
-        raise ValueError(f"{source}: num_items {str(n)[:40]} is not in 2..2^31 (rows of the item table)")
+    n = check_num_items(data.num_items, source)
     items, times = data.table["item_ids"], data.table["timestamps"]
     differs = pc.not_equal(pc.list_value_length(items), pc.list_value_length(times))
     if pc.any(differs).as_py():

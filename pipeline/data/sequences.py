@@ -38,6 +38,9 @@ PathOrURI = TypeVar("PathOrURI", str, Path)  # a writer returns what it was give
 EVENT_COLUMNS = ("user_id", "item_id", "timestamp")
 META_KEY = b"fuxi.meta"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024  # a manifest lists shards and days: far below this
+# rows of an item table: TorchRec's and faiss's row ids are fine far beyond this; a table this large
+# (2^31 rows x 64 dims fp32 = 512 GiB) is already beyond any one host
+MAX_NUM_ITEMS = 2**31
 
 # number of trailing items held out of training, and of the evaluation sequence, per protocol
 PROTOCOLS = {
@@ -148,20 +151,54 @@ def read_sequences(path: str | Path) -> SequenceData:
 
 def item_rows(path: str | Path) -> int:
     """`num_items` of a sequence file or shard directory without reading its sequences: the file's
-    metadata (or its largest item + 1, reading that column only), or the shard manifest's."""
+    metadata (or its largest item + 1, reading that column only), or the shard manifest's; checked as the
+    readers check it (a preset sized from crafted data is refused before a table is built)."""
     uri = os.fspath(path)
     if storage.is_file(uri):
+        shown = storage.display(uri)
         try:
-            meta = (open_parquet(uri).schema_arrow.metadata or {}).get(META_KEY)
+            raw = (open_parquet(uri).schema_arrow.metadata or {}).get(META_KEY)
         except storage.StorageError:
             raise
         except Exception as exc:  # pyarrow raises several types for corrupt files
-            raise ValueError(f"{storage.display(uri)}: not a readable Parquet file ({exc})") from exc
-        num_items = json.loads(meta).get("num_items") if meta else None
-        return int(num_items or _max_item(read_parquet(uri, columns=["item_ids"])) + 1)
+            raise ValueError(f"{shown}: not a readable Parquet file ({exc})") from exc
+        meta = _file_meta(raw, shown)
+        num_items = meta.get("num_items") or _max_item(read_parquet(uri, columns=["item_ids"])) + 1
+        return check_num_items(_integer_num_items(num_items, shown), shown)
     if storage.exists(uri):
-        return int(read_shard_manifest(uri)["num_items"])
+        return check_num_items(_manifest_num_items(read_shard_manifest(uri), uri), storage.display(uri))
     raise FileNotFoundError(f"sequence file {storage.display(uri)} does not exist")
+
+
+def check_num_items(n: int, source: str) -> int:
+    """`n` if it is a sane item table size (rows, padding row 0 included); else one line naming `source`."""
+    if type(n) is not int or not 2 <= n <= MAX_NUM_ITEMS:
+        raise ValueError(f"{source}: num_items {str(n)[:40]} is not in 2..2^31 (rows of the item table)")
+    return n
+
+
+def _file_meta(raw: bytes | None, shown: str) -> dict:
+    """A sequence file's `fuxi.meta`: bytes someone else wrote, so any failure is one line naming the file."""
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ValueError(f"{shown}: not a sequence file ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{shown}: not a sequence file ({META_KEY.decode()} is not a JSON object)")
+    return meta
+
+
+def _integer_num_items(num_items: Any, shown: str) -> int:
+    if type(num_items) is not int:
+        raise ValueError(f"{shown}: {META_KEY.decode()} num_items {str(num_items)[:40]!r} is not an integer")
+    return num_items
+
+
+def _manifest_num_items(manifest: dict, uri: str) -> int:
+    where = storage.display(storage.join(uri, SHARD_MANIFEST))
+    if not isinstance(manifest.get("shards"), list) or type(manifest.get("num_items")) is not int:
+        raise ValueError(f"{where}: expected an object with a list 'shards' and an integer 'num_items'")
+    return manifest["num_items"]
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
@@ -181,18 +218,14 @@ def _read_file(uri: str) -> SequenceData:
     missing = [f.name for f in SEQUENCE_SCHEMA if f.name not in table.column_names]
     if missing:
         raise ValueError(f"{shown}: not a sequence file, missing column(s) {missing}")
-    raw = (table.schema.metadata or {}).get(META_KEY)
-    try:  # bytes someone else wrote: any failure is one line naming the file
-        meta = json.loads(raw) if raw else {}
-        if not isinstance(meta, dict):
-            raise ValueError(f"{META_KEY.decode()} is not a JSON object")
+    meta = _file_meta((table.schema.metadata or {}).get(META_KEY), shown)
+    try:
         table = table.select([f.name for f in SEQUENCE_SCHEMA])
         table = table.cast(sequence_schema(table.schema.field("user_id").type))
         num_items = meta.get("num_items") or _max_item(table) + 1
-    except (ValueError, TypeError, RecursionError, pa.ArrowException) as exc:
+    except (ValueError, TypeError, pa.ArrowException) as exc:
         raise ValueError(f"{shown}: not a sequence file ({' '.join(str(exc).split())[:200]})") from None
-    if type(num_items) is not int:
-        raise ValueError(f"{shown}: {META_KEY.decode()} num_items {str(num_items)[:40]!r} is not an integer")
+    num_items = _integer_num_items(num_items, shown)
     return SequenceData(table=table, num_items=num_items, meta=meta, vocab=find_vocabulary(uri))
 
 
@@ -226,8 +259,7 @@ def _read_shard_dir(uri: str) -> SequenceData:
     """All shards of a directory in manifest order; num_items comes from the manifest."""
     manifest = read_shard_manifest(uri)
     where = storage.display(storage.join(uri, SHARD_MANIFEST))
-    if not isinstance(manifest.get("shards"), list) or type(manifest.get("num_items")) is not int:
-        raise ValueError(f"{where}: expected an object with a list 'shards' and an integer 'num_items'")
+    _manifest_num_items(manifest, uri)
     if not all(isinstance(s, dict) and isinstance(s.get("file"), str) for s in manifest["shards"]):
         raise ValueError(f"{where}: every shard must be an object with a string 'file'")
     names = [f.name for f in SEQUENCE_SCHEMA]
