@@ -33,7 +33,7 @@ def test_unknown_override_is_a_clear_error(capsys, tmp_path, monkeypatch):
 def test_unknown_amp_is_a_clear_error(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--preset", "tiny", "--set", "tracking.enabled=false", "--set", "amp=fp8"]) == 2
-    assert "fuxi: error: amp must be one of 'none', 'bf16' (got 'fp8')" in capsys.readouterr().err
+    assert "fuxi: error: amp must be one of 'auto', 'none', 'bf16' (got 'fp8')" in capsys.readouterr().err
 
 
 @pytest.mark.slow
