@@ -469,8 +469,18 @@ restart_service() {
   esac
 }
 
+# The box's daemons outlive this script: they must not inherit its caller's open files (a lock the caller
+# holds, a pipe a CI runner waits on to close). 255 is bash's own descriptor of this script.
+close_inherited_fds() {
+  local fd
+  for fd in $(ls /proc/$$/fd); do
+    if [ "$fd" -gt 2 ] && [ "$fd" != 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+}
+
 cmd=${1:-}
 shift || true
+case "$cmd" in up | start-host | restart) close_inherited_fds ;; esac
 case "$cmd" in
   up) box_up ;;
   down) box_down ;;
