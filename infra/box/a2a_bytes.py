@@ -10,6 +10,7 @@ to other ranks, the calls, and the mean bytes a step. FSDP2's all-gathers and re
 blocks) are not all-to-alls and are not counted.
 """
 
+import inspect
 import json
 import os
 import runpy
@@ -36,22 +37,25 @@ def _sent_to_peers(inp: torch.Tensor, input_split_sizes: list[int] | None, group
     return total - own
 
 
-def _counting(fn, input_pos: int, splits_name: str, splits_pos: int):
+def _counting(fn):
+    """`fn` with the bytes its input sends to other ranks added up (inside a training step)."""
+    sig = inspect.signature(fn)
+
     def wrapped(*args, **kwargs):
         if in_step:
-            inp = args[input_pos]
-            splits = kwargs.get(splits_name, args[splits_pos] if len(args) > splits_pos else None)
-            counts["bytes"] += _sent_to_peers(inp, splits, kwargs.get("group"))
+            bound = sig.bind(*args, **kwargs).arguments
+            inp = bound.get("input", bound.get("self"))
+            group = bound.get("group")
+            group = group if isinstance(group, dist.ProcessGroup) else None
+            counts["bytes"] += _sent_to_peers(inp, bound.get("input_split_sizes"), group)
             counts["calls"] += 1
         return fn(*args, **kwargs)
 
     return wrapped
 
 
-# dist.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group, async_op)
-dist.all_to_all_single = _counting(dist.all_to_all_single, 1, "input_split_sizes", 3)
-# funcol.all_to_all_single(self, output_split_sizes, input_split_sizes, group)
-funcol.all_to_all_single = _counting(funcol.all_to_all_single, 0, "input_split_sizes", 2)
+dist.all_to_all_single = _counting(dist.all_to_all_single)
+funcol.all_to_all_single = _counting(funcol.all_to_all_single)
 
 _train_step = Trainer.train_step
 
