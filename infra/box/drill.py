@@ -525,23 +525,28 @@ def table() -> None:
         return [json.loads(line) for line in path.open()] if path.exists() else []
 
     def ok(r: dict[str, Any]) -> str:
-        return "passed" if r["passed"] else f"FAILED: {r.get('error', '')}"
+        return "passed" if r["passed"] else f"FAILED: {cell(r.get('error', ''))}"
+
+    def cell(v: Any) -> str:  # a markdown table cell: no pipes, paths relative to the repo
+        return str(v).replace(f"{REPO}/", "").replace("|", "\\|")
 
     train_head = (
         "| trial | job | broken at (`latest`) | resumed from | Slurm requeues | torchrun restarts "
-        "| submit -> SUCCEEDED | losses vs uninterrupted | test metrics | MLflow runs | result |"
+        "| submit -> SUCCEEDED | losses vs uninterrupted | metrics on the server | test metrics "
+        "| MLflow runs | result |"
     )
     for drill in ("rank-kill", "host-loss", "mlflow-restart"):
         rs = rows(drill)
         if not rs:
             continue
-        print(f"\n`{drill}`\n\n{train_head}\n|{'---|' * 11}")
+        print(f"\n`{drill}`\n\n{train_head}\n|{'---|' * 12}")
         for r in rs:
             print(
                 f"| {r['trial']} | {r.get('job', '')} | step {r.get('broken_at_step', '?')} "
                 f"| `{Path(r.get('resumed_from', '') or '-').name}` | {r.get('requeues', '')} "
-                f"| {r.get('torchrun_restarts', '')} | {r.get('wall_s', '')} s | {r.get('losses', '')} "
-                f"| {r.get('test_metrics', '')} | {r.get('runs_named', '')} | {ok(r)} |"
+                f"| {r.get('torchrun_restarts', '')} | {r.get('wall_s', '')} s | {cell(r.get('losses', ''))} "
+                f"| {r.get('metrics', '')} | {r.get('test_metrics', '')} | {r.get('runs_named', '')} "
+                f"| {ok(r)} |"
             )
     rs = rows("ray-host-loss")
     if rs:
@@ -555,7 +560,7 @@ def table() -> None:
                 outcome += f": `{r.get('error_line', '')}`"
             print(
                 f"| {r['trial']} | {r.get('lost_after_s', '?')} s | {outcome} | {r.get('wall_s', '')} s "
-                f"| {r.get('published', '')} | {r.get('compare', '-')} | {ok(r)} |"
+                f"| {r.get('published', '')} | {cell(r.get('compare', '-'))} | {ok(r)} |"
             )
     rs = rows("cross")
     if rs:
