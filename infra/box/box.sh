@@ -10,6 +10,7 @@
 #   infra/box/box.sh env                 the client environment (SLURM_CONF, MLFLOW_TRACKING_URI, ...)
 #   infra/box/box.sh kill-host HOST      SIGKILL every process on HOST (slurmd and Ray included): a lost host
 #   infra/box/box.sh start-host HOST     bring a lost worker host back (its slurmd and Ray worker)
+#   infra/box/box.sh restart mlflow [S]  stop the tracking server, start it again S seconds later
 #
 # Env: BOX_DIR (state: configs, data, logs; default <repo>/runs/box), BOX_WORKERS (2), BOX_SUBNET (10.77.0:
 # the /24 used only inside the box's namespaces; nothing is routed out of it). Needs root and the packages
@@ -305,6 +306,7 @@ start_mlflow() {
   pw=$(secret mlflowdb)
   on head bash -c "MLFLOW_BACKEND=postgres MLFLOW_DB_URI='postgresql+psycopg2://mlflow:$pw@127.0.0.1:$PG_PORT/mlflow' \
     MLFLOW_HOME='$BOX_DIR/mlflow' MLFLOW_HOST=$HEAD_IP MLFLOW_PORT=$MLFLOW_PORT MLFLOW_WORKERS=1 \
+    MLFLOW_AUTH=basic MLFLOW_AUTH_ADMIN_PASSWORD='$(secret mlflow_admin)' \
     MLFLOW_ALLOWED_HOSTS='head:$MLFLOW_PORT,$HEAD_IP:$MLFLOW_PORT' \
     setsid infra/mlflow_server.sh </dev/null >'$LOG/mlflow.log' 2>&1 & echo \$! > '$BOX_DIR/mlflow/server.pid'"
   WAIT_PID=$(cat "$BOX_DIR/mlflow/server.pid") wait_for "mlflow server" 120 mlflow_ready
@@ -332,6 +334,10 @@ BOX_ENV=(
   "LANG=C.UTF-8"
   "SLURM_CONF=$ETC/slurm.conf"
   "MLFLOW_TRACKING_URI=http://head:$MLFLOW_PORT"
+  # the tracking server runs MLflow's basic-auth app (infra/mlflow_server.sh: off loopback it must); the
+  # box's clients and jobs use its admin account, whose password box-up generated
+  "MLFLOW_TRACKING_USERNAME=admin"
+  "MLFLOW_TRACKING_PASSWORD=$(secret mlflow_admin)"
   "RAY_ADDRESS=$HEAD_IP:$RAY_PORT"
   "TORCHXCONFIG=$REPO/infra/box/.torchxconfig"
   "RAY_USAGE_STATS_ENABLED=0"
@@ -442,8 +448,39 @@ start_worker_host() {
   say "host $h back"
 }
 
+# restart SERVICE [SECONDS]: stop a head service, leave it down SECONDS (default 0), start it again.
+# mlflow: the tracking server (SIGTERM to its process group: the gunicorn/uvicorn workers with it)
+restart_service() {
+  local svc=$1 down=${2:-0} pid
+  case "$svc" in
+    mlflow)
+      pid=$(cat "$BOX_DIR/mlflow/server.pid" 2>/dev/null) || die "restart mlflow: no server pid file"
+      kill -TERM -- "-$pid" 2>/dev/null || true
+      for _ in $(seq 1 30); do
+        [ -e "/proc/$pid" ] || break
+        sleep 1
+      done
+      [ ! -e "/proc/$pid" ] || kill -KILL -- "-$pid" 2>/dev/null || true
+      say "mlflow server stopped"
+      sleep "$down"
+      start_mlflow
+      ;;
+    *) die "restart: only mlflow" ;;
+  esac
+}
+
+# The box's daemons outlive this script: they must not inherit its caller's open files (a lock the caller
+# holds, a pipe a CI runner waits on to close). 255 is bash's own descriptor of this script.
+close_inherited_fds() {
+  local fd
+  for fd in $(ls /proc/$$/fd); do
+    if [ "$fd" -gt 2 ] && [ "$fd" != 255 ]; then eval "exec $fd>&-" 2>/dev/null || true; fi
+  done
+}
+
 cmd=${1:-}
 shift || true
+case "$cmd" in up | start-host | restart) close_inherited_fds ;; esac
 case "$cmd" in
   up) box_up ;;
   down) box_down ;;
@@ -455,5 +492,6 @@ case "$cmd" in
     ;;
   kill-host) kill_host "${1:?usage: box.sh kill-host HOST}" ;;
   start-host) start_worker_host "${1:?usage: box.sh start-host HOST}" ;;
-  *) die "usage: box.sh up|down|status|env|exec HOST CMD...|kill-host HOST|start-host HOST" ;;
+  restart) restart_service "${1:?usage: box.sh restart mlflow [SECONDS]}" "${2:-0}" ;;
+  *) die "usage: box.sh up|down|status|env|exec HOST CMD...|kill-host HOST|start-host HOST|restart mlflow [SECONDS]" ;;
 esac

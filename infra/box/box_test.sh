@@ -16,9 +16,12 @@ on() { "$BOX" exec "$@"; }
 step() { echo "== box-test: $*" >&2; }
 fail() { echo "box-test FAILED: $*" >&2; exit 1; }
 
+# the box needs root and network namespaces; a machine without them says so in one line (CI: CI_SKIP_BOX=1)
+[ "$(id -u)" -eq 0 ] || fail "needs root (network namespaces, Debian packages); CI_SKIP_BOX=1 skips it in .ci/run"
+ip netns list >/dev/null 2>&1 || fail "'ip netns' does not work here; CI_SKIP_BOX=1 skips it in .ci/run"
 infra/box/install.sh
+[ "${BOX_KEEP:-0}" = 1 ] || trap '"$BOX" down' EXIT  # also when box up fails half-way
 "$BOX" up
-[ "${BOX_KEEP:-0}" = 1 ] || trap '"$BOX" down' EXIT
 on head scancel --full --user root  # jobs left queued by an earlier run (Slurm's state outlives box down)
 
 ID=bt$(date +%s)               # job and data names of this run: a rerun never resumes an earlier one
@@ -26,6 +29,20 @@ EPOCHS=${BOX_TEST_EPOCHS:-12}  # tiny: 2 steps an epoch, a checkpoint at each ep
 JOB_ARGS=(--preset tiny --epochs "$EPOCHS" parallel.sharding_types=row_wise tracking.log_every_steps=1)
 OUT=runs/box-test/$ID
 mkdir -p "$OUT"
+
+step "0. Ray on the bridge: node addresses 10.77.0.x, no other address in any host"
+# Ray's GCS and raylets listen on the wildcard address (Ray has no setting for theirs; the workers and
+# agents bind the node IP): what bounds them is the namespace, whose only addresses are loopback, the
+# bridge address and its link-local IPv6. `ss -ltnp` per host goes to the log.
+for h in head w1 w2; do
+  other=$(ip -n "fuxibox-$h" -o addr show | awk '{print $4}' | grep -Ev '^(127\.0\.0\.1/8|::1/128|10\.77\.0\.[0-9]+/24|fe80:.*)$' || true)
+  [ -z "$other" ] || fail "host $h has an address off the bridge: $other"
+  ip netns exec "fuxibox-$h" ss -ltnp > "$OUT/listeners-$h.txt"
+done
+nodes=$(on head python -c "import ray; ray.init(logging_level='ERROR')
+print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive'])))" | tail -1)
+[ "$nodes" = "10.77.0.10 10.77.0.11 10.77.0.12" ] || fail "Ray node addresses '$nodes', not the bridge's"
+echo "Ray nodes on $nodes; each host's addresses: loopback and its bridge address only" >&2
 
 STEPS=" ${BOX_TEST_STEPS:-1 2 3} "
 want() { [[ $STEPS == *" $1 "* ]]; }
@@ -95,16 +112,20 @@ step "2. sequence build on the Ray cluster vs a local Ray"
 D=runs/box-test/$ID/data
 on head fuxi data synth-logs --out "$D/logs" --users 300 --items 200 --days 3 --events 6000 >/dev/null 2>&1 \
   || fail "fuxi data synth-logs failed"
+RAY_HEAD=$(on head printenv RAY_ADDRESS)
 for where in ray local; do
-  unset_ray=()
-  [ "$where" = local ] && unset_ray=(env -u RAY_ADDRESS)   # no RAY_ADDRESS: a local Ray inside the head
-  on head "${unset_ray[@]}" fuxi data build-sequences --logs "$D/logs" --out "$D/seq-$where" --partitions 4 \
-    --dates 2024-01-01,2024-01-02 > "$OUT/build-$where.log" 2>&1 || fail "build-sequences ($where) failed ($OUT/build-$where.log)"
-  on head "${unset_ray[@]}" fuxi data append-day --logs "$D/logs" --date 2024-01-03 --sequences "$D/seq-$where" \
-    > "$OUT/append-$where.log" 2>&1 || fail "append-day ($where) failed ($OUT/append-$where.log)"
+  # no RAY_ADDRESS in either: the cluster is named by --ray-address; without it, a local Ray inside the head
+  join=()
+  [ "$where" = ray ] && join=(--ray-address "$RAY_HEAD")
+  on head env -u RAY_ADDRESS fuxi data build-sequences --logs "$D/logs" --out "$D/seq-$where" --partitions 4 \
+    --dates 2024-01-01,2024-01-02 "${join[@]}" > "$OUT/build-$where.log" 2>&1 || fail "build-sequences ($where) failed ($OUT/build-$where.log)"
+  on head env -u RAY_ADDRESS fuxi data append-day --logs "$D/logs" --date 2024-01-03 --sequences "$D/seq-$where" \
+    "${join[@]}" > "$OUT/append-$where.log" 2>&1 || fail "append-day ($where) failed ($OUT/append-$where.log)"
 done
-grep -q "Connecting to existing Ray cluster at address: 10.77.0.10" "$OUT/build-ray.log" \
-  || fail "build-sequences did not join the box's Ray cluster ($OUT/build-ray.log)"
+for f in build append; do
+  grep -q "Connecting to existing Ray cluster at address: $RAY_HEAD" "$OUT/$f-ray.log" \
+    || fail "$f with --ray-address $RAY_HEAD did not join the box's Ray cluster ($OUT/$f-ray.log)"
+done
 on head python infra/box/compare_sequences.py "$D/seq-ray" "$D/seq-local" || fail "Ray-cluster build differs from the local build"
 fi
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -120,6 +121,14 @@ def cmd_data_synth_logs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join_ray(args: argparse.Namespace) -> None:
+    """--ray-address: the Ray cluster the data path joins. It is handed on as RAY_ADDRESS, which the data
+    path reads (pipeline/data/stream.py:ensure_ray), so the flag and the variable mean the same; the flag
+    wins when both are set."""
+    if args.ray_address:
+        os.environ["RAY_ADDRESS"] = args.ray_address
+
+
 def cmd_data_build_sequences(args: argparse.Namespace) -> int:
     from pipeline.data.build import BuildConfig, build_sequences
     from pipeline.data.ingest import IngestRules
@@ -138,6 +147,7 @@ def cmd_data_build_sequences(args: argparse.Namespace) -> int:
         min_count=args.min_count,
     )
     dates = args.dates.split(",") if args.dates else None
+    _join_ray(args)
     with ray_session():  # no Ray process outlives this command, also when it is stopped
         print(build_sequences(args.logs, args.out, cfg, dates=dates).summary())
     return 0
@@ -147,6 +157,7 @@ def cmd_data_append_day(args: argparse.Namespace) -> int:
     from pipeline.data.build import append_day
     from pipeline.data.stream import ray_session
 
+    _join_ray(args)
     with ray_session():
         print(append_day(args.logs, args.date, args.sequences).summary())
     return 0
@@ -238,10 +249,20 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--event-types", help="comma-separated event types that count as interactions (default: all)"
     )
     p.add_argument("--dates", help="comma-separated YYYY-MM-DD subset of the log days (default: all)")
+    _ray_address_option(p)
     p.set_defaults(func=cmd_data_build_sequences)
 
     p = data.add_parser("append-day", help="merge one day of logs into sequence shards (no-op if applied)")
     p.add_argument("--logs", required=True)
     p.add_argument("--date", required=True, help="YYYY-MM-DD")
     p.add_argument("--sequences", required=True)
+    _ray_address_option(p)
     p.set_defaults(func=cmd_data_append_day)
+
+
+def _ray_address_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray-address",
+        help="join this Ray cluster (HOST:PORT of its head); default: RAY_ADDRESS if set, else a local Ray "
+        "shut down after the command",
+    )

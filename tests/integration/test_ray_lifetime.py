@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -42,3 +43,45 @@ def test_stopped_build_leaves_no_ray_process(sig: signal.Signals, tmp_path: Path
         p.kill()
     assert not alive, [p.name() for p in alive]
     assert not (tmp_path / "seq" / "manifest.json").exists()  # stopped before its commit: nothing published
+
+
+def test_data_commands_join_the_cluster_named_by_ray_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--ray-address` makes build-sequences and append-day join that cluster (not start a local Ray), also
+    with no RAY_ADDRESS in the environment; the cluster outlives the commands."""
+    import os
+
+    import ray
+
+    cli = [sys.executable, "-m", "jobs.cli", "data"]
+    logs, seq = str(tmp_path / "logs"), str(tmp_path / "seq")
+    subprocess.run(
+        [*cli, "synth-logs", "--out", logs, "--users", "200", "--items", "100", "--days", "2",
+         "--events", "3000"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the commands and this cluster share no token file
+    env = dict(os.environ)
+    ray.init(num_cpus=1, include_dashboard=False)
+    try:
+        address = ray.get_runtime_context().gcs_address
+        runs = [
+            [*cli, "build-sequences", "--logs", logs, "--out", seq, "--dates", "2024-01-01"],
+            [*cli, "append-day", "--logs", logs, "--date", "2024-01-02", "--sequences", seq],
+        ]
+        for argv in runs:
+            done = subprocess.run(
+                [*argv, "--ray-address", address], env=env, capture_output=True, text=True, timeout=300
+            )
+            assert done.returncode == 0, done.stderr[-2000:]
+            joined = f"Connecting to existing Ray cluster at address: {address}"
+            assert joined in done.stderr, done.stderr[-2000:]
+            assert "Started a local Ray instance" not in done.stderr
+        assert sum(1 for n in ray.nodes() if n["Alive"]) == 1  # the test's cluster is still up
+    finally:
+        ray.shutdown()
+    manifest = json.loads((tmp_path / "seq" / "manifest.json").read_text())
+    assert "2024-01-02" in json.dumps(manifest), manifest
