@@ -29,6 +29,11 @@ MLFLOW_PORT=5000
 RAY_PORT=6379
 PG_PORT=5432
 MYSQL_PORT=3306
+WEED_MASTER_PORT=9333             # SeaweedFS: master on the head, a volume server per worker, filer + S3 on
+WEED_VOLUME_PORT=8080             # the head; each also serves gRPC on its port + 10000
+WEED_FILER_PORT=8888
+S3_PORT=8333
+S3_BUCKET=box
 
 hosts() { echo head; for i in $(seq 1 "$WORKERS"); do echo "w$i"; done; }
 workers() { for i in $(seq 1 "$WORKERS"); do echo "w$i"; done; }
@@ -325,6 +330,56 @@ start_ray_worker() {
     --disable-usage-stats >"$LOG/ray-$1.log" 2>&1 || die "ray worker on $1 failed to start (log: $LOG/ray-$1.log)"
 }
 
+# SeaweedFS across the hosts: the master and the filer with its S3 gateway on the head, a volume server on
+# each worker (objects live on the workers' disks), one identity whose keys box-up generated.
+start_weed_master() {
+  mkdir -p "$BOX_DIR/seaweedfs/master"
+  on head setsid weed master -ip="$HEAD_IP" -ip.bind="$HEAD_IP" -port="$WEED_MASTER_PORT" \
+    -mdir="$BOX_DIR/seaweedfs/master" -volumeSizeLimitMB=64 -telemetry=false \
+    </dev/null >"$LOG/weed-master.log" 2>&1 &
+}
+start_weed_volume() {
+  mkdir -p "$BOX_DIR/seaweedfs/volume-$1"
+  on "$1" setsid weed volume -ip="$(host_ip "$1")" -ip.bind="$(host_ip "$1")" -port="$WEED_VOLUME_PORT" \
+    -dir="$BOX_DIR/seaweedfs/volume-$1" -max=20 -mserver="$HEAD_IP:$WEED_MASTER_PORT" -preStopSeconds=0 \
+    </dev/null >"$LOG/weed-volume-$1.log" 2>&1 &
+}
+start_weed_filer() {
+  local conf=$BOX_DIR/secrets/s3_identities.json
+  (umask 077 && printf '{"identities": [{"name": "box", "credentials": [{"accessKey": "%s", "secretKey": "%s"}], "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}' \
+    "box-$(secret s3_access)" "$(secret s3_secret)" > "$conf")
+  mkdir -p "$BOX_DIR/seaweedfs/filer"
+  on head bash -c "cd '$BOX_DIR/seaweedfs/filer' && exec setsid weed filer -ip=$HEAD_IP -ip.bind=$HEAD_IP \
+    -port=$WEED_FILER_PORT -master=$HEAD_IP:$WEED_MASTER_PORT -s3 -s3.port=$S3_PORT -s3.config='$conf' \
+    -s3.port.iceberg=0 -s3.port.lance=0 -s3.autoCreateBucket=false" </dev/null >"$LOG/weed-filer.log" 2>&1 &
+}
+# the gateway answers with the box's keys and its bucket exists (created on first start)
+s3_ready() {
+  probe head python -c "
+import botocore.session, sys
+c = botocore.session.Session().create_client('s3')
+try:
+    c.head_bucket(Bucket='$S3_BUCKET')
+except Exception as e:
+    if 'Not Found' not in str(e) and '404' not in str(e):
+        raise
+    c.create_bucket(Bucket='$S3_BUCKET')
+"
+}
+weed_volumes_ready() {  # every worker's volume server has registered with the master
+  local n
+  n=$(probe head curl -sf "http://$HEAD_IP:$WEED_MASTER_PORT/dir/status" | python3 -c \
+    'import json, sys; t = json.load(sys.stdin)["Topology"]; print(sum(len(r["DataNodes"]) for dc in t["DataCenters"] for r in dc["Racks"]))' 2>/dev/null) || return 1
+  [ "$n" -ge "$WORKERS" ]
+}
+start_seaweedfs() {
+  start_weed_master
+  for h in $(workers); do start_weed_volume "$h"; done
+  wait_for "seaweedfs volume servers ($WORKERS)" 60 weed_volumes_ready
+  start_weed_filer
+  wait_for "seaweedfs s3 http://head:$S3_PORT (bucket $S3_BUCKET)" 60 s3_ready
+}
+
 # the environment of every process in the box (services and clients)
 BOX_ENV=(
   "PATH=$VENV/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -345,6 +400,11 @@ BOX_ENV=(
   "RAY_AUTH_MODE=token"
   "RAY_AUTH_TOKEN_PATH=$BOX_DIR/secrets/ray_token"
   "OMP_NUM_THREADS=1"
+  # the box's object store (SeaweedFS, S3 API): s3://box/... from every host
+  "AWS_ENDPOINT_URL=http://$HEAD_IP:$S3_PORT"
+  "AWS_ACCESS_KEY_ID=box-$(secret s3_access)"
+  "AWS_SECRET_ACCESS_KEY=$(secret s3_secret)"
+  "AWS_DEFAULT_REGION=us-east-1"
 )
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -366,6 +426,8 @@ box_status() {
   check postgresql postgres_ready
   check "mlflow http://head:$MLFLOW_PORT" mlflow_ready
   check "ray $HEAD_IP:$RAY_PORT ($(hosts | wc -l) nodes)" ray_ready
+  check "seaweedfs volume servers ($WORKERS)" weed_volumes_ready
+  check "seaweedfs s3 http://head:$S3_PORT (bucket $S3_BUCKET)" s3_ready
   return $ok
 }
 
@@ -392,6 +454,7 @@ box_up() {
   start_ray_head
   for h in $(workers); do start_ray_worker "$h"; done
   wait_for "ray cluster" 60 ray_ready
+  start_seaweedfs
   box_env > "$BOX_DIR/env.sh"
   say "up: head $HEAD_IP, workers $(for h in $(workers); do printf '%s=%s ' "$h" "$(host_ip "$h")"; done)(logs: $LOG)"
 }
@@ -444,6 +507,7 @@ start_worker_host() {
   host_alive "$h" || start_host "$h"
   start_slurmd "$h"
   start_ray_worker "$h"
+  start_weed_volume "$h"
   wait_for "slurmd on $h" 60 slurmd_ready "$h"
   say "host $h back"
 }

@@ -3,7 +3,8 @@
 #   1. a 2-host TorchX Slurm job (one rank per worker host, gloo over the bridge, the item table row-wise
 #      across the hosts, FSDP2 over the blocks); `torchx status` / `torchx log` on it; its per-step losses
 #      equal the same job's with 2 ranks on one host (local_cwd);
-#   2. `fuxi data build-sequences` + `append-day` on the Ray cluster equal the same commands on a local Ray;
+#   2. `fuxi data build-sequences` + `append-day` on the Ray cluster equal the same commands on a local Ray,
+#      also written to the box's object store (s3://box on SeaweedFS);
 #   3. a lost worker host mid-job (every process in its namespace, slurmd included; back 20 s later):
 #      Slurm requeues, the job resumes from its last complete checkpoint in the same MLflow run, and its
 #      losses equal the uninterrupted job's;
@@ -127,6 +128,13 @@ for f in build append; do
     || fail "$f with --ray-address $RAY_HEAD did not join the box's Ray cluster ($OUT/$f-ray.log)"
 done
 on head python infra/box/compare_sequences.py "$D/seq-ray" "$D/seq-local" || fail "Ray-cluster build differs from the local build"
+# the same build on the Ray cluster, written to the box's object store (SeaweedFS: volumes on w1 and w2)
+S3=s3://box/box-test/$ID/seq
+on head env -u RAY_ADDRESS fuxi data build-sequences --logs "$D/logs" --out "$S3" --partitions 4 \
+  --dates 2024-01-01,2024-01-02 --ray-address "$RAY_HEAD" > "$OUT/build-s3.log" 2>&1 || fail "build-sequences to $S3 failed ($OUT/build-s3.log)"
+on head env -u RAY_ADDRESS fuxi data append-day --logs "$D/logs" --date 2024-01-03 --sequences "$S3" \
+  --ray-address "$RAY_HEAD" > "$OUT/append-s3.log" 2>&1 || fail "append-day on $S3 failed ($OUT/append-s3.log)"
+on head python infra/box/compare_sequences.py "$S3" "$D/seq-local" || fail "the build on S3 differs from the local build"
 fi
 
 if want 3; then

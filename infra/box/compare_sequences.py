@@ -1,6 +1,7 @@
 """Check that two sequence shard directories (`fuxi data build-sequences` / `append-day`) hold the same data.
 
     python infra/box/compare_sequences.py runs/box-data/seq-ray runs/box-data/seq-local
+    python infra/box/compare_sequences.py s3://box/seq runs/box-data/seq-local   # any two URIs
 
 Same partitions, same vocabulary, and per partition the same rows (compared sorted, since the row order
 inside a shard may follow task completion). Exits 1 with one line naming the first difference.
@@ -8,20 +9,21 @@ inside a shard may follow task completion). Exits 1 with one line naming the fir
 
 import json
 import sys
-from pathlib import Path
 
-import pyarrow.parquet as pq
+import storage
+from pipeline.data.sequences import read_parquet
 
 
-def manifest(d: Path) -> dict:
+def manifest(d: str) -> dict:
+    uri = storage.join(d, "manifest.json")
     try:
-        return json.loads((d / "manifest.json").read_text())
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"{d}/manifest.json: {e}") from None
+        return json.loads(storage.read_bytes(uri))
+    except (storage.StorageError, ValueError) as e:
+        raise SystemExit(f"{storage.display(uri)}: {e}") from None
 
 
-def table(path: Path):
-    t = pq.read_table(path)
+def table(uri: str):
+    t = read_parquet(uri)
     keys = [name for name in t.column_names if not _is_list(t.schema.field(name).type)]
     return t.sort_by([(name, "ascending") for name in keys])
 
@@ -34,7 +36,7 @@ def main() -> int:
     if len(sys.argv) != 3:
         print(__doc__, file=sys.stderr)
         return 2
-    a, b = Path(sys.argv[1]), Path(sys.argv[2])
+    a, b = sys.argv[1], sys.argv[2]
     ma, mb = manifest(a), manifest(b)
     for key in ("num_items", "num_partitions", "max_length", "generation"):
         if ma.get(key) != mb.get(key):
@@ -50,7 +52,7 @@ def main() -> int:
     files.append((ma["vocab"]["file"], mb["vocab"]["file"]))
     rows = 0
     for fa, fb in files:
-        ta, tb = table(a / fa), table(b / fb)
+        ta, tb = table(storage.join(a, fa)), table(storage.join(b, fb))
         if not ta.equals(tb):
             print(f"{fa}: contents differ ({ta.num_rows} vs {tb.num_rows} rows)", file=sys.stderr)
             return 1
