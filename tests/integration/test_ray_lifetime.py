@@ -45,14 +45,25 @@ def test_stopped_build_leaves_no_ray_process(sig: signal.Signals, tmp_path: Path
     assert not (tmp_path / "seq" / "manifest.json").exists()  # stopped before its commit: nothing published
 
 
+CLUSTER = """
+import sys
+import ray
+
+ray.init(num_cpus=1, include_dashboard=False)
+print(ray.get_runtime_context().gcs_address, flush=True)
+if sys.stdin.readline():
+    print(sum(1 for n in ray.nodes() if n["Alive"]), flush=True)
+    sys.stdin.read()
+ray.shutdown()
+"""
+
+
 def test_data_commands_join_the_cluster_named_by_ray_address(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`--ray-address` makes build-sequences and append-day join that cluster (not start a local Ray), also
     with no RAY_ADDRESS in the environment; the cluster outlives the commands."""
     import os
-
-    import ray
 
     cli = [sys.executable, "-m", "jobs.cli", "data"]
     logs, seq = str(tmp_path / "logs"), str(tmp_path / "seq")
@@ -65,9 +76,15 @@ def test_data_commands_join_the_cluster_named_by_ray_address(
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the commands and this cluster share no token file
     env = dict(os.environ)
-    ray.init(num_cpus=1, include_dashboard=False)
+    # the cluster lives in its own process: a Ray started inside the test process leaves state behind that
+    # breaks the next test's local Ray (its GCS then wants a token the driver does not send)
+    cluster = subprocess.Popen(
+        [sys.executable, "-c", CLUSTER], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert cluster.stdin is not None and cluster.stdout is not None
     try:
-        address = ray.get_runtime_context().gcs_address
+        address = cluster.stdout.readline().strip()
+        assert address, "the test's Ray cluster did not start"
         runs = [
             [*cli, "build-sequences", "--logs", logs, "--out", seq, "--dates", "2024-01-01"],
             [*cli, "append-day", "--logs", logs, "--date", "2024-01-02", "--sequences", seq],
@@ -80,8 +97,14 @@ def test_data_commands_join_the_cluster_named_by_ray_address(
             joined = f"Connecting to existing Ray cluster at address: {address}"
             assert joined in done.stderr, done.stderr[-2000:]
             assert "Started a local Ray instance" not in done.stderr
-        assert sum(1 for n in ray.nodes() if n["Alive"]) == 1  # the test's cluster is still up
+        cluster.stdin.write("nodes\n")
+        cluster.stdin.flush()
+        assert cluster.stdout.readline().strip() == "1"  # the test's cluster is still up, one node alive
     finally:
-        ray.shutdown()
+        cluster.stdin.close()
+        try:
+            cluster.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            cluster.kill()
     manifest = json.loads((tmp_path / "seq" / "manifest.json").read_text())
     assert "2024-01-02" in json.dumps(manifest), manifest
