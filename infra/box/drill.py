@@ -159,9 +159,11 @@ def torchrun_restarts(logs: Path) -> int:
 
 
 def requeues(job: int) -> int:
-    """Attempts that ended REQUEUED, from the accounting (-D: every attempt is a record of its own)."""
+    """Attempts that ended REQUEUED, from the accounting (-D: every attempt is a record of its own). A
+    heterogeneous job (TorchX, one component a node) has a record per component: count component 0."""
     out = on("head", "sacct", "-n", "-D", "-X", "-j", str(job), "-o", "JobID%20,State")
-    return sum(1 for line in out.splitlines() if line.split()[1:2] == ["REQUEUED"])
+    rows = [line.split() for line in out.splitlines() if line.strip()]
+    return sum(1 for r in rows if r[1:2] == ["REQUEUED"] and ("+" not in r[0] or r[0].endswith("+0")))
 
 
 def nodes_of(job: int) -> str:
