@@ -40,9 +40,10 @@ def snapshot(db: Path, workdir: Path) -> dict:
 
 
 def events(workdir: Path, date: str) -> list[str]:
-    from jobs.nightly import NightlyConfig, read_events
-
-    return [e["event"] for e in read_events(NightlyConfig(date=date, workdir=workdir))]
+    """The date's audit events, oldest first: one JSON object each in `state/<date>.events/`, named by time
+    (jobs.nightly.read_events; read here by hand, since this venv is Airflow's, without the project)."""
+    folder = workdir / "state" / f"{date}.events"
+    return [json.loads(p.read_text())["event"] for p in sorted(folder.glob("*.json"))]
 
 
 def main() -> int:
