@@ -107,14 +107,19 @@ start_host() {
   fi
   # the anchor: own hostname and mounts, then sleeps; its pid names the host's namespaces
   # (setsid: its own session, out of reach of a signal to the caller's process group)
+  # A repository under /tmp (a clone in a temporary folder) would vanish under the host's own /tmp: the
+  # anchor keeps it open as its working directory and binds it back at the same path.
   setsid nsenter --net="/run/netns/$ns" -- unshare --uts --mount --propagation private -- bash -c '
     set -e
     hostname "$0"
     mount --bind "$1/hosts" /etc/hosts
     mount --bind "$1/resolv.conf" /etc/resolv.conf
-    mount --bind "$2" /tmp
     mount --bind "$3" /run/munge
-    exec sleep infinity' "$h" "$ETC" "$dir/tmp" "$BOX_DIR/munge" </dev/null >/dev/null 2>"$LOG/anchor-$h.log" &
+    cd "$4"
+    mount --bind "$2" /tmp
+    case "$4" in /tmp/*) mkdir -p "$4" && mount --no-canonicalize --bind /proc/self/cwd "$4" ;; esac
+    cd /
+    exec sleep infinity' "$h" "$ETC" "$dir/tmp" "$BOX_DIR/munge" "$REPO" </dev/null >/dev/null 2>"$LOG/anchor-$h.log" &
   echo $! > "$dir/anchor.pid"
   wait_for "host $h" 10 host_alive "$h"
 }
