@@ -91,7 +91,7 @@ CASES = [
     ("field-tracking-uri", "s.yaml", "tracking.uri: {type: categorical, choices: ['http://evil']}\n",
      SP + r"'tracking\.uri': not a hyperparameter \(a name, path or URI\); tune numbers, flags and fixed "
      r"choices"),
-    ("field-init-checkpoint", "s.yaml", "init_checkpoint: {type: categorical, choices: [../elsewhere/ckpt]}\n",
+    ("field-init-checkpoint", "s.yaml", "init_checkpoint: {type: categorical, choices: [../other/ck]}\n",
      SP + r"'init_checkpoint': not a hyperparameter \(a name, path or URI\); tune numbers, flags and "
      r"fixed choices"),
     # distributions
