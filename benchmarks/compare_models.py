@@ -10,14 +10,20 @@ table and a plot of test NDCG@10 at the validation-selected epoch, mean ± std o
     # a variant beside the default: its rows are "fuxi no-ts" in the table
     python benchmarks/compare_models.py --data a.parquet --models fuxi --set model.channels=pos,sem \
         --label no-ts --out runs/compare/no_ts
+    # a global time split instead of leave-one-out: valid and test are the data's last two 14-day windows
+    python benchmarks/compare_models.py --data ml-100k.parquet --protocol temporal \
+        --set data.cut=end --set data.window_seconds=1209600 --out runs/compare/time_split
     # one table and plot from runs written earlier (OUT.json files)
     python benchmarks/compare_models.py --combine a.json b.json --out runs/compare/all
 
 With `auto` every model gets its own generic recipe (pipeline/train/recipe.py `RECIPES`); with a plain preset
 name every model gets that preset and `model.architecture=<model>`. `--users N`
 trains on a seeded subsample of N users of each file (benchmarks/diagnose_fuxi.py). Every run is a
-`fuxi train`-equivalent in this process (pipeline.train.run), validated protocol, tracking off; the
-wall time to the selected epoch is its epochs times the run's mean seconds per epoch.
+`fuxi train`-equivalent in this process (pipeline.train.run), tracking off, under `--protocol`: "validated"
+(leave-one-out: select on each user's second-to-last item, report the last) or "temporal" (a global time
+cut, `data.cut` / `data.window_seconds`: select on the window after the cut, report the next one). The wall
+time to the selected epoch is its epochs times the run's mean seconds per epoch. Below the table, each
+model's paired difference against the first model (same data, same seeds): mean ± standard error.
 """
 
 from __future__ import annotations
@@ -43,13 +49,15 @@ MODELS = get_args(Architecture)  # every architecture the harness builds
 DEFAULT_MODELS = ("fuxi", "hstu", "sasrec", "esasrec")
 
 
-def make_config(preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path):
+def make_config(
+    preset: str, model: str, data: str, seed: int, overrides: list[str], work: Path, protocol="validated"
+):
     from pipeline.train.config import apply_overrides, validate
     from pipeline.train.presets import AUTO, get_preset
 
     named = preset.format(model=model)
     cfg = get_preset(named, data, model if named == AUTO else None)  # auto: the model's own recipe
-    cfg.data.protocol = "validated"
+    cfg.data.protocol = protocol
     cfg.seed = seed
     cfg.tracking.enabled = False
     cfg.progress = False
@@ -80,7 +88,7 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
     return out
 
 
-def markdown(summary: dict[tuple[str, str], dict], title: str) -> str:
+def markdown(summary: dict[tuple[str, str], dict], title: str, rows: list[dict]) -> str:
     lines = [
         f"### {title}",
         "",
@@ -94,7 +102,34 @@ def markdown(summary: dict[tuple[str, str], dict], title: str) -> str:
             f"| {s['test_mean']:.4f} ± {s['test_std']:.4f} | {s['hr_mean']:.4f} | {s['valid_mean']:.4f} "
             f"| {', '.join(map(str, s['selected']))} | {s['to_selected_s']:.0f} | {s['wall_s']:.0f} |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + paired_differences(rows)) + "\n"
+
+
+def paired_differences(rows: list[dict]) -> list[str]:
+    """Test NDCG@10 of the first model minus each other model's, paired by data and seed: mean ± standard
+    error of the per-seed differences (the seed's users and initial state are shared, so pairing removes
+    the part of the noise both runs see)."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    if len(models) < 2:
+        return []
+    first = models[0]
+    by = {(r["data"], r["model"], r["seed"]): r["test_ndcg_at_10"] for r in rows}
+    lines = ["", f"Paired by seed, test NDCG@10 of {first} minus each model's (mean ± standard error):", ""]
+    lines += ["| data | model | differences per seed | mean ± s.e. | seeds where " + first + " leads |"]
+    lines += ["|---|---|---|---|---|"]
+    for data in dict.fromkeys(r["data"] for r in rows):
+        for model in models[1:]:
+            seeds = sorted({r["seed"] for r in rows if (r["data"], r["model"]) == (data, model)})
+            paired = [s for s in seeds if (data, first, s) in by]
+            diffs = np.array([by[data, first, s] - by[data, model, s] for s in paired])
+            if len(diffs) == 0:
+                continue
+            se = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else 0.0
+            lines.append(
+                f"| {data} | {model} | {', '.join(f'{d:+.4f}' for d in diffs)} "
+                f"| {diffs.mean():+.4f} ± {se:.4f} | {int((diffs > 0).sum())} of {len(diffs)} |"
+            )
+    return lines
 
 
 def plot(summary: dict[tuple[str, str], dict], title: str, path: Path) -> None:
@@ -138,6 +173,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="auto", help="a preset, 'auto', or a pattern with {model}")
     parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument(
+        "--protocol",
+        choices=["validated", "temporal"],
+        default="validated",
+        help="leave-one-out, or a global time cut (with --set data.cut=... data.window_seconds=...)",
+    )
     parser.add_argument("--users", type=int, default=0, help="subsample N users of each file (0: all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     parser.add_argument(
@@ -152,13 +193,14 @@ def main(argv: list[str] | None = None) -> None:
         rows = [row for path in args.combine for row in json.loads(Path(path).read_text())]
         presets = ", ".join(dict.fromkeys(r["preset"] for r in rows))
         seeds = sorted({r["seed"] for r in rows})
-        write(rows, f"presets {presets}, seeds {seeds}, validated protocol", Path(args.out))
+        protocols = ", ".join(dict.fromkeys(r.get("protocol", "validated") for r in rows))
+        write(rows, f"presets {presets}, seeds {seeds}, {protocols} protocol", Path(args.out))
         return
     missing = missing_presets(args.preset, args.models)
     if missing:  # before any training: a per-model preset pattern names every model's preset
         parser.error(f"--preset {args.preset!r}: no preset {', '.join(missing)} (leave it out with --models)")
     rows = train_all(args)
-    write(rows, f"preset {args.preset}, seeds {args.seeds}, validated protocol", Path(args.out))
+    write(rows, f"preset {args.preset}, seeds {args.seeds}, {args.protocol} protocol", Path(args.out))
 
 
 def missing_presets(preset: str, models: list[str]) -> list[str]:
@@ -177,10 +219,10 @@ def train_all(args: argparse.Namespace) -> list[dict]:
     total = len(args.data) * len(args.models) * len(args.seeds)
     for path in args.data:
         data = subsample(path, args.users, 0, work)
-        label = Path(data).stem
+        label = Path(data).stem + (" (time split)" if args.protocol == "temporal" else "")
         for model in args.models:
             for seed in args.seeds:
-                cfg = make_config(args.preset, model, data, seed, args.set, work)
+                cfg = make_config(args.preset, model, data, seed, args.set, work, args.protocol)
                 t0 = time.perf_counter()
                 report = run(cfg)
                 wall = time.perf_counter() - t0
@@ -189,6 +231,7 @@ def train_all(args: argparse.Namespace) -> list[dict]:
                     "model": f"{model} {args.label}".strip(),
                     "preset": args.preset.format(model=model),
                     "overrides": list(args.set),
+                    "protocol": args.protocol,
                     "seed": seed,
                     "epochs_run": report["epochs"],
                     "selected_epoch": report["selected_epoch"],
@@ -207,7 +250,7 @@ def train_all(args: argparse.Namespace) -> list[dict]:
 
 def write(rows: list[dict], title: str, out: Path) -> None:
     summary = summarise(rows)
-    text = markdown(summary, title)
+    text = markdown(summary, title, rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1))

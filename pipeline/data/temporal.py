@@ -60,15 +60,16 @@ def time_range(data: SequenceData) -> str:
     return f"events from {_utc_date(times.min())} to {_utc_date(times.max())} (UTC)"
 
 
-def resolve_cut(data: SequenceData, cut: str | int | dt.date | None) -> int:
+def resolve_cut(data: SequenceData, cut: str | int | dt.date | None, window_seconds: int = DAY) -> int:
     """The cut in unix seconds: a date or ISO date string (00:00 UTC), integer seconds (as a string or an
-    int), or None:
-    00:00 UTC of the last day that has events."""
-    if cut is None:
+    int), "end": two windows before 00:00 UTC of the day after the newest event (valid and test are then
+    the data's last two windows), or None: 00:00 UTC of the last day that has events."""
+    if cut is None or cut == "end":
         _, _, times = _flat(data)
         if len(times) == 0:
             raise ValueError("data.cut: the data has no events")
-        return int(times.max()) // DAY * DAY
+        last_day = int(times.max()) // DAY * DAY
+        return last_day if cut is None else last_day + DAY - 2 * window_seconds
     text = str(cut).strip()
     if text.lstrip("-").isdigit():
         return int(text)
@@ -143,7 +144,7 @@ def temporal_split(
     """(train rows, {"valid": ..., "test": ...}); "test" only when its window has events."""
     if window_seconds <= 0:
         raise ValueError(f"data.window_seconds must be > 0, got {window_seconds}")
-    at = resolve_cut(data, cut)
+    at = resolve_cut(data, cut, window_seconds)
     _, _, times = _flat(data)
     if not (times < at).any() or not ((times >= at) & (times < at + window_seconds)).any():
         where = "before the cut" if not (times < at).any() else "in the window after it"

@@ -42,8 +42,11 @@ class ConfigError(ValueError):
     """A config value that would fail later or train nothing; the message is one line naming the field."""
 
 
-def _parse_cut(value: Any) -> int | datetime.date:
-    """data.cut: unix seconds (an int, or its digits) or a date (a `date`, or "YYYY-MM-DD": 00:00 UTC)."""
+def _parse_cut(value: Any) -> int | datetime.date | str:
+    """data.cut: unix seconds (an int, or its digits), a date (a `date`, or "YYYY-MM-DD": 00:00 UTC) or
+    "end" (the last two windows of the data are valid and test)."""
+    if value == "end":
+        return value
     if isinstance(value, datetime.date) or (isinstance(value, int) and not isinstance(value, bool)):
         return value
     if isinstance(value, str):
@@ -55,13 +58,13 @@ def _parse_cut(value: Any) -> int | datetime.date:
                 return datetime.date.fromisoformat(text)
             except ValueError:
                 pass
-    raise ValueError("must be a date YYYY-MM-DD or unix seconds")
+    raise ValueError("must be a date YYYY-MM-DD, unix seconds or 'end'")
 
 
 Cut = Annotated[
-    int | datetime.date,
+    int | datetime.date | str,
     PlainValidator(_parse_cut, json_schema_input_type=str | int),
-    PlainSerializer(lambda v: v if isinstance(v, int) else v.isoformat(), when_used="json"),
+    PlainSerializer(lambda v: v.isoformat() if isinstance(v, datetime.date) else v, when_used="json"),
 ]
 ShardingType = Literal["row_wise", "table_wise", "column_wise", "data_parallel"]
 
@@ -77,6 +80,8 @@ class DataConfig:
     # the next window when it has events
     protocol: Literal["anchor", "validated", "temporal"] = "validated"
     # temporal: a date (`--set data.cut=2024-01-05`, 00:00 UTC) or unix seconds (`data.cut=1704412800`);
+    # "end": the last two windows before 00:00 UTC after the newest event are valid and test (a global
+    # time split, `--set data.cut=end data.window_seconds=1209600` for two weeks each);
     # None: 00:00 UTC of the last day that has events (train on everything before the newest day)
     cut: Cut | None = None
     window_seconds: AtLeast1 = 86400

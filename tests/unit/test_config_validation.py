@@ -39,7 +39,7 @@ CASES = [
     (["--set", "parallel.sharding_types=rows"], "parallel.sharding_types: 'rows' is not one of row_wise"),
     (["--set", "model.num_layers=two"], "model.num_layers: cannot use 'two'"),
     (["--set", "model.num_layer=2"], "unknown config field 'model.num_layer'"),
-    (["--set", "data.cut=yesterday"], "data.cut must be a date YYYY-MM-DD or unix seconds (got 'yesterday')"),
+    (["--set", "data.cut=yesterday"], "data.cut must be a date YYYY-MM-DD, unix seconds or 'end' (got 'yesterday')"),
     (["--set", "keep_checkpoints=-1"], "keep_checkpoints must be >= 0 (got -1)"),
     (["--set", "data.synthetic.min_length=1"], "data.synthetic.min_length must be >= 3"),
     (["--set", "tracking.log_every_steps=0"], "tracking.log_every_steps must be >= 1 (got 0)"),
@@ -82,6 +82,7 @@ ACCEPTED = [
     ("data.cut=1704412800", "data.cut", 1704412800),  # unix seconds, as the README documents
     ("data.cut=2024-01-05", "data.cut", datetime.date(2024, 1, 5)),
     ("data.cut=none", "data.cut", None),
+    ("data.cut=end", "data.cut", "end"),  # the last two windows are valid and test
     ("tracking.run_name=123", "tracking.run_name", "123"),  # a name is a string, whatever it looks like
     ("tracking.parent_run_id=0a1f2f", "tracking.parent_run_id", "0a1f2f"),
     ("name=1e3", "name", "1e3"),

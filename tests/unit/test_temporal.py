@@ -53,6 +53,9 @@ def test_cut_resolution():
     assert resolve_cut(data, "2024-01-05") == C
     assert resolve_cut(data, str(C + 7)) == C + 7
     assert resolve_cut(data, None) == C + D  # 00:00 UTC of the newest day with events
+    # "end": valid and test are the last two windows, the test one ending at the newest day's end
+    assert resolve_cut(data, "end", D) == C
+    assert resolve_cut(data, "end", 3 * D) == C + 2 * D - 6 * D
     with pytest.raises(ValueError, match="data.cut='5 Jan'"):
         resolve_cut(data, "5 Jan")
 
