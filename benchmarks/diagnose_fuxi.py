@@ -209,7 +209,7 @@ def grad_norms(model, trainer, batch) -> dict[str, float]:
     trainer._reseed()
     negatives = trainer.sampler.sample(batch.history_lengths(), trainer.generator)
     out = model(batch.seq, negatives.lookup)
-    sampled_softmax_loss(out, negatives, trainer.cfg.temperature).backward()
+    sampled_softmax_loss(out, negatives, trainer.cfg.loss.temperature).backward()
     groups = {
         "item table": ["item_embedding"],
         "positions": ["position_embedding"],
