@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,19 +50,23 @@ VARIANTS: dict[str, list[str]] = {
 
 
 def subsample(data_path: str, users: int, seed: int, work: Path) -> str:
-    """A seeded subset of `users` rows of a sequence Parquet file, written under `work` (same metadata,
-    same item rows: only users are dropped)."""
+    """A seeded subset of `users` rows of a sequence Parquet file (a path or URI), written under the local
+    folder `work` (same metadata, same item rows: only users are dropped)."""
+    import storage
     from pipeline.data.sequences import SequenceData, read_sequences, write_sequences
 
     data = read_sequences(data_path)
     if users <= 0 or users >= data.num_users:
         return data_path
     rows = np.sort(np.random.default_rng(seed).choice(data.num_users, users, replace=False))
-    out = work / f"{Path(data_path).stem}-{users}u-s{seed}.parquet"
+    stem = Path(storage.name_of(data_path)).stem
+    out = Path(storage.join(str(work), f"{stem}-{users}u-s{seed}.parquet", field="--data file name"))
     if not out.exists():
         sub = SequenceData(data.table.take(rows), data.num_items, dict(data.meta, subsample=[users, seed]))
         if data.vocab is not None:  # the metadata names a sidecar vocabulary file: put a copy beside out
-            shutil.copyfile(data.vocab, work / data.vocab.name)
+            vocab = os.fspath(data.vocab)  # a local path, or a URI when --data is on a store
+            name = storage.name_of(vocab)
+            storage.copy_file(vocab, storage.join(str(work), name, field="fuxi.meta: vocab"))
         write_sequences(sub, out)
     return str(out)
 
@@ -205,7 +209,7 @@ def grad_norms(model, trainer, batch) -> dict[str, float]:
     trainer._reseed()
     negatives = trainer.sampler.sample(batch.history_lengths(), trainer.generator)
     out = model(batch.seq, negatives.lookup)
-    sampled_softmax_loss(out, negatives, trainer.cfg.temperature).backward()
+    sampled_softmax_loss(out, negatives, trainer.cfg.loss.temperature).backward()
     groups = {
         "item table": ["item_embedding"],
         "positions": ["position_embedding"],

@@ -178,8 +178,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = data.add_parser(
         "prepare", help="MovieLens ratings.dat / u.data / ratings.csv or event Parquet -> sequences"
     )
-    p.add_argument("--input", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--input", required=True, help="the raw file: a path or URI (s3://bucket/ratings.csv)")
+    p.add_argument(
+        "--out", required=True, help="sequence Parquet, a path or URI (vocabulary and bad rows beside it)"
+    )
     p.add_argument("--layout", default="auto", choices=["auto", "ml-dat", "ml-tsv", "ml-csv", "parquet"])
     p.add_argument("--min-length", type=int, default=2)
     p.add_argument("--identity-ids", action="store_true", help="item ids are already rows (no vocabulary)")
@@ -188,13 +190,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = data.add_parser("download", help="download MovieLens from the GroupLens site (needs internet)")
     p.add_argument("--dataset", required=True, choices=["ml-100k", "ml-1m", "ml-20m"])
-    p.add_argument("--dest", default="data/raw")
-    p.add_argument("--out", help="also prepare the sequence Parquet here")
+    p.add_argument(
+        "--dest", default="data/raw", help="folder or URI for the unpacked data set (fetched locally first)"
+    )
+    p.add_argument("--out", help="also prepare the sequence Parquet here (a path or URI)")
     p.set_defaults(func=cmd_data_download)
 
     p = data.add_parser("kuairand", help="KuaiRand-1K / Pure logs -> sequences")
-    p.add_argument("--logs", nargs="+", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--logs", nargs="+", required=True, help="log_*.csv files or folders: paths or URIs")
+    p.add_argument("--out", required=True, help="sequence Parquet, a path or URI (item map beside it)")
     p.add_argument("--positive", default="is_click")
     p.add_argument("--min-length", type=int, default=5)
     p.set_defaults(func=cmd_data_kuairand)

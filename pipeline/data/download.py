@@ -6,11 +6,17 @@ is fetched when that file already exists; a complete zip already in dest_dir is 
 again. The zip is written to `<name>.zip.part` and renamed only when complete, so an interrupted download
 never passes for a finished one. A host that cannot be reached (offline machine, firewall, DNS) is a
 RuntimeError that says how to do the step by hand.
+
+`dest_dir` may be a URI (`s3://bucket/raw`): a download is local by nature, so the zip is fetched and unpacked
+in a local temporary folder and the unpacked data set (`<dest>/<name>/...`, not the zip) is uploaded with
+`storage.copy_tree`; the returned ratings file is then a URI. Nothing is fetched when it is already there.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
+import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -18,6 +24,9 @@ import zipfile
 from pathlib import Path
 
 from tqdm import tqdm
+
+import storage
+from storage.fs import require_bucket
 
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 RATINGS_FILES = {
@@ -28,7 +37,7 @@ RATINGS_FILES = {
 _CHUNK = 1 << 20
 
 
-def _manual_steps(name: str, url: str, dest: Path) -> str:
+def _manual_steps(name: str, url: str, dest: Path | str) -> str:
     return (
         f"download {url} by hand on a machine with internet access, unzip it (into {dest} or anywhere), "
         f"and pass its ratings file ({RATINGS_FILES[name]}) to "
@@ -38,15 +47,43 @@ def _manual_steps(name: str, url: str, dest: Path) -> str:
 
 def download_movielens(
     name: str,
-    dest_dir: str | Path,
+    dest_dir: str | os.PathLike[str],
     base_url: str = DEFAULT_BASE_URL,
     timeout: float = 30.0,
     progress: bool = True,
-) -> Path:
-    """Download + unpack a MovieLens dataset; returns the path of its ratings file."""
+) -> Path | str:
+    """Download + unpack a MovieLens dataset; returns its ratings file: a Path, or a URI when `dest_dir` is
+    one (module docstring)."""
     if name not in RATINGS_FILES:
         raise ValueError(f"unknown MovieLens dataset {name!r}; expected one of {sorted(RATINGS_FILES)}")
-    dest = Path(dest_dir)
+    uri = os.fspath(dest_dir)
+    if not storage.is_local(uri):
+        return _download_to_store(name, uri, base_url, timeout, progress)
+    dest = Path(uri) if "://" not in uri else Path(storage.parse(uri).path)  # a path, or file:///abs
+    return _download(name, dest, base_url, timeout, progress)
+
+
+def _download_to_store(name: str, dest: str, base_url: str, timeout: float, progress: bool) -> str:
+    """Fetch and unpack into a local temporary folder, then upload the unpacked data set under `dest`."""
+    ratings = storage.join(dest, RATINGS_FILES[name], field="ratings file")
+    if storage.is_file(ratings):
+        return ratings
+    require_bucket(dest)  # a wrong bucket fails before the download, not after it
+    with tempfile.TemporaryDirectory(prefix="fuxi-download-") as tmp:
+        _download(name, Path(tmp), base_url, timeout, progress, shown_dest=storage.display(dest))
+        storage.copy_tree(storage.join(tmp, name), storage.join(dest, name))
+    return ratings
+
+
+def _download(
+    name: str,
+    dest: Path,
+    base_url: str,
+    timeout: float,
+    progress: bool,
+    shown_dest: str | None = None,
+) -> Path:
+    """Download + unpack into a local folder; `shown_dest` is the folder the user named (for messages)."""
     ratings = dest / RATINGS_FILES[name]
     if ratings.is_file():
         return ratings
@@ -54,7 +91,7 @@ def download_movielens(
     url = f"{base_url.rstrip('/')}/{name}.zip"
     zip_path = dest / f"{name}.zip"
     if not (zip_path.is_file() and zipfile.is_zipfile(zip_path)):
-        _fetch(name, url, zip_path, dest, timeout, progress)
+        _fetch(name, url, zip_path, shown_dest or dest, timeout, progress)
     _extract(zip_path, dest, name, url)
     if not ratings.is_file():
         raise RuntimeError(
@@ -64,7 +101,7 @@ def download_movielens(
     return ratings
 
 
-def _fetch(name: str, url: str, zip_path: Path, dest: Path, timeout: float, progress: bool) -> None:
+def _fetch(name: str, url: str, zip_path: Path, dest: Path | str, timeout: float, progress: bool) -> None:
     host = urllib.parse.urlsplit(url).netloc or url
     part = zip_path.with_name(zip_path.name + ".part")
     try:

@@ -6,7 +6,9 @@ into sequences, so the choices below are ours; each is recorded in the output fi
 Input: the interaction logs, e.g. `log_standard_4_08_to_4_21_1k.csv`, `log_standard_4_22_to_5_08_1k.csv`,
 `log_random_4_22_to_5_08_1k.csv` (and the `_pure` equivalents): CSV with a header holding at least user_id,
 video_id, time_ms and the positive column (other columns: date, hourmin, is_click, is_like, ..., play_time_ms,
-duration_ms, tab, ... are not read). `log_paths` may name files or folders (a folder means its `log_*.csv`).
+duration_ms, tab, ... are not read). `log_paths` may name files or folders (a folder means its `log_*.csv`),
+each a local path or a URI (`s3://bucket/kuairand/`); the output may be a URI too. Everything is read and
+written through the storage layer (`storage/`).
 
 Choices:
   * Positive feedback: rows whose `positive` column (default is_click) == 1; any other value is a non-positive
@@ -35,58 +37,74 @@ Report arithmetic: rows_read == rows_kept + rows_quarantined + rows_dropped (not
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
+import storage
 from pipeline.data.readers import (
     ColumnSpec,
     ReadReport,
+    Source,
+    base_name,
     check_readable,
+    child,
     header_indices,
+    located,
+    parent_of,
     raise_if_all_bad,
     read_header,
     reason_counts,
     scan_text,
+    shown,
     with_source,
     write_quarantine,
 )
 from pipeline.data.schema import QUARANTINE_SCHEMA
-from pipeline.data.sequences import SequenceData, events_to_sequences, time_order, write_sequences
+from pipeline.data.sequences import (
+    SequenceData,
+    events_to_sequences,
+    time_order,
+    write_parquet,
+    write_sequences,
+)
+from storage.fs import require_bucket
 
 log = logging.getLogger(__name__)
 
 REQUIRED = ("user_id", "video_id", "time_ms")
 
 
-def find_logs(log_paths, include_random: bool = False) -> tuple[list[Path], list[Path]]:
-    """Expand folders to their log_*.csv, drop duplicates; returns (files to read, random logs left out)."""
-    if isinstance(log_paths, (str, Path)):
+def find_logs(log_paths, include_random: bool = False) -> tuple[list[Source], list[Source]]:
+    """Expand folders (or prefixes) to their log_*.csv, drop duplicates; returns (files to read, random logs
+    left out): local files as Paths, files on an object store as URIs."""
+    if isinstance(log_paths, (str, os.PathLike)):
         log_paths = [log_paths]
-    files: list[Path] = []
+    files: list[Source] = []
     for item in log_paths:
-        p = Path(item)
-        if p.is_dir():
-            found = sorted(p.glob("log_*.csv"))
+        p = located(item)
+        if _is_folder(p):
+            names = storage.listdir(os.fspath(p))
+            found = [child(p, n, "KuaiRand log") for n in names if fnmatch.fnmatchcase(n, "log_*.csv")]
             if not found:
-                raise FileNotFoundError(f"{p}: folder holds no KuaiRand log_*.csv files")
+                raise FileNotFoundError(f"{shown(p)}: folder holds no KuaiRand log_*.csv files")
             files.extend(found)
         else:
             files.append(p)
-    seen: set[Path] = set()
-    unique = [f for f in files if not (f.resolve() in seen or seen.add(f.resolve()))]
-    skipped = [f for f in unique if not include_random and "random" in f.name.lower()]
+    seen: set[Source] = set()
+    unique = [f for f in files if not (_key(f) in seen or seen.add(_key(f)))]
+    skipped = [f for f in unique if not include_random and "random" in base_name(f).lower()]
     chosen = [f for f in unique if f not in skipped]
     if not chosen:
         raise ValueError(
-            f"no KuaiRand log to read in {[str(p) for p in log_paths]}"
+            f"no KuaiRand log to read in {[shown(located(p)) for p in log_paths]}"
             + (
-                f" (random-exposure logs {[f.name for f in skipped]} need include_random=True)"
+                f" (random-exposure logs {[base_name(f) for f in skipped]} need include_random=True)"
                 if skipped
                 else ""
             )
@@ -94,22 +112,41 @@ def find_logs(log_paths, include_random: bool = False) -> tuple[list[Path], list
     return chosen, skipped
 
 
+def _is_folder(p: Source) -> bool:
+    if isinstance(p, Path):
+        return p.is_dir()
+    require_bucket(p)  # a missing bucket in one line, not as a missing file
+    return not storage.is_file(p) and storage.exists(p)
+
+
+def _key(f: Source) -> Source:
+    """What makes two names one file: the real path locally, the URI on a store."""
+    return f.resolve() if isinstance(f, Path) else f
+
+
+def _where(f: Source) -> str:
+    """A source as recorded in the metadata: the absolute local path, or the URI."""
+    return str(f.resolve()) if isinstance(f, Path) else shown(f)
+
+
 def preprocess_kuairand(
     log_paths,
-    out_path: str | Path,
+    out_path: str | os.PathLike[str],
     positive: str = "is_click",
     include_random: bool = False,
     min_length: int = 5,
-    quarantine_dir: str | Path | None = None,
+    quarantine_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[SequenceData, ReadReport]:
     """Turn KuaiRand log CSVs into per-user sequences; see the module docstring for every choice."""
     if int(min_length) < 1:
         raise ValueError(f"min_length must be >= 1, got {min_length}")
-    out_path = Path(out_path)
-    stem = out_path.name[: -len(".parquet")] if out_path.name.endswith(".parquet") else out_path.stem
-    qpath = (
-        Path(quarantine_dir) if quarantine_dir is not None else out_path.parent
-    ) / f"{stem}.quarantine.parquet"
+    out = located(out_path)
+    name = base_name(out)
+    stem = name[: -len(".parquet")] if name.endswith(".parquet") else PurePosixPath(name).stem
+    qdir = located(quarantine_dir) if quarantine_dir is not None else parent_of(out)
+    for target in (out, qdir):
+        require_bucket(target)  # a wrong output bucket fails before anything is read or written
+    qpath = child(qdir, f"{stem}.quarantine.parquet", "quarantine file")
     files, skipped = find_logs(log_paths, include_random)
 
     specs = (
@@ -131,9 +168,9 @@ def preprocess_kuairand(
         positions = header_indices(f, header, wanted, set(wanted))
         scan = scan_text(f, ",", len(header), positions, specs, skip_rows=1)
         rows_read += scan.rows_read
-        per_file[f.name] = {"rows_read": scan.rows_read, "rows_quarantined": scan.bad.num_rows}
+        per_file[base_name(f)] = {"rows_read": scan.rows_read, "rows_quarantined": scan.bad.num_rows}
         if scan.bad.num_rows:
-            bads.append(with_source(scan.bad, f.name))
+            bads.append(with_source(scan.bad, base_name(f)))
         if scan.rows_read == 0 or scan.good.num_rows == 0:
             written = write_quarantine(pa.concat_tables(bads), qpath) if bads else None
             raise_if_all_bad(f, scan, written, "kuairand")
@@ -172,9 +209,9 @@ def preprocess_kuairand(
     if short_users:
         notes.append(f"{short_users:,} users with < {min_length} interactions dropped")
     if skipped:
-        notes.append(f"random-exposure logs left out: {', '.join(f.name for f in skipped)}")
+        notes.append(f"random-exposure logs left out: {', '.join(base_name(f) for f in skipped)}")
     report = ReadReport(
-        path=files[0] if len(files) == 1 else Path(_common_parent(files)),
+        path=files[0] if len(files) == 1 else _common_parent(files),
         layout="kuairand",
         rows_read=rows_read,
         rows_kept=events.num_rows,
@@ -186,7 +223,7 @@ def preprocess_kuairand(
     )
     if events.num_rows == 0:
         raise ValueError(
-            f"{[str(f) for f in files]}: no interactions left after filtering; {report.summary()}"
+            f"{[shown(f) for f in files]}: no interactions left after filtering; {report.summary()}"
         )
 
     # remap video ids by first appearance over time
@@ -215,30 +252,36 @@ def preprocess_kuairand(
         )
     )
 
-    map_path = out_path.with_name(f"{stem}.item_map.parquet")
-    map_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = map_path.with_name(map_path.name + ".tmp")
-    pq.write_table(item_map, tmp)
-    tmp.replace(map_path)
+    map_path = child(parent_of(out), f"{stem}.item_map.parquet", "item map file")
+    write_parquet(item_map, os.fspath(map_path))  # whole or absent: a rename on disk, one upload on a store
     meta = {
         "dataset": "kuairand",
-        "sources": [str(f.resolve()) for f in files],
-        "random_logs_left_out": [str(f.resolve()) for f in skipped],
+        "sources": [_where(f) for f in files],
+        "random_logs_left_out": [_where(f) for f in skipped],
         "positive": positive,
         "include_random": bool(include_random),
         "min_length": int(min_length),
         "timestamp": "time_ms // 1000 (seconds)",
         "item_ids": "video_id remapped to 1..n by first appearance over time",
-        "item_map": str(map_path.resolve()),
+        "item_map": _where(map_path),
         "users_dropped": short_users,
         "per_file": per_file,
         "report": report.to_dict(),
     }
     data = SequenceData(table=seq, num_items=len(videos) + 1, meta=meta)
-    write_sequences(data, out_path)
+    write_sequences(data, os.fspath(out))
     log.info("%s", report.summary())
     return data, report
 
 
-def _common_parent(files: list[Path]) -> str:
-    return os.path.commonpath([str(f.resolve().parent) for f in files])
+def _common_parent(files: list[Source]) -> Source:
+    """The folder (or prefix) holding every file: what the report names when several are read."""
+    if all(isinstance(f, Path) for f in files):
+        return Path(os.path.commonpath([str(f.resolve().parent) for f in files]))  # type: ignore[union-attr]
+    common = parent_of(files[0])
+    while not all(os.fspath(f).startswith(os.fspath(common).rstrip("/") + "/") for f in files):
+        up = parent_of(common)
+        if up == common:  # different buckets or stores: no folder holds them all
+            break
+        common = up
+    return common

@@ -13,6 +13,10 @@ split on the layout's separator and validated with pyarrow.compute: no per-row P
 not supported (the MovieLens and KuaiRand files have none); a quoted value is quarantined as non-integer,
 never misread.
 
+Every file is read and written through the storage layer (`storage/`): an input or output may be a local path
+or a URI (`s3://bucket/logs/ratings.csv`). A local path keeps being handed back as a `Path`, a URI as its
+string; outputs are whole or absent (a rename on disk, one upload on an object store).
+
 Bad rows are never dropped silently. Each is counted under one reason (the first failing check, in the order
 field count, user_id, item_id, timestamp, rating) and written to `<quarantine_dir>/<stem>.quarantine.parquet`
 (default: next to the input) with columns:
@@ -45,26 +49,28 @@ import functools
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pv
-import pyarrow.parquet as pq
 
 import storage
 from pipeline.data.schema import MAX_TIMESTAMP, MIN_TIMESTAMP, QUARANTINE_SCHEMA
 from pipeline.data.sequences import (
-    PathOrURI,
     SequenceData,
     events_to_sequences,
+    open_parquet,
     write_parquet,
     write_sequences,
 )
 from pipeline.data.vocab import Vocabulary, day_of, key_type_of, write_vocabulary
+from storage.fs import require_bucket
 
 log = logging.getLogger(__name__)
+
+Source = Path | str  # a local file as a Path, a file on an object store as its URI (`located`)
 
 LAYOUTS = ("ml-dat", "ml-tsv", "ml-csv", "parquet")
 _SEPARATORS = {"ml-dat": "::", "ml-tsv": "\t", "ml-csv": ","}
@@ -79,6 +85,7 @@ _CSV_NAMES: dict[str, tuple[str, ...]] = {
 }
 
 _BLOCK_SIZE = 16 << 20
+_HEADER_CHUNK = 64 << 10
 _INT_RE = r"^-?[0-9]{1,18}$"  # fits int64 without overflow checks
 _LONG_INT_RE = r"^-?[0-9]{19,}$"
 _FLOAT_RE = r"^[-+]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$"
@@ -113,18 +120,18 @@ RAW_ID_SPECS = (  # raw ids mapped by a vocabulary: any int64, or (Parquet text 
 
 @dataclass
 class ReadReport:
-    path: Path
+    path: Source
     layout: str
     rows_read: int
     rows_kept: int
     rows_quarantined: int
     reasons: dict[str, int] = field(default_factory=dict)
-    quarantine_path: Path | None = None
+    quarantine_path: Source | None = None
     rows_dropped: int = 0  # valid rows removed by a filter (min length, non-positive, ...)
     notes: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        name = Path(self.path).name
+        name = base_name(self.path)
         parts = [f"{name} [{self.layout}]: {self.rows_read:,} rows read, {self.rows_kept:,} kept"]
         parts.append(f"{self.rows_quarantined:,} quarantined")
         if self.rows_dropped:
@@ -133,15 +140,15 @@ class ReadReport:
         if self.reasons:
             text += " (" + ", ".join(f"{k}={v:,}" for k, v in sorted(self.reasons.items())) + ")"
         if self.quarantine_path is not None:
-            text += f"; bad rows in {self.quarantine_path}"
+            text += f"; bad rows in {shown(self.quarantine_path)}"
         if self.notes:
             text += "; " + "; ".join(self.notes)
         return text
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["path"] = str(self.path)
-        d["quarantine_path"] = None if self.quarantine_path is None else str(self.quarantine_path)
+        d["path"] = shown(self.path)
+        d["quarantine_path"] = None if self.quarantine_path is None else shown(self.quarantine_path)
         return d
 
 
@@ -149,8 +156,36 @@ class ReadReport:
 # layout detection and file checks
 
 
-def detect_layout(path: str | Path) -> str:
-    p = Path(path)
+def located(path: str | os.PathLike[str]) -> Source:
+    """A local file (a plain path or `file://`) as a Path, as these readers always gave; a file on an object
+    store as its URI."""
+    uri = os.fspath(path)
+    if not storage.is_local(uri):
+        return uri
+    return Path(uri) if "://" not in uri else Path(storage.parse(uri).path)
+
+
+def base_name(src: str | os.PathLike[str]) -> str:
+    return src.name if isinstance(src, Path) else storage.name_of(src)
+
+
+def shown(src: str | os.PathLike[str]) -> str:
+    """How a file is named in a message, a report or metadata (a URI without credentials)."""
+    return str(src) if isinstance(src, Path) else storage.display(src)
+
+
+def parent_of(src: Source) -> Source:
+    return src.parent if isinstance(src, Path) else storage.parent(src)
+
+
+def child(folder: Source, name: str, field: str) -> Source:
+    """`folder/name` through `storage.join` (the name confined to the folder), a Path for a local folder."""
+    joined = storage.join(os.fspath(folder), name, field=field)
+    return Path(joined) if isinstance(folder, Path) else joined
+
+
+def detect_layout(path: str | os.PathLike[str]) -> str:
+    p = PurePosixPath(base_name(located(path)))
     name, suffix = p.name.lower(), p.suffix.lower()
     if name == "ratings.dat" or suffix == ".dat":
         return "ml-dat"
@@ -161,14 +196,25 @@ def detect_layout(path: str | Path) -> str:
     if suffix in (".parquet", ".pq"):
         return "parquet"
     raise ValueError(
-        f"{p}: cannot detect the layout from the file name "
+        f"{shown(located(path))}: cannot detect the layout from the file name "
         "(expected ratings.dat, u.data, *.csv or *.parquet); "
         f"pass layout= one of {list(LAYOUTS)}"
     )
 
 
-def check_readable(path: str | Path) -> Path:
-    p = Path(path)
+def check_readable(path: str | os.PathLike[str]) -> Source:
+    """The file, located (a Path or a URI), once it is known to be a readable file; else one line naming
+    it (on an object store: a missing bucket, a missing object, a prefix, or the store's own cause)."""
+    p = located(path)
+    if not isinstance(p, Path):
+        require_bucket(p)
+        if storage.is_file(p):
+            return p
+        if storage.exists(p):
+            raise IsADirectoryError(
+                f"{shown(p)}: is a prefix (a folder), expected a ratings/interactions file"
+            )
+        raise FileNotFoundError(f"{shown(p)}: file does not exist")
     if not p.exists():
         raise FileNotFoundError(f"{p}: file does not exist")
     if p.is_dir():
@@ -181,10 +227,12 @@ def check_readable(path: str | Path) -> Path:
     return p
 
 
-def quarantine_file(path: str | Path, quarantine_dir: str | Path | None, stem: str | None = None) -> Path:
-    p = Path(path)
-    qdir = Path(quarantine_dir) if quarantine_dir is not None else p.parent
-    return qdir / f"{stem or p.stem}.quarantine.parquet"
+def quarantine_file(
+    path: str | os.PathLike[str], quarantine_dir: str | os.PathLike[str] | None, stem: str | None = None
+) -> Source:
+    p = located(path)
+    qdir = located(quarantine_dir) if quarantine_dir is not None else parent_of(p)
+    return child(qdir, f"{stem or PurePosixPath(base_name(p)).stem}.quarantine.parquet", "quarantine file")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -403,17 +451,24 @@ class Scan:
     rows_read: int
 
 
-def read_header(path: Path, sep: str) -> list[str]:
-    with open(path, "rb") as fh:
-        line = fh.readline()
-    text = line.decode("utf-8-sig", errors="replace").rstrip("\r\n")
+def _first_line(src: Source) -> bytes:
+    """The file's first line (through the storage layer, which streams: read in chunks up to a newline)."""
+    head = b""
+    with storage.open_input(os.fspath(src)) as fh:
+        while b"\n" not in head and (chunk := fh.read(_HEADER_CHUNK)):
+            head += chunk
+    return head.split(b"\n", 1)[0]
+
+
+def read_header(path: Source, sep: str) -> list[str]:
+    text = _first_line(path).decode("utf-8-sig", errors="replace").rstrip("\r\n")
     if not text.strip():
-        raise ValueError(f"{path}: the first line is empty, expected a header line")
+        raise ValueError(f"{shown(path)}: the first line is empty, expected a header line")
     return [h.strip().strip('"').strip("'").strip() for h in text.split(sep)]
 
 
 def header_indices(
-    path: Path, header: list[str], wanted: dict[str, tuple[str, ...]], required: set[str]
+    path: Source, header: list[str], wanted: dict[str, tuple[str, ...]], required: set[str]
 ) -> dict[str, int]:
     """Map output column -> field index from a header; ValueError naming the file and missing column(s)."""
     idx: dict[str, int] = {}
@@ -424,12 +479,12 @@ def header_indices(
                 break
     missing = [wanted[c][0] for c in wanted if c in required and c not in idx]
     if missing:
-        raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}")
+        raise ValueError(f"{shown(path)}: missing column(s) {missing}; the header has {header}")
     return idx
 
 
 def scan_text(
-    path: Path,
+    path: Source,
     sep: str,
     n_fields: int,
     positions: dict[str, int],
@@ -461,62 +516,73 @@ def scan_text(
         skipped.append((row.number if row.number is not None else -1, row.text, row.actual_columns))
         return "skip"
 
-    try:
-        reader = pv.open_csv(
-            path,
-            read_options=pv.ReadOptions(
-                column_names=col_names, skip_rows=skip_rows, use_threads=False, block_size=_BLOCK_SIZE
-            ),
-            parse_options=pv.ParseOptions(
-                delimiter=delim,
-                quote_char=False,
-                escape_char=False,
-                newlines_in_values=False,
-                ignore_empty_lines=False,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pv.ConvertOptions(
-                column_types={c: pa.string() for c in col_names},
-                include_columns=include,
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-            ),
-        )
-    except pa.ArrowInvalid as exc:
-        if "Empty CSV file" in str(exc):
-            return Scan(good=_empty_good(specs, positions), bad=_empty_bad(), rows_read=0)
-        raise ValueError(f"{path}: not a readable text file ({exc})") from exc
-
     specs_here = tuple(s for s in specs if s.name in positions)
-    goods, bads, emitted = [], [], 0
-    try:
-        for batch in reader:
-            n = batch.num_rows
-            ids = np.arange(emitted, emitted + n, dtype=np.int64)
-            emitted += n
-            fields = [batch.column(c) for c in include]
-            # a blank line parses as a row of empty fields
-            extra = _Reasons(n)
-            blank = pc.equal(fields[0], "")
-            if pc.any(blank).as_py():
-                blank = functools.reduce(pc.and_, [pc.equal(f, "") for f in fields[1:]], blank)
-                extra.add(blank, "empty_line")
-            else:
-                blank = None
-            for g in gaps:  # "1:x:2::3::4": a single ':' inside a field
-                extra.add(pc.not_equal(batch.column(col_names[g]), ""), "wrong_field_count")
-            raw = None
-            if read_all:
-                raw = pc.binary_join_element_wise(*fields, delim) if len(fields) > 1 else fields[0]
-                if blank is not None:
-                    raw = pc.if_else(blank, "", raw)
-            cols = {name: batch.column(col_names[i]) for name, i in col_of.items()}
-            good, bad = validate_columns(cols, specs_here, ids, raw=raw, extra_reason=extra.array)
-            goods.append(good)
-            if bad.num_rows:
-                bads.append(bad)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"{path}: not a readable text file ({exc})") from exc
+    goods: list[pa.Table] = []
+    bads: list[pa.Table] = []
+
+    def read(stream: pa.NativeFile) -> int | None:
+        """Parse and validate the blocks of the stream into goods / bads; the rows emitted, None if empty."""
+        try:
+            reader = pv.open_csv(
+                stream,
+                read_options=pv.ReadOptions(
+                    column_names=col_names, skip_rows=skip_rows, use_threads=False, block_size=_BLOCK_SIZE
+                ),
+                parse_options=pv.ParseOptions(
+                    delimiter=delim,
+                    quote_char=False,
+                    escape_char=False,
+                    newlines_in_values=False,
+                    ignore_empty_lines=False,
+                    invalid_row_handler=on_invalid,
+                ),
+                convert_options=pv.ConvertOptions(
+                    column_types={c: pa.string() for c in col_names},
+                    include_columns=include,
+                    strings_can_be_null=False,
+                    quoted_strings_can_be_null=False,
+                ),
+            )
+        except pa.ArrowInvalid as exc:
+            if "Empty CSV file" in str(exc):
+                return None
+            raise ValueError(f"{shown(path)}: not a readable text file ({exc})") from exc
+
+        emitted = 0
+        try:
+            for batch in reader:
+                n = batch.num_rows
+                ids = np.arange(emitted, emitted + n, dtype=np.int64)
+                emitted += n
+                fields = [batch.column(c) for c in include]
+                # a blank line parses as a row of empty fields
+                extra = _Reasons(n)
+                blank = pc.equal(fields[0], "")
+                if pc.any(blank).as_py():
+                    blank = functools.reduce(pc.and_, [pc.equal(f, "") for f in fields[1:]], blank)
+                    extra.add(blank, "empty_line")
+                else:
+                    blank = None
+                for g in gaps:  # "1:x:2::3::4": a single ':' inside a field
+                    extra.add(pc.not_equal(batch.column(col_names[g]), ""), "wrong_field_count")
+                raw = None
+                if read_all:
+                    raw = pc.binary_join_element_wise(*fields, delim) if len(fields) > 1 else fields[0]
+                    if blank is not None:
+                        raw = pc.if_else(blank, "", raw)
+                cols = {name: batch.column(col_names[i]) for name, i in col_of.items()}
+                good, bad = validate_columns(cols, specs_here, ids, raw=raw, extra_reason=extra.array)
+                goods.append(good)
+                if bad.num_rows:
+                    bads.append(bad)
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"{shown(path)}: not a readable text file ({exc})") from exc
+        return emitted
+
+    with storage.open_input(os.fspath(path)) as stream:  # decompressed by extension, as a local path is
+        emitted = read(stream)
+    if emitted is None:
+        return Scan(good=_empty_good(specs, positions), bad=_empty_bad(), rows_read=0)
 
     bad_tbl = pa.concat_tables(bads).combine_chunks() if bads else _empty_bad()
     base = 1 + skip_rows  # line number of the first data row
@@ -554,9 +620,10 @@ def _empty_good(specs: tuple[ColumnSpec, ...], present) -> pa.Table:
     ).empty_table()
 
 
-def scan_parquet(path: Path, specs: tuple[ColumnSpec, ...]) -> Scan:
+def scan_parquet(src: Source, specs: tuple[ColumnSpec, ...]) -> Scan:
+    path = shown(src)
     try:
-        pf = pq.ParquetFile(path)
+        pf = open_parquet(os.fspath(src))
     except Exception as exc:  # pyarrow raises several types for corrupt files
         raise ValueError(f"{path}: not a readable Parquet file ({exc})") from exc
     names = pf.schema_arrow.names
@@ -596,7 +663,7 @@ def reason_counts(bad: pa.Table) -> dict[str, int]:
     return {d["values"]: int(d["counts"]) for d in vc.to_pylist()}
 
 
-def write_quarantine(bad: pa.Table, qpath: PathOrURI) -> PathOrURI | None:
+def write_quarantine(bad: pa.Table, qpath: Source) -> Source | None:
     """Write bad rows (QUARANTINE_SCHEMA) to qpath (a path or URI, whole or not at all); with none, remove a
     stale file there and return None."""
     uri = os.fspath(qpath)
@@ -617,7 +684,8 @@ def with_source(bad: pa.Table, source: str) -> pa.Table:
     return bad.add_column(0, "source", pa.array([source] * bad.num_rows, pa.string()))
 
 
-def raise_if_all_bad(path: Path, scan: Scan, qpath: Path | None, layout: str) -> None:
+def raise_if_all_bad(src: Source, scan: Scan, qpath: Source | None, layout: str) -> None:
+    path = shown(src)
     if scan.rows_read == 0:
         raise ValueError(f"{path}: contains no data rows")
     if scan.good.num_rows == 0:
@@ -628,7 +696,8 @@ def raise_if_all_bad(path: Path, scan: Scan, qpath: Path | None, layout: str) ->
             hint = f" (read as layout {layout!r}: is that the right layout?)"
         raise ValueError(
             f"{path}: all {scan.rows_read:,} rows are bad{hint}; first bad row {first['row_number']}: "
-            f"{first['reason']} {what}; raw {first['raw']!r}; bad rows written to {qpath}"
+            f"{first['reason']} {what}; raw {first['raw']!r}; bad rows written to "
+            f"{None if qpath is None else shown(qpath)}"
         )
 
 
@@ -642,12 +711,13 @@ _TEXT_RAW_SPECS = tuple(  # text layouts: raw ids are integers of any sign (Movi
 
 
 def read_interactions(
-    path: str | Path,
+    path: str | os.PathLike[str],
     layout: str = "auto",
-    quarantine_dir: str | Path | None = None,
+    quarantine_dir: str | os.PathLike[str] | None = None,
     raw_ids: bool = False,
 ) -> tuple[pa.Table, ReadReport]:
-    """Read a ratings/events file into a (user_id, item_id, timestamp int64[, rating float64]) table.
+    """Read a ratings/events file (a path or URI) into a (user_id, item_id, timestamp int64[, rating
+    float64]) table; bad rows go to `<quarantine_dir>/<stem>.quarantine.parquet` (a path or URI).
 
     Ids are int64 table rows (item ids >= 1) by default; with `raw_ids` they are raw ids for a vocabulary:
     any int64, and Parquet string columns stay strings."""
@@ -668,7 +738,7 @@ def read_interactions(
     else:
         scan = scan_text(p, _SEPARATORS[layout], 4, _POSITIONAL, specs)
 
-    qpath = write_quarantine(with_source(scan.bad, p.name), quarantine_file(p, quarantine_dir))
+    qpath = write_quarantine(with_source(scan.bad, base_name(p)), quarantine_file(p, quarantine_dir))
     raise_if_all_bad(p, scan, qpath, layout)
     events = scan.good
     order = [c for c in ("user_id", "item_id", "timestamp", "rating") if c in events.column_names]
@@ -683,7 +753,7 @@ def read_interactions(
         quarantine_path=qpath,
     )
     if qpath is not None:
-        log.warning("%s: %d bad rows quarantined in %s", p, report.rows_quarantined, qpath)
+        log.warning("%s: %d bad rows quarantined in %s", shown(p), report.rows_quarantined, shown(qpath))
     return events, report
 
 
@@ -713,16 +783,18 @@ def max_item(seq: pa.Table) -> int:
 
 
 def prepare_sequences(
-    path: str | Path,
-    out_path: str | Path,
+    path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str],
     layout: str = "auto",
     min_length: int = 2,
-    quarantine_dir: str | Path | None = None,
+    quarantine_dir: str | os.PathLike[str] | None = None,
     identity_ids: bool = False,
     min_count: int = 1,
 ) -> tuple[SequenceData, ReadReport]:
     """Read interactions, map item ids to rows through a vocabulary, group into time-ordered per-user
     sequences, drop short users, write the Parquet (and the vocabulary next to it: `<stem>.vocab.parquet`).
+    Input, output and quarantine folder are paths or URIs, on one store or several; on an object store the
+    output buckets are checked before anything is read, so a wrong one fails with nothing written.
 
     The vocabulary gives rows in ascending raw-id order (so ids that are already 1..N keep their values);
     items with fewer than `min_count` events get no row and their events are dropped (`below_admission`).
@@ -731,8 +803,10 @@ def prepare_sequences(
         raise ValueError(f"min_length must be >= 1, got {min_length}")
     if int(min_count) < 1:
         raise ValueError(f"min_count must be >= 1, got {min_count}")
-    out_path = Path(out_path)
-    qdir = Path(quarantine_dir) if quarantine_dir is not None else out_path.parent  # beside the output
+    out = located(out_path)
+    qdir = located(quarantine_dir) if quarantine_dir is not None else parent_of(out)  # beside the output
+    for target in (out, qdir):
+        require_bucket(target)
     events, report = read_interactions(path, layout=layout, quarantine_dir=qdir, raw_ids=not identity_ids)
     events, duplicates = drop_duplicate_events(events)
     if duplicates:
@@ -760,7 +834,7 @@ def prepare_sequences(
     if seq.num_rows == 0:
         raise ValueError(f"{report.path}: no user has at least {min_length} interactions; nothing to write")
     meta = {
-        "source": str(Path(report.path).resolve()),
+        "source": str(report.path.resolve()) if isinstance(report.path, Path) else shown(report.path),
         "layout": report.layout,
         "min_length": int(min_length),
         "item_ids": "as in the source (identity ids)" if vocab is None else "rows of the vocabulary",
@@ -769,11 +843,13 @@ def prepare_sequences(
     }
     vocab_path = None
     if vocab is not None:
-        vocab_path = write_vocabulary(vocab, out_path.with_name(out_path.stem + ".vocab.parquet"))
-        meta.update(vocab=vocab_path.name, min_count=int(min_count))
+        vocab_name = PurePosixPath(base_name(out)).stem + ".vocab.parquet"
+        vocab_path = child(parent_of(out), vocab_name, "vocabulary file")
+        write_vocabulary(vocab, os.fspath(vocab_path))
+        meta.update(vocab=vocab_name, min_count=int(min_count))
     num_items = vocab.num_rows + 1 if vocab is not None else max_item(seq) + 1
     data = SequenceData(table=seq, num_items=num_items, meta=meta, vocab=vocab_path)
-    write_sequences(data, out_path)
+    write_sequences(data, os.fspath(out))
     return data, report
 
 
