@@ -39,7 +39,10 @@ CASES = [
     (["--set", "parallel.sharding_types=rows"], "parallel.sharding_types: 'rows' is not one of row_wise"),
     (["--set", "model.num_layers=two"], "model.num_layers: cannot use 'two'"),
     (["--set", "model.num_layer=2"], "unknown config field 'model.num_layer'"),
-    (["--set", "data.cut=yesterday"], "data.cut must be a date YYYY-MM-DD, unix seconds or 'end' (got 'yesterday')"),
+    (
+        ["--set", "data.cut=yesterday"],
+        "data.cut must be a date YYYY-MM-DD, unix seconds or 'end' (got 'yesterday')",
+    ),
     (["--set", "keep_checkpoints=-1"], "keep_checkpoints must be >= 0 (got -1)"),
     (["--set", "data.synthetic.min_length=1"], "data.synthetic.min_length must be >= 3"),
     (["--set", "tracking.log_every_steps=0"], "tracking.log_every_steps must be >= 1 (got 0)"),
