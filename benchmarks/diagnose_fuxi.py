@@ -127,6 +127,9 @@ def cmd_norms(args: argparse.Namespace) -> None:
             TrainConfig(loss=cfg.loss, epochs=1, seed=0, progress=False),
         )
         print(f"\n## {variant} ({' '.join(VARIANTS[variant]) or 'official recipe'}), {data.num_users} users")
+        block = model.encoder.blocks[0]
+        if not hasattr(block, "ams"):  # HSTU: one attention branch per block, no AMS, no MFFN
+            print(f"{type(block).__name__} has no AMS or MFFN: only x and out are measured, the rest is n/a")
         print(
             "| step | block | x | AMS h | stage-1 Linear(h) | o = x + Linear(h) | stage-2 SwiGLU | out "
             "| stage2/o | loss |"
@@ -148,10 +151,11 @@ def cmd_norms(args: argparse.Namespace) -> None:
                 steps_done += 1
             stats = block_stats(model, probe)
             for i, s in enumerate(stats):
-                ratio = s["stage2"] / s["o"] if s.get("stage2") is not None else float("nan")
+                ratio = s["stage2"] / s["o"] if s.get("stage2") is not None else None
                 print(
-                    f"| {target} | {i} | {s['x']:.3f} | {s['h']:.3f} | {s['stage1']:.3f} | {s['o']:.3f} "
-                    f"| {fmt(s.get('stage2'))} | {s['out']:.3f} | {ratio:.2f} | {loss:.3f} |"
+                    f"| {target} | {i} | {s['x']:.3f} | {fmt(s.get('h'))} | {fmt(s.get('stage1'))} "
+                    f"| {fmt(s.get('o'))} | {fmt(s.get('stage2'))} | {s['out']:.3f} | {fmt(ratio, 2)} "
+                    f"| {loss:.3f} |"
                 )
             grad_rows.append((target, grad_norms(model, trainer, probe)))
         print("\ngradient norms on the probe batch (per weight group, summed over blocks):")
@@ -159,15 +163,18 @@ def cmd_norms(args: argparse.Namespace) -> None:
         print("| step | " + " | ".join(keys) + " |")
         print("|---|" + "---|" * len(keys))
         for target, g in grad_rows:
-            print(f"| {target} | " + " | ".join(f"{g[k]:.3g}" for k in keys) + " |")
+            print(f"| {target} | " + " | ".join(fmt(g[k], 3, "g") for k in keys) + " |")
 
 
-def fmt(v: float | None) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def fmt(v: float | None, digits: int = 3, kind: str = "f") -> str:
+    """A measured value, or n/a where the model has no such channel or weight group."""
+    return "n/a" if v is None else f"{v:.{digits}{kind}}"
 
 
 def block_stats(model, batch) -> list[dict[str, float]]:
-    """RMS of each residual-branch quantity of every FuXi block on `batch`, eval mode (no dropout)."""
+    """RMS of each residual-branch quantity of every block on `batch`, eval mode (no dropout): x and out of
+    every block; h, stage1, o and stage2 only where the block is a FuXi block (and stage2 only with MFFN
+    stage 2)."""
     blocks = model.encoder.blocks
     found: list[dict[str, torch.Tensor]] = [{} for _ in blocks]
     hooks = []
@@ -200,8 +207,9 @@ def block_stats(model, batch) -> list[dict[str, float]]:
     return out
 
 
-def grad_norms(model, trainer, batch) -> dict[str, float]:
-    """Gradient norm of each weight group for the loss on `batch` (dropout on, as in training)."""
+def grad_norms(model, trainer, batch) -> dict[str, float | None]:
+    """Gradient norm of each weight group for the loss on `batch` (dropout on, as in training); None for a
+    group the model has no weight of (HSTU: no MFFN)."""
     from model.loss import sampled_softmax_loss
 
     model.train()
@@ -213,21 +221,20 @@ def grad_norms(model, trainer, batch) -> dict[str, float]:
     groups = {
         "item table": ["item_embedding"],
         "positions": ["position_embedding"],
-        "AMS uvqk": ["ams.uvqk"],
+        "uvqk (AMS, HSTU)": ["uvqk"],
         "pos/ts weights": ["pos_weights", "time_weights"],
         "stage-1 Linear": ["mffn.proj"],
         "stage-2 W1,W3": ["swiglu.w1", "swiglu.w3"],
         "stage-2 W2": ["swiglu.w2"],
     }
-    sums = dict.fromkeys(groups, 0.0)
+    sums: dict[str, float | None] = dict.fromkeys(groups)
     for name, p in model.named_parameters():
-        if p.grad is None:
-            continue
         for g, keys in groups.items():
             if any(k in name for k in keys):
-                sums[g] += float(p.grad.float().pow(2).sum())
+                grad = 0.0 if p.grad is None else float(p.grad.float().pow(2).sum())
+                sums[g] = (sums[g] or 0.0) + grad
     model.zero_grad(set_to_none=True)
-    return {k: v**0.5 for k, v in sums.items()}
+    return {k: None if v is None else v**0.5 for k, v in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -12,21 +12,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.helpers.ray_jobs import DATA_CLI, start_build
+
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
 def test_stopped_build_leaves_no_ray_process(sig: signal.Signals, tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "jobs.cli", "data"]
-    subprocess.run(
-        [*cli, "synth-logs", "--out", str(tmp_path / "logs"), "--users", "2000", "--days", "2", "--events",
-         "200000"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    job = subprocess.Popen(
-        [*cli, "build-sequences", "--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "seq")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    job = start_build(tmp_path)
     driver = psutil.Process(job.pid)
     deadline, ray = time.time() + 120, []
     while time.time() < deadline and job.poll() is None:  # wait until Ray's processes are up
@@ -65,10 +56,9 @@ def test_data_commands_join_the_cluster_named_by_ray_address(
     with no RAY_ADDRESS in the environment; the cluster outlives the commands."""
     import os
 
-    cli = [sys.executable, "-m", "jobs.cli", "data"]
     logs, seq = str(tmp_path / "logs"), str(tmp_path / "seq")
     subprocess.run(
-        [*cli, "synth-logs", "--out", logs, "--users", "200", "--items", "100", "--days", "2",
+        [*DATA_CLI, "synth-logs", "--out", logs, "--users", "200", "--items", "100", "--days", "2",
          "--events", "3000"],
         check=True,
         capture_output=True,
@@ -86,8 +76,8 @@ def test_data_commands_join_the_cluster_named_by_ray_address(
         address = cluster.stdout.readline().strip()
         assert address, "the test's Ray cluster did not start"
         runs = [
-            [*cli, "build-sequences", "--logs", logs, "--out", seq, "--dates", "2024-01-01"],
-            [*cli, "append-day", "--logs", logs, "--date", "2024-01-02", "--sequences", seq],
+            [*DATA_CLI, "build-sequences", "--logs", logs, "--out", seq, "--dates", "2024-01-01"],
+            [*DATA_CLI, "append-day", "--logs", logs, "--date", "2024-01-02", "--sequences", seq],
         ]
         for argv in runs:
             done = subprocess.run(

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
+
+from tests.helpers.ray_jobs import start_build
 
 
 def listening(root: psutil.Process) -> set[tuple[str, str, int]]:
@@ -38,18 +39,7 @@ def is_loopback(address: str) -> bool:
 
 
 def test_data_job_ray_listens_on_loopback_only(tmp_path: Path) -> None:
-    cli = [sys.executable, "-m", "jobs.cli", "data"]
-    subprocess.run(
-        [*cli, "synth-logs", "--out", str(tmp_path / "logs"), "--users", "2000", "--days", "2", "--events",
-         "200000"],
-        check=True,
-        capture_output=True,
-    )  # fmt: skip
-    job = subprocess.Popen(
-        [*cli, "build-sequences", "--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "seq")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    job = start_build(tmp_path, stderr=subprocess.PIPE)
     driver = psutil.Process(job.pid)
     seen: set[tuple[str, str, int]] = set()
     deadline = time.time() + 300

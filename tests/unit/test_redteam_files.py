@@ -1101,56 +1101,28 @@ RECOMMEND = [
     "{tmp}/out.parquet",
 ]
 CLI_CASES = [
-    ("max-k-zero", [*SERVE, "--max-k", "0"], "--max-k must be an integer in 1..2^31 (got 0)"),
-    (
-        "max-k-2^40",
-        [*SERVE, "--max-k", str(2**40)],
-        "--max-k must be an integer in 1..2^31 (got 1099511627776)",
-    ),
-    (
-        "max-history-negative",
-        [*SERVE, "--max-history", "-1"],
-        "--max-history must be an integer in 1..2^31 (got -1)",
-    ),
-    ("max-users-zero", [*SERVE, "--max-users", "0"], "--max-users must be an integer in 1..2^31 (got 0)"),
+    *[
+        (name, [*SERVE, flag, value], f"{flag} must be an integer in 1..2^31 (got {value})")
+        for name, flag, value in [
+            ("max-k-zero", "--max-k", "0"),
+            ("max-k-2^40", "--max-k", str(2**40)),
+            ("max-history-negative", "--max-history", "-1"),
+            ("max-users-zero", "--max-users", "0"),
+        ]
+    ],
     (
         "max-body-tiny",
         [*SERVE, "--max-body-bytes", "100"],
         "--max-body-bytes must be an integer in 1024..2^31 (got 100)",
     ),
-    (
-        "body-timeout-zero",
-        [*SERVE, "--body-timeout", "0"],
-        "--body-timeout must be a number of seconds in (0, 3600] (got 0.0)",
-    ),
-    (
-        "body-timeout-nan",
-        [*SERVE, "--body-timeout", "nan"],
-        "--body-timeout must be a number of seconds in (0, 3600] (got nan)",
-    ),
-    (
-        "body-timeout-inf",
-        [*SERVE, "--body-timeout", "inf"],
-        "--body-timeout must be a number of seconds in (0, 3600] (got inf)",
-    ),
-    (
-        "host-any-no-token",
-        [*SERVE, "--host", "0.0.0.0"],
-        "--host 0.0.0.0 is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
-        "every client must send) to serve beyond this machine",
-    ),
-    (
-        "host-ipv6-any-no-token",
-        [*SERVE, "--host", "::"],
-        "--host :: is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token every "
-        "client must send) to serve beyond this machine",
-    ),
-    (
-        "host-name-no-token",
-        [*SERVE, "--host", "example.com"],
-        "--host example.com is not a loopback address: set FUXI_SERVE_TOKEN or --token-file (a bearer token "
-        "every client must send) to serve beyond this machine",
-    ),
+    *[  # the value named as read: a float
+        (
+            f"body-timeout-{name}",
+            [*SERVE, "--body-timeout", value],
+            f"--body-timeout must be a number of seconds in (0, 3600] (got {read})",
+        )
+        for name, value, read in [("zero", "0", "0.0"), ("nan", "nan", "nan"), ("inf", "inf", "inf")]
+    ],
     *[
         (
             f"host-{name}-no-token",
@@ -1159,6 +1131,9 @@ CLI_CASES = [
             "every client must send) to serve beyond this machine",
         )
         for name, host in [
+            ("any", "0.0.0.0"),
+            ("ipv6-any", "::"),
+            ("name", "example.com"),
             ("zero", "0"),  # 0.0.0.0 to the resolver
             ("bracketed-any", "[::]"),
             ("mapped-any", "::ffff:0.0.0.0"),
@@ -1194,36 +1169,31 @@ CLI_CASES = [
         ["export", "--model", "models:/a b@c", "--out", "{tmp}/x"],
         f"models:/a b@c: model name 'a b': {PLAIN}",
     ),
-    (
-        "version-dotdot",
-        ["serve", "--model", "models:/fuxi/../../1"],
-        "models:/fuxi/../../1: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
-    ),
-    (
-        "version-missing",
-        ["serve", "--model", "models:/fuxi"],
-        "models:/fuxi: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
-    ),
-    (
-        "version-unicode-digits",
-        ["serve", "--model", "models:/fuxi/١"],
-        "models:/fuxi/١: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
-    ),
+    *[
+        (
+            name,
+            ["serve", "--model", uri],
+            f"{uri}: expected models:/NAME/VERSION (a number) or models:/NAME@ALIAS",
+        )
+        for name, uri in [
+            ("version-dotdot", "models:/fuxi/../../1"),
+            ("version-missing", "models:/fuxi"),
+            ("version-unicode-digits", "models:/fuxi/١"),
+        ]
+    ],
     (
         "run-id-dotdot",
         ["recommend", "--model", "runs:/../../etc", "--sequences", "x", "--out", "{tmp}/o"],
         f"runs:/../../etc: run id '../../etc': {PLAIN}",
     ),
-    (
-        "file-uri",
-        ["serve", "--model", "file:///etc"],
-        "file:///etc: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder",
-    ),
-    (
-        "http-uri",
-        ["serve", "--model", "http://host/model"],
-        "http://host/model: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder",
-    ),
+    *[
+        (
+            name,
+            ["serve", "--model", uri],
+            f"{uri}: expected models:/..., runs:/..., a checkpoint on s3:// or a local folder",
+        )
+        for name, uri in [("file-uri", "file:///etc"), ("http-uri", "http://host/model")]
+    ],
     ("recommend-k-zero", [*RECOMMEND, "--k", "0"], "--k 0: expected 1..100000"),
     ("recommend-k-huge", [*RECOMMEND, "--k", str(10**9)], "--k 1000000000: expected 1..100000"),
     (
