@@ -67,7 +67,9 @@ def serving(model: str, log: Path, cwd: Path) -> Iterator[str]:
                     break
                 except OSError:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"fuxi serve did not answer /ping in 180 s: {log.read_text()}")
+                        raise TimeoutError(
+                            f"fuxi serve did not answer /ping in 180 s: {log.read_text()}"
+                        ) from None
                     time.sleep(0.5)
             yield url
         finally:
