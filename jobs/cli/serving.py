@@ -115,9 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, default=1024, help="IVF: k-means lists")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser(
-        "serve", help="serve a model over HTTP (MLflow's request layout, strict checks)"
-    )
+    p = sub.add_parser("serve", help="serve a model over HTTP (MLflow's request layout, strict checks)")
     model(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address; off loopback a token is required")
     p.add_argument("--port", type=int, default=5000)
