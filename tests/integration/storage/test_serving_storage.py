@@ -2,8 +2,9 @@
 conftest.py) is served over real HTTP and answers exactly as the same checkpoint copied to local disk does.
 
 The store's checkpoint is staged into a local folder by `serving.loading.local_checkpoint` (the path
-`fuxi recommend` takes) and serving's checks read the staged copy; the served version names the
-generation's URI. A wrong bucket is one line and exit status 2, before anything binds the port.
+`fuxi recommend` takes) and serving's checks read the staged copy: a crafted train.json on the store is
+refused in one line naming its URI. The served version names the generation's URI. A wrong bucket is one
+line and exit status 2, before anything binds the port.
 """
 
 from __future__ import annotations
@@ -130,6 +131,24 @@ def test_checkpoint_on_s3_is_served_as_its_local_copy(s3_checkpoint: tuple[str, 
         assert a["item_ids"] == b["item_ids"] and a["ignored"] == b["ignored"]
         assert a["scores"] == pytest.approx(b["scores"], rel=1e-6, abs=1e-7)
     assert not (tmp_path / "s3:").exists()  # nothing was written to a local folder named after the URI
+
+    # the staged copy is checked as a local folder is (serving/trust.py), and a refusal names the URI
+    train_json = storage.join(s3_gen, "train.json")
+    meta = json.loads(storage.read_bytes(train_json))
+    meta["config"]["model"]["evil"] = 1
+    storage.write_bytes(train_json, json.dumps(meta).encode())
+    proc = subprocess.run(
+        _serve_command(root, _free_port()),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"fuxi: error: {train_json}: config.model.evil: unknown field"
+    ], proc.stderr[-2000:]
 
 
 def test_a_wrong_bucket_is_one_line_and_exit_2(s3_env: Any, tmp_path: Path) -> None:
