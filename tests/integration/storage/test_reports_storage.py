@@ -250,3 +250,42 @@ def test_train_report_json_on_s3(s3_env: Any, tmp_path: Path) -> None:
     report = json.loads(storage.read_bytes(remote))
     assert report["epochs"] == 1 and 0.0 <= report["test"]["ndcg_at_10"] <= 1.0
     assert report["checkpoint"].startswith(str(tmp_path / "runs"))
+
+
+@pytest.mark.slow
+def test_tune_folder_on_s3(s3_env: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`fuxi tune --tune-dir s3://...` with a local SQLite study: the trial's run folder (its checkpoints
+    and run record) and the study report are on S3; the report equals the one written locally from the
+    same study, and the copy logged to the study's parent run too."""
+    from jobs.tune import write_study_report
+
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    space = tmp_path / "space.json"
+    space.write_text(json.dumps({"optim.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow_client(uri)
+    client.create_experiment("tune-s3", artifact_location=str(tmp_path / "artifacts"))
+    study_url = f"sqlite:///{tmp_path}/study.db"
+    tune_dir = f"s3://{s3_env.bucket}/tune-{uuid.uuid4().hex[:8]}"
+    argv = ["tune", "--preset", "tiny", "--space", str(space), "--study", "s", "--storage", study_url]
+    argv += ["--trials", "1", "--tune-dir", tune_dir, "--tracking-uri", uri, "--experiment", "tune-s3"]
+    argv += ["--cpu", "1", "--pruner", "none", "--set", "epochs=1", "--set", "data.synthetic.num_users=100"]
+    assert main(argv) == 0
+
+    folder = storage.join(tune_dir, "s")
+    assert storage.listdir(folder) == ["trial-0000-seed0", "tune_s.json", "tune_s.md", "tune_s.png"]
+    trial = storage.join(folder, "trial-0000-seed0")
+    assert {"checkpoints", "mlflow_run.json"} <= set(storage.listdir(trial))
+    assert storage.is_file(storage.join(trial, "checkpoints", "final"))  # the trial's final pointer
+
+    local = str(tmp_path / "local-report")
+    write_study_report(study_url, "s", local, tracking_uri=uri)
+    for ext in FILES:
+        assert (
+            storage.read_bytes(storage.join(folder, f"tune_s.{ext}"))
+            == Path(local, f"tune_s.{ext}").read_bytes()
+        )
+    parent = optuna.load_study(study_name="s", storage=study_url).user_attrs["mlflow_parent_run_id"]
+    assert {a.path for a in client.list_artifacts(parent, "report")} == {
+        f"report/tune_s.{ext}" for ext in FILES
+    }
