@@ -7,13 +7,20 @@ count is rebuilt from the `model.*` params on the meta device (no weights are al
 metric against each numeric field the grid varied (one line per value of the other fields) and against
 the parameter count; runs that differ only in the seed are one point, mean ± std as error bars. Written
 to `--out` and logged to the parent run under `report/`.
+
+`--out` is a path or a URI (`s3://bucket/reports`): every file is rendered in memory and written whole
+through the storage layer (a rename on disk, one PUT on a store); the file names (`--name`) are confined to
+it. MLflow logs local files, so a report on a store is logged from a temporary copy.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
+import io
 import json
+import os
+import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -21,6 +28,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+import storage
 
 DEFAULT_METRIC = "final_test/ndcg_at_10"
 TABLE_METRICS = ("final_test/hr_at_10", "final_test/ndcg_at_10", "final_test/mrr", "valid/ndcg_at_10")
@@ -95,7 +104,38 @@ class Report:
     metric: str
     series: dict[str, dict[str, list[list[float]]]]  # panel x-field -> line label -> [[x, y], ...]
     markdown: str
-    paths: dict[str, Path]
+    paths: dict[str, str]  # leaderboard, plot, data -> the file's path or URI
+
+
+# ---------------------------------------------------------------------------------------------------
+# report files: a path or a URI, through the storage layer
+
+
+def report_files(out_dir: str | Path, name: str, kinds: dict[str, str]) -> dict[str, str]:
+    """{kind: <out_dir>/<name>.<extension>} for kinds {kind: extension}; `name` is confined to `out_dir`
+    (no '/', '..' or absolute path: one line naming --name)."""
+    out = os.fspath(out_dir)
+    storage.parse(out)  # an unsupported scheme or credentials in the URI: refused before any work
+    return {kind: storage.join(out, f"{name}.{ext}", field="--name") for kind, ext in kinds.items()}
+
+
+def save_figure(fig: Any, uri: str | Path) -> None:
+    """A matplotlib figure as one PNG written whole at `uri` (a path or a URI)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    storage.write_bytes(os.fspath(uri), buf.getvalue())
+
+
+def log_report(client: Any, run_id: str, paths: dict[str, str], artifact_path: str = "report") -> None:
+    """Log report files to a run under `artifact_path`: MLflow uploads local files, so a file on a store
+    is copied to a temporary folder first (under its own name)."""
+    with tempfile.TemporaryDirectory(prefix="fuxi-report-") as tmp:
+        for uri in paths.values():
+            local = uri
+            if not storage.is_local(uri):
+                local = storage.join(tmp, storage.name_of(uri), field="report file")
+                storage.copy_file(uri, local)
+            client.log_artifact(run_id, local, artifact_path)
 
 
 def build_table(df: pd.DataFrame, fields: list[str], metric: str) -> pd.DataFrame:
@@ -197,7 +237,7 @@ def _short(n: float) -> str:
     return f"{n:g}"
 
 
-def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: str, path: Path) -> Any:
+def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: str, path: str | Path) -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -232,8 +272,7 @@ def plot(series: dict[str, dict[str, list[list[float]]]], metric: str, title: st
         ax.minorticks_off()
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
     return fig
 
@@ -246,7 +285,9 @@ def build_report(
     log_to_parent: bool = True,
     name: str = "sweep_report",
 ) -> Report:
-    """Writes <out_dir>/<name>.md (leaderboard), .png (scaling curves), .json (the plotted data)."""
+    """Writes <out_dir>/<name>.md (leaderboard), .png (scaling curves), .json (the plotted data);
+    `out_dir` a path or a URI."""
+    paths = report_files(out_dir, name, {"leaderboard": "md", "plot": "png", "data": "json"})
     parent = client.get_run(parent_run_id)
     grid = json.loads(parent.data.tags.get("sweep.grid", "{}")) or None
     df = child_runs(client, parent_run_id)
@@ -256,27 +297,19 @@ def build_report(
     table = build_table(df, fields, metric)
     title = f"{parent.info.run_name}: {len(table)} runs, preset {parent.data.tags.get('sweep.preset', '?')}"
     series = scaling_series(table, fields, metric)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"leaderboard": out / f"{name}.md", "plot": out / f"{name}.png", "data": out / f"{name}.json"}
     markdown = to_markdown(table, fields, metric, title)
-    paths["leaderboard"].write_text(markdown)
+    storage.write_bytes(paths["leaderboard"], markdown.encode())
     plot(series, metric, title, paths["plot"])
-    paths["data"].write_text(
-        json.dumps(
-            {
-                "parent_run_id": parent_run_id,
-                "metric": metric,
-                "fields": fields,
-                "series": series,
-                "runs": json.loads(table.to_json(orient="records")),
-            },
-            indent=1,
-        )
-    )
+    data = {
+        "parent_run_id": parent_run_id,
+        "metric": metric,
+        "fields": fields,
+        "series": series,
+        "runs": json.loads(table.to_json(orient="records")),
+    }
+    storage.write_bytes(paths["data"], json.dumps(data, indent=1).encode())
     if log_to_parent:
-        for p in paths.values():
-            client.log_artifact(parent_run_id, str(p), "report")
+        log_report(client, parent_run_id, paths)
     return Report(table, fields, metric, series, markdown, paths)
 
 
@@ -333,7 +366,7 @@ def nightly_markdown(frame: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_nightly(frame: pd.DataFrame, title: str, path: Path) -> None:
+def plot_nightly(frame: pd.DataFrame, title: str, path: str | Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -355,22 +388,20 @@ def plot_nightly(frame: pd.DataFrame, title: str, path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
 def build_nightly_report(
     client: Any, experiment: str, model_name: str, out_dir: str | Path, name: str = "nightly_report"
-) -> tuple[str, dict[str, Path]]:
-    """Writes <out_dir>/<name>.md (per-date table), .png (metrics over dates), .json (the frame)."""
+) -> tuple[str, dict[str, str]]:
+    """Writes <out_dir>/<name>.md (per-date table), .png (metrics over dates), .json (the frame);
+    `out_dir` a path or a URI."""
+    paths = report_files(out_dir, name, {"table": "md", "plot": "png", "data": "json"})
     frame = timeline_frame(client, experiment, model_name)
     title = f"nightly {model_name}: next-day metrics, {frame.index[0]}..{frame.index[-1]}"
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"table": out / f"{name}.md", "plot": out / f"{name}.png", "data": out / f"{name}.json"}
     markdown = nightly_markdown(frame, title)
-    paths["table"].write_text(markdown)
+    storage.write_bytes(paths["table"], markdown.encode())
     plot_nightly(frame, title, paths["plot"])
-    paths["data"].write_text(frame.to_json(orient="index", indent=1))
+    storage.write_bytes(paths["data"], frame.to_json(orient="index", indent=1).encode())
     return markdown, paths

@@ -6,6 +6,10 @@ Every point is `jobs/components.py:train` with the point's values as `--set` ove
 `tracking.parent_run_id=<parent>`, so each child run carries the full resolved config as params and
 `fuxi report` can rebuild the comparison from `search_runs` alone. Jobs run on any TorchX scheduler
 (`local_cwd` by default; `kubernetes` / `slurm` with infra/torchx/.torchxconfig), `--parallel N` at a time.
+
+`--sweep-dir` is a path or a URI (`s3://bucket/sweeps`): on a store every point's run folder is there
+(whatever the scheduler: every node reaches it); TorchX's `local_cwd` logs are local files, in a temporary
+folder then (`<sweep-dir>/<name>/torchx_logs` on disk).
 """
 
 from __future__ import annotations
@@ -13,13 +17,53 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import storage
 from jobs.launch import Job, component_args, run_jobs
 from pipeline.train.tracking import absolute_tracking_uri, ensure_experiment, mlflow_client
+
+# ---------------------------------------------------------------------------------------------------
+# the folders of a batch of jobs (sweep points, tuning trials): a path or a URI
+
+
+def jobs_root(parent: str | Path, name: str, field: str) -> str:
+    """`<parent>/<name>` (name confined to it, one line naming `field`), made on local disk."""
+    root = storage.join(os.fspath(parent), name, field=field)
+    if storage.is_local(root):
+        os.makedirs(storage.parse(root).path, exist_ok=True)
+    return root
+
+
+def job_run_dir(root: str, name: str, scheduler: str) -> str | None:
+    """A job's run folder: the URI on a store (any scheduler's nodes reach it); on local disk an absolute
+    path for a local scheduler, else None (the component's default: a local folder means nothing on
+    another host)."""
+    run_dir = storage.join(root, name)
+    if not storage.is_local(run_dir):
+        return run_dir
+    return storage.parse(run_dir).path if scheduler.startswith("local") else None
+
+
+def with_log_dir(
+    scheduler: str, scheduler_cfg: dict[str, Any] | None, root: str, prefix: str
+) -> dict[str, Any]:
+    """The scheduler options, with local_cwd's `log_dir` defaulted: TorchX writes local files, so
+    `<root>/torchx_logs` on disk and a fresh temporary folder when `root` is on a store."""
+    cfg = dict(scheduler_cfg or {})
+    if scheduler == "local_cwd" and "log_dir" not in cfg:
+        local = storage.is_local(root)
+        cfg["log_dir"] = (
+            storage.parse(storage.join(root, "torchx_logs")).path
+            if local
+            else tempfile.mkdtemp(prefix=f"fuxi-{prefix}-torchx-")
+        )
+    return cfg
+
 
 # ---------------------------------------------------------------------------------------------------
 # grid
@@ -121,11 +165,8 @@ def run_sweep(
         params=[Param("preset", preset), Param("points", str(len(points)))]
         + [Param(f"grid.{k}", ",".join(v)) for k, v in grid.items()],
     )
-    root = Path(sweep_dir) / name
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = dict(scheduler_cfg or {})
-    if scheduler == "local_cwd":
-        cfg.setdefault("log_dir", str((root / "torchx_logs").resolve()))
+    root = jobs_root(sweep_dir, name, "--name")
+    cfg = with_log_dir(scheduler, scheduler_cfg, root, f"sweep-{name}")
     cpu = cpu or max(1, (os.cpu_count() or 2) // max(1, parallel))
     jobs = []
     for point in points:
@@ -135,11 +176,10 @@ def run_sweep(
             + [f"{k}={v}" for k, v in point.items()]
             + [f"tracking.run_name={run_name}", f"tracking.experiment={experiment}", "progress=false"]
         )
-        run_dir = str((root / point_name(point)).resolve()) if scheduler.startswith("local") else None
         args = component_args(
             preset,
             point_overrides,
-            run_dir=run_dir,
+            run_dir=job_run_dir(root, point_name(point), scheduler),
             tracking_uri=uri,
             parent_run_id=pid,
             data=data,

@@ -18,6 +18,14 @@ trains, its per-epoch validation metric is read from MLflow and reported to Optu
 pruner stops is cancelled (its child run is marked KILLED with tag `tune.state=PRUNED`). Later seeds of a
 trial are not pruned (they would report the same epochs again).
 
+Storage: `--tune-dir` (trial run folders, the report) is a path or a URI (`s3://bucket/tune`): trial runs
+write their checkpoints and run records there, and the report is written through the storage layer. The
+study itself needs a database (Optuna's RDB storage: a local SQLite file, or a server such as
+postgresql://...), which an object store is not: a study storage on `s3://` (or `gs://`, `hdfs://`, or a
+SQLite file named there) is refused in one line, and with a `--tune-dir` on a store `--storage` must be
+given. TorchX's local logs stay local: `<tune-dir>/<study>/torchx_logs` on disk, a temporary folder when
+the tune folder is on a store.
+
 The study lives in an Optuna RDB storage (a SQLite file by default): a second invocation with the same
 `--study` and `--storage` continues it (trial numbers continue, the sampler sees all earlier trials) under
 the same parent run. One tuner process per study at a time, so a trial an invocation finds RUNNING was
@@ -41,8 +49,10 @@ from pathlib import Path
 from typing import Any
 
 from jobs.launch import Job, Launcher, component_args
-from jobs.sweep import validate_point
+from jobs.report import log_report, report_files, save_figure
+from jobs.sweep import job_run_dir, jobs_root, validate_point, with_log_dir
 from pipeline.train.tracking import absolute_tracking_uri, ensure_experiment, mlflow_client
+from storage import display, is_local, parse, write_bytes
 
 OBJECTIVE = "valid/ndcg_at_10"  # the per-epoch validation metric the trainer logs
 PARENT_ATTR = "mlflow_parent_run_id"
@@ -291,6 +301,23 @@ class TuneResult:
     seconds: float
 
 
+OBJECT_STORES = ("s3", "gs", "hdfs", "file")  # URI schemes that name files, not an Optuna database
+
+
+def check_study_storage(url: str) -> str:
+    """`url` if Optuna can keep a study there, else ValueError in one line: a study needs a database (an
+    RDB URL: sqlite:///local.db, postgresql://...), and an object store is none (no SQLite file on it
+    either: SQLite needs a local file with locks)."""
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    inner = url.split(":///", 1)[1] if scheme == "sqlite" and ":///" in url else ""
+    if scheme in OBJECT_STORES or "://" in inner:
+        raise ValueError(
+            f"--storage {display(inner or url)}: an Optuna study cannot live on an object store; use "
+            "sqlite:///<a local file>.db or a database URL (postgresql://..., mysql://...)"
+        )
+    return url
+
+
 def run_tune(
     preset: str,
     space: list[Dist],
@@ -322,6 +349,7 @@ def run_tune(
 
     overrides = list(overrides or [])
     seeds = list(seeds if seeds is not None else [0])
+    check_study_storage(storage)
     base = resolve_config(preset, data, overrides)
     if base.data.protocol not in ("validated", "temporal"):
         raise ValueError(
@@ -334,7 +362,8 @@ def run_tune(
                 validate_point(preset, overrides + [as_override(dist.field, value)], data)
             except ValueError as exc:
                 raise ValueError(f"search space {dist.field!r} = {value!r}: {exc}") from None
-    Path(tune_dir).mkdir(parents=True, exist_ok=True)  # the study's storage and run folders
+    if is_local(tune_dir):  # the default SQLite file lives here
+        os.makedirs(parse(tune_dir).path, exist_ok=True)
     experiment = experiment or base.tracking.experiment
     uri = absolute_tracking_uri(tracking_uri)
     client = mlflow_client(uri)
@@ -369,7 +398,7 @@ def run_tune(
                 "mlflow.runName": study_name,
                 "fuxi.kind": "tune",
                 "tune.study": study_name,
-                "tune.storage": storage,
+                "tune.storage": display(storage),  # a database URL may carry a password
                 "tune.preset": preset,
                 "tune.space": json.dumps([d.__dict__ for d in space], default=list),
                 "tune.overrides": json.dumps(overrides),
@@ -385,11 +414,8 @@ def run_tune(
         client.update_run(pid, status="RUNNING")
     study.set_user_attr("space", [d.__dict__ for d in space])
 
-    root = Path(tune_dir) / study_name
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = dict(scheduler_cfg or {})
-    if scheduler == "local_cwd":
-        cfg.setdefault("log_dir", str((root / "torchx_logs").resolve()))
+    root = jobs_root(tune_dir, study_name, "--study")
+    cfg = with_log_dir(scheduler, scheduler_cfg, root, f"tune-{study_name}")
     cpu = cpu or max(1, os.cpu_count() or 2)
     launcher = Launcher(scheduler, cfg)
 
@@ -402,11 +428,10 @@ def run_tune(
             + [f"seed={seed}", f"tracking.run_name={run_name}", f"tracking.experiment={experiment}"]
             + ["progress=false"]
         )
-        run_dir = root / f"trial-{trial.number:04d}-seed{seed}"
         args = component_args(
             preset,
             point_overrides,
-            run_dir=str(run_dir.resolve()) if scheduler.startswith("local") else None,
+            run_dir=job_run_dir(root, f"trial-{trial.number:04d}-seed{seed}", scheduler),
             tracking_uri=uri,
             parent_run_id=pid,
             data=data,
@@ -527,6 +552,7 @@ def study_report(storage: str, study_name: str, top: int = 10) -> tuple[str, dic
     import optuna
     from optuna.trial import TrialState
 
+    check_study_storage(storage)
     study = optuna.load_study(study_name=study_name, storage=storage)
     trials = study.trials
     done = sorted(
@@ -601,7 +627,7 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def plot_study(data: dict[str, Any], path: Path) -> None:
+def plot_study(data: dict[str, Any], path: str | Path) -> None:
     """Left: each trial's objective, mean ± std over seeds as error bars, pruned trials at their last
     report, and the best so far. Right: every trial's validation curve (the pruner's input)."""
     import matplotlib
@@ -660,8 +686,7 @@ def plot_study(data: dict[str, Any], path: Path) -> None:
         right.legend(fontsize=8)
     fig.suptitle(f"study {data['study']}", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -671,18 +696,15 @@ def write_study_report(
     out_dir: str | Path,
     name: str | None = None,
     tracking_uri: str | None = None,
-) -> tuple[str, dict[str, Path]]:
-    """Write <out>/<name>.md and .json and log both to the study's parent run."""
+) -> tuple[str, dict[str, str]]:
+    """Write <out>/<name>.md, .json and .png (`out_dir` a path or a URI) and log them to the study's
+    parent run."""
+    kinds = {"table": "md", "data": "json", "plot": "png"}
+    paths = report_files(out_dir, name or f"tune_{study_name}", kinds)
     markdown, data = study_report(storage, study_name)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = name or f"tune_{study_name}"
-    paths = {"table": out / f"{name}.md", "data": out / f"{name}.json", "plot": out / f"{name}.png"}
-    paths["table"].write_text(markdown)
-    paths["data"].write_text(json.dumps(data, indent=1, default=str))
+    write_bytes(paths["table"], markdown.encode())
+    write_bytes(paths["data"], json.dumps(data, indent=1, default=str).encode())
     plot_study(data, paths["plot"])
     if data["parent_run_id"]:
-        client = mlflow_client(tracking_uri)
-        for p in paths.values():
-            client.log_artifact(data["parent_run_id"], str(p), "report")
+        log_report(mlflow_client(tracking_uri), data["parent_run_id"], paths)
     return markdown, paths

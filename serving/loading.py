@@ -19,6 +19,7 @@ changes, so one copy per process serves every load of it. `LoadedModel.source` k
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import dataclasses
 import datetime as dt
@@ -27,6 +28,7 @@ import shutil
 import tempfile
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,21 @@ def local_checkpoint(checkpoint: str | Path) -> str | Path:
         return _staged[generation]
 
 
+@contextlib.contextmanager
+def named_by_source(staged: str | Path, source: str | None) -> Iterator[None]:
+    """Serving's checks (serving/trust.py) read the staged copy; a refusal of it names the store's URI
+    instead of the temporary folder (the copy is the generation file for file, under the same names)."""
+    from serving.trust import TrustError
+
+    if source is None:
+        yield
+        return
+    try:
+        yield
+    except TrustError as exc:
+        raise TrustError(str(exc).replace(os.fspath(staged), storage.display(source))) from None
+
+
 def checkpoint_config(checkpoint: str | Path) -> TrainConfig:
     """The training config a checkpoint records (its train.json, checked), without loading weights."""
     from serving.trust import read_train_json, resolve_served_checkpoint
@@ -240,23 +257,25 @@ def load_checkpoint_model(path: str | Path, device: str = "cpu", num_items: int 
     )
 
     source = None if storage.is_local(os.fspath(path)) else resolve_checkpoint(path)
-    resolved = resolve_served_checkpoint(local_checkpoint(path))
-    meta, cfg = read_train_json(resolved)
-    check_shapes(resolved, cfg.model)  # before any tensor is allocated
-    saved_rows = cfg.model.num_items
-    vocab_file = resolved / VOCAB_FILE
-    vocab = check_vocabulary(vocab_file, saved_rows) if vocab_file.exists() else None
-    if num_items is not None and num_items != saved_rows:
-        cfg.model = dataclasses.replace(cfg.model, num_items=num_items)
-    model = build_model(cfg.model, device=device)
-    if cfg.model.num_items > saved_rows:  # the rows the checkpoint lacks: as a cold start draws them
-        init_fn = model.item_embedding.embedding_configs()[0].init_fn
-        init_item_table(model, init_fn, cfg.model.num_items, cfg.model.embedding_dim, cfg.seed)
-    with warnings.catch_warnings():
-        # one process without a process group is the point here, not a fallback worth a warning
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        warm_start(model, resolved)
-    check_finite(resolved, model)
+    staged = local_checkpoint(path)
+    with named_by_source(staged, source):
+        resolved = resolve_served_checkpoint(staged)
+        meta, cfg = read_train_json(resolved)
+        check_shapes(resolved, cfg.model)  # before any tensor is allocated
+        saved_rows = cfg.model.num_items
+        vocab_file = resolved / VOCAB_FILE
+        vocab = check_vocabulary(vocab_file, saved_rows) if vocab_file.exists() else None
+        if num_items is not None and num_items != saved_rows:
+            cfg.model = dataclasses.replace(cfg.model, num_items=num_items)
+        model = build_model(cfg.model, device=device)
+        if cfg.model.num_items > saved_rows:  # the rows the checkpoint lacks: as a cold start draws them
+            init_fn = model.item_embedding.embedding_configs()[0].init_fn
+            init_item_table(model, init_fn, cfg.model.num_items, cfg.model.embedding_dim, cfg.seed)
+        with warnings.catch_warnings():
+            # one process without a process group is the point here, not a fallback worth a warning
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            warm_start(model, resolved)
+        check_finite(resolved, model)
     return LoadedModel(model.eval(), cfg, str(resolved), meta, vocab, source)
 
 

@@ -196,9 +196,10 @@ def frame_records(model_input: pd.DataFrame | dict | list) -> list[dict[str, Any
 
 
 class TopKModel:
-    """A checkpoint folder served as top-k: `predict(DataFrame, params)` -> DataFrame(item_ids, scores,
-    ignored). Exact scan over the item table by default (`serving.item_index.exact_top_k`, the same function
-    the batch job uses), the faiss index with use_index."""
+    """A checkpoint served as top-k: `predict(DataFrame, params)` -> DataFrame(item_ids, scores, ignored).
+    The checkpoint is a local folder or a URI on a store (staged locally by `load_checkpoint_model`).
+    Exact scan over the item table by default (`serving.item_index.exact_top_k`, the same function the
+    batch job uses), the faiss index with use_index."""
 
     def __init__(self, checkpoint: str | Path) -> None:
         from serving.item_index import read_index

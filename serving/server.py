@@ -1,10 +1,13 @@
 """`fuxi serve`: the served model over HTTP, in one process (uvicorn), holding under hostile input.
 
     fuxi serve --model models:/fuxi-alpha@champion --port 5000              # loopback: no token
+    fuxi serve --model s3://bucket/runs/tiny/checkpoints                    # a checkpoint on a store
     FUXI_SERVE_TOKEN=... fuxi serve --model ... --host 0.0.0.0              # any other address: a token
 
 The model is loaded only as serving/trust.py allows (a model or checkpoint folder of the project's own
-files, checked; never `mlflow.pyfunc.load_model`), then `ServingApp` answers MLflow's scoring routes
+files, checked; never `mlflow.pyfunc.load_model`); a checkpoint on an object store is resolved to its
+generation and staged into a local folder first (serving/loading.py `local_checkpoint`, as `fuxi
+recommend` does), and the checks read the staged copy. Then `ServingApp` answers MLflow's scoring routes
 itself, with MLflow's request and response layout (serving/pyfunc.py documents the fields):
 
   POST /invocations  exactly one Content-Type, application/json (charset utf-8 if given), else 415; a

@@ -51,14 +51,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from jobs.launch import parse_scheduler_args
-    from jobs.tune import load_space, run_tune, write_study_report
+    from jobs.tune import check_study_storage, load_space, run_tune, write_study_report
 
     quiet_mlflow()
     import storage
 
-    # the study name becomes a file name: confined to --tune-dir (no '..', no absolute path)
-    study_db = storage.join(args.tune_dir, f"{args.study}.db", field="--study")
-    study_storage = args.storage or f"sqlite:///{study_db}"
+    if args.storage:
+        study_storage = check_study_storage(args.storage)
+    elif storage.is_local(args.tune_dir):
+        # the study name becomes a file name: confined to --tune-dir (no '..', no absolute path)
+        study_db = storage.join(args.tune_dir, f"{args.study}.db", field="--study")
+        local_db = storage.parse(study_db).path if "://" in study_db else study_db  # file:// -> its path
+        study_storage = f"sqlite:///{local_db}"
+    else:  # SQLite needs a local file
+        raise SystemExit(
+            f"--tune-dir {storage.display(args.tune_dir)}: the study's default SQLite file cannot live on "
+            "an object store; pass --storage sqlite:///<a local file>.db or a database URL (postgresql://...)"
+        )
     space = load_space(args.space)  # checked before anything is written
     result = run_tune(
         args.preset,
@@ -82,7 +91,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     )
     print(
         f"study {result.study_name}: {result.new_trials} new trials ({result.trials} in all) in "
-        f"{result.seconds:.0f}s; parent run {result.parent_run_id}; storage {study_storage}"
+        f"{result.seconds:.0f}s; parent run {result.parent_run_id}; storage {storage.display(study_storage)}"
     )
     markdown, paths = write_study_report(
         study_storage,
@@ -96,16 +105,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from jobs.report import build_nightly_report, build_report
+    from jobs.report import build_nightly_report, build_report, report_files
     from pipeline.train.tracking import mlflow_client
 
     quiet_mlflow()
+    name = args.name
+    if name == "sweep_report" and (args.study or args.nightly):  # the other reports' default names
+        name = f"tune_{args.study}" if args.study else "nightly_report"
+    report_files(args.out, name, {"md": "md"})  # refused before MLflow or the study is opened
     if args.study:
         from jobs.tune import write_study_report
 
         if not args.storage:
             raise SystemExit("fuxi report --study: pass --storage (the study's Optuna storage URL)")
-        name = args.name if args.name != "sweep_report" else None
         markdown, paths = write_study_report(
             args.storage, args.study, args.out, name, tracking_uri=args.tracking_uri
         )
@@ -118,7 +130,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             args.experiment,
             args.model_name,
             args.out,
-            args.name if args.name != "sweep_report" else "nightly_report",
+            name,
         )
         print(markdown)
         print(f"report: {paths['plot']} {paths['table']}")
@@ -237,7 +249,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--space", required=True, help="search space, YAML or JSON: field -> distribution")
     p.add_argument("--study", required=True, help="study name (also the parent MLflow run's name)")
-    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<tune-dir>/<study>.db)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL: a database, never an object store (default sqlite:///<tune-dir>/<study>.db)",
+    )
     p.add_argument("--trials", type=int, default=10, help="trials to run in this invocation")
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds per trial (objective: mean)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override applied to every trial")
@@ -246,8 +261,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scheduler", default="local_cwd", help="TorchX scheduler")
     p.add_argument("--scheduler-args", help="TorchX scheduler options")
     p.add_argument("--cpu", type=int, help="CPUs per job (default: all cores)")
-    p.add_argument("--tune-dir", default="runs/tune", help="storage, run dirs and TorchX logs")
-    p.add_argument("--report-dir", help="where the study report goes (default <tune-dir>/<study>)")
+    p.add_argument(
+        "--tune-dir",
+        default="runs/tune",
+        help="run dirs and the report, a path or a URI (s3://...); on disk also the default SQLite study "
+        "and the TorchX logs",
+    )
+    p.add_argument(
+        "--report-dir", help="where the study report goes, a path or a URI (default <tune-dir>/<study>)"
+    )
     p.add_argument("--sampler-seed", type=int, default=0, help="TPE sampler seed")
     p.add_argument("--pruner", default="median", choices=["median", "none"])
     p.add_argument("--startup-trials", type=int, default=5, help="median pruner: trials before pruning")
@@ -265,7 +287,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nightly", action="store_true", help="per-date next-day metrics of the nightly job")
     p.add_argument("--experiment", default="fuxi-nightly", help="with --nightly: the nightly experiment")
     p.add_argument("--model-name", default="fuxi-alpha", help="with --nightly: the registered model")
-    p.add_argument("--out", default="runs/report")
+    p.add_argument("--out", default="runs/report", help="report folder, a path or a URI (s3://...)")
     p.add_argument("--name", default="sweep_report", help="file names: NAME.md, NAME.png, NAME.json")
     p.add_argument("--metric", default="final_test/ndcg_at_10")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the parent run")

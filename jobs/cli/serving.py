@@ -84,7 +84,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument(
             "--model",
             required=True,
-            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, or a checkpoint folder",
+            help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID, a checkpoint folder, or a "
+            "checkpoint on a store (s3://BUCKET/RUN/checkpoints, a pointer or a generation)",
         )
         p.add_argument("--cache", help="where registered versions are downloaded (default runs/models)")
         p.add_argument(
@@ -114,9 +115,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nlist", type=int, default=1024, help="IVF: k-means lists")
     p.set_defaults(func=cmd_index)
 
-    p = sub.add_parser(
-        "serve", help="serve a registered model over HTTP (MLflow's request layout, strict checks)"
-    )
+    p = sub.add_parser("serve", help="serve a model over HTTP (MLflow's request layout, strict checks)")
     model(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address; off loopback a token is required")
     p.add_argument("--port", type=int, default=5000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 METRIC_ORDER = ("hr_at_10", "ndcg_at_10", "hr_at_50", "ndcg_at_50", "mrr")
@@ -19,6 +18,7 @@ def _print_metrics(title: str, metrics: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import storage
     from pipeline.train.config import validate
     from pipeline.train.presets import AUTO, resolve_config
     from pipeline.train.run import run
@@ -26,6 +26,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     # no preset named: the generic recipe of the architecture (`--set model.architecture=A`, default
     # FuXi-alpha) sized by the data given, else the embedded demo
     preset = args.preset or (AUTO if args.data else "cpu-demo")
+    if args.report_json:  # a path or a URI (storage layer); a malformed one fails before training
+        storage.parse(args.report_json)
     cfg = validate(resolve_config(preset, args.data, args.set or []))
     if preset == AUTO and int(os.environ.get("RANK", "0")) == 0:
         print(
@@ -49,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if report.get("run_id"):
         print(f"mlflow run: {report['run_id']}")
     if args.report_json:
-        Path(args.report_json).write_text(json.dumps(report, indent=1, default=str))
+        storage.write_bytes(args.report_json, json.dumps(report, indent=1, default=str).encode())
     return 0
 
 
@@ -97,7 +99,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "lists them)",
     )
     p.add_argument("--device", default="cpu")
-    p.add_argument("--report-json", help="also write the final report here")
+    p.add_argument("--report-json", help="also write the final report here (a path or a URI: s3://...)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="full-ranking evaluation of a checkpoint")

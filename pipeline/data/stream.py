@@ -21,8 +21,9 @@ repeats nor skips a sequence. A different seed or data cannot continue and is an
 world size or batch size mid-epoch (at an epoch boundary the next epoch is planned for the new ones). Memory:
 Ray keeps a bounded number of segments in flight (`max_bytes_in_flight`); the driver holds at most one segment
 plus one batch. The pyarrow backend reads `prefetch` segments ahead in background threads (so at most
-prefetch + 1 segments are held): on an object store a step then waits on the network only when reading is
-slower than training (measured: docs/STORAGE.md, "Measured: S3 against local disk").
+prefetch + 1 segments are held), the Ray backend as many (`prefetch_batches`): on an object store a step then
+waits on the network only when reading is slower than training (measured: docs/STORAGE.md, "Measured: S3
+against local disk"). Training sets it with `data.stream_prefetch`.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ if TYPE_CHECKING:  # torch is imported where batches are collated, not in Ray re
 
 COLUMNS = [f.name for f in SEQUENCE_SCHEMA]
 MANIFEST_MIN_LENGTHS = (2, 3, 4)  # `pipeline.data.build.MIN_LENGTHS`: counts stored per row group
-PREFETCH_SEGMENTS = 2  # pyarrow backend: segments read ahead in background threads
+PREFETCH_SEGMENTS = 2  # segments read ahead (pyarrow: background threads; ray: prefetch_batches)
 
 
 class Backend(str, Enum):
@@ -463,7 +464,8 @@ class ShardBatches:
             limits = ctx.execution_options.resource_limits
             ctx.execution_options.resource_limits = limits.copy(object_store_memory=self.max_bytes_in_flight)
         # batch_format="pyarrow": every batch is a pa.Table (Ray types it as any DataBatch)
-        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=2)
+        # one block per segment (map_batches above), so prefetch_batches counts segments, as `prefetch` does
+        batches = ds.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=self.prefetch)
         return cast("Iterable[pa.Table]", batches)
 
 

@@ -88,6 +88,9 @@ class DataConfig:
     # stream the training split of a shard directory (pipeline/data/stream.py) instead of holding it in memory
     stream: bool = False
     stream_backend: Literal["ray", "pyarrow"] = "ray"
+    # stream: segments (groups of row groups) read ahead of the one being batched, so a step does not wait
+    # on the store; 0 reads each in turn. pyarrow: that many background reads; ray: prefetch_batches
+    stream_prefetch: AtLeast0 = 2
     # > 0: training batches hold as many users as fit in this many positions per rank (batch_size is then
     # unused for training); steps cost about the same for any length mix. In-memory sources only.
     batch_tokens: AtLeast0 = 0

@@ -195,6 +195,7 @@ def build_batches(
                 rank=rank,
                 world_size=world_size,
                 backend=cfg.data.stream_backend,
+                prefetch=cfg.data.stream_prefetch,
             )
         )
     return splits

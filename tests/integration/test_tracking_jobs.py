@@ -161,8 +161,8 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
         (a, b) for a in GRID["model.num_layers"] for b in GRID["loss.num_negatives"]
     }
     report = build_report(client, sweep.parent_run_id, store["root"] / "report")
-    assert report.paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| 1 |" in report.paths["leaderboard"].read_text()
+    assert Path(report.paths["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| 1 |" in Path(report.paths["leaderboard"]).read_text()
     logged = {a.path for a in client.list_artifacts(sweep.parent_run_id, "report")}
     assert logged == {"report/sweep_report.md", "report/sweep_report.png", "report/sweep_report.json"}
 
@@ -173,7 +173,7 @@ def test_sweep_report_matches_search_runs(store: dict, sweep) -> None:
         (int(r["params.model.num_layers"]), int(r["params.loss.num_negatives"])): r[f"metrics.{metric}"]
         for _, r in df.iterrows()
     }
-    plotted = json.loads(report.paths["data"].read_text())["series"]
+    plotted = json.loads(Path(report.paths["data"]).read_text())["series"]
     for label, pts in plotted["model.num_layers"].items():
         negatives = int(label.split("=")[1])
         assert pts == [[float(layers), by_point[(layers, negatives)], 0.0, 1] for layers in (1, 2)]
