@@ -72,7 +72,7 @@ def check_date(workdir: str, model: str, date: str, prev: str | None) -> str:
     on_store("the run's artifacts", run.info.artifact_uri, "s3://")
     version = client.get_model_version(model, promoted["version"])
     on_store(f"v{version.version}'s checkpoint tag", version.tags.get("checkpoint"), workdir)
-    logged = client.get_logged_model(version.source.removeprefix("models:/"))
+    logged = client.get_logged_model(str(version.source).removeprefix("models:/"))
     on_store(f"v{version.version}'s model artifacts", logged.artifact_location, "s3://")
 
     if prev is not None:
