@@ -361,7 +361,15 @@ def ray_host_loss(lose: list[str]) -> dict[str, Any]:
     text = log.read_text(errors="replace")
     rec["published"] = manifest.read_bytes() != previous
     rec["generation"] = json.loads(manifest.read_bytes())["generation"]
-    cmp = on("head", "python", "infra/box/compare_sequences.py", out, f"{d}/seq-local", check=False)
+    cmp = on(
+        "head",
+        "python",
+        "infra/box/compare_sequences.py",
+        "--any-generation",
+        out,
+        f"{d}/seq-local",
+        check=False,
+    )
     rec["equals_local"] = cmp.startswith("equal")
     rec["compare"] = cmp.strip()
     if rc == 0:
