@@ -8,8 +8,13 @@
 #   3. a lost worker host mid-job (every process in its namespace, slurmd included; back 20 s later):
 #      Slurm requeues, the job resumes from its last complete checkpoint in the same MLflow run, and its
 #      losses equal the uninterrupted job's;
+#   4. `fuxi nightly --scheduler slurm` for 2 dates with its workdir on s3://box (logs, sequences built on
+#      the Ray cluster, run dirs and checkpoints written by the Slurm job's rank, the registered versions'
+#      copies) and the experiment's MLflow artifacts there too: both dates succeed, date 2 warm-starts
+#      from date 1's version, `champion` moves per the promotion rule, a re-run of date 2 skips every step,
+#      and nothing new under runs/ outside the box's own state (infra/box/nightly_checks.py);
 # and the box down (also on failure). Each check fails with one line. Needs root.
-# BOX_TEST_STEPS (default "1 2 3") picks the checks; the drill (3) compares against step 1's job.
+# BOX_TEST_STEPS (default "1 2 3 4") picks the checks; the drill (3) compares against step 1's job.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 BOX=infra/box/box.sh
@@ -45,7 +50,7 @@ print(' '.join(sorted(n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']
 [ "$nodes" = "10.77.0.10 10.77.0.11 10.77.0.12" ] || fail "Ray node addresses '$nodes', not the bridge's"
 echo "Ray nodes on $nodes; each host's addresses: loopback and its bridge address only" >&2
 
-STEPS=" ${BOX_TEST_STEPS:-1 2 3} "
+STEPS=" ${BOX_TEST_STEPS:-1 2 3 4} "
 want() { [[ $STEPS == *" $1 "* ]]; }
 
 # latest_step RUN_DIR: the step the run's `latest` pointer names (0: none yet). The pointer is committed
@@ -167,6 +172,51 @@ on head python infra/box/compare_losses.py "runs/$ID-drill" "runs/$ID-2host" | t
   || fail "drill: losses differ from the uninterrupted job"
 echo "drill: job ${H##*/}: killed at step $at, Slurm requeues $requeues, resumed from $resumed," \
   "one MLflow run $run_after, $(($(date +%s) - t0)) s from submit to SUCCEEDED" >&2
+fi
+
+if want 4; then
+step "4. nightly retraining, 2 dates, everything on s3://box"
+# the workdir (state, logs, sequences, run dirs, checkpoints, version copies) and the experiment's MLflow
+# artifacts on the object store; a model name of this run's own, so date 1 starts with no champion
+W=s3://box/box-test/$ID/nightly
+MODEL=fuxi-box-$ID
+NIGHTLY=(fuxi nightly --scheduler slurm --workdir "$W" --name "$MODEL" --experiment "$MODEL" --set epochs=2)
+on head python -c "import sys; from mlflow.tracking import MlflowClient
+MlflowClient().create_experiment(sys.argv[1], artifact_location=sys.argv[2])" "$MODEL" "s3://box/box-test/$ID/mlflow" \
+  > "$OUT/nightly-experiment.log" 2>&1 || fail "nightly: experiment $MODEL not created ($OUT/nightly-experiment.log)"
+# what exists under runs/ outside the box's own state and this test's logs, before the run
+local_files() { find runs -path runs/box -prune -o -path "$OUT" -prune -o -type f -print | sort; }
+local_files > "$OUT/nightly-local-before.txt"
+t0=$(date +%s)
+prev=
+for d in 2024-01-01 2024-01-02; do
+  on head "${NIGHTLY[@]}" --date "$d" > "$OUT/nightly-$d.log" 2>&1 || fail "nightly $d failed ($OUT/nightly-$d.log)"
+  msg=$(on head python infra/box/nightly_checks.py date "$W" "$MODEL" "$d" ${prev:+"$prev"} 2>&1 | tail -1) \
+    || fail "nightly $msg"
+  echo "nightly $msg" >&2
+  # the sequence step joined the box's Ray cluster (RAY_ADDRESS), the train step ran on a worker host
+  grep -q "Connecting to existing Ray cluster at address: $(on head printenv RAY_ADDRESS)" "$OUT/nightly-$d.log" \
+    || fail "nightly $d: the sequence step did not run on the Ray cluster ($OUT/nightly-$d.log)"
+  job=$(grep -o 'submitted nightly-[^ ]*: slurm://[^ ]*' "$OUT/nightly-$d.log" | tail -1 | sed 's|.*/||')
+  node=$(on head sacct -n -X -j "${job:-0}" -o NodeList%20 | tr -d ' \n')
+  [[ $node == w[0-9]* ]] || fail "nightly $d: train job '${job}' ran on '$node', not on a worker host"
+  prev=$d
+done
+t1=$(date +%s)
+before=$(on head python infra/box/nightly_checks.py facts "$MODEL" | tail -1)
+on head "${NIGHTLY[@]}" --date 2024-01-02 > "$OUT/nightly-rerun.log" 2>&1 || fail "nightly re-run of 2024-01-02 failed ($OUT/nightly-rerun.log)"
+skipped=$(grep -c 'done earlier, skipped' "$OUT/nightly-rerun.log" || true)
+[ "$skipped" -eq 5 ] || fail "nightly re-run of 2024-01-02 skipped $skipped of 5 steps ($OUT/nightly-rerun.log)"
+after=$(on head python infra/box/nightly_checks.py facts "$MODEL" | tail -1)
+[ "$before" = "$after" ] || fail "nightly re-run changed the registry: $before -> $after"
+! grep -q 'submitted nightly-' "$OUT/nightly-rerun.log" || fail "nightly re-run of 2024-01-02 submitted a training job"
+# on local disk only what is local by nature: Slurm's job output in the submitting directory (slurm-*.out,
+# read by `torchx log`), each host's /tmp (Ray's session, torchelastic's files; runs/box/hosts/<h>/tmp)
+local_files | comm -13 "$OUT/nightly-local-before.txt" - > "$OUT/nightly-local-new.txt"
+[ ! -s "$OUT/nightly-local-new.txt" ] \
+  || fail "nightly wrote under runs/: $(head -1 "$OUT/nightly-local-new.txt") ($(wc -l < "$OUT/nightly-local-new.txt") files, $OUT/nightly-local-new.txt)"
+echo "nightly: 2 dates in $((t1 - t0)) s, re-run skipped all 5 steps in $(($(date +%s) - t1)) s; $after;" \
+  "nothing under runs/ outside runs/box" >&2
 fi
 
 step "passed"

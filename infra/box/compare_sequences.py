@@ -2,9 +2,12 @@
 
     python infra/box/compare_sequences.py runs/box-data/seq-ray runs/box-data/seq-local
     python infra/box/compare_sequences.py s3://box/seq runs/box-data/seq-local   # any two URIs
+    python infra/box/compare_sequences.py --any-generation runs/x/seq runs/box-data/seq-local
 
 Same partitions, same vocabulary, and per partition the same rows (compared sorted, since the row order
-inside a shard may follow task completion). Exits 1 with one line naming the first difference.
+inside a shard may follow task completion); the same manifest generation too, unless --any-generation (a
+rebuild over an existing directory is its next generation). Exits 1 with one line naming the first
+difference.
 """
 
 import json
@@ -33,22 +36,28 @@ def _is_list(t) -> bool:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
+    args = sys.argv[1:]
+    any_generation = "--any-generation" in args
+    args = [a for a in args if a != "--any-generation"]
+    if len(args) != 2:
         print(__doc__, file=sys.stderr)
         return 2
-    a, b = sys.argv[1], sys.argv[2]
+    a, b = args
     ma, mb = manifest(a), manifest(b)
-    for key in ("num_items", "num_partitions", "max_length", "generation"):
+    keys = ("num_items", "num_partitions", "max_length") + (() if any_generation else ("generation",))
+    for key in keys:
         if ma.get(key) != mb.get(key):
             print(f"manifest {key}: {ma.get(key)!r} in {a}, {mb.get(key)!r} in {b}", file=sys.stderr)
             return 1
     if sorted(ma["days"]) != sorted(mb["days"]):
         print(f"days differ: {sorted(ma['days'])} vs {sorted(mb['days'])}", file=sys.stderr)
         return 1
-    files = [(s["file"], s["file"]) for s in ma["shards"]]
-    if [s["file"] for s in ma["shards"]] != [s["file"] for s in mb["shards"]]:
+    # shards paired by partition (their file names carry the generation)
+    sa, sb = ({s["partition"]: s["file"] for s in m["shards"]} for m in (ma, mb))
+    if sorted(sa) != sorted(sb) or (not any_generation and sa != sb):
         print("shard files differ", file=sys.stderr)
         return 1
+    files = [(sa[p], sb[p]) for p in sorted(sa)]
     files.append((ma["vocab"]["file"], mb["vocab"]["file"]))
     rows = 0
     for fa, fb in files:

@@ -303,11 +303,14 @@ def mlflow_restart() -> dict[str, Any]:
     return rec
 
 
-def ray_host_loss() -> dict[str, Any]:
-    """w2 (its Ray worker and everything else) SIGKILLed while `fuxi data build-sequences` runs on the Ray
-    cluster; w2 comes back only after the build has ended. Either the build completes on w1 and its result
-    equals a local build, or it fails with one line and publishes no manifest."""
-    d = "runs/box-drills/ray-data-2m"  # about 30 s of build on the two workers
+def ray_host_loss(lose: list[str]) -> dict[str, Any]:
+    """The hosts `lose` (default w2; their Ray workers and everything else) SIGKILLed while `fuxi data
+    build-sequences` rebuilds, on the Ray cluster, a shard directory that already holds a generation (a
+    copy of the local build); they come back only after the build has ended. Either the build completes
+    on what is left and its new generation equals a local build, or it fails with one `fuxi: error` line
+    and publishes nothing: the manifest is the previous one, byte for byte, and still reads as the local
+    build. Losing every worker host leaves the cluster no CPU (the head has none): the failure branch."""
+    d = "runs/box-drills/ray-data-2m"  # about 30 s of build on the two workers (under load)
     synth = "--users 50000 --items 5000 --days 6 --events 2000000 --rows-per-part 100000 --overwrite"
     if not (REPO / d / "seq-local/manifest.json").exists():
         on("head", "fuxi", "data", "synth-logs", "--out", f"{d}/logs", *synth.split())
@@ -315,33 +318,20 @@ def ray_host_loss() -> dict[str, Any]:
            "--out", f"{d}/seq-local", "--partitions", "8")  # fmt: skip
     out = f"{d}/seq-{int(time.time())}"
     log = REPO / f"{out}.log"
-    (REPO / out).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(REPO / d / "seq-local", REPO / out)  # the previous generation the rebuild replaces
+    manifest = REPO / out / "manifest.json"
+    previous = manifest.read_bytes()
     t0 = time.time()
     with open(log, "w") as f:
         build = subprocess.Popen(
-            [
-                BOX,
-                "exec",
-                "head",
-                "env",
-                "-u",
-                "RAY_ADDRESS",
-                "fuxi",
-                "data",
-                "build-sequences",
-                "--logs",
-                f"{d}/logs",
-                "--out",
-                out,
-                "--partitions",
-                "8",
-                "--ray-address",
-                "10.77.0.10:6379",
-            ],
+            [BOX, "exec", "head", "env", "-u", "RAY_ADDRESS", "fuxi", "data", "build-sequences", "--logs",
+             f"{d}/logs", "--out", out, "--partitions", "8", "--ray-address", "10.77.0.10:6379"],
             stdout=f,
             stderr=subprocess.STDOUT,
-        )
-    rec: dict[str, Any] = {"out": out}
+            start_new_session=True,  # its own process group: a hung build is stopped whole (the driver too)
+        )  # fmt: skip
+    rec: dict[str, Any] = {"out": out, "lost": ",".join(lose)}
+    wait = float(os.environ.get("DRILL_RAY_HANG_S", "400"))
     try:
         # mid-build: the driver has joined the cluster and its tasks run on both workers
         while "Connecting to existing Ray cluster" not in log.read_text(errors="replace"):
@@ -350,35 +340,56 @@ def ray_host_loss() -> dict[str, Any]:
             time.sleep(0.5)
         time.sleep(float(os.environ.get("DRILL_RAY_KILL_AFTER", "3")))
         if build.poll() is not None:
-            raise DrillFailed(f"the build ended before w2 was lost ({log}): make the data bigger")
+            raise DrillFailed(f"the build ended before {rec['lost']} was lost ({log}): make the data bigger")
         rec["lost_after_s"] = round(time.time() - t0, 1)
-        box("kill-host", "w2")
+        for host in lose:
+            box("kill-host", host)
         try:
-            rc = build.wait(timeout=400)
+            rc = build.wait(timeout=wait)
         except subprocess.TimeoutExpired:
-            raise DrillFailed(f"the build hung: not done 400 s after w2 was lost ({log})", rec) from None
+            raise DrillFailed(
+                f"the build hung: not done {wait:.0f} s after {rec['lost']} was lost ({log})", rec
+            ) from None
     finally:
         if build.poll() is None:
-            build.kill()
-        box("start-host", "w2")
+            os.killpg(build.pid, 9)
+            build.wait()
+        for host in lose:
+            box("start-host", host)
     rec["wall_s"] = round(time.time() - t0)
     rec["exit"] = rc
     text = log.read_text(errors="replace")
-    manifest = REPO / out / "manifest.json"
-    rec["published"] = manifest.exists()
+    rec["published"] = manifest.read_bytes() != previous
+    rec["generation"] = json.loads(manifest.read_bytes())["generation"]
+    cmp = on(
+        "head",
+        "python",
+        "infra/box/compare_sequences.py",
+        "--any-generation",
+        out,
+        f"{d}/seq-local",
+        check=False,
+    )
+    rec["equals_local"] = cmp.startswith("equal")
+    rec["compare"] = cmp.strip()
     if rc == 0:
-        cmp = on("head", "python", "infra/box/compare_sequences.py", out, f"{d}/seq-local", check=False)
         rec["outcome"] = "completed"
-        rec["equals_local"] = cmp.startswith("equal")
-        rec["compare"] = cmp.strip()
+        if not rec["published"]:
+            raise DrillFailed("the build completed but published no new generation", rec)
         if not rec["equals_local"]:
             raise DrillFailed(f"the build completed but differs from the local build: {cmp.strip()}", rec)
     else:
         lines = [ln for ln in text.splitlines() if ln.startswith("fuxi: error")]
         rec["outcome"] = "failed"
-        rec["error_line"] = lines[-1] if lines else text.strip().splitlines()[-1:]
+        rec["error_line"] = lines[-1] if lines else (text.strip().splitlines() or [""])[-1]
+        # files of the generation that was never committed (named by it; the next commit removes them)
+        rec["uncommitted_files"] = len(list((REPO / out).glob(f"*-g{rec['generation'] + 1:06d}*")))
         if rec["published"]:
             raise DrillFailed("the build failed but a manifest was published", rec)
+        if not rec["equals_local"]:
+            raise DrillFailed(
+                f"the build failed and the previous generation no longer reads: {cmp.strip()}", rec
+            )
         if len(lines) != 1:
             raise DrillFailed(f"the build failed without one 'fuxi: error' line ({log})", rec)
     # the retries Ray made: tasks whose node died
@@ -553,15 +564,16 @@ def table() -> None:
     rs = rows("ray-host-loss")
     if rs:
         print(
-            "\n`ray-host-loss`\n\n| trial | w2 lost after | build | wall | manifest published "
-            "| equals the local build | result |\n|---|---|---|---|---|---|---|"
+            "\n`ray-host-loss`\n\n| trial | hosts lost, after | build | wall | manifest published "
+            "| the directory equals the local build | result |\n|---|---|---|---|---|---|---|"
         )
         for r in rs:
             outcome = r.get("outcome", "")
             if outcome == "failed":
                 outcome += f": `{r.get('error_line', '')}`"
             print(
-                f"| {r['trial']} | {r.get('lost_after_s', '?')} s | {outcome} | {r.get('wall_s', '')} s "
+                f"| {r['trial']} | `{r.get('lost', 'w2')}`, {r.get('lost_after_s', '?')} s | {outcome} "
+                f"| {r.get('wall_s', '')} s "
                 f"| {r.get('published', '')} | {cell(r.get('compare', '-'))} | {ok(r)} |"
             )
     rs = rows("cross")
@@ -583,6 +595,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=(*DRILLS, "table", "facts"))
     p.add_argument("run_dirs", nargs="*", help="facts: RUN_DIR [REF_DIR]")
+    p.add_argument("--lose", default="w2", help="ray-host-loss: the worker hosts lost, e.g. w1,w2")
     args = p.parse_args()
     if args.what == "facts":
         print(json.dumps(facts(args.run_dirs[0], args.run_dirs[1] if len(args.run_dirs) > 1 else None)))
@@ -593,7 +606,7 @@ def main() -> int:
     fns = {
         "rank-kill": rank_kill,
         "host-loss": host_loss,
-        "ray-host-loss": ray_host_loss,
+        "ray-host-loss": lambda: ray_host_loss(args.lose.split(",")),
         "mlflow-restart": mlflow_restart,
         "cross": cross,
     }

@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -371,8 +373,22 @@ def gather_task(spec: dict) -> dict:
     }
 
 
-def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progress: bool) -> list[dict]:
-    """Run `fn` over specs as Ray Data map tasks (one task per spec), with a progress bar."""
+# A task that needs a CPU waits for one forever: Ray Data only warns "The job may hang forever unless the
+# cluster scales up" (ray-project/ray#45909). A cluster left with no CPU at all (every worker node lost; a
+# cluster's head often has none) fails the stage after this long instead, before anything is committed.
+NO_CPU_TIMEOUT_S = 60.0
+
+
+def _run_tasks(
+    fn: Callable[[dict], dict],
+    specs: list[dict],
+    desc: str,
+    progress: bool,
+    no_cpu_timeout_s: float | None = None,
+) -> list[dict]:
+    """Run `fn` over specs as Ray Data map tasks (one task per spec), with a progress bar. The results are
+    read in a thread; this one watches the cluster's CPUs (NO_CPU_TIMEOUT_S)."""
+    import ray
     import ray.data
 
     from pipeline.data.stream import ensure_ray, quiet_context
@@ -388,11 +404,46 @@ def _run_tasks(fn: Callable[[dict], dict], specs: list[dict], desc: str, progres
         task
     )
     quiet_context(ds.context)
-    out = []
+    timeout = NO_CPU_TIMEOUT_S if no_cpu_timeout_s is None else no_cpu_timeout_s
+    out: list[dict] = []
+    failed: list[BaseException] = []
+
+    def collect() -> None:
+        try:
+            for row in ds.iter_rows():
+                out.append(json.loads(row["result"]))
+                bar.update(1)
+        except BaseException as exc:  # re-raised by the caller's thread
+            failed.append(exc)
+
     with tqdm(total=len(specs), desc=desc, disable=not progress, dynamic_ncols=True) as bar:
-        for row in ds.iter_rows():
-            out.append(json.loads(row["result"]))
-            bar.update(1)
+        reader = threading.Thread(target=collect, name=f"{desc} results", daemon=True)
+        reader.start()
+        no_cpu_since = None
+        while reader.is_alive():
+            reader.join(1.0)
+            if not reader.is_alive():
+                break
+            if ray.cluster_resources().get("CPU", 0) > 0:
+                no_cpu_since = None
+                continue
+            no_cpu_since = no_cpu_since or time.monotonic()
+            if time.monotonic() - no_cpu_since >= timeout:
+                alive = sum(1 for n in ray.nodes() if n["Alive"])
+                # the executor thread is abandoned: once the caller shuts Ray down it would log that as
+                # warnings with tracebacks, and its next Ray call would start (or join) a Ray again by
+                # itself (Ray's auto-init, RAY_ENABLE_AUTO_CONNECT=0 when read at import)
+                logging.getLogger("ray.data").setLevel(logging.CRITICAL)
+                from ray._private import auto_init_hook
+
+                auto_init_hook.enable_auto_connect = False
+                raise RuntimeError(
+                    f"{desc}: the Ray cluster has had no CPU for {timeout:.0f} s ({alive} node(s) "
+                    f"alive, none with a CPU: worker nodes lost?); {len(out)} of {len(specs)} tasks done, "
+                    "nothing committed"
+                )
+    if failed:
+        raise failed[0]
     return out
 
 
