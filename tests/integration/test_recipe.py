@@ -284,12 +284,41 @@ def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
             str(tmp_path / "all"),
         ]
     )
-    table = (tmp_path / "all.md").read_text().splitlines()
-    cells = [line.split(" | ")[1:4] for line in table if line.startswith("| shape")]
+    text = (tmp_path / "all.md").read_text()
+    table, paired = text.split("Paired by seed")
+    cells = [line.split(" | ")[1:4] for line in table.splitlines() if line.startswith("| shape")]
     assert cells == [
         [r["model"], f"{r['test_ndcg_at_10']:.4f}", f"{r['test_ndcg_at_10']:.4f} ± 0.0000"] for r in rows
     ]
+    # the paired table: the first model minus the variant, seed by seed (one seed: no standard error)
+    diff = rows[0]["test_ndcg_at_10"] - rows[1]["test_ndcg_at_10"]
+    assert [line.split(" | ")[1:4] for line in paired.splitlines() if line.startswith("| shape")] == [
+        ["fuxi no-ts", f"{diff:+.4f}", f"{diff:+.4f} ± 0.0000"]
+    ]
     assert (tmp_path / "all.png").stat().st_size > 0
+
+
+def test_compare_models_paired_differences_over_seeds(tmp_path) -> None:
+    """--combine of hand-made rows: the paired table subtracts seed by seed and reports the standard error
+    of the differences (stdev / sqrt(n)), here +0.01, +0.02, -0.01: mean +0.0067, s.e. 0.0088."""
+    tests = {"fuxi": [0.10, 0.12, 0.11], "sasrec": [0.09, 0.10, 0.12]}
+    keys = ("epochs_run", "selected_epoch", "steps", "seconds_per_epoch", "to_selected_s", "wall_s")
+    rows = [
+        {"data": "d", "model": m, "preset": "auto", "seed": seed, "valid_ndcg_at_10": 0.1}
+        | {"test_ndcg_at_10": t, "test_hr_at_10": 0.2, "protocol": "temporal"}
+        | dict.fromkeys(keys, 1)
+        for m, ts in tests.items()
+        for seed, t in enumerate(ts)
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    script = [sys.executable, "benchmarks/compare_models.py", "--combine", str(tmp_path / "rows.json")]
+    proc = subprocess.run(
+        script + ["--out", str(tmp_path / "t")], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "t.md").read_text()
+    assert "seeds [0, 1, 2], temporal protocol" in text
+    assert "| d | sasrec | +0.0100, +0.0200, -0.0100 | +0.0067 ± 0.0088 | 2 of 3 |" in text
 
 
 def test_compare_models_auto_trains_each_model_on_its_own_recipe(tmp_path) -> None:
