@@ -13,12 +13,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.build import BuildConfig
 from pipeline.data.collate import Batch, collate_arrow
 from pipeline.data.sequences import read_sequences
 from pipeline.data.stream import Backend, ShardBatches, step_sizes
-from pipeline.data.synth_logs import LogConfig, write_logs
+from pipeline.data.synth_logs import LogConfig
 from pipeline.train.checkpoint import Checkpointer
+from tests.helpers.shards import build_shards
 
 MAX_LEN = 12
 BATCH = 16
@@ -39,14 +40,7 @@ def shards(tmp_path_factory) -> Path:
         num_themes=10,
         activity_sigma=1.5,
     )  # many users with 1-3 events: eligibility depends on drop_last
-    write_logs(cfg, root / "logs", progress=False)
-    build_sequences(
-        root / "logs",
-        root / "seq",
-        BuildConfig(max_length=40, num_partitions=3, row_group_rows=24),
-        progress=False,
-    )
-    return root / "seq"
+    return build_shards(root, cfg, BuildConfig(max_length=40, num_partitions=3, row_group_rows=24))
 
 
 def stream(shards: Path, **kw) -> ShardBatches:

@@ -8,7 +8,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.http import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "infra" / "mlflow_server.sh"
 MLFLOW = str(Path(sys.executable).with_name("mlflow"))
 PASSWORD = "redteam-admin-password"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, user: str | None = None, password: str | None = None, body: dict | None = None) -> int:
@@ -45,7 +40,7 @@ def _call(url: str, user: str | None = None, password: str | None = None, body: 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory):
     home = tmp_path_factory.mktemp("mlflow-auth")
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,
         MLFLOW_BIN=MLFLOW,

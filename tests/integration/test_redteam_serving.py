@@ -21,18 +21,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.http import free_port
 from tests.helpers.redteam import RAW_IDS, genuine_checkpoint, genuine_model_folder
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "redteam-token-0123456789"
 LIMITS = ["--max-k", "50", "--max-history", "200", "--max-users", "16", "--max-body-bytes", "65536"]
 LIMITS += ["--body-timeout", "2"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +40,7 @@ def model_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def port(model_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     """`fuxi serve` of the genuine model folder; stopped by its pid at the end of the module."""
     work = tmp_path_factory.mktemp("serve")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT), FUXI_SERVE_TOKEN=TOKEN)
     cmd = [
         sys.executable,
@@ -949,7 +944,7 @@ def test_serve_refuses_a_model_folder_with_code(model_folder: Path, tmp_path: Pa
     (model / "code" / "serving").mkdir(parents=True)
     (model / "code" / "serving" / "pyfunc.py").write_text(f"open({str(marker)!r}, 'w')\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(_free_port())],
+        [sys.executable, "-m", "jobs.cli", "serve", "--model", str(model), "--port", str(free_port())],
         capture_output=True,
         text=True,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),

@@ -9,9 +9,7 @@ the faiss index finds a planted top-k; the exported encoder equals the eager one
 
 from __future__ import annotations
 
-import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +25,7 @@ import pytest
 import torch
 
 from serving import registry
+from tests.helpers.http import call_json, free_port
 
 MODEL = "fuxi-serving-test"
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,26 +82,10 @@ def _records(sequences: Path) -> list[dict]:
     ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, body: bytes | dict) -> tuple[int, dict]:
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 @pytest.fixture(scope="module")
 def server(store: dict):
     """`fuxi serve` on a free localhost port, for the module; stopped by its pid."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [
         sys.executable,
@@ -201,7 +184,7 @@ def test_batch_pyfunc_and_http_give_the_same_top_k(store: dict, server: str, tmp
     pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(
         pd.DataFrame(records), params={"k": k}
     )
-    status, body = _post(f"{server}/invocations", {"dataframe_records": records, "params": {"k": k}})
+    status, body = call_json(f"{server}/invocations", {"dataframe_records": records, "params": {"k": k}})
     assert status == 200
     http = pd.DataFrame(body["predictions"])
 
@@ -226,7 +209,7 @@ def test_batch_pyfunc_and_http_give_the_same_top_k(store: dict, server: str, tmp
     )
     got = pq.read_table(approx.out).to_pandas()
     assert recall_at_k(np.stack(got["item_ids"]), np.stack(batch["item_ids"])) >= 0.95
-    status, body = _post(
+    status, body = call_json(
         f"{server}/invocations", {"dataframe_records": records[:5], "params": {"k": k, "use_index": True}}
     )
     assert (
@@ -267,12 +250,12 @@ MALFORMED = [
 @pytest.mark.slow
 def test_malformed_http_requests_get_400_naming_the_field(server: str) -> None:
     for body, field in MALFORMED:
-        status, reply = _post(f"{server}/invocations", body)
+        status, reply = call_json(f"{server}/invocations", body)
         assert status == 400, (body, status, reply)
         assert reply["error_code"] == "INVALID_PARAMETER_VALUE" and field in reply["message"], (body, reply)
         assert "stack_trace" not in reply and "Traceback" not in reply["message"]
     ok = {"dataframe_records": [{"item_ids": [5, UNKNOWN]}], "params": {"k": 3, "filter_seen": False}}
-    status, reply = _post(f"{server}/invocations", ok)
+    status, reply = call_json(f"{server}/invocations", ok)
     assert status == 200 and reply["predictions"][0]["ignored"] == 1
 
 

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from jobs.cli import main
-from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.build import BuildConfig
 from pipeline.data.stream import PREFETCH_SEGMENTS, ShardBatches
-from pipeline.data.synth_logs import LogConfig, write_logs
+from pipeline.data.synth_logs import LogConfig
 from pipeline.train.config import TrainConfig, validate
 from pipeline.train.presets import tiny
 from pipeline.train.run import build_batches, load_data
+from tests.helpers.shards import build_shards
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -24,14 +25,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("prefetch-config")
     logs = LogConfig(num_users=120, num_items=150, num_days=2, num_events=2400, seed=7, num_themes=3)
-    write_logs(logs, root / "logs", progress=False)
-    build_sequences(
-        root / "logs",
-        root / "seq",
-        BuildConfig(max_length=30, num_partitions=2, row_group_rows=16),
-        progress=False,
-    )
-    return root / "seq"
+    return build_shards(root, logs, BuildConfig(max_length=30, num_partitions=2, row_group_rows=16))
 
 
 def train_stream(shards: Path, backend: str, prefetch: int | None) -> ShardBatches:

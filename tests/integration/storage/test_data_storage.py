@@ -34,6 +34,7 @@ from pipeline.data.synth_logs import LogConfig, write_logs
 from pipeline.data.synthetic import synthetic_sequences
 from pipeline.data.vocab import read_vocabulary
 from pipeline.train.presets import get_preset
+from tests.helpers.shards import build_shards
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -47,14 +48,7 @@ def local_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small shard directory (manifest, shards, vocabulary) built on local disk."""
     root = tmp_path_factory.mktemp("data-storage")
     logs = LogConfig(num_users=300, num_items=500, num_days=2, num_events=5000, seed=3, num_themes=5)
-    write_logs(logs, root / "logs", progress=False)
-    build_sequences(
-        root / "logs",
-        root / "seq",
-        BuildConfig(max_length=30, num_partitions=2, row_group_rows=32),
-        progress=False,
-    )
-    return root / "seq"
+    return build_shards(root, logs, BuildConfig(max_length=30, num_partitions=2, row_group_rows=32))
 
 
 @pytest.fixture

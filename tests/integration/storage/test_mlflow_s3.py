@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 import storage
 from infra.seaweedfs import SeaweedFS
+from tests.helpers.http import free_port
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "infra" / "mlflow_server.sh"
@@ -66,12 +66,6 @@ def test_a_run_logs_its_artifacts_to_an_s3_artifact_root(s3_env: SeaweedFS, tmp_
     assert Path(back).read_text() == "hello s3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _group_cmdlines(pgid: int) -> list[str]:
     """The argument lists of every process in the server's process group (the script, mlflow, uvicorn)."""
     out = []
@@ -89,7 +83,7 @@ def test_mlflow_server_serves_artifacts_from_s3_to_a_client_without_keys(
     s3_env: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = _prefix(s3_env, "mlflow-server")
-    port = _free_port()
+    port = free_port()
     env = dict(
         os.environ,  # the AWS_* variables of s3_env: the server's, and only the server's
         MLFLOW_BIN=MLFLOW,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -25,25 +24,10 @@ from typing import Any
 import pytest
 
 import storage
+from tests.helpers.http import call_json, free_port
 
 REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _call(url: str, body: dict | None = None) -> tuple[int, dict]:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data, {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
 
 
 def _serve_command(model: str, port: int) -> list[str]:
@@ -53,7 +37,7 @@ def _serve_command(model: str, port: int) -> list[str]:
 @contextlib.contextmanager
 def serving(model: str, log: Path, cwd: Path) -> Iterator[str]:
     """`fuxi serve --model MODEL` on a free loopback port until the block ends (stopped by its pid)."""
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     with open(log, "w") as out:
         proc = subprocess.Popen(_serve_command(model, port), env=env, cwd=cwd, stdout=out, stderr=out)
@@ -114,10 +98,10 @@ def test_checkpoint_on_s3_is_served_as_its_local_copy(s3_checkpoint: tuple[str, 
     answers, versions = {}, {}
     for name, model in (("s3", root), ("local", local)):
         with serving(model, tmp_path / f"serve-{name}.log", tmp_path) as url:
-            status, answers[name] = _call(f"{url}/invocations", body)
+            status, answers[name] = call_json(f"{url}/invocations", body)
             assert status == 200, answers[name]
-            assert _call(f"{url}/version")[0] == 200
-            versions[name] = _call(f"{url}/version")[1]["model"]
+            assert call_json(f"{url}/version")[0] == 200
+            versions[name] = call_json(f"{url}/version")[1]["model"]
 
     # the S3 model is named by its generation's URI; the local one by its folder
     s3_gen = versions["s3"]
@@ -138,7 +122,7 @@ def test_checkpoint_on_s3_is_served_as_its_local_copy(s3_checkpoint: tuple[str, 
     meta["config"]["model"]["evil"] = 1
     storage.write_bytes(train_json, json.dumps(meta).encode())
     proc = subprocess.run(
-        _serve_command(root, _free_port()),
+        _serve_command(root, free_port()),
         capture_output=True,
         text=True,
         cwd=tmp_path,
@@ -154,7 +138,7 @@ def test_checkpoint_on_s3_is_served_as_its_local_copy(s3_checkpoint: tuple[str, 
 def test_a_wrong_bucket_is_one_line_and_exit_2(s3_env: Any, tmp_path: Path) -> None:
     missing = f"s3://no-such-bucket-{tmp_path.name[-8:].lower()}/runs/x/checkpoints"
     proc = subprocess.run(
-        _serve_command(missing, _free_port()),
+        _serve_command(missing, free_port()),
         capture_output=True,
         text=True,
         cwd=tmp_path,

@@ -12,10 +12,11 @@ import pytest
 import torch
 
 import storage
-from pipeline.data.build import BuildConfig, build_sequences
+from pipeline.data.build import BuildConfig
 from pipeline.data.collate import Batch
 from pipeline.data.stream import Backend, ShardBatches
-from pipeline.data.synth_logs import LogConfig, write_logs
+from pipeline.data.synth_logs import LogConfig
+from tests.helpers.shards import build_shards
 
 ARGS = dict(batch_size=16, max_sequence_length=12, drop_last_items=1, seed=3, backend=Backend.PYARROW)
 
@@ -25,14 +26,7 @@ def local_shards(tmp_path_factory: pytest.TempPathFactory, ray_local: None) -> P
     """Two shards of many small row groups: an epoch is many segments, so several are read ahead."""
     root = tmp_path_factory.mktemp("prefetch")
     logs = LogConfig(num_users=400, num_items=600, num_days=2, num_events=6000, seed=5, num_themes=5)
-    write_logs(logs, root / "logs", progress=False)
-    build_sequences(
-        root / "logs",
-        root / "seq",
-        BuildConfig(max_length=30, num_partitions=2, row_group_rows=20),
-        progress=False,
-    )
-    return root / "seq"
+    return build_shards(root, logs, BuildConfig(max_length=30, num_partitions=2, row_group_rows=20))
 
 
 def shards_at(root_uri: str, local_shards: Path) -> str:
