@@ -74,12 +74,14 @@ def summarise(rows: list[dict]) -> dict[tuple[str, str], dict]:
     for key in dict.fromkeys((r["data"], r["model"]) for r in rows):
         runs = [r for r in rows if (r["data"], r["model"]) == key]
         test = np.array([r["test_ndcg_at_10"] for r in runs])
+        hr = np.array([r["test_hr_at_10"] for r in runs])
         out[key] = {
             "n": len(runs),
             "test_mean": float(test.mean()),
             "test_std": float(test.std(ddof=1)) if len(runs) > 1 else 0.0,
             "valid_mean": float(np.mean([r["valid_ndcg_at_10"] for r in runs])),
-            "hr_mean": float(np.mean([r["test_hr_at_10"] for r in runs])),
+            "hr_mean": float(hr.mean()),
+            "hr_std": float(hr.std(ddof=1)) if len(runs) > 1 else 0.0,
             "per_seed": [float(v) for v in test],
             "selected": [r["selected_epoch"] for r in runs],
             "to_selected_s": float(np.mean([r["to_selected_s"] for r in runs])),
@@ -99,7 +101,8 @@ def markdown(summary: dict[tuple[str, str], dict], title: str, rows: list[dict])
     for (data, model), s in summary.items():
         lines.append(
             f"| {data} | {model} | {', '.join(f'{v:.4f}' for v in s['per_seed'])} "
-            f"| {s['test_mean']:.4f} ± {s['test_std']:.4f} | {s['hr_mean']:.4f} | {s['valid_mean']:.4f} "
+            f"| {s['test_mean']:.4f} ± {s['test_std']:.4f} | {s['hr_mean']:.4f} ± {s['hr_std']:.4f} "
+            f"| {s['valid_mean']:.4f} "
             f"| {', '.join(map(str, s['selected']))} | {s['to_selected_s']:.0f} | {s['wall_s']:.0f} |"
         )
     return "\n".join(lines + paired_differences(rows)) + "\n"

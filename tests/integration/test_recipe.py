@@ -302,10 +302,11 @@ def test_compare_models_paired_differences_over_seeds(tmp_path) -> None:
     """--combine of hand-made rows: the paired table subtracts seed by seed and reports the standard error
     of the differences (stdev / sqrt(n)), here +0.01, +0.02, -0.01: mean +0.0067, s.e. 0.0088."""
     tests = {"fuxi": [0.10, 0.12, 0.11], "sasrec": [0.09, 0.10, 0.12]}
+    hits = {"fuxi": [0.20, 0.22, 0.24], "sasrec": [0.20, 0.20, 0.20]}
     keys = ("epochs_run", "selected_epoch", "steps", "seconds_per_epoch", "to_selected_s", "wall_s")
     rows = [
         {"data": "d", "model": m, "preset": "auto", "seed": seed, "valid_ndcg_at_10": 0.1}
-        | {"test_ndcg_at_10": t, "test_hr_at_10": 0.2, "protocol": "temporal"}
+        | {"test_ndcg_at_10": t, "test_hr_at_10": hits[m][seed], "protocol": "temporal"}
         | dict.fromkeys(keys, 1)
         for m, ts in tests.items()
         for seed, t in enumerate(ts)
@@ -319,6 +320,9 @@ def test_compare_models_paired_differences_over_seeds(tmp_path) -> None:
     text = (tmp_path / "t.md").read_text()
     assert "seeds [0, 1, 2], temporal protocol" in text
     assert "| d | sasrec | +0.0100, +0.0200, -0.0100 | +0.0067 ± 0.0088 | 2 of 3 |" in text
+    # both metrics as mean ± sample standard deviation over the seeds
+    assert "| d | fuxi | 0.1000, 0.1200, 0.1100 | 0.1100 ± 0.0100 | 0.2200 ± 0.0200 |" in text
+    assert "| d | sasrec | 0.0900, 0.1000, 0.1200 | 0.1033 ± 0.0153 | 0.2000 ± 0.0000 |" in text
 
 
 def test_compare_models_auto_trains_each_model_on_its_own_recipe(tmp_path) -> None:
