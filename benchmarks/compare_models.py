@@ -105,7 +105,32 @@ def markdown(summary: dict[tuple[str, str], dict], title: str, rows: list[dict])
             f"| {s['valid_mean']:.4f} "
             f"| {', '.join(map(str, s['selected']))} | {s['to_selected_s']:.0f} | {s['wall_s']:.0f} |"
         )
-    return "\n".join(lines + paired_differences(rows)) + "\n"
+    return "\n".join(lines + paired_differences(rows) + side_by_side(summary)) + "\n"
+
+
+def side_by_side(summary: dict[tuple[str, str], dict]) -> list[str]:
+    """One row per data set, one column per model: test NDCG@10 and HR@10 as mean ± std; the best mean
+    NDCG@10 of the row in bold."""
+    models = list(dict.fromkeys(m for _, m in summary))
+    if len(models) < 2:
+        return []
+    lines = ["", "Test NDCG@10 / HR@10, mean ± std over the seeds, side by side:", ""]
+    lines += ["| data | " + " | ".join(models) + " |", "|---" * (len(models) + 1) + "|"]
+    for data in dict.fromkeys(d for d, _ in summary):
+        present = [m for m in models if (data, m) in summary]
+        best = max(present, key=lambda m: summary[data, m]["test_mean"])
+        cells = []
+        for model in models:
+            s = summary.get((data, model))
+            if s is None:
+                cells.append("-")
+                continue
+            ndcg = f"{s['test_mean']:.4f} ± {s['test_std']:.4f}"
+            cells.append(
+                f"{'**' + ndcg + '**' if model == best else ndcg} / {s['hr_mean']:.4f} ± {s['hr_std']:.4f}"
+            )
+        lines.append(f"| {data} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def paired_differences(rows: list[dict]) -> list[str]:

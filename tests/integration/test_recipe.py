@@ -323,6 +323,8 @@ def test_compare_models_paired_differences_over_seeds(tmp_path) -> None:
     # both metrics as mean ± sample standard deviation over the seeds
     assert "| d | fuxi | 0.1000, 0.1200, 0.1100 | 0.1100 ± 0.0100 | 0.2200 ± 0.0200 |" in text
     assert "| d | sasrec | 0.0900, 0.1000, 0.1200 | 0.1033 ± 0.0153 | 0.2000 ± 0.0000 |" in text
+    # and side by side, one row per data set, the best NDCG@10 in bold
+    assert "| d | **0.1100 ± 0.0100** / 0.2200 ± 0.0200 | 0.1033 ± 0.0153 / 0.2000 ± 0.0000 |" in text
 
 
 def test_compare_models_auto_trains_each_model_on_its_own_recipe(tmp_path) -> None:
