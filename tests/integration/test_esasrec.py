@@ -290,10 +290,10 @@ def test_preset_keeps_the_papers_width_with_its_studys_levers():
 
     cfg = validate(get_preset("ml-100k-esasrec"))
     m = cfg.model
-    assert (m.architecture, m.embedding_dim, m.num_layers, m.num_heads, m.d_ffn) == ("esasrec", 64, 3, 1, 256)
+    assert (m.architecture, m.embedding_dim, m.num_layers, m.num_heads, m.d_ffn) == ("esasrec", 64, 4, 1, 256)
     assert m.dqk * m.num_heads == m.dv * m.num_heads == m.embedding_dim  # nn.MultiheadAttention's widths
-    assert (m.input_dropout, m.linear_dropout, cfg.optim.lr) == (0.3448, 0.3471, 0.0016627)
-    assert (cfg.optim.warmup_steps, cfg.optim.weight_decay) == (30, 0.01)
+    assert (m.input_dropout, m.linear_dropout, cfg.optim.lr) == (0.2185, 0.1481, 0.0047362)
+    assert (cfg.optim.warmup_steps, cfg.optim.weight_decay, cfg.optim.schedule) == (30, 0.0, "cosine")
     assert (cfg.loss.negatives, cfg.loss.num_negatives) == ("full", 256)
 
 

@@ -148,7 +148,7 @@ RECIPE_LEVERS = {
     "hstu": (3, 0.4567, 0.0017692, 20, 0.01, 50, "full", 128),  # its own study chose the same point
     "sasrec": (2, 0.2, 1e-3, 0, 0.0, 50, "per_position", 128),  # the official ML-1M levers
     "llama": (2, 0.2, 1e-3, 0, 0.0, 50, "per_position", 128),
-    "esasrec": (3, 0.3471, 0.0016627, 30, 0.01, 64, "full", 256),  # its study, from its paper's settings
+    "esasrec": (4, 0.1481, 0.0047362, 30, 0.0, 64, "full", 256),  # its study, from its paper's settings
 }
 
 
