@@ -286,6 +286,7 @@ def test_compare_models_labels_a_variant_and_combines_runs(tmp_path) -> None:
     )
     text = (tmp_path / "all.md").read_text()
     table, paired = text.split("Paired by seed")
+    paired, wide = paired.split("side by side")
     cells = [line.split(" | ")[1:4] for line in table.splitlines() if line.startswith("| shape")]
     assert cells == [
         [r["model"], f"{r['test_ndcg_at_10']:.4f}", f"{r['test_ndcg_at_10']:.4f} ± 0.0000"] for r in rows
