@@ -352,4 +352,4 @@ def test_compare_models_auto_trains_each_model_on_its_own_recipe(tmp_path) -> No
     assert "| held_out | sasrec |" in proc.stdout and "| held_out | esasrec |" in proc.stdout
     trained = {m["architecture"]: m for m in final_model_configs(tmp_path / "w")}
     assert (trained["sasrec"]["num_layers"], trained["sasrec"]["linear_dropout"]) == (2, 0.2)
-    assert (trained["esasrec"]["embedding_dim"], trained["esasrec"]["linear_dropout"]) == (64, 0.1)
+    assert (trained["esasrec"]["embedding_dim"], trained["esasrec"]["linear_dropout"]) == (64, 0.1481)
