@@ -82,25 +82,27 @@ FUXI_ML_100K = TunedLevers(  # FuXi-alpha's best trial; HSTU's own study chose t
     linear_dropout=0.4567,
     negatives="full",
 )
+# eSASRec's study (ml100k-esasrec), from its paper's ML-1M settings (arXiv 2508.06450 and its RecTools
+# code: 2 LiGR blocks, dropout 0.1, Adam lr 1e-3, 256 uniform negatives, d 64, one head, SwiGLU x4):
+# trial 5 of 6, valid NDCG@10 0.1149 at 50 epochs (its trial 2, 3 blocks at dropout 0.35: 0.1136)
+# against the paper settings' 0.1055 at 100 epochs (seed 0)
+ESASREC_ML_100K = TunedLevers(
+    lr=0.0047362,
+    warmup_steps=30,
+    weight_decay=0.0,
+    num_layers=4,
+    input_dropout=0.2185,
+    linear_dropout=0.1481,
+    negatives="full",
+    schedule="cosine",
+)
 TUNED_ML_100K: dict[str, TunedLevers | None] = {
     "fuxi": FUXI_ML_100K,  # trial 0 of 6 (study ml100k-fuxi): valid NDCG@10 0.1313
     "hstu": FUXI_ML_100K,  # trial 0 of 6 (study ml100k-hstu): valid NDCG@10 0.1201
     # the study's best (trial 1, valid NDCG@10 0.0888) is below the untuned recipe's 0.0991 (3 seeds):
     # SASRec keeps the ml-100k levers
     "sasrec": None,
-    # trial 5 of 6 (study ml100k-esasrec, its paper's settings as the base: d 64, SwiGLU x4), valid
-    # NDCG@10 0.1149 at 50 epochs (its trial 2, 3 blocks at dropout 0.35: 0.1136) against its paper's
-    # ML-1M settings' 0.1055 at 100 epochs (seed 0)
-    "esasrec": TunedLevers(
-        lr=0.0047362,
-        warmup_steps=30,
-        weight_decay=0.0,
-        num_layers=4,
-        input_dropout=0.2185,
-        linear_dropout=0.1481,
-        negatives="full",
-        schedule="cosine",
-    ),
+    "esasrec": ESASREC_ML_100K,
 }
 
 # The official ML-1M gin files' levers (the HSTU / FuXi-alpha code's `*-sampled-softmax-n128-final.gin`,
@@ -115,17 +117,7 @@ OFFICIAL_ML_1M = TunedLevers(
     linear_dropout=0.2,
     negatives="per_position",
 )
-# eSASRec's ML-1M settings (arXiv 2508.06450 and its RecTools code): 2 LiGR blocks, dropout 0.1, Adam lr
-# 1e-3, sampled softmax over 256 uniform negatives, at d = 64 with one head and a 4x FFN
-ESASREC_ML_1M = TunedLevers(
-    lr=1e-3,
-    warmup_steps=0,
-    weight_decay=0.0,
-    num_layers=2,
-    input_dropout=0.1,
-    linear_dropout=0.1,
-    negatives="per_position",
-)
+# the eSASRec paper's width (its study searched the levers, not the width)
 ESASREC_WIDTH = {"embedding_dim": 64, "num_heads": 1, "dqk": 64, "dv": 64, "ffn_multiply": 4.0}
 
 
@@ -149,7 +141,7 @@ RECIPES: dict[str, Recipe] = {
     ),
     "llama": Recipe(OFFICIAL_ML_1M, "the official ML-1M levers (the FuXi-alpha paper's LLaMa baseline)"),
     "esasrec": Recipe(
-        cast(TunedLevers, TUNED_ML_100K["esasrec"]),
+        ESASREC_ML_100K,
         "eSASRec's own fuxi tune study on ML-100K, from its paper's ML-1M settings (d 64, SwiGLU x4)",
         ESASREC_WIDTH,
         num_negatives=256,
