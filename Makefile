@@ -12,7 +12,7 @@ demo: setup
 # Two tiers (tests/README.md): unit (no training run, no process, server or cluster; under 2 minutes in
 # all) and integration (training runs, torchrun, Ray, MLflow, HTTP). CI runs both.
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=20 tests
 
 test-unit: setup
 	$(VENV)/bin/python -m pytest -q tests/unit

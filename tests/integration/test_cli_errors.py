@@ -94,6 +94,9 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path: Path) -> None:
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # a runner started in the background (CI under nohup, `cmd &`) hands its children SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler: the child starts with the default one
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while True:  # a non-blocking writer opens only once the reader is there: fuxi is in its handler
