@@ -3,6 +3,8 @@
     python benchmarks/diagnose_fuxi.py norms --data path/to/ml-100k.parquet --users 300
     python benchmarks/diagnose_fuxi.py ablate --data path/to/ml-100k.parquet --users 300 --epochs 30 \
         --seeds 0 1 --variants official single_stage zero_w2 hstu
+    python benchmarks/diagnose_fuxi.py buckets --data path/to/seq.parquet --preset auto \
+        --set data.cut=2028-01-01 --set data.window_seconds=63072000
 
 `norms` builds the model exactly as training does (the seeded dense template of
 init_dense in pipeline/train/builder.py, the table's truncated normal) and, on a fixed batch in eval mode,
@@ -11,7 +13,10 @@ stage-1 sum o = x + Linear(h), the stage-2 branch SwiGLU(RMSNorm(o)) and the blo
 gradient norm of each weight group. It does this at init and after each of --steps optimizer steps
 (the Trainer's own train_step). `ablate` trains whole `fuxi train`-equivalent runs (pipeline.train.run)
 on the subsample for each variant and seed and prints the validation NDCG@10 curve and the test metric
-at the validation-selected epoch.
+at the validation-selected epoch. `buckets` counts, under a time split, the (target, history event) pairs
+of the training, validation and test windows by time-gap bucket (model.layers.time_buckets, the keys a
+target's prediction attends to: its last max_sequence_length events): pairs in buckets that training never
+saw meet a temporal weight still at its init.
 
 `--users N` writes a seeded subsample of N users of --data (same item rows, so the catalogue is
 unchanged) under --work and trains on it; the split is the `validated` protocol.
@@ -293,9 +298,72 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+# ---------------------------------------------------------------------------------------------------
+def bucket_coverage(
+    data, cut: int, window: int, max_len: int, num_buckets: int, divisor: float
+) -> dict[str, np.ndarray]:
+    """Per window ("train": targets before `cut`, "valid": [cut, cut + window), "test": the next window),
+    the count of (target, key) pairs in each time-gap bucket [num_buckets + 1]: every event with an
+    earlier one is a target, its keys the last `max_len` events before it (dt = t_target - t_key, the
+    official "next" delta of a prediction's row). A training row holds the last max_sequence_length events
+    before the cut, so its earlier targets see fewer keys: the training counts are an upper bound."""
+    from model.layers import time_buckets
+
+    counts = {split: np.zeros(num_buckets + 1, dtype=np.int64) for split in ("train", "valid", "test")}
+    bounds = [
+        ("train", -(2**62), cut),
+        ("valid", cut, cut + window),
+        ("test", cut + window, cut + 2 * window),
+    ]
+    for ts in data.table.column("timestamps").to_pylist():
+        ts = np.asarray(ts, dtype=np.int64)
+        for k in range(1, len(ts)):
+            split = next((name for name, lo, hi in bounds if lo <= ts[k] < hi), None)
+            if split is None:
+                continue
+            dt = torch.from_numpy(ts[k] - ts[max(0, k - max_len) : k])
+            counts[split] += np.bincount(
+                time_buckets(dt, num_buckets, divisor).numpy(), minlength=num_buckets + 1
+            )
+    return counts
+
+
+def cmd_buckets(args: argparse.Namespace) -> None:
+    from pipeline.data.sequences import read_sequences
+    from pipeline.data.temporal import resolve_cut
+    from pipeline.train.config import apply_overrides
+    from pipeline.train.presets import get_preset
+
+    cfg = apply_overrides(get_preset(args.preset, args.data), list(args.set or []))
+    if cfg.data.cut is None:
+        raise SystemExit("buckets: pass the time split's cut (--set data.cut=YYYY-MM-DD or end)")
+    data = read_sequences(args.data)
+    window = cfg.data.window_seconds
+    cut = resolve_cut(data, cfg.data.cut, window)
+    m = cfg.model
+    counts = bucket_coverage(
+        data, cut, window, m.max_sequence_length, m.num_time_buckets, m.time_bucket_divisor
+    )
+    trained = np.flatnonzero(counts["train"])
+    print(f"cut {cfg.data.cut} ({cut}), windows of {window} s, last {m.max_sequence_length} events as keys")
+    print(
+        "| window | pairs | buckets | in buckets training never saw | in buckets with < 100 training pairs |"
+    )
+    print("|---|---|---|---|---|")
+    for split, c in counts.items():
+        seen = np.flatnonzero(c)
+        total = max(int(c.sum()), 1)
+        unseen = c[counts["train"] == 0].sum() / total
+        rare = c[counts["train"] < 100].sum() / total
+        span = f"{seen.min()}-{seen.max()}" if len(seen) else "-"
+        print(f"| {split} | {int(c.sum()):,} | {span} | {unseen:.1%} | {rare:.1%} |")
+    if len(trained):
+        print(f"largest bucket training saw: {trained.max()} ({counts['train'][trained.max()]} pairs)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["norms", "ablate"])
+    parser.add_argument("command", choices=["norms", "ablate", "buckets"])
     parser.add_argument("--data", required=True, help="sequence Parquet (fuxi data prepare)")
     parser.add_argument("--preset", default="ml-100k")
     parser.add_argument("--users", type=int, default=300, help="subsample this many users (0: all)")
@@ -315,7 +383,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
     Path(args.work).mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    {"norms": cmd_norms, "ablate": cmd_ablate}[args.command](args)
+    {"norms": cmd_norms, "ablate": cmd_ablate, "buckets": cmd_buckets}[args.command](args)
 
 
 if __name__ == "__main__":

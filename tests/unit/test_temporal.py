@@ -191,3 +191,28 @@ def test_evaluate_and_evaluate_sharded_agree():
     assert "users/ndcg_at_10" in plain and "new_users/mrr" in plain
     for key in plain:
         assert sharded[key] == pytest.approx(plain[key], abs=1e-9), key
+
+
+def test_bucket_coverage_counts_each_window_pairs_by_time_gap_bucket() -> None:
+    """benchmarks/diagnose_fuxi.py buckets: each window's (target, key) pairs by gap bucket
+    b = floor(ln(dt) / 0.301), the keys a target's last `max_len` events."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("diagnose_fuxi", "benchmarks/diagnose_fuxi.py")
+    assert spec is not None and spec.loader is not None
+    diagnose = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnose)
+
+    counts = diagnose.bucket_coverage(hand_data(), C, D, max_len=2, num_buckets=128, divisor=0.301)
+    # train: user 10's C-100 (key C-2D: 2D-100 -> 40); user 40's C-D (2D -> 40) and C-10 (3D-10 -> 41,
+    # D-10 -> 37). valid [C, C+D): user 10's two at C (2D -> 40, 100 -> 15; 100 -> 15, 0 -> 0), user 20's
+    # C+100 (150 -> 16), user 30's C+20 (10 -> 7) and C+30 (20 -> 9, 10 -> 7). test: user 10's C+D+10,
+    # keys the two events at C (D+10 -> 37 twice).
+    expected = {
+        "train": {40: 2, 41: 1, 37: 1},
+        "valid": {40: 1, 15: 2, 0: 1, 16: 1, 7: 2, 9: 1},
+        "test": {37: 2},
+    }
+    got = {split: {int(b): int(c[b]) for b in np.flatnonzero(c)} for split, c in counts.items()}
+    assert got == expected
+    assert all(len(c) == 129 for c in counts.values())
