@@ -359,6 +359,13 @@ def cmd_buckets(args: argparse.Namespace) -> None:
         print(f"| {split} | {int(c.sum()):,} | {span} | {unseen:.1%} | {rare:.1%} |")
     if len(trained):
         print(f"largest bucket training saw: {trained.max()} ({counts['train'][trained.max()]} pairs)")
+    common = np.flatnonzero(counts["train"] >= 100)
+    if len(common) and common.max() < m.num_time_buckets:
+        # clamping there gives every longer gap a weight that trained (docs/QUALITY.md, long gaps)
+        print(
+            f"largest bucket with >= 100 training pairs: {common.max()} "
+            f"(--set model.num_time_buckets={common.max()})"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
