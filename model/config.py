@@ -63,6 +63,11 @@ class ModelConfig:
     # default, chosen on that evidence): stage 2 starts as the identity and grows in as it learns.
     # Reproducing the official code: model.ffn_out_init_scale=1.0 (benchmarks/reproduce_ml100k.py does).
     ffn_out_init_scale: Annotated[float, Field(ge=0, le=10)] = 0.0
+    # scale of FuXi-alpha's temporal-channel weights at init (their official N(0, 0.02) draw times this, so
+    # every other weight's draw is unchanged). The temporal channel multiplies the values by these weights
+    # directly: a time-gap bucket no training pair reached keeps its init, and under a time split such
+    # buckets dominate the channel (docs/QUALITY.md, long gaps); 0.0 makes them contribute nothing.
+    time_weight_init_scale: Annotated[float, Field(ge=0, le=10)] = 1.0
     # "ams": multi-channel AMS; "vanilla": one HSTU-style channel with the position/time biases added to
     # the logits (paper's "w/o AMS"; with ffn_single_stage it is the paper's "Base").
     attention: Literal["ams", "vanilla"] = "ams"

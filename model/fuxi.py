@@ -62,7 +62,9 @@ class AMS(nn.Module):
         needs_ts = self.vanilla or "ts" in self.channels
         self.pos_weights = RelativePositionWeights(cfg.padded_length) if needs_pos else None
         self.time_weights = (
-            RelativeTimeWeights(cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.time_delta)
+            RelativeTimeWeights(
+                cfg.num_time_buckets, cfg.time_bucket_divisor, cfg.time_delta, cfg.time_weight_init_scale
+            )
             if needs_ts
             else None
         )

@@ -100,12 +100,13 @@ class RelativePositionWeights(nn.Module):
 class RelativeTimeWeights(nn.Module):
     """Learned scalar per log-bucketed time gap, shared by all heads: w(i, j) = w[b(dt(i, j))]."""
 
-    def __init__(self, num_buckets: int, divisor: float, mode: str) -> None:
+    def __init__(self, num_buckets: int, divisor: float, mode: str, init_scale: float = 1.0) -> None:
         super().__init__()
         self.num_buckets = num_buckets
         self.divisor = divisor
         self.mode = mode
-        self.weight = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02))
+        # the official N(0, 0.02) draw, times init_scale (drawn either way: the RNG stream stays the same)
+        self.weight = nn.Parameter(torch.empty(num_buckets + 1).normal_(0, 0.02).mul_(init_scale))
 
     def forward(self, ts_BL1: Tensor, length: int) -> Tensor:
         """[B, L, L] weights of a padded batch (the indexing the attention cores reproduce)."""

@@ -177,6 +177,40 @@ def test_forward_backward_all_parameters_receive_gradients(arch):
     assert missing == []
 
 
+def test_zero_temporal_init_leaves_unreached_buckets_out():
+    """model.time_weight_init_scale=0: FuXi-alpha's temporal weights start at zero, every other weight as
+    the default build's draw; after AdamW steps (weight decay on) only the buckets the batch's pairs
+    reached have moved, so a gap training never saw adds nothing to the temporal channel."""
+    from model.loss import NegativeSampler, sampled_softmax_loss
+
+    torch.manual_seed(7)
+    default = build_model(small_cfg())
+    torch.manual_seed(7)
+    model = build_model(small_cfg(time_weight_init_scale=0.0))
+    for (name, a), (_, b) in zip(default.named_parameters(), model.named_parameters(), strict=True):
+        if "time_weights" in name:
+            assert a.abs().max() > 0 and torch.count_nonzero(b) == 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    items, times = random_rows(4, 50, 12, seed=8)
+    seq = make_seq(items, times)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    for _ in range(2):
+        neg = NegativeSampler(8, "shared", 1, 50).sample(seq["item_id"].lengths().long() - 1)
+        opt.zero_grad()
+        sampled_softmax_loss(model(seq, neg.lookup), neg, 0.05).backward()
+        opt.step()
+    # the buckets of the (query, key) pairs of these rows: dt(i, j) = t[i+1] - t[j], j <= i
+    reached = set()
+    for row in times:
+        for i in range(len(row) - 1):
+            gaps = torch.tensor([row[i + 1] - row[j] for j in range(i + 1)])
+            reached |= set(time_buckets(gaps).tolist())
+    for block in model.encoder.blocks:
+        moved = set(torch.nonzero(block.ams.time_weights.weight.detach()).flatten().tolist())
+        assert moved and moved <= reached
+
+
 @pytest.mark.parametrize(
     "kw,encoder_params",
     [
