@@ -7,7 +7,8 @@ architecture (`--set model.architecture=A` picks A's, `resolve_config`):
   hstu     HSTU's own study on ML-100K, whose best trial is the same point as FuXi-alpha's
   sasrec   no tuned levers beat its untuned ones on validation: the official ML-1M gin levers of the
            HSTU / FuXi-alpha code's SASRec (2 blocks, dropout 0.2, lr 1e-3, 128 sampled negatives)
-  llama    not tuned: the same official ML-1M levers (the FuXi-alpha paper trains its LLaMa baseline so)
+  llama    its own study's best trial tied its untuned levers on validation: the official ML-1M levers
+           (the FuXi-alpha paper trains its LLaMa baseline so)
   esasrec  its own study on ML-100K, from the eSASRec paper's ML-1M settings (d 64, SwiGLU x4): 4 blocks,
            dropout ~0.15-0.22, lr 4.7e-3 on a cosine schedule, exact softmax (256 sampled negatives above
            6,400 items)
