@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -125,20 +126,36 @@ def ray_session() -> Iterator[None]:
     import ray
 
     def stop(signum: int, frame: Any) -> None:
-        # SystemExit unwinds to the `finally` below. A main thread blocked in Ray's C++ code (or an
-        # executor that swallows the exception) may never get there: after a grace period the watchdog
-        # kills the Ray processes this driver started and exits, so a stop always ends in bounded time.
-        threading.Thread(target=force_exit, args=(128 + signum,), daemon=True).start()
-        raise SystemExit(128 + signum)
+        raise SystemExit(128 + signum)  # unwinds to the `finally` below
 
+    # A Python signal handler runs only when the main thread is back in the interpreter: one blocked in
+    # Ray's C++ code (ray.init connecting, a shutdown) may never run it, or an executor may swallow the
+    # SystemExit. The C-level handler still writes the signal's number to the wakeup fd, so a thread
+    # reading it starts the watchdog: after a grace period it kills the Ray processes this driver started
+    # and exits, so a stop always ends in bounded time.
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    previous_fd = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    stops = {int(signal.SIGTERM), int(signal.SIGHUP)}
+
+    def watch() -> None:
+        while data := reader.recv(64):
+            signum = next((b for b in data if b in stops), None)
+            if signum is not None:
+                force_exit(128 + signum, STOP_GRACE_S)
+                return
+
+    threading.Thread(target=watch, name="ray-session-stop", daemon=True).start()
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_fd)
         if ray.is_initialized():
             ray.shutdown()
+        writer.close()  # the watcher's recv returns b"" and it ends, unless a stop already armed it
 
 
 STOP_GRACE_S = 20.0

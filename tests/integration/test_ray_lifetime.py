@@ -36,6 +36,43 @@ def test_stopped_build_leaves_no_ray_process(sig: signal.Signals, tmp_path: Path
     assert not (tmp_path / "seq" / "manifest.json").exists()  # stopped before its commit: nothing published
 
 
+BLOCKED = """
+import ctypes
+import pipeline.data.stream as stream
+
+stream.STOP_GRACE_S = 1.0
+libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)  # zeros: PTHREAD_MUTEX_INITIALIZER
+with stream.ray_session():
+    libc.pthread_mutex_lock(mutex)
+    print("ready", flush=True)
+    # the main thread blocked in C for good (a second lock of a normal mutex; signals do not interrupt
+    # it): no Python handler can run
+    libc.pthread_mutex_lock(mutex)
+"""
+
+
+def test_a_stop_ends_a_driver_blocked_in_c_code() -> None:
+    """SIGTERM while the main thread sits in C code that never returns to the interpreter: the wakeup-fd
+    watcher still starts the watchdog, and the process exits 128 + 15 after the grace period."""
+    import os
+
+    job = subprocess.Popen(
+        [sys.executable, "-c", BLOCKED],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    try:
+        assert job.stdout is not None and job.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        start = time.monotonic()
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=30) == 128 + signal.SIGTERM
+        assert time.monotonic() - start < 15
+    finally:
+        job.kill()  # a hung driver would otherwise outlive the test
+
+
 CLUSTER = """
 import sys
 import ray
