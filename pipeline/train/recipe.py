@@ -96,18 +96,6 @@ ESASREC_ML_100K = TunedLevers(
     negatives="full",
     schedule="cosine",
 )
-TUNED_ML_100K: dict[str, TunedLevers | None] = {
-    "fuxi": FUXI_ML_100K,  # trial 0 of 6 (study ml100k-fuxi): valid NDCG@10 0.1313
-    "hstu": FUXI_ML_100K,  # trial 0 of 6 (study ml100k-hstu): valid NDCG@10 0.1201
-    # the study's best (trial 1, valid NDCG@10 0.0888) is below the untuned recipe's 0.0991 (3 seeds):
-    # SASRec keeps the ml-100k levers
-    "sasrec": None,
-    "esasrec": ESASREC_ML_100K,
-    # its study's best (trial 5, eSASRec's point: valid NDCG@10 0.1201, seed 0) ties the untuned levers
-    # (0.1196 ± 0.0017 over 3 seeds, 0.1206 on seed 0), which train 3.5x faster (2 blocks, sampled
-    # negatives): LLaMa keeps them
-    "llama": None,
-}
 
 # The official ML-1M gin files' levers (the HSTU / FuXi-alpha code's `*-sampled-softmax-n128-final.gin`,
 # the same for its SASRec, HSTU and FuXi-alpha runs): 2 blocks, dropout 0.2, AdamW lr 1e-3 with no
@@ -137,6 +125,10 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
+    # each study: 6 trials, seed 0, 50 epochs (docs/QUALITY.md). FuXi-alpha trial 0, valid NDCG@10 0.1313;
+    # HSTU the same point, 0.1201; SASRec's best 0.0888 below its untuned 0.0991 (3 seeds); LLaMa's best
+    # (trial 5, eSASRec's point) 0.1201 ties its untuned 0.1196 ± 0.0017 (0.1206 on seed 0), which train
+    # 3.5x faster: SASRec and LLaMa keep the official levers
     "fuxi": Recipe(FUXI_ML_100K, "FuXi-alpha's fuxi tune study on ML-100K (docs/QUALITY.md)"),
     "hstu": Recipe(FUXI_ML_100K, "HSTU's own fuxi tune study on ML-100K (it chose FuXi-alpha's trial 0)"),
     "sasrec": Recipe(
